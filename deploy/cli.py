@@ -1,0 +1,50 @@
+"""``adaptloop``: one console script, one subcommand per process kind.
+
+    adaptloop demo        # the whole loop on the embedded stack, before/after success printed
+    adaptloop up | down   # start / stop the embedded stack (broker, curation, trainer, vLLM, gateway)
+    adaptloop topics      # topics with message counts
+    adaptloop streams     # a Faust curation worker
+    adaptloop trainer     # the training service (Ray jobs)
+    adaptloop serve       # vLLM with its registry sidecar
+    adaptloop gateway     # the OpenAI-compatible gateway
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Subcommand -> "module:function"; imported lazily so that `adaptloop streams` never imports torch.
+COMMANDS = {
+    "demo": ("adaptloop.demo:main", "Run the whole loop on the embedded stack and print before/after."),
+    "up": ("adaptloop.stack:up_main", "Start the embedded stack on loopback."),
+    "down": ("adaptloop.stack:down_main", "Stop everything `up` started."),
+    "topics": ("adaptloop.stack:topics_main", "List topics with message counts."),
+    "streams": ("adaptloop.streams.worker:main", "Run a Faust curation worker."),
+    "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
+    "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),
+    "gateway": ("adaptloop.serving.gateway:main", "Run the OpenAI-compatible gateway."),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: adaptloop COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"adaptloop: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function = COMMANDS[command][0].split(":")
+    return int(getattr(importlib.import_module(module_name), function)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

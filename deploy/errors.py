@@ -1,0 +1,79 @@
+"""adaptloop's exceptions: one root, one subclass per area.
+
+    AdaptloopError
+    ├── ConfigError            settings that cannot work together
+    ├── SchemaError            a schema file is missing, unparsable or incompatible
+    ├── SerdeError             a record could not be encoded or decoded
+    │   ├── SerializationError
+    │   └── DeserializationError   (names topic, partition and offset)
+    ├── ContractError          a decoded record breaks the contract (impossible values)
+    ├── BrokerError            the Kafka-protocol broker refused, failed or did not answer in time
+    │   └── DeliveryError      a produced record was not acknowledged
+    ├── StackError             a local process could not be started, or did not become ready in time
+    ├── TrainingError          a training request could not be turned into an adapter
+    ├── ArtifactError          an adapter artifact is missing or its digest does not match
+    └── ServingError           vLLM refused an adapter, or no replica can serve an alias
+"""
+
+from __future__ import annotations
+
+
+class AdaptloopError(Exception):
+    """Root of every error adaptloop raises on purpose."""
+
+
+class ConfigError(AdaptloopError):
+    """Settings that cannot work together."""
+
+
+class SchemaError(AdaptloopError):
+    """A schema file is missing, unparsable or incompatible with its predecessor."""
+
+
+class SerdeError(AdaptloopError):
+    """A record could not be encoded or decoded."""
+
+
+class SerializationError(SerdeError):
+    """A record does not fit its schema."""
+
+
+class DeserializationError(SerdeError):
+    """Bytes from a topic are not a record of the expected schema."""
+
+    def __init__(self, message: str, *, topic: str | None = None,
+                 partition: int | None = None, offset: int | None = None) -> None:
+        where = f" (topic={topic} partition={partition} offset={offset})" if topic else ""
+        super().__init__(message + where)
+        self.reason = message
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
+class ContractError(AdaptloopError):
+    """A decoded record breaks the contract: an impossible value, an unknown tenant."""
+
+
+class BrokerError(AdaptloopError):
+    """The Kafka-protocol broker refused, failed or did not answer in time."""
+
+
+class DeliveryError(BrokerError):
+    """A produced record was not acknowledged by the broker."""
+
+
+class StackError(AdaptloopError):
+    """A local process could not be started or did not become ready in time."""
+
+
+class TrainingError(AdaptloopError):
+    """A training request could not be turned into an adapter."""
+
+
+class ArtifactError(AdaptloopError):
+    """An adapter artifact is missing or its digest does not match."""
+
+
+class ServingError(AdaptloopError):
+    """vLLM refused an adapter, or no replica can serve an alias."""

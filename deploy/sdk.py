@@ -1,0 +1,121 @@
+"""The agent SDK: record interactions and outcomes; every failure reaches the caller.
+
+    from adaptloop.sdk import Recorder
+    with Recorder(KafkaSettings(), Topics()) as rec:
+        iid = rec.interaction(tenant="acme", agent="bot", task="order-extract", session_id="s1",
+                              messages=[{"role": "user", "content": "..."}], response="{...}")
+        rec.outcome(iid, tenant="acme", source="VALIDATOR", success=False, correction="{...}")
+    # leaving the block flushes; a record the broker did not acknowledge raises DeliveryError
+
+``wait=True`` on a call waits for that record's acknowledgement before returning.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Iterable, Mapping
+
+from adaptloop.kafka import DeliveryTracker
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.settings import KafkaSettings, Topics
+
+OUTCOME_SOURCES = ("VALIDATOR", "HUMAN", "HEURISTIC", "BUSINESS")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def build_interaction(*, tenant: str, agent: str, task: str, session_id: str,
+                      messages: Iterable[Mapping[str, str]], response: str | None,
+                      base_model: str, adapter: tuple[str, str] | None = None,
+                      interaction_id: str | None = None, trace_id: str | None = None,
+                      event_time: int | None = None, tools_json: str | None = None,
+                      tool_calls: Iterable[Mapping[str, str]] = (), latency_ms: float = 0.0,
+                      prompt_tokens: int = 0, completion_tokens: int = 0,
+                      attributes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An Interaction record (schemas/avro/interaction.v1.avsc) as a dict."""
+    return {
+        "interaction_id": interaction_id or str(uuid.uuid4()),
+        "tenant": tenant,
+        "agent": agent,
+        "task": task,
+        "session_id": session_id,
+        "trace_id": trace_id,
+        "event_time": event_time if event_time is not None else now_ms(),
+        "base_model": base_model,
+        "adapter": {"name": adapter[0], "version": adapter[1]} if adapter else None,
+        "request_messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "tools_json": tools_json,
+        "response": response,
+        "tool_calls": [dict(c) for c in tool_calls],
+        "latency_ms": float(latency_ms),
+        "prompt_tokens": int(prompt_tokens),
+        "completion_tokens": int(completion_tokens),
+        "attributes": dict(attributes or {}),
+    }
+
+
+def build_outcome(interaction_id: str, *, tenant: str, source: str, success: bool | None = None,
+                  score: float | None = None, correction: str | None = None, labeler: str | None = None,
+                  reason: str | None = None, event_time: int | None = None,
+                  outcome_id: str | None = None) -> dict[str, Any]:
+    """An Outcome record (schemas/avro/outcome.v1.avsc) as a dict."""
+    if source not in OUTCOME_SOURCES:
+        raise ValueError(f"outcome source must be one of {OUTCOME_SOURCES}, not {source!r}")
+    return {
+        "outcome_id": outcome_id or str(uuid.uuid4()),
+        "interaction_id": interaction_id,
+        "tenant": tenant,
+        "event_time": event_time if event_time is not None else now_ms(),
+        "source": source,
+        "success": success,
+        "score": score,
+        "correction": correction,
+        "labeler": labeler,
+        "reason": reason,
+    }
+
+
+class Recorder:
+    """Produces interactions and outcomes keyed by interaction id (so both meet on one partition)."""
+
+    def __init__(self, kafka: KafkaSettings, topics: Topics, *, base_model: str = "smollm2-135m-instruct") -> None:
+        self.topics = topics
+        self.base_model = base_model
+        self._interactions = serde_for("interaction", kafka.schema_registry_url)
+        self._outcomes = serde_for("outcome", kafka.schema_registry_url)
+        self._producer = DeliveryTracker(kafka)
+
+    def send_interaction(self, record: Mapping[str, Any], *, wait: bool = False) -> str:
+        topic = self.topics.name("interactions")
+        value = self._interactions.serialize(record, SerdeContext(topic))
+        self._producer.send(topic, value, key=record["interaction_id"])
+        if wait:
+            self._producer.flush()
+        return record["interaction_id"]
+
+    def interaction(self, *, wait: bool = False, **fields: Any) -> str:
+        """Record one interaction; returns its id. See ``build_interaction`` for the fields."""
+        fields.setdefault("base_model", self.base_model)
+        return self.send_interaction(build_interaction(**fields), wait=wait)
+
+    def outcome(self, interaction_id: str, *, wait: bool = False, **fields: Any) -> str:
+        """Record one outcome of ``interaction_id``; returns the outcome id."""
+        record = build_outcome(interaction_id, **fields)
+        topic = self.topics.name("outcomes")
+        self._producer.send(topic, self._outcomes.serialize(record, SerdeContext(topic)), key=interaction_id)
+        if wait:
+            self._producer.flush()
+        return record["outcome_id"]
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Wait for every record so far; raises ``DeliveryError`` naming what was not acknowledged."""
+        return self._producer.flush(timeout_s)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()

@@ -1,0 +1,186 @@
+"""Settings: one pydantic-settings object per process kind, built once in ``main()`` and passed down.
+
+Every field reads from the environment with the prefix shown (``ADAPTLOOP_KAFKA_BOOTSTRAP_SERVERS``,
+``ADAPTLOOP_TRAINER_LORA_RANK`` ...). Unknown ``ADAPTLOOP_*`` keys in an explicit dict are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adaptloop.errors import ConfigError
+
+DEFAULT_HOME = Path.home() / ".cache" / "adaptloop"
+DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, extra="forbid", frozen=True)
+
+
+class Topics(BaseSettings):
+    """Topic names; ``prefix`` isolates one deployment (or one test) from another on a shared broker."""
+
+    model_config = _config("ADAPTLOOP_TOPICS_")
+
+    prefix: str = ""
+    interactions: str = "agent.interactions"
+    outcomes: str = "agent.outcomes"
+    dead_letters: str = "agent.dlq"
+    curated: str = "examples.curated"
+    training_requests: str = "training.requests"
+    releases: str = "adapters.releases"
+    partitions: int = Field(4, description="Partitions of the keyed event topics.")
+
+    def name(self, which: str) -> str:
+        return self.prefix + getattr(self, which)
+
+    def layout(self) -> dict[str, tuple[int, dict[str, str]]]:
+        """Every topic with its partition count and config; created explicitly (Tansu defaults vary)."""
+        event = (self.partitions, {})
+        single = (1, {})
+        return {
+            self.name("interactions"): event,
+            self.name("outcomes"): event,
+            self.name("dead_letters"): single,
+            self.name("curated"): event,
+            # One partition: requests and releases are few and their order matters.
+            self.name("training_requests"): single,
+            self.name("releases"): (1, {"cleanup.policy": "compact"}),
+        }
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the Kafka-protocol cluster. Unset ``bootstrap_servers`` means the embedded Tansu."""
+
+    model_config = _config("ADAPTLOOP_KAFKA_")
+
+    bootstrap_servers: str = DEFAULT_BOOTSTRAP
+    embedded: bool = Field(True, description="Start Tansu on loopback; false when bootstrap_servers is a real cluster.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    schema_registry_url: str | None = Field(None, description="Confluent wire format through this registry; else single-object encoding.")
+    idempotent_producer: bool | None = Field(
+        None, description="Default: off on the embedded Tansu (it loses acked records on a crash with idempotence), on for real Kafka.")
+    request_timeout_s: float = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _external_cluster(cls, values: dict) -> dict:
+        # Naming any other cluster means "use it, start no broker", unless embedded is set explicitly.
+        if "embedded" not in values:
+            values["embedded"] = values.get("bootstrap_servers", DEFAULT_BOOTSTRAP) == DEFAULT_BOOTSTRAP
+        return values
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> "KafkaSettings":
+        if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ConfigError("SASL needs sasl_mechanism, sasl_username and sasl_password")
+        return self
+
+    @property
+    def idempotence(self) -> bool:
+        return (not self.embedded) if self.idempotent_producer is None else self.idempotent_producer
+
+    def client_config(self) -> dict[str, str | int | float | bool]:
+        """librdkafka settings shared by producers, consumers and the admin client."""
+        config: dict[str, str | int | float | bool] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username or ""
+            config["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        if self.ssl_ca_location:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
+        return config
+
+
+class ModelSettings(BaseSettings):
+    """The base model every adapter is trained on and served with."""
+
+    model_config = _config("ADAPTLOOP_MODEL_")
+
+    path: Path | None = Field(None, description="Any HF model folder; unset means the bundled SmolLM2-135M-Instruct.")
+    name: str = Field("smollm2-135m-instruct", description="The name vLLM serves the base under.")
+
+
+class StreamsSettings(BaseSettings):
+    """The Faust curation workers (``adaptloop streams``)."""
+
+    model_config = _config("ADAPTLOOP_STREAMS_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: Topics = Field(default_factory=Topics)
+    app_id: str = "adaptloop-curation"
+    data_dir: Path = DEFAULT_HOME / "faust"
+    web_port: int = 6066
+    window_size: int = Field(64, description="A training request fires per N new admitted training examples of a (tenant, task).")
+    holdout_percent: int = Field(20, ge=0, lt=100)
+    max_record_bytes: int = 1_000_000
+
+
+class TrainerSettings(BaseSettings):
+    """The trainer service (``adaptloop trainer``): consumes requests, runs Ray jobs, publishes releases."""
+
+    model_config = _config("ADAPTLOOP_TRAINER_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: Topics = Field(default_factory=Topics)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    home: Path = DEFAULT_HOME
+    artifact_dir: Path = DEFAULT_HOME / "artifacts"
+    group_id: str = "adaptloop-trainer"
+    ray_address: str | None = Field(None, description="Ray cluster address; unset means a local ray.init() (RAY_ADDRESS is honoured too).")
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    learning_rate: float = 2e-3
+    epochs: int = 6
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 1234
+    gate_margin: float = Field(0.05, description="A candidate must beat the incumbent's holdout success by this much.")
+    max_new_tokens: int = 96
+
+
+class ServeSettings(BaseSettings):
+    """A vLLM server with its registry sidecar (``adaptloop serve``)."""
+
+    model_config = _config("ADAPTLOOP_SERVE_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: Topics = Field(default_factory=Topics)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    home: Path = DEFAULT_HOME
+    host: str = "127.0.0.1"
+    port: int = 18000
+    sidecar_port: int = 18001
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    max_model_len: int = 1024
+    kv_cache_gib: int = 1
+    startup_timeout_s: float = 300.0
+
+
+class GatewaySettings(BaseSettings):
+    """The OpenAI-compatible gateway (``adaptloop gateway``)."""
+
+    model_config = _config("ADAPTLOOP_GATEWAY_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: Topics = Field(default_factory=Topics)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    host: str = "127.0.0.1"
+    port: int = 18080
+    vllm_url: str = "http://127.0.0.1:18000"
+    sidecar_url: str = "http://127.0.0.1:18001"
+    agent_name: str = "gateway"
+    request_timeout_s: float = 120.0
