@@ -1,0 +1,44 @@
+"""Session fixtures: a real Tansu broker on a free loopback port, unique topics per test."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from adaptloop.kafka import ensure_topics
+from adaptloop.settings import KafkaSettings, Topics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def kafka(stack_home) -> KafkaSettings:
+    """A real Tansu broker for the whole session (memory storage), stopped at the end."""
+    from adaptloop.stack import start_broker
+
+    settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
+    broker = start_broker(settings, stack_home)
+    yield settings
+    broker.stop()
+
+
+@pytest.fixture
+def topics(kafka) -> Topics:
+    """Every adaptloop topic under a prefix of its own, created before the test."""
+    names = Topics(prefix=f"t{uuid.uuid4().hex[:10]}.")
+    ensure_topics(kafka, names)
+    return names
