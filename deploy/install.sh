@@ -51,8 +51,10 @@ if [ "$(cat "$home/venv-streams/.adaptloop-stamp" 2>/dev/null)" != "$streams_sta
 fi
 
 # This checkout, editable, in both environments (cheap; always, so the code under test is this tree).
-for env in venv venv-streams; do
-  "$home/$env/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" 2>&1 | grep -vE 'Warning|^\s*$|!!|\*\*\*|corresp|check.warn|with strategy' || true
+for pair in venv:loop,test venv-streams:streams,test; do
+  env=${pair%%:*} extras=${pair#*:}
+  "$home/$env/bin/pip" install -q --no-deps -e "$repo[$extras]" >"$home/$env/editable.log" 2>&1 \
+    || { cat "$home/$env/editable.log" >&2; exit 1; }
 done
 check_main_env
 

@@ -184,7 +184,7 @@ class RegistrySerde:
         from confluent_kafka.schema_registry.avro import AvroSerializer as CkSerializer
 
         schema = (store or bundled_store()).latest(stem)
-        self.client = SchemaRegistryClient({"url": registry_url})
+        self.client = SchemaRegistryClient.new_client({"url": registry_url})  # mock:// gives the in-memory registry
         schema_str = json.dumps(schema.raw)
         self._serializer = CkSerializer(self.client, schema_str,
                                         conf={"auto.register.schemas": auto_register,

@@ -1,0 +1,108 @@
+"""Avro contracts and serde: every kept schema parses, versions stay compatible, bad bytes fail typed."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from fastavro.utils import generate_many
+
+from adaptloop.errors import DeserializationError, SerializationError
+from adaptloop.schemas import RECORDS, AvroDeserializer, AvroSerializer, SchemaStore, SerdeContext, bundled_store, serde_for
+from adaptloop.sdk import build_interaction, build_outcome
+
+CTX = SerdeContext("agent.interactions", partition=2, offset=41)
+
+
+def interaction(**overrides):
+    return build_interaction(tenant="acme", agent="bot", task="order-extract", session_id="s1",
+                             messages=[{"role": "user", "content": "3 x lamp to Oslo"}],
+                             response='{"a": 1}', base_model="base") | overrides
+
+
+def test_every_record_kind_has_schemas_that_parse():
+    store = bundled_store()
+    assert set(store.versions) == set(RECORDS)
+    for stem, versions in store.versions.items():
+        assert versions[-1].name == RECORDS[stem]
+        assert [v.version for v in versions] == sorted({v.version for v in versions})
+
+
+def test_consecutive_versions_are_compatible_both_ways():
+    store = bundled_store()
+    for stem, versions in store.versions.items():
+        for old, new in zip(versions, versions[1:]):
+            for writer, reader in ((old, new), (new, old)):
+                for record in generate_many(writer.parsed, 5):
+                    data = AvroSerializer(stem, _store_of(writer))(record)
+                    AvroDeserializer(stem, _store_of(writer, reader))(data)
+
+
+def _store_of(*versions):
+    return SchemaStore({f"{v.stem}.v{v.version}.avsc": json.dumps(v.raw) for v in versions})
+
+
+def test_round_trip_has_single_object_header():
+    record = interaction()
+    data = AvroSerializer("interaction")(record, CTX)
+    assert data[:2] == b"\xc3\x01"
+    assert data[2:10] == bundled_store().latest("interaction").fingerprint
+    assert AvroDeserializer("interaction")(data, CTX) == record
+
+
+def test_new_optional_field_read_by_old_reader_and_reverse():
+    v1 = bundled_store().latest("outcome").raw
+    v2 = json.loads(json.dumps(v1))
+    v2["fields"].append({"name": "confidence", "type": ["null", "double"], "default": None})
+    files = {"outcome.v1.avsc": json.dumps(v1), "outcome.v2.avsc": json.dumps(v2)}
+    both, old_only = SchemaStore(files), SchemaStore({"outcome.v1.avsc": json.dumps(v1)})
+    record = build_outcome("i1", tenant="acme", source="HUMAN", success=False, correction="{}")
+
+    new_bytes = AvroSerializer("outcome", both)(record | {"confidence": 0.9})
+    # An old reader that knows the new version's fingerprint resolves it to the fields it knows.
+    v1_reader = AvroDeserializer("outcome", both)
+    v1_reader.reader = both.versions["outcome"][0]
+    assert v1_reader(new_bytes) == record
+
+    old_bytes = AvroSerializer("outcome", old_only)(record)
+    assert AvroDeserializer("outcome", both)(old_bytes) == record | {"confidence": None}
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "bad magic or truncated header"),
+    (b"\x00\x00\x00\x00\x01{}", "bad magic"),
+    (b"\xc3\x01\x00\x00", "truncated header"),
+    (b"\xc3\x01" + struct.pack("<Q", 42) + b"\x02", "unknown schema fingerprint"),
+])
+def test_malformed_bytes_fail_with_typed_error_naming_the_source(data, reason):
+    with pytest.raises(DeserializationError) as caught:
+        AvroDeserializer("interaction")(data, CTX)
+    assert reason in str(caught.value)
+    assert (caught.value.topic, caught.value.partition, caught.value.offset) == ("agent.interactions", 2, 41)
+
+
+def test_wrong_record_type_truncated_body_and_trailing_bytes():
+    outcome_bytes = AvroSerializer("outcome")(build_outcome("i", tenant="t", source="HUMAN"))
+    with pytest.raises(DeserializationError, match="wrong record type"):
+        AvroDeserializer("interaction")(outcome_bytes, CTX)
+    good = AvroSerializer("interaction")(interaction())
+    with pytest.raises(DeserializationError, match="corrupt"):
+        AvroDeserializer("interaction")(good[:-7], CTX)
+    with pytest.raises(DeserializationError, match="trailing bytes"):
+        AvroDeserializer("interaction")(good + b"\x00\x01", CTX)
+
+
+def test_record_that_does_not_fit_raises_serialization_error():
+    with pytest.raises(SerializationError, match="Interaction"):
+        AvroSerializer("interaction")(interaction(latency_ms="fast"), CTX)
+
+
+def test_confluent_wire_format_through_mock_registry():
+    serde = serde_for("outcome", "mock://adaptloop-unit", auto_register=True)
+    record = build_outcome("i1", tenant="acme", source="VALIDATOR", success=True)
+    data = serde.serialize(record, SerdeContext("agent.outcomes"))
+    assert data[0] == 0  # Confluent magic byte, then the 4-byte schema id
+    assert serde.deserialize(data, SerdeContext("agent.outcomes")) == record
+    with pytest.raises(DeserializationError):
+        serde.deserialize(b"\xc3\x01garbage", SerdeContext("agent.outcomes", 0, 7))

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from adaptloop.artifacts import adapter_version, artifact_digest, lora_int_id, verify_digest
+from adaptloop.errors import ArtifactError, ConfigError
+from adaptloop.settings import DEFAULT_BOOTSTRAP, KafkaSettings, StreamsSettings, Topics
+from adaptloop.tasks import OrderGenerator, task_spec
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValidationError):
+        StreamsSettings(window_sise=3)
+
+
+def test_naming_a_cluster_means_no_embedded_broker(monkeypatch):
+    assert KafkaSettings().embedded and KafkaSettings().bootstrap_servers == DEFAULT_BOOTSTRAP
+    monkeypatch.setenv("ADAPTLOOP_KAFKA_BOOTSTRAP_SERVERS", "kafka-1:9093")
+    settings = KafkaSettings()
+    assert not settings.embedded and settings.idempotence
+
+
+def test_sasl_needs_credentials_and_keeps_the_secret_secret():
+    with pytest.raises((ConfigError, ValidationError)):
+        KafkaSettings(security_protocol="SASL_SSL")
+    settings = KafkaSettings(bootstrap_servers="k:9093", security_protocol="SASL_SSL",
+                             sasl_mechanism="SCRAM-SHA-512", sasl_username="u", sasl_password="p4ss")
+    assert "p4ss" not in repr(settings)
+    assert settings.client_config()["sasl.password"] == "p4ss"
+
+
+def test_topic_layout_is_explicit_and_prefixed():
+    layout = Topics(prefix="x.").layout()
+    assert layout["x.adapters.releases"] == (1, {"cleanup.policy": "compact"})
+    assert all(name.startswith("x.") for name in layout)
+
+
+def test_order_validator_form_and_content():
+    spec = task_spec("order-extract")
+    case = OrderGenerator(seed=1).case()
+    assert spec.judge(case.answer).ok
+    assert spec.judge(case.answer, case.answer).ok
+    wrong = json.dumps(case.truth | {"quantity": case.truth["quantity"] + 1})
+    verdict = spec.judge(wrong, case.answer)
+    assert not verdict.ok and "quantity" in verdict.reason
+    assert not spec.judge("Sure! Here is the JSON: {").ok
+    assert not spec.judge(json.dumps({"customer": "x"})).ok
+    with pytest.raises(ConfigError):
+        task_spec("nope")
+
+
+def test_generator_is_reproducible():
+    assert OrderGenerator(7).cases(5) == OrderGenerator(7).cases(5)
+    assert OrderGenerator(7).cases(5) != OrderGenerator(8).cases(5)
+
+
+def test_digest_names_content_and_ids_are_stable(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "w.bin").write_bytes(b"abc")
+    digest = artifact_digest(tmp_path)
+    verify_digest(tmp_path, digest)
+    (tmp_path / "w.bin").write_bytes(b"abd")
+    with pytest.raises(ArtifactError, match="mismatch"):
+        verify_digest(tmp_path, digest)
+    version = adapter_version("acme", "order-extract", digest)
+    assert version.startswith("acme--order-extract--") and lora_int_id(version) == lora_int_id(version) > 0
