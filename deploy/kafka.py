@@ -28,7 +28,7 @@ def producer_config(settings: KafkaSettings, **overrides) -> dict:
         "retries": 20,
         "retry.backoff.ms": 100,
         "linger.ms": 5,
-        "delivery.timeout.ms": int(DEFAULT_DELIVERY_TIMEOUT_S * 1000),
+        "delivery.timeout.ms": int(settings.delivery_timeout_s * 1000),
         "message.max.bytes": 4_000_000,
     }
     if not settings.idempotence:

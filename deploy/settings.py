@@ -70,6 +70,7 @@ class KafkaSettings(BaseSettings):
     idempotent_producer: bool | None = Field(
         None, description="Default: off on the embedded Tansu (it loses acked records on a crash with idempotence), on for real Kafka.")
     request_timeout_s: float = 30.0
+    delivery_timeout_s: float = Field(30.0, description="A produced record not acknowledged by then is an error for the caller.")
 
     @model_validator(mode="before")
     @classmethod
