@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,40 @@ def _broker_answers(kafka: KafkaSettings) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class StackPorts:
+    """Loopback ports of one local stack; ``free()`` picks unused ones (tests, a second stack)."""
+
+    vllm: int = 18000
+    sidecar: int = 18001
+    gateway: int = 18080
+    streams_web: int = 6066
+
+    @classmethod
+    def free(cls) -> "StackPorts":
+        return cls(*(free_port() for _ in range(4)))
+
+    def env(self) -> dict[str, str]:
+        return {
+            "ADAPTLOOP_SERVE_PORT": str(self.vllm),
+            "ADAPTLOOP_SERVE_SIDECAR_PORT": str(self.sidecar),
+            "ADAPTLOOP_GATEWAY_PORT": str(self.gateway),
+            "ADAPTLOOP_GATEWAY_VLLM_URL": f"http://127.0.0.1:{self.vllm}",
+            "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{self.sidecar}",
+            "ADAPTLOOP_STREAMS_WEB_PORT": str(self.streams_web),
+        }
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def service_env(kafka: KafkaSettings, topics: Topics, home: Path) -> dict[str, str]:
     """What every adaptloop process of this stack reads from its environment."""
     env = {
@@ -95,6 +130,7 @@ class LocalStack:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: Topics = field(default_factory=Topics)
     services: tuple[str, ...] = SERVICES
+    ports: StackPorts = field(default_factory=StackPorts)
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
 
@@ -107,7 +143,7 @@ class LocalStack:
             else:
                 wait_for_broker(self.kafka, timeout_s=30)
             ensure_topics(self.kafka, self.topics)
-            env = service_env(self.kafka, self.topics, self.home) | self.extra_env
+            env = service_env(self.kafka, self.topics, self.home) | self.ports.env() | self.extra_env
             for name in self.services:
                 started = time.monotonic()
                 progress(f"starting {name}")
