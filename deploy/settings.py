@@ -6,6 +6,7 @@ Every field reads from the environment with the prefix shown (``ADAPTLOOP_KAFKA_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adaptloop.errors import ConfigError
 
-DEFAULT_HOME = Path.home() / ".cache" / "adaptloop"
+DEFAULT_HOME = Path(os.environ.get("ADAPTLOOP_HOME") or Path.home() / ".cache" / "adaptloop")
 DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
 
 
