@@ -1,0 +1,286 @@
+"""Curation stages as pure functions: no Faust, no broker, unit-testable in any venv.
+
+    decode (bytes -> record, or a contract violation)  ->  dead_letter(...) when it fails
+    score(interaction, outcome, ...)                     ->  a CuratedExample dict
+    split(tenant, task, session_id, holdout_percent)     ->  "TRAIN" | "HOLDOUT" (stable per session)
+    window_update(state, example, ...)                   ->  new per-(tenant, task) state, fire or not
+    training_request(...)                                ->  a TrainingRequest dict with a deterministic id
+
+The Faust agents in ``adaptloop.streams.app`` are thin wrappers around these.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Mapping
+
+from adaptloop.errors import ContractError, DeserializationError
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.tasks import BUILTIN_TASKS, TaskSpec
+
+#: Which code made a record: written into every example's and request's lineage.
+CODE_VERSION = f"adaptloop=={metadata.version('adaptloop')}"
+
+#: Stage names as they appear in dead letters.
+STAGE_DECODE = "decode"
+STAGE_JOIN = "join"
+STAGE_WINDOW = "window"
+
+#: Split and kind symbols of schemas/avro/curated_example.v1.avsc.
+TRAIN, HOLDOUT = "TRAIN", "HOLDOUT"
+SUCCESS, CORRECTION, FAILURE = "SUCCESS", "CORRECTION", "FAILURE"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a record was read: topic, partition, offset (the unit of lineage)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> "SourceRef":
+        return cls(str(value["topic"]), int(value["partition"]), int(value["offset"]))
+
+
+# --------------------------------------------------------------------------------------------
+# decode + contract
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a decoded record must satisfy beyond its schema."""
+
+    tasks: Mapping[str, TaskSpec] = field(default_factory=lambda: dict(BUILTIN_TASKS))
+    max_record_bytes: int = 1_000_000
+
+
+def check_interaction(record: Mapping[str, Any], contract: Contract) -> None:
+    """Raise ``ContractError`` when an Interaction is impossible or unusable."""
+    if not record["interaction_id"]:
+        raise ContractError("empty interaction_id")
+    if not record["tenant"]:
+        raise ContractError("empty tenant")
+    if record["task"] not in contract.tasks:
+        raise ContractError(f"unknown task {record['task']!r}; known: {sorted(contract.tasks)}")
+    if record["latency_ms"] < 0:
+        raise ContractError(f"negative latency_ms {record['latency_ms']}")
+    if record["prompt_tokens"] < 0 or record["completion_tokens"] < 0:
+        raise ContractError(f"negative token count ({record['prompt_tokens']}, {record['completion_tokens']})")
+    if not record["request_messages"]:
+        raise ContractError("no request messages")
+
+
+def check_outcome(record: Mapping[str, Any], contract: Contract) -> None:
+    """Raise ``ContractError`` when an Outcome is impossible or unusable."""
+    if not record["interaction_id"]:
+        raise ContractError("empty interaction_id")
+    if not record["tenant"]:
+        raise ContractError("empty tenant")
+    if record["success"] is None and record["score"] is None and record["correction"] is None:
+        raise ContractError("outcome carries no verdict: no success, score or correction")
+
+
+_CHECKS = {"interaction": check_interaction, "outcome": check_outcome}
+
+
+def _plain(value: Any) -> Any:
+    """fastavro's logical types back to wire values (datetimes -> epoch millis), so records are JSON-safe."""
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return int(value.timestamp() * 1000)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Decoder:
+    """``decoder(key, value, ref) -> record``: size limit, Avro decode, key and contract checks.
+
+    Raises ``DeserializationError`` (not a record of ``stem``) or ``ContractError`` (a record that
+    breaks the contract); the caller turns either into a dead letter with ``dead_letter``.
+    """
+
+    def __init__(self, stem: str, *, registry_url: str | None = None, contract: Contract | None = None) -> None:
+        if stem not in _CHECKS:
+            raise ValueError(f"no contract for {stem!r}; known: {sorted(_CHECKS)}")
+        self.stem = stem
+        self.contract = contract or Contract()
+        self._deserialize = serde_for(stem, registry_url).deserialize
+        self._check = _CHECKS[stem]
+
+    def __call__(self, key: bytes | None, value: bytes | None, ref: SourceRef) -> dict[str, Any]:
+        if value is not None and len(value) > self.contract.max_record_bytes:
+            raise ContractError(f"record of {len(value)} bytes exceeds max_record_bytes={self.contract.max_record_bytes}")
+        record = _plain(self._deserialize(value, SerdeContext(ref.topic, ref.partition, ref.offset)))
+        self._check(record, self.contract)
+        # Interactions and outcomes meet on one partition only if both are keyed by the interaction id.
+        if key is None or key.decode("utf-8", errors="replace") != record["interaction_id"]:
+            raise ContractError(f"key {key!r} is not the interaction_id {record['interaction_id']!r}")
+        return record
+
+
+def dead_letter(ref: SourceRef, key: bytes | None, value: bytes | None, *, stage: str,
+                error: BaseException, failed_at: int | None = None) -> dict[str, Any]:
+    """A DeadLetter record (schemas/avro/dead_letter.v1.avsc): the original bytes, why, and where from."""
+    reason = error.reason if isinstance(error, DeserializationError) else str(error)
+    return {
+        "source_topic": ref.topic,
+        "source_partition": ref.partition,
+        "source_offset": ref.offset,
+        "key": key,
+        "value": value,
+        "stage": stage,
+        "error_type": type(error).__name__,
+        "reason": reason,
+        "failed_at": failed_at if failed_at is not None else now_ms(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# join + score + split
+
+
+def split(tenant: str, task: str, session_id: str, holdout_percent: int) -> str:
+    """TRAIN or HOLDOUT, stable per session: all turns of one session land on the same side."""
+    bucket = int(hashlib.sha256(f"{tenant}/{task}/{session_id}".encode()).hexdigest(), 16) % 100
+    return HOLDOUT if bucket < holdout_percent else TRAIN
+
+
+def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interaction_ref: SourceRef,
+          outcome_ref: SourceRef, spec: TaskSpec, holdout_percent: int,
+          code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
+    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v1.avsc).
+
+    SUCCESS     the outcome says success and the task's validator accepts the response;
+    CORRECTION  the outcome carries a correction the validator accepts (it becomes the completion,
+                the original response becomes ``rejected``);
+    FAILURE     anything else: kept for the record, ``admitted=False`` with the reason.
+    """
+    response = interaction["response"]
+    kind, completion, rejected, reject_reason = FAILURE, response or "", None, None
+    value: float = outcome["score"] if outcome["score"] is not None else 0.0
+    if outcome["tenant"] != interaction["tenant"]:
+        reject_reason = f"outcome tenant {outcome['tenant']!r} is not the interaction's {interaction['tenant']!r}"
+    else:
+        response_verdict = spec.judge(response) if response is not None else None
+        if outcome["success"] is True and response_verdict is not None and response_verdict.ok:
+            kind, completion = SUCCESS, response
+            value = outcome["score"] if outcome["score"] is not None else response_verdict.score
+        elif outcome["correction"] is not None:
+            verdict = spec.judge(outcome["correction"])
+            if verdict.ok:
+                kind, completion, rejected, value = CORRECTION, outcome["correction"], response, verdict.score
+            else:
+                reject_reason = f"correction rejected by {spec.scorer}: {verdict.reason}"
+        elif outcome["success"] is True:
+            why = "no response text" if response_verdict is None else response_verdict.reason
+            reject_reason = f"outcome says success but {spec.scorer} rejects the response: {why}"
+        else:
+            reject_reason = "outcome is not a success and carries no correction"
+    return {
+        "example_id": interaction["interaction_id"],
+        "tenant": interaction["tenant"],
+        "task": interaction["task"],
+        "session_id": interaction["session_id"],
+        "split": split(interaction["tenant"], interaction["task"], interaction["session_id"], holdout_percent),
+        "kind": kind,
+        "admitted": kind != FAILURE,
+        "reject_reason": reject_reason,
+        "prompt_messages": [{"role": m["role"], "content": m["content"]} for m in interaction["request_messages"]],
+        "completion": completion,
+        "rejected": rejected,
+        "score": float(value),
+        "scorer": spec.scorer,
+        "curated_at": curated_at if curated_at is not None else now_ms(),
+        "lineage": {
+            "interaction": interaction_ref.as_dict(),
+            "outcomes": [outcome_ref.as_dict()],
+            "outcome_ids": [outcome["outcome_id"]],
+            "code_version": code_version,
+        },
+    }
+
+
+def curated_key(tenant: str, task: str) -> str:
+    """The curated topic's key: all examples of one (tenant, task) share a partition."""
+    return f"{tenant}/{task}"
+
+
+# --------------------------------------------------------------------------------------------
+# window per (tenant, task) -> training request
+
+
+def new_window_state() -> dict[str, Any]:
+    """JSON-safe per-(tenant, task) state kept in a Faust table."""
+    return {"train_count": 0, "holdout_count": 0, "newest": {}}
+
+
+def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *, partition: int,
+                  offset: int, window_size: int) -> tuple[dict[str, Any], bool]:
+    """Count one curated example; return the new state and whether a training request is due.
+
+    Only admitted examples count; the request fires each time the TRAIN count reaches a multiple
+    of ``window_size``. ``newest`` maps partition -> newest curated offset seen for this key.
+    """
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, not {window_size}")
+    new = {"train_count": 0, "holdout_count": 0, "newest": {}} | dict(state or {})
+    new["newest"] = dict(new["newest"])
+    previous = new["newest"].get(str(partition), -1)
+    new["newest"][str(partition)] = max(previous, offset)
+    fire = False
+    if example["admitted"]:
+        if example["split"] == TRAIN:
+            new["train_count"] += 1
+            fire = new["train_count"] % window_size == 0
+        else:
+            new["holdout_count"] += 1
+    return new, fire
+
+
+def example_ranges(topic: str, state: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The cumulative dataset: every curated record of this key so far, [0, newest + 1) per partition."""
+    return [{"topic": topic, "partition": int(p), "start_offset": 0, "end_offset": int(o) + 1}
+            for p, o in sorted(state["newest"].items(), key=lambda item: int(item[0]))]
+
+
+def request_id(tenant: str, task: str, ranges: list[Mapping[str, Any]]) -> str:
+    """Deterministic: the same (tenant, task, ranges) after a crash and replay gives the same id."""
+    canonical = json.dumps({"tenant": tenant, "task": task, "examples": list(ranges)}, sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curated_topic: str,
+                     code_version: str = CODE_VERSION,
+                     created_at: int | None = None) -> dict[str, Any]:
+    """A TrainingRequest (schemas/avro/training_request.v1.avsc) for the state that just fired."""
+    ranges = example_ranges(curated_topic, state)
+    return {
+        "request_id": request_id(tenant, task, ranges),
+        "tenant": tenant,
+        "task": task,
+        "created_at": created_at if created_at is not None else now_ms(),
+        "trigger": f"count>={int(state['train_count'])}",
+        "examples": ranges,
+        "train_count": int(state["train_count"]),
+        "holdout_count": int(state["holdout_count"]),
+        "code_version": code_version,
+    }

@@ -1,0 +1,38 @@
+"""``adaptloop streams``: one Faust curation worker. Run more of them to scale out by partitions.
+
+    adaptloop streams                          # settings from ADAPTLOOP_STREAMS_* / ADAPTLOOP_KAFKA_* / ADAPTLOOP_TOPICS_*
+    ADAPTLOOP_STREAMS_WINDOW_SIZE=8 adaptloop streams --loglevel debug
+
+Needs faust-streaming: it runs from its own venv (see ``adaptloop.processes.streams_python``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaptloop.settings import StreamsSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptloop streams", description="Run a Faust curation worker.")
+    parser.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+
+    import faust  # here, not at import: `adaptloop --help` must work without faust
+
+    from adaptloop.streams.app import create_app
+
+    settings = StreamsSettings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=args.loglevel, workdir=str(settings.data_dir), redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
