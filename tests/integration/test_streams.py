@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections import Counter
@@ -19,7 +18,7 @@ from adaptloop.kafka import DeliveryTracker, Range, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.stack import service_env, start_service
+from adaptloop.stack import free_port, service_env, start_service
 from adaptloop.streams import stages
 from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
 
@@ -31,12 +30,6 @@ WINDOW_SIZE = 2
 HOLDOUT_PERCENT = 30
 READY_TIMEOUT_S = 90.0
 RESULT_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,0 +1,206 @@
+"""The curation stages without Faust or a broker: decode/contract, scoring, split, window."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from adaptloop.errors import ContractError, DeserializationError
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.sdk import build_interaction, build_outcome
+from adaptloop.streams import stages
+from adaptloop.streams.stages import Contract, Decoder, SourceRef
+from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
+
+TASK = "order-extract"
+SPEC = BUILTIN_TASKS[TASK]
+CASE = OrderGenerator(seed=3).case()
+IREF = SourceRef("agent.interactions", 2, 41)
+OREF = SourceRef("agent.outcomes", 2, 17)
+
+
+def interaction(**overrides):
+    fields = dict(interaction_id="i-1", tenant="acme", agent="bot", task=TASK, session_id="s-1",
+                  messages=[{"role": "system", "content": SPEC.system_prompt}, {"role": "user", "content": CASE.sentence}],
+                  response=CASE.answer, base_model="m", latency_ms=5.0)
+    return build_interaction(**(fields | overrides))
+
+
+def outcome(**overrides):
+    fields = dict(tenant="acme", source="VALIDATOR")
+    return build_outcome(overrides.pop("interaction_id", "i-1"), **(fields | overrides))
+
+
+def encode(stem, record):
+    return serde_for(stem).serialize(record, SerdeContext("t"))
+
+
+def scored(i, o, holdout_percent=0):
+    return stages.score(i, o, interaction_ref=IREF, outcome_ref=OREF, spec=SPEC, holdout_percent=holdout_percent,
+                        curated_at=1)
+
+
+# ---------------------------------------------------------------- decode + contract
+
+def test_decoder_returns_a_json_safe_record():
+    record = Decoder("interaction")(b"i-1", encode("interaction", interaction(event_time=1_700_000_000_123)), IREF)
+    assert record["event_time"] == 1_700_000_000_123  # an int again, not fastavro's datetime
+    json.dumps(record)
+
+
+@pytest.mark.parametrize("record, reason", [
+    (interaction(task="nope"), "unknown task 'nope'"),
+    (interaction(latency_ms=-1.0), "negative latency_ms"),
+    (interaction(prompt_tokens=-3), "negative token count"),
+    (interaction(messages=[]), "no request messages"),
+    (interaction(tenant=""), "empty tenant"),
+])
+def test_interaction_contract_violations(record, reason):
+    with pytest.raises(ContractError, match=reason):
+        Decoder("interaction")(b"i-1", encode("interaction", record), IREF)
+
+
+def test_outcome_without_a_verdict_is_a_contract_violation():
+    with pytest.raises(ContractError, match="no verdict"):
+        Decoder("outcome")(b"i-1", encode("outcome", outcome()), OREF)
+
+
+def test_key_must_be_the_interaction_id():
+    value = encode("interaction", interaction())
+    with pytest.raises(ContractError, match="not the interaction_id"):
+        Decoder("interaction")(b"other", value, IREF)
+    with pytest.raises(ContractError, match="not the interaction_id"):
+        Decoder("interaction")(None, value, IREF)
+
+
+def test_oversized_record_is_refused_before_decoding():
+    value = encode("interaction", interaction())
+    with pytest.raises(ContractError, match="exceeds max_record_bytes=10"):
+        Decoder("interaction", contract=Contract(max_record_bytes=10))(b"i-1", value, IREF)
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"plain text", "not Avro single-object encoding"),
+    (None, "tombstone"),
+    (b"\xc3\x01" + b"\x00" * 8 + b"body", "unknown schema fingerprint"),
+])
+def test_undecodable_bytes(value, reason):
+    with pytest.raises(DeserializationError, match=reason) as info:
+        Decoder("interaction")(b"k", value, IREF)
+    assert (info.value.topic, info.value.partition, info.value.offset) == (IREF.topic, IREF.partition, IREF.offset)
+
+
+def test_wrong_record_type_and_truncation():
+    value = encode("interaction", interaction())
+    with pytest.raises(DeserializationError, match="wrong record type"):
+        Decoder("outcome")(b"i-1", value, OREF)
+    with pytest.raises(DeserializationError, match="corrupt"):
+        Decoder("interaction")(b"i-1", value[:20], IREF)
+
+
+def test_dead_letter_keeps_bytes_reason_and_source_and_fits_its_schema():
+    value = b"garbage"
+    with pytest.raises(DeserializationError) as info:
+        Decoder("interaction")(b"k", value, IREF)
+    letter = stages.dead_letter(IREF, b"k", value, stage=stages.STAGE_DECODE, error=info.value, failed_at=5)
+    assert letter == {
+        "source_topic": IREF.topic, "source_partition": 2, "source_offset": 41, "key": b"k", "value": value,
+        "stage": "decode", "error_type": "DeserializationError",
+        "reason": "not Avro single-object encoding (bad magic or truncated header)", "failed_at": 5,
+    }
+    round_trip = serde_for("dead_letter").deserialize(encode("dead_letter", letter))
+    assert round_trip["value"] == value and round_trip["reason"] == letter["reason"]
+
+
+def test_contract_dead_letter_reason():
+    with pytest.raises(ContractError) as info:
+        Decoder("interaction")(b"i-1", encode("interaction", interaction(latency_ms=-2.0)), IREF)
+    letter = stages.dead_letter(IREF, b"i-1", b"x", stage="decode", error=info.value)
+    assert letter["error_type"] == "ContractError" and "negative latency_ms -2.0" in letter["reason"]
+
+
+# ---------------------------------------------------------------- score
+
+def test_success_when_the_outcome_says_so_and_the_validator_accepts():
+    example = scored(interaction(), outcome(success=True))
+    assert (example["kind"], example["admitted"], example["reject_reason"]) == ("SUCCESS", True, None)
+    assert example["completion"] == CASE.answer and example["rejected"] is None
+    assert example["prompt_messages"][1] == {"role": "user", "content": CASE.sentence}
+    assert example["scorer"] == SPEC.scorer and example["score"] == 1.0
+    assert example["lineage"] == {"interaction": IREF.as_dict(), "outcomes": [OREF.as_dict()],
+                                  "outcome_ids": [example["lineage"]["outcome_ids"][0]],
+                                  "code_version": stages.CODE_VERSION}
+    encode("curated_example", example)  # fits the contract
+
+
+def test_correction_replaces_a_bad_response():
+    example = scored(interaction(response="It's a lamp."), outcome(success=False, correction=CASE.answer))
+    assert (example["kind"], example["admitted"]) == ("CORRECTION", True)
+    assert example["completion"] == CASE.answer and example["rejected"] == "It's a lamp."
+    encode("curated_example", example)
+
+
+def test_correction_wins_when_success_is_claimed_for_an_invalid_response():
+    example = scored(interaction(response="not json"), outcome(success=True, correction=CASE.answer))
+    assert example["kind"] == "CORRECTION"
+
+
+@pytest.mark.parametrize("i, o, reason", [
+    (interaction(response="no idea"), outcome(success=False), "not a success and carries no correction"),
+    (interaction(response="no idea"), outcome(success=True), "rejects the response: not JSON"),
+    (interaction(response=None), outcome(success=True), "no response text"),
+    (interaction(response="no idea"), outcome(success=False, correction="{\"bad\": 1}"), "correction rejected"),
+    (interaction(), outcome(success=True, tenant="evil"), "outcome tenant 'evil'"),
+])
+def test_failures_are_kept_but_not_admitted(i, o, reason):
+    example = scored(i, o)
+    assert (example["kind"], example["admitted"]) == ("FAILURE", False)
+    assert reason in example["reject_reason"]
+    encode("curated_example", example)
+
+
+# ---------------------------------------------------------------- split
+
+def test_split_is_stable_per_session_and_near_the_requested_share():
+    first = [stages.split("acme", TASK, f"s{n}", 20) for n in range(2000)]
+    assert first == [stages.split("acme", TASK, f"s{n}", 20) for n in range(2000)]
+    holdout = Counter(first)["HOLDOUT"] / len(first)
+    assert 0.16 < holdout < 0.24
+    assert {stages.split("acme", TASK, "s1", 0), stages.split("acme", TASK, "s1", 99)} <= {"TRAIN", "HOLDOUT"}
+    assert all(stages.split("acme", TASK, f"s{n}", 0) == "TRAIN" for n in range(100))
+
+
+def test_every_turn_of_a_session_lands_on_the_same_side():
+    splits = {scored(interaction(interaction_id=f"i-{n}", session_id="s-42"), outcome(interaction_id=f"i-{n}", success=True),
+                     holdout_percent=50)["split"] for n in range(20)}
+    assert len(splits) == 1
+
+
+# ---------------------------------------------------------------- window
+
+def example(admitted=True, split="TRAIN"):
+    return {"admitted": admitted, "split": split}
+
+
+def test_window_fires_at_each_multiple_of_admitted_train_examples():
+    state, fired = None, []
+    stream = [example(), example(split="HOLDOUT"), example(admitted=False), example(), example(), example()]
+    for offset, item in enumerate(stream):
+        state, fire = stages.window_update(state, item, partition=1, offset=offset, window_size=2)
+        fired.append(fire)
+    assert fired == [False, False, False, True, False, True]
+    assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
+
+
+def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
+    state = {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
+    request = stages.training_request("acme", TASK, state, curated_topic="examples.curated", created_at=9)
+    assert request["examples"] == [{"topic": "examples.curated", "partition": 1, "start_offset": 0, "end_offset": 6}]
+    assert (request["train_count"], request["holdout_count"], request["trigger"]) == (4, 1, "count>=4")
+    again = stages.training_request("acme", TASK, dict(state), curated_topic="examples.curated", created_at=10)
+    assert again["request_id"] == request["request_id"]
+    other = stages.training_request("acme", TASK, state | {"newest": {"1": 6}}, curated_topic="examples.curated")
+    assert other["request_id"] != request["request_id"]
+    encode("training_request", request)
