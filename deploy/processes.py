@@ -70,7 +70,7 @@ class ManagedProcess:
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            stop_group(self.popen.pid, grace_s)
+            stop_group(self.popen.pid, grace_s, reap=self.popen.poll)
             try:
                 self.popen.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
@@ -85,14 +85,18 @@ class ManagedProcess:
             self.popen.wait(timeout=10)
 
 
-def stop_group(pgid: int, grace_s: float) -> None:
-    """SIGTERM a process group, then SIGKILL it if it is still there after ``grace_s``."""
+def stop_group(pgid: int, grace_s: float, reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM a process group, then SIGKILL it if it is still there after ``grace_s``.
+
+    ``reap`` (e.g. ``Popen.poll``) collects a leader we started: unreaped, its zombie keeps the group "alive".
+    """
     try:
         os.killpg(pgid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
+        reap()
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
