@@ -13,15 +13,17 @@ Build it with ``create_app(settings)``; ``adaptloop.streams.worker`` runs it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.types import EventT
 from mode.supervisors import CrashingSupervisor
 
-from adaptloop.errors import ContractError, DeserializationError
+from adaptloop.errors import ContractError, DeliveryError, DeserializationError
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, StreamsSettings
@@ -88,9 +90,13 @@ class Curation:
         self._in_flight: set[str] = set()
 
     async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
-        """Send and wait for the broker's acknowledgement (raises if it never comes)."""
-        pending = await topic.send(key=key.encode() if isinstance(key, str) else key, value=value, force=True)
-        await pending
+        """Send and wait for the broker's acknowledgement; ``DeliveryError`` (the worker crashes) if none comes."""
+        timeout_s = self.settings.kafka.delivery_timeout_s
+        try:
+            pending = await topic.send(key=key.encode() if isinstance(key, str) else key, value=value, force=True)
+            await asyncio.wait_for(pending, timeout_s)
+        except (asyncio.TimeoutError, KafkaError) as exc:
+            raise DeliveryError(f"{topic.get_topic_name()}: not acknowledged within {timeout_s}s: {exc!r}") from exc
 
     async def send_dead_letter(self, event: EventT, ref: SourceRef, stage: str, error: Exception) -> None:
         record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
@@ -167,6 +173,8 @@ def create_app(settings: StreamsSettings) -> faust.App:
         broker_session_timeout=6,
         # Tansu has no transactions: at least once, consumers de-duplicate by id.
         processing_guarantee="at_least_once",
+        producer_acks=-1,
+        producer_request_timeout=settings.kafka.delivery_timeout_s,
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=1,
         topic_disable_leader=True,

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from adaptloop.kafka import DeliveryTracker, Range, read_ranges
+from adaptloop.kafka import consumer_config, partitions_of, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction
 from adaptloop.settings import KafkaSettings, Topics
@@ -33,17 +33,21 @@ RESULT_TIMEOUT_S = 60.0
 
 
 @pytest.fixture
-def worker(kafka: KafkaSettings, topics: Topics, tmp_path: Path):
-    """One curation worker on this test's topics; stopped (and its exit code checked) afterwards."""
-    home = tmp_path / "home"
-    env = service_env(kafka, topics, home) | {
+def worker_env(kafka: KafkaSettings, topics: Topics, tmp_path: Path) -> dict[str, str]:
+    """The environment of one curation worker on this test's topics, under a unique app id."""
+    return service_env(kafka, topics, tmp_path / "home") | {
         "ADAPTLOOP_STREAMS_WINDOW_SIZE": str(WINDOW_SIZE),
         "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(HOLDOUT_PERCENT),
         "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
         "ADAPTLOOP_STREAMS_APP_ID": f"curation-{uuid.uuid4().hex[:8]}",
         "ADAPTLOOP_STREAMS_DATA_DIR": str(tmp_path / "faust"),
     }
-    process = start_service("streams", home, env, timeout_s=READY_TIMEOUT_S)
+
+
+@pytest.fixture
+def worker(worker_env: dict[str, str], tmp_path: Path):
+    """One curation worker, ready (partitions assigned); stopped afterwards whatever happened."""
+    process = start_service("streams", tmp_path / "home", worker_env, timeout_s=READY_TIMEOUT_S)
     try:
         yield process
     finally:
@@ -169,3 +173,52 @@ def test_worker_curates_joins_dead_letters_and_requests_training(kafka, topics, 
         assert request["request_id"] == stages.request_id(TENANT, TASK, request["examples"])
 
     assert worker.alive(), worker.tail()
+
+
+def committed(kafka: KafkaSettings, group: str, topic: str) -> int:
+    """Sum of the group's committed offsets over the topic's partitions (records it will not see again)."""
+    consumer = Consumer(consumer_config(kafka, group))
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in partitions_of(kafka, topic)], timeout=10)
+    finally:
+        consumer.close()
+    return sum(max(tp.offset, 0) for tp in offsets)
+
+
+def test_a_killed_worker_recovers_half_joined_pairs(kafka, topics, worker_env, tmp_path):
+    """Interactions joined into the table, the worker SIGKILLed, a new one started: the outcomes
+    that arrive afterwards still find their interactions (table rebuilt from its changelog)."""
+    home = tmp_path / "home"
+    cases = OrderGenerator(seed=11).cases(8)
+    ids = [f"k-{n}-{uuid.uuid4().hex[:6]}" for n in range(len(cases))]
+    changelog = f"{worker_env['ADAPTLOOP_STREAMS_APP_ID']}-joins-changelog"
+    first = start_service("streams", home, worker_env, timeout_s=READY_TIMEOUT_S)
+    try:
+        with Recorder(kafka, topics) as recorder:
+            for iid, case in zip(ids, cases):
+                recorder.interaction(interaction_id=iid, tenant=TENANT, agent="bot", task=TASK, session_id=iid,
+                                     messages=[{"role": "user", "content": case.sentence}], response="?")
+        # Kill only once every interaction is in the join table's changelog AND its offset is
+        # committed: then no replay can bring the interactions back, only the changelog can.
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while (sum(1 for _ in read_ranges(kafka, changelog, idle_s=2.0, timeout_s=30)) < len(ids)
+               or committed(kafka, worker_env["ADAPTLOOP_STREAMS_APP_ID"], topics.name("interactions")) < len(ids)):
+            assert time.monotonic() < deadline, "interactions never reached the join table / were never committed"
+            time.sleep(0.5)
+        first.kill()
+    finally:
+        first.stop()
+
+    second = start_service("streams", home, worker_env, timeout_s=READY_TIMEOUT_S)
+    try:
+        with Recorder(kafka, topics) as recorder:
+            for iid, case in zip(ids, cases):
+                recorder.outcome(iid, tenant=TENANT, source="HUMAN", success=False, correction=case.answer)
+        curated = wait_until(kafka, topics.name("curated"), "curated_example",
+                             lambda records: {r["example_id"] for _, _, r in records} >= set(ids))
+        # At least once: a replay after the kill may repeat an example, never lose one.
+        assert {r["example_id"] for _, _, r in curated} == set(ids)
+        assert all(r["kind"] == "CORRECTION" and r["admitted"] for _, _, r in curated)
+        assert second.alive(), second.tail()
+    finally:
+        second.stop()
