@@ -61,7 +61,7 @@ from adaptloop.settings import GatewaySettings
 log = logging.getLogger("adaptloop.gateway")
 
 SIDECAR_POLL_S = 0.5
-DELIVERY_TIMEOUT_S = 30.0
+DELIVERY_MARGIN_S = 5.0
 DEFAULT_TENANT = "default"
 DEFAULT_TASK = "default"
 AGENT_HEADER = "x-adaptloop-agent"
@@ -139,11 +139,13 @@ class InteractionLog:
     A background thread polls the producer; its delivery callback settles the asyncio future.
     """
 
-    def __init__(self, settings: GatewaySettings, *, timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         self.topic = settings.topics.name("interactions")
-        self.timeout_s = timeout_s
+        # librdkafka reports a failure at delivery.timeout.ms (settings.kafka.delivery_timeout_s); the
+        # margin only guards against a callback that never comes.
+        self.timeout_s = settings.kafka.delivery_timeout_s + DELIVERY_MARGIN_S
         self._serialize = serde_for("interaction", settings.kafka.schema_registry_url).serialize
-        self._producer = Producer(producer_config(settings.kafka, **{"delivery.timeout.ms": int(timeout_s * 1000)}))
+        self._producer = Producer(producer_config(settings.kafka))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="interaction-delivery", daemon=True)
 

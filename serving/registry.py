@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from adaptloop.errors import BrokerError, DeserializationError
 from adaptloop.kafka import consumer_config, ensure_topics, partitions_of
@@ -35,6 +35,7 @@ WITHDRAWN = frozenset({"RETIRED", "ROLLED_BACK", "REJECTED"})
 
 DEFAULT_IDLE_S = 1.5
 DEFAULT_BATCH = 500
+WARN_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class ReleaseReader:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_warning = float("-inf")
         self._deserialize = serde_for("adapter_release", kafka.schema_registry_url).deserialize
 
     def releases(self) -> dict[str, Release]:
@@ -150,7 +152,8 @@ class ReleaseReader:
                 changed: dict[str, Release] = {}
                 for msg in messages:
                     if msg.error():
-                        raise BrokerError(f"reading {self.topic}: {msg.error()}")
+                        self._on_error(msg.error())
+                        continue
                     self._fold(msg, changed)
                 if messages:
                     last_record = time.monotonic()
@@ -164,6 +167,15 @@ class ReleaseReader:
                     self.caught_up.set()
         finally:
             consumer.close()
+
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka reconnects by itself after transport errors; only a fatal one ends the reader."""
+        if error.fatal():
+            raise BrokerError(f"reading {self.topic}: {error}")
+        now = time.monotonic()
+        if now - self._last_warning > WARN_EVERY_S:
+            log.warning("%s: %s (retrying)", self.topic, error)
+            self._last_warning = now
 
     def _fold(self, msg, changed: dict[str, Release]) -> None:
         ctx = SerdeContext(msg.topic(), msg.partition(), msg.offset())

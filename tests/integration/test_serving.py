@@ -10,7 +10,6 @@ completions differ from the base's.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
-from adaptloop.stack import service_env, start_service
+from adaptloop.stack import free_port, service_env, start_broker, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +33,6 @@ BASE = ModelSettings().name
 SERVE_READY_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 120.0
 PROMPT = [{"role": "user", "content": "Name three colours."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2) -> Any:
@@ -109,7 +102,7 @@ def serving(kafka, tmp_path_factory) -> Serving:
     home = tmp_path_factory.mktemp("serving")
     topics = Topics(prefix=f"s{uuid.uuid4().hex[:10]}.")
     ensure_topics(kafka, topics)
-    ports = {name: _free_port() for name in ("vllm", "sidecar", "gateway")}
+    ports = {name: free_port() for name in ("vllm", "sidecar", "gateway")}
     env = service_env(kafka, topics, home) | {
         "ADAPTLOOP_MODEL_PATH": str(ensure_base_model(DEFAULT_HOME)),
         "ADAPTLOOP_SERVE_PORT": str(ports["vllm"]),
@@ -264,3 +257,67 @@ def test_retired_adapter_is_unloaded_and_alias_falls_back(serving, adapter_dir):
     wait_for(lambda: serving.chat(alias(tenant, task)).headers["x-adaptloop-adapter"] == "base", 10, "back to base")
     served = {m["id"] for m in httpx.get(serving.vllm_url + "/v1/models", timeout=10).json()["data"]}
     assert version not in served
+
+
+def test_registry_reader_folds_the_whole_topic_newest_record_wins(kafka, topics, tmp_path):
+    """What a restarted sidecar or gateway rebuilds: every record read from the beginning, last per version wins."""
+    from adaptloop.serving.registry import ReleaseReader, newest_servable
+
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    publisher = Serving(kafka, topics, tmp_path, "", "", "", None, None, 0.0)  # publishing needs no processes
+    digest = artifact_digest(folder)
+    older = publisher.publish(tenant="t", task="a", folder=folder, digest=digest)
+    newer = publisher.publish(tenant="t", task="a", folder=folder, digest="sha256:" + "1" * 64)
+    publisher.publish(tenant="t", task="a", folder=folder, digest="sha256:" + "1" * 64, state="ROLLED_BACK",
+                      version=newer)
+    topic = topics.name("releases")
+    DeliveryTracker(kafka).send_sync(topic, b"not avro", key="garbage")
+
+    batches: list[dict] = []
+    reader = ReleaseReader(kafka, topics, on_batch=batches.append).start()
+    try:
+        assert reader.wait_caught_up(30), f"reader did not catch up: {reader.error}"
+        releases = reader.releases()
+    finally:
+        reader.stop()
+    assert {v: r.state for v, r in releases.items()} == {older: "RELEASED", newer: "ROLLED_BACK"}
+    # Folded per batch: the rolled-back version never reaches the callback as servable.
+    assert all(not (v == newer and r.servable) for batch in batches for v, r in batch.items())
+    assert list(reader.undecodable) == ["0:3"]
+    assert newest_servable(releases, "t", "a", lambda v: True).version == older
+    assert newest_servable(releases, "t", "a", lambda v: v != older) is None
+
+
+def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
+    """A gateway whose broker dies answers 503 in OpenAI's shape: no answer leaves without its record."""
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True, delivery_timeout_s=5)
+    broker = start_broker(kafka, tmp_path)
+    gateway = None
+    try:
+        topics = Topics(prefix=f"d{uuid.uuid4().hex[:10]}.")
+        ensure_topics(kafka, topics)
+        port = free_port()
+        env = service_env(kafka, topics, tmp_path) | {
+            "ADAPTLOOP_KAFKA_DELIVERY_TIMEOUT_S": "5",
+            "ADAPTLOOP_GATEWAY_PORT": str(port),
+            "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
+            "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
+        }
+        gateway = start_service("gateway", tmp_path, env, timeout_s=120)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": BASE, "messages": PROMPT, "max_tokens": 4}
+        assert httpx.post(url, json=body, timeout=60).status_code == 200
+
+        broker.kill()
+        started = time.monotonic()
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "interaction_not_recorded"
+        assert "choices" not in response.json()
+        assert time.monotonic() - started < 30
+    finally:
+        if gateway is not None:
+            assert gateway.stop() == 0
+        broker.stop()
