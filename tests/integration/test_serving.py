@@ -56,6 +56,7 @@ class Serving:
     serve: ManagedProcess
     gateway: ManagedProcess
     serve_start_s: float
+    env: dict[str, str]
 
     def adapters(self) -> dict[str, Any]:
         return httpx.get(self.sidecar_url + "/adapters", timeout=5).json()
@@ -120,10 +121,11 @@ def serving(kafka, tmp_path_factory) -> Serving:
     except BaseException:
         serve.stop()
         raise
-    yield Serving(kafka, topics, home, env["ADAPTLOOP_GATEWAY_VLLM_URL"], env["ADAPTLOOP_GATEWAY_SIDECAR_URL"],
-                  f"http://127.0.0.1:{ports['gateway']}", serve, gateway, serve_start_s)
-    gateway_rc = gateway.stop()
-    serve_rc = serve.stop()
+    stack = Serving(kafka, topics, home, env["ADAPTLOOP_GATEWAY_VLLM_URL"], env["ADAPTLOOP_GATEWAY_SIDECAR_URL"],
+                  f"http://127.0.0.1:{ports['gateway']}", serve, gateway, serve_start_s, env)
+    yield stack
+    gateway_rc = stack.gateway.stop()
+    serve_rc = stack.serve.stop()  # a test may have restarted it
     assert (gateway_rc, serve_rc) == (0, 0), f"exit codes gateway={gateway_rc} serve={serve_rc}"
 
 
@@ -266,7 +268,7 @@ def test_registry_reader_folds_the_whole_topic_newest_record_wins(kafka, topics,
     folder = tmp_path / "artifact"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
-    publisher = Serving(kafka, topics, tmp_path, "", "", "", None, None, 0.0)  # publishing needs no processes
+    publisher = Serving(kafka, topics, tmp_path, "", "", "", None, None, 0.0, {})  # publishing needs no processes
     digest = artifact_digest(folder)
     older = publisher.publish(tenant="t", task="a", folder=folder, digest=digest)
     newer = publisher.publish(tenant="t", task="a", folder=folder, digest="sha256:" + "1" * 64)
@@ -321,3 +323,28 @@ def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
         if gateway is not None:
             assert gateway.stop() == 0
         broker.stop()
+
+
+def test_restarted_server_rebuilds_its_adapter_set_from_the_topic(serving, adapter_dir):
+    """A fresh vLLM + sidecar reads the registry from the beginning: same adapters loaded, same refused."""
+    digest = artifact_digest(adapter_dir)
+    live = serving.publish(tenant="phoenix", task="live", folder=adapter_dir, digest=digest)
+    gone = serving.publish(tenant="phoenix", task="gone", folder=adapter_dir, digest=digest)
+    serving.publish(tenant="phoenix", task="gone", folder=adapter_dir, digest=digest, state="RETIRED", version=gone)
+    bad = serving.publish(tenant="phoenix", task="bad", folder=adapter_dir, digest="sha256:" + "2" * 64)
+    wait_for(lambda: (a := serving.adapters()) and live in a["loaded"] and bad in a["refused"]
+             and gone not in a["loaded"], LOAD_TIMEOUT_S, "sidecar settles")
+    before = serving.adapters()
+
+    assert serving.serve.stop() == 0
+    started = time.monotonic()
+    serving.serve = start_service("serve", serving.home, serving.env, timeout_s=SERVE_READY_TIMEOUT_S)
+    print(f"\nrestart: serve ready with {len(before['loaded'])} adapters reloaded in {time.monotonic() - started:.1f}s")
+
+    after = serving.adapters()  # ready means caught up: no waiting here
+    assert set(after["loaded"]) == set(before["loaded"]) and live in after["loaded"] and gone not in after["loaded"]
+    assert set(after["refused"]) == set(before["refused"]) and bad in after["refused"]
+    served = {m["id"] for m in httpx.get(serving.vllm_url + "/v1/models", timeout=10).json()["data"]}
+    assert served == {BASE} | set(after["loaded"])
+    wait_for(lambda: (r := serving.chat(alias("phoenix", "live"))).status_code == 200
+             and r.headers["x-adaptloop-adapter"] == live, 30, "the gateway serves through the reloaded adapter")
