@@ -53,6 +53,14 @@ def _broker_options(kafka: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def _tansu_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Tansu reports a partition's end as its newest *batch's* first offset + 1, and Faust's table
+    recovery stops reading a changelog at that end: records after it in a multi-record batch would
+    be lost from the table on restart. One record per batch keeps the end exact (costs throughput,
+    so only on the embedded broker, the same switch that turns producer idempotence off)."""
+    return {"producer_max_batch_size": 1} if kafka.embedded else {}
+
+
 class Curation:
     """The agents' bodies: decode, join, score, window; everything they send is awaited."""
 
@@ -152,8 +160,12 @@ class Curation:
             await self.send_dead_letter(event, ref, stages.STAGE_WINDOW, exc)
             return
         key = stages.curated_key(example["tenant"], example["task"])
-        state, fire = stages.window_update(self.windows.get(key), example, partition=ref.partition,
+        previous = self.windows.get(key)
+        state, fire = stages.window_update(previous, example, partition=ref.partition,
                                            offset=ref.offset, window_size=self.settings.window_size)
+        if state == previous:
+            log.info("curated %s@%d: replayed, already counted", ref.topic, ref.offset)
+            return
         if fire:
             request = stages.training_request(example["tenant"], example["task"], state, curated_topic=ref.topic)
             topic = self.training_requests.get_topic_name()
@@ -175,6 +187,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         processing_guarantee="at_least_once",
         producer_acks=-1,
         producer_request_timeout=settings.kafka.delivery_timeout_s,
+        **_tansu_options(settings.kafka),
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=1,
         topic_disable_leader=True,

@@ -28,7 +28,6 @@ CODE_VERSION = f"adaptloop=={metadata.version('adaptloop')}"
 
 #: Stage names as they appear in dead letters.
 STAGE_DECODE = "decode"
-STAGE_JOIN = "join"
 STAGE_WINDOW = "window"
 
 #: Split and kind symbols of schemas/avro/curated_example.v1.avsc.
@@ -237,14 +236,18 @@ def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *
     """Count one curated example; return the new state and whether a training request is due.
 
     Only admitted examples count; the request fires each time the TRAIN count reaches a multiple
-    of ``window_size``. ``newest`` maps partition -> newest curated offset seen for this key.
+    of ``window_size``. ``newest`` maps partition -> newest curated offset seen for this key, which
+    makes the update idempotent: a record replayed after a crash (the table's changelog is ahead of
+    the committed offsets) is at or below it and changes nothing.
     """
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, not {window_size}")
-    new = {"train_count": 0, "holdout_count": 0, "newest": {}} | dict(state or {})
+    new = new_window_state() | dict(state or {})
     new["newest"] = dict(new["newest"])
     previous = new["newest"].get(str(partition), -1)
-    new["newest"][str(partition)] = max(previous, offset)
+    if offset <= previous:
+        return new, False
+    new["newest"][str(partition)] = offset
     fire = False
     if example["admitted"]:
         if example["split"] == TRAIN:

@@ -189,7 +189,7 @@ def test_a_killed_worker_recovers_half_joined_pairs(kafka, topics, worker_env, t
     """Interactions joined into the table, the worker SIGKILLed, a new one started: the outcomes
     that arrive afterwards still find their interactions (table rebuilt from its changelog)."""
     home = tmp_path / "home"
-    cases = OrderGenerator(seed=11).cases(8)
+    cases = OrderGenerator(seed=11).cases(24)  # enough for multi-record changelog batches
     ids = [f"k-{n}-{uuid.uuid4().hex[:6]}" for n in range(len(cases))]
     changelog = f"{worker_env['ADAPTLOOP_STREAMS_APP_ID']}-joins-changelog"
     first = start_service("streams", home, worker_env, timeout_s=READY_TIMEOUT_S)

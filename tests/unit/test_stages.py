@@ -194,6 +194,16 @@ def test_window_fires_at_each_multiple_of_admitted_train_examples():
     assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
 
 
+def test_window_ignores_replayed_offsets():
+    state, fire = stages.window_update(None, example(), partition=0, offset=7, window_size=1)
+    assert fire and state["train_count"] == 1
+    for offset in (7, 3):  # a replay after a crash: the table already counted these
+        again, fire = stages.window_update(state, example(), partition=0, offset=offset, window_size=1)
+        assert (again, fire) == (state, False)
+    other, fire = stages.window_update(state, example(), partition=1, offset=0, window_size=1)
+    assert fire and other["train_count"] == 2 and other["newest"] == {"0": 7, "1": 0}
+
+
 def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
     state = {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
     request = stages.training_request("acme", TASK, state, curated_topic="examples.curated", created_at=9)
