@@ -138,12 +138,13 @@ class Range:
 
 
 def read_ranges(settings: KafkaSettings, topic: str, ranges: list[Range] | None = None, *,
-                idle_s: float = 2.0, timeout_s: float = 60.0) -> Iterator[Message]:
+                idle_s: float = 2.0, timeout_s: float = 60.0, first_record_s: float = 5.0) -> Iterator[Message]:
     """Read ``ranges`` of ``topic`` (default: everything) without a consumer group.
 
     Bounded ranges end at their end offset; open ones end after ``idle_s`` without a record
     (Tansu's high watermarks are not trustworthy). Raises ``BrokerError`` if a bounded range
-    is not complete within ``timeout_s``.
+    is not complete within ``timeout_s``. Before the first record, the wait is at least
+    ``first_record_s``: joining and the first fetch take longer than later gaps.
     """
     if ranges is None:
         ranges = [Range(p) for p in partitions_of(settings, topic)]
@@ -157,17 +158,18 @@ def read_ranges(settings: KafkaSettings, topic: str, ranges: list[Range] | None 
         open_ends = {r.partition: r.end for r in ranges}
         deadline = time.monotonic() + timeout_s
         last_record = time.monotonic()
+        quiet_s = max(idle_s, first_record_s)
         while open_ends:
             if time.monotonic() > deadline:
                 raise BrokerError(f"reading {topic} {ranges} did not finish within {timeout_s}s")
             msg = consumer.poll(0.2)
             if msg is None:
-                if all(end is None for end in open_ends.values()) and time.monotonic() - last_record > idle_s:
+                if all(end is None for end in open_ends.values()) and time.monotonic() - last_record > quiet_s:
                     return
                 continue
             if msg.error():
                 raise BrokerError(f"reading {topic}: {msg.error()}")
-            last_record = time.monotonic()
+            last_record, quiet_s = time.monotonic(), idle_s
             end = open_ends.get(msg.partition(), -1)
             if end == -1 or (end is not None and msg.offset() >= end):
                 continue
