@@ -339,9 +339,21 @@ class _Call:
                                 "api_error", "interaction_not_recorded", headers=self.headers)
         return None
 
+    def adapter_gone(self, response: httpx.Response) -> bool:
+        """vLLM no longer knows the routed version (unloaded since the last sidecar poll): use the base."""
+        if response.status_code != 404 or self.route.version is None:
+            return False
+        log.warning("%s is not loaded in vLLM any more; answering %s with the base model",
+                    self.route.version, self.body["model"])
+        self.route = Route(self.route.tenant, self.route.task, self.gateway.settings.model.name, None, None)
+        self.headers[ADAPTER_HEADER] = "base"
+        return True
+
     async def complete(self) -> JSONResponse:
         try:
             response = await self.gateway.client.post(self.url, json=self.upstream_body())
+            if self.adapter_gone(response):
+                response = await self.gateway.client.post(self.url, json=self.upstream_body())
         except httpx.HTTPError as exc:
             return self.upstream_failed(exc)
         if response.status_code >= 400:
@@ -359,10 +371,14 @@ class _Call:
     async def stream(self) -> Any:
         wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
         client = self.gateway.client
-        request = client.build_request("POST", self.url, json=self.upstream_body(
-            stream_options=dict(self.body.get("stream_options") or {}, include_usage=True)))
+        stream_options = dict(self.body.get("stream_options") or {}, include_usage=True)
         try:
-            response = await client.send(request, stream=True)
+            response = await client.send(client.build_request(
+                "POST", self.url, json=self.upstream_body(stream_options=stream_options)), stream=True)
+            if self.adapter_gone(response):
+                await response.aclose()
+                response = await client.send(client.build_request(
+                    "POST", self.url, json=self.upstream_body(stream_options=stream_options)), stream=True)
         except httpx.HTTPError as exc:
             return self.upstream_failed(exc)
         if response.status_code >= 400:

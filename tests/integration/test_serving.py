@@ -261,6 +261,25 @@ def test_retired_adapter_is_unloaded_and_alias_falls_back(serving, adapter_dir):
     assert version not in served
 
 
+def test_adapter_lost_by_vllm_falls_back_to_base(serving, adapter_dir):
+    """Between two sidecar polls vLLM may have lost a version (unloaded, restarted): the caller gets the base."""
+    version = serving.publish(tenant="fickle", task="extract", folder=adapter_dir, digest=artifact_digest(adapter_dir))
+    wait_for(lambda: serving.routes_to(alias("fickle", "extract")) == version, LOAD_TIMEOUT_S, "routed")
+    # Behind the sidecar's back, as a crashed and restarted vLLM would.
+    assert httpx.post(serving.vllm_url + "/v1/unload_lora_adapter", json={"lora_name": version},
+                      timeout=10).status_code == 200
+    assert serving.routes_to(alias("fickle", "extract")) == version  # the sidecar still reports it
+    for stream in (False, True):
+        response = serving.chat(alias("fickle", "extract"), stream=stream)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-adaptloop-adapter"] == "base"
+        record = serving.interaction(response.headers["x-adaptloop-interaction-id"])
+        assert record["adapter"] is None
+    # Put it back so that the sidecar's view is true again for the tests after this one.
+    assert httpx.post(serving.vllm_url + "/v1/load_lora_adapter", json={"lora_name": version,
+                      "lora_path": str(adapter_dir)}, timeout=30).status_code == 200
+
+
 def test_registry_reader_folds_the_whole_topic_newest_record_wins(kafka, topics, tmp_path):
     """What a restarted sidecar or gateway rebuilds: every record read from the beginning, last per version wins."""
     from adaptloop.serving.registry import ReleaseReader, newest_servable
