@@ -67,9 +67,12 @@ def _load(model_path: str | Path, adapter_dir: str | Path | None):
 
 
 def generate(model_path: str | Path, prompts: Sequence[list[dict[str, str]]], *, adapter_dir: str | Path | None = None,
-             max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH) -> list[str]:
-    """Greedy completions of chat ``prompts``, batched with left padding."""
+             max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0) -> list[str]:
+    """Greedy completions of chat ``prompts``, batched with left padding (``threads``: torch threads, 0 = default)."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model, tokenizer = _load(model_path, adapter_dir)
     texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -90,7 +93,7 @@ def generate(model_path: str | Path, prompts: Sequence[list[dict[str, str]]], *,
 
 def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[str, Any]], *,
              adapter_dir: str | Path | None = None, name: str = BASE, max_new_tokens: int = 96,
-             batch_size: int = DEFAULT_EVAL_BATCH) -> EvalResult:
+             batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0) -> EvalResult:
     """Success rate of the base model (or ``adapter_dir`` on it) on ``holdout`` examples."""
     from adaptloop.trainers.sft import chat_prompt
 
@@ -99,7 +102,7 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
         return EvalResult(name, 0.0, 0, 0, 0.0)
     prompts = [chat_prompt(e["prompt_messages"], spec.system_prompt) for e in holdout]
     responses = generate(model_path, prompts, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size)
+                         batch_size=batch_size, threads=threads)
     passed, failures = 0, []
     for example, response in zip(holdout, responses):
         verdict = spec.judge(response, reference=example["completion"])
@@ -140,7 +143,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="HF base model folder (default: the bundled SmolLM2)")
     parser.add_argument("--cases", type=int, default=40, help="generated order-extract cases")
     parser.add_argument("--seed", type=int, default=99, help="seed of the generated cases")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = task_spec("order-extract")
@@ -148,7 +152,7 @@ def cli(argv: list[str] | None = None) -> int:
                for c in OrderGenerator(args.seed).cases(args.cases)]
     model = args.model or ensure_base_model(DEFAULT_HOME)
     result = evaluate(spec, model, holdout, adapter_dir=args.adapter, name=args.adapter or BASE,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, threads=args.threads)
     print(json.dumps(result.__dict__, indent=2))
     return 0
 

@@ -66,6 +66,7 @@ def recipe_config(settings: TrainerSettings, *, model_path: str, output_dir: Pat
         batch_size=settings.batch_size,
         max_length=settings.max_length,
         seed=settings.seed,
+        threads=settings.torch_threads,
     )
 
 
@@ -97,12 +98,11 @@ def train(settings: TrainerSettings, request_id: str, cfg: SFTRecipeConfig) -> S
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    threads = max(1, int(os.cpu_count() or 1))
-    recipe = dataclasses.asdict(cfg) | {"threads": cfg.threads or threads}
+    recipe = dataclasses.asdict(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe, "request_id": request_id},
-        # The worker asks for one CPU (the trainer service runs beside it) but uses every core for torch.
+        # One worker with one CPU: torch threads come from the recipe (TrainerSettings.torch_threads).
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
         run_config=RunConfig(storage_path=str(Path(settings.artifact_dir).resolve() / "ray"), name=request_id),
     )

@@ -198,16 +198,16 @@ class TrainerService:
         adapter_dir = Path(result.adapter_dir)
         digest = artifact_digest(adapter_dir)
         version = adapter_version(tenant, task, digest)
-        max_new = self.settings.max_new_tokens
+        max_new, threads = self.settings.max_new_tokens, self.settings.torch_threads
         candidate = ev.evaluate(spec, self.base_model, dataset.holdout, adapter_dir=adapter_dir, name=version,
-                                max_new_tokens=max_new)
+                                max_new_tokens=max_new, threads=threads)
         if incumbent.artifact_uri:
             from adaptloop.artifacts import verify_digest
 
             if incumbent.digest:
                 verify_digest(Path(incumbent.artifact_uri), incumbent.digest)
         current = ev.evaluate(spec, self.base_model, dataset.holdout, adapter_dir=incumbent.artifact_uri,
-                              name=incumbent.version, max_new_tokens=max_new)
+                              name=incumbent.version, max_new_tokens=max_new, threads=threads)
         margin = self.settings.gate_margin
         passed = candidate.score >= current.score + margin
         reason = (f"candidate {candidate.score:.3f} {'>=' if passed else '<'} incumbent {incumbent.version} "

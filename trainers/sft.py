@@ -8,7 +8,7 @@ no DoRA) that vLLM can load at run time.
 Ready-to-paste (trains on 64 generated order-extract examples, writes /tmp/adaptloop-sft)::
 
     HF_HUB_OFFLINE=1 python -m adaptloop.trainers.sft --config trainers/recipes/sft.yaml
-    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.sft --config trainers/recipes/sft.yaml --set epochs=4 --set output_dir=/tmp/x
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.sft --config trainers/recipes/sft.yaml --set epochs=2 --set output_dir=/tmp/x
 
 The recipe knows nothing of Kafka or Ray: the trainer service materialises the examples and
 Ray runs ``main(cfg)`` inside a worker (see ``adaptloop.trainers.ray_job``).
@@ -58,12 +58,13 @@ class SFTRecipeConfig:
                                       metadata={"help": "Module names that get a LoRA pair."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (linear decay after warmup)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the learning rate."})
-    epochs: float = field(default=4, metadata={"help": "Passes over the training examples."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per optimizer step."})
+    epochs: float = field(default=1, metadata={"help": "Passes over the training examples."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step."})
     max_length: int = field(default=192, metadata={"help": "Tokens per example after the chat template; longer ones are truncated."})
     seed: int = field(default=1234, metadata={"help": "Seed of Python, numpy, torch and the data order."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast: for GPUs and CPUs with native bf16; very slow on AVX2."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 means torch's default (all cores)."})
+    threads: int = field(default=1, metadata={
+        "help": "torch intra-op threads; 0 means torch's default (all cores). On a busy 2-core machine 2 threads thrash."})
     logging_steps: int = field(default=2, metadata={"help": "Report loss every this many steps."})
 
     @classmethod
