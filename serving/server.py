@@ -37,7 +37,7 @@ from adaptloop.artifacts import verify_digest
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess, mark_ready
-from adaptloop.serving.registry import SERVABLE, Release, ReleaseReader
+from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import ServeSettings
 
 log = logging.getLogger("adaptloop.serve")

@@ -71,12 +71,13 @@ class Serving:
         return httpx.post(self.gateway_url + "/v1/chat/completions", json=body, timeout=120)
 
     def publish(self, *, tenant: str, task: str, folder: Path, digest: str, state: str = "RELEASED",
-                version: str | None = None) -> str:
+                version: str | None = None, as_uri: bool = True) -> str:
+        """An AdapterRelease; the artifact as a ``file://`` URI or (``as_uri=False``) a plain path, as the trainer writes it."""
         version = version or adapter_version(tenant, task, digest)
         topic = self.topics.name("releases")
         record = {
             "version": version, "tenant": tenant, "task": task, "state": state, "reason": "integration test",
-            "base_model": BASE, "artifact_uri": folder.as_uri(), "digest": digest, "lora_rank": 8, "method": "sft",
+            "base_model": BASE, "artifact_uri": folder.as_uri() if as_uri else str(folder), "digest": digest, "lora_rank": 8, "method": "sft",
             "evaluation": {"metric": "success", "holdout_count": 1, "candidate_score": 1.0, "incumbent": "base",
                            "incumbent_score": 0.0, "margin": 1.0},
             "lineage": {"request_id": str(uuid.uuid4()), "dataset_digest": "sha256:test", "examples": [],
@@ -250,7 +251,7 @@ def test_digest_mismatch_is_refused_and_never_served(serving, adapter_dir):
 def test_retired_adapter_is_unloaded_and_alias_falls_back(serving, adapter_dir):
     tenant, task = "oldco", "extract"
     digest = artifact_digest(adapter_dir)
-    version = serving.publish(tenant=tenant, task=task, folder=adapter_dir, digest=digest)
+    version = serving.publish(tenant=tenant, task=task, folder=adapter_dir, digest=digest, as_uri=False)
     wait_for(lambda: version in serving.adapters()["loaded"], LOAD_TIMEOUT_S, f"sidecar loads {version}")
     wait_for(lambda: serving.chat(alias(tenant, task)).headers["x-adaptloop-adapter"] == version, 10, "routed")
 
