@@ -21,7 +21,8 @@ from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.kafka import count_messages, ensure_topics, wait_for_broker, admin
 from adaptloop.processes import (READY_FILE_ENV, ManagedProcess, adaptloop_command, stop_from_state,
                                  streams_python, tansu_binary, write_state)
-from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
+from adaptloop.model import ensure_base_model
+from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 
 STATE_FILE = "stack.json"
 DEFAULT_READY_TIMEOUT_S = 120.0
@@ -143,7 +144,11 @@ class LocalStack:
             else:
                 wait_for_broker(self.kafka, timeout_s=30)
             ensure_topics(self.kafka, self.topics)
-            env = service_env(self.kafka, self.topics, self.home) | self.ports.env() | self.extra_env
+            # Convert (once, cached under ADAPTLOOP_HOME) here, so that every service of any stack
+            # home trains on and serves the same folder.
+            model = ensure_base_model(DEFAULT_HOME, ModelSettings().path)
+            env = (service_env(self.kafka, self.topics, self.home) | self.ports.env()
+                   | {"ADAPTLOOP_MODEL_PATH": str(model)} | self.extra_env)
             for name in self.services:
                 started = time.monotonic()
                 progress(f"starting {name}")
