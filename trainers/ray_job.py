@@ -90,7 +90,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     result = sft.main(cfg, progress=progress)
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     worker_log.info("request %s trained: %s", request_id[:12], summary)
-    ray.train.report(summary)
+    # Ray Train keeps the metrics of reports that carry a checkpoint: the adapter folder is it
+    # (Ray copies it under storage_path; the service uses the folder in the artifact dir).
+    ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(result.adapter_dir))
 
 
 def train(settings: TrainerSettings, request_id: str, cfg: SFTRecipeConfig) -> SFTResult:
@@ -98,6 +100,10 @@ def train(settings: TrainerSettings, request_id: str, cfg: SFTRecipeConfig) -> S
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train V2 reroutes print() in workers to a logger even inside a redirect_stdout, so the
+    # bytecode that `datasets` disassembles (through dill) to fingerprint functions floods the log.
+    # The driver's RAY_TRAIN_* variables are propagated to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     recipe = dataclasses.asdict(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
