@@ -128,8 +128,9 @@ def newest_live_adapter(releases: Sequence[Mapping[str, Any]], tenant: str, task
     live = [(pos, r) for pos, r in latest.values() if r["state"] in LIVE_STATES and r.get("artifact_uri")]
     if not live:
         return Incumbent()
-    # PROMOTED outranks RELEASED (it is what serves traffic); then the newest by topic position.
-    _, record = max(live, key=lambda item: (item[1]["state"] == "PROMOTED", item[0]))
+    # Newest by the position of each version's latest record: a later RELEASED candidate (it passed
+    # the gate against the one before it) is the bar, and so is an older version promoted later.
+    _, record = max(live, key=lambda item: item[0])
     return Incumbent(record["version"], record["artifact_uri"], record.get("digest"))
 
 

@@ -182,6 +182,14 @@ class TrainerService:
         if incumbent.artifact_uri and not Path(incumbent.artifact_uri).is_dir():
             return self.reject(request, f"incumbent {incumbent.version} artifact {incumbent.artifact_uri} is not "
                                         "readable here: cannot compare", dataset)
+        if incumbent.artifact_uri and incumbent.digest:
+            from adaptloop.artifacts import verify_digest
+            from adaptloop.errors import ArtifactError
+
+            try:
+                verify_digest(Path(incumbent.artifact_uri), incumbent.digest)
+            except ArtifactError as exc:
+                return self.reject(request, f"cannot compare with incumbent {incumbent.version}: {exc}", dataset)
 
         request_dir = Path(self.settings.artifact_dir).resolve() / request_id
         request_dir.mkdir(parents=True, exist_ok=True)
@@ -201,11 +209,6 @@ class TrainerService:
         max_new, threads = self.settings.max_new_tokens, self.settings.torch_threads
         candidate = ev.evaluate(spec, self.base_model, dataset.holdout, adapter_dir=adapter_dir, name=version,
                                 max_new_tokens=max_new, threads=threads)
-        if incumbent.artifact_uri:
-            from adaptloop.artifacts import verify_digest
-
-            if incumbent.digest:
-                verify_digest(Path(incumbent.artifact_uri), incumbent.digest)
         current = ev.evaluate(spec, self.base_model, dataset.holdout, adapter_dir=incumbent.artifact_uri,
                               name=incumbent.version, max_new_tokens=max_new, threads=threads)
         margin = self.settings.gate_margin

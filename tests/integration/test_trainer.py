@@ -73,8 +73,9 @@ def releases_on(kafka, topics) -> list[dict]:
 
 @pytest.fixture
 def settings(kafka, topics, tmp_path) -> TrainerSettings:
+    # Order answers are at most ~45 tokens: 64 new tokens judge them fully and bound the base model's rambling.
     return TrainerSettings(kafka=kafka, topics=topics, artifact_dir=tmp_path / "artifacts",
-                           group_id=f"trainer-{uuid.uuid4().hex[:8]}")
+                           group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=64)
 
 
 def test_request_trains_an_adapter_that_beats_the_base_and_replays_are_skipped(kafka, topics, settings):
