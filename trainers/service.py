@@ -326,14 +326,16 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         if state["busy"]:
             raise _Stopping()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     service = TrainerService(settings)
     topic = settings.topics.name("training_requests")
     consumer = Consumer(consumer_config(settings.kafka, settings.group_id,
                                         **{"max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
     handled = 0
+    previous: dict = {}
     try:
         ray_job.start_ray(settings)
+        # After ray.init, which installs its own SIGTERM handler (it would exit without cleaning up).
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         consumer.subscribe([topic])
         mark_ready()
         log.info("trainer ready: group %s on %s, artifacts in %s, base model %s", settings.group_id, topic,
