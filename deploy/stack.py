@@ -172,7 +172,7 @@ class LocalStack:
         return next(p for p in self.processes if p.name == name)
 
     def __enter__(self) -> "LocalStack":
-        return self.start()
+        return self if self.processes else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
