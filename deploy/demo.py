@@ -43,7 +43,7 @@ class DemoConfig:
     traffic: int = 100             # agent calls whose outcomes feed curation
     eval_cases: int = 40           # held-out sentences measured before and after
     window_size: int = 64          # admitted training examples per training request
-    concurrency: int = 4
+    concurrency: int = 8
     traffic_seed: int = 11
     eval_seed: int = 99_999
     release_timeout_s: float = 1500.0
@@ -82,7 +82,7 @@ class Agent:
                 "model": self.model,
                 "messages": [{"role": "system", "content": self.spec.system_prompt},
                              {"role": "user", "content": case.sentence}],
-                "max_tokens": 96, "temperature": 0.0,
+                "max_tokens": 64, "temperature": 0.0,
             })
         if response.status_code != 200:
             raise StackError(f"gateway answered {response.status_code}: {response.text[:300]}")

@@ -170,6 +170,8 @@ class ServeSettings(BaseSettings):
     max_loras: int = 4
     max_model_len: int = 1024
     kv_cache_gib: int = 1
+    dtype: str = Field("float32", description="vLLM --dtype. Its 'auto' downcasts fp32 models to bf16, which CPUs "
+                       "without AVX-512 BF16 emulate (~10 tokens/s here instead of hundreds); use bfloat16 on GPUs.")
     startup_timeout_s: float = 300.0
 
 

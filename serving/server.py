@@ -54,7 +54,7 @@ def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", settings.model.name,
             "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
-            "--max-model-len", str(settings.max_model_len),
+            "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
             "--host", settings.host, "--port", str(settings.port),
             "--enforce-eager", "--disable-uvicorn-access-log"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from adaptloop.demo import DemoConfig, run_demo
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 def test_one_cycle_makes_the_served_agent_better(tmp_path):
