@@ -15,8 +15,9 @@ demo: install
 	$(VENV)/bin/adaptloop demo
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
+# -rP prints what passing tests printed: the measured numbers (before/after success, timings).
 test: install
-	$(VENV)/bin/python -m pytest tests -v --durations=15
+	$(VENV)/bin/python -m pytest tests -v -rP --durations=15
 
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -v
