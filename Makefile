@@ -12,7 +12,7 @@ install:
 	bash deploy/install.sh
 
 demo: install
-	$(VENV)/bin/adaptloop demo
+	$(VENV)/bin/python -m adaptloop.cli demo
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
 # -rP prints what passing tests printed: the measured numbers (before/after success, timings).
@@ -23,4 +23,4 @@ test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -v
 
 clean-stack:
-	-$(VENV)/bin/adaptloop down
+	-$(VENV)/bin/python -m adaptloop.cli down

@@ -35,6 +35,7 @@ class Topics(BaseSettings):
     curated: str = "examples.curated"
     training_requests: str = "training.requests"
     releases: str = "adapters.releases"
+    erasures: str = "agent.erasures"
     partitions: int = Field(4, description="Partitions of the keyed event topics.")
 
     def name(self, which: str) -> str:
@@ -52,6 +53,8 @@ class Topics(BaseSettings):
             # One partition: requests and releases are few and their order matters.
             self.name("training_requests"): single,
             self.name("releases"): (1, {"cleanup.policy": "compact"}),
+            # Erasures are few, read whole by every consumer, and never expire.
+            self.name("erasures"): single,
         }
 
 

@@ -40,6 +40,7 @@ RECORDS = {
     "training_request": "adaptloop.TrainingRequest",
     "adapter_release": "adaptloop.AdapterRelease",
     "dead_letter": "adaptloop.DeadLetter",
+    "erasure": "adaptloop.Erasure",
 }
 
 

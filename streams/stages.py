@@ -165,7 +165,7 @@ def split(tenant: str, task: str, session_id: str, holdout_percent: int) -> str:
 def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interaction_ref: SourceRef,
           outcome_ref: SourceRef, spec: TaskSpec, holdout_percent: int,
           code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
-    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v1.avsc).
+    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v2.avsc).
 
     SUCCESS     the outcome says success and the task's validator accepts the response;
     CORRECTION  the outcome carries a correction the validator accepts (it becomes the completion,
@@ -208,11 +208,15 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
         "score": float(value),
         "scorer": spec.scorer,
         "curated_at": curated_at if curated_at is not None else now_ms(),
+        "served_by": (interaction.get("adapter") or {}).get("version"),
+        "event_time": int(interaction["event_time"]),
+        "outcome_source": outcome["source"],
         "lineage": {
             "interaction": interaction_ref.as_dict(),
             "outcomes": [outcome_ref.as_dict()],
             "outcome_ids": [outcome["outcome_id"]],
             "code_version": code_version,
+            "winning_outcome_id": outcome["outcome_id"],
         },
     }
 

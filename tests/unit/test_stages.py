@@ -131,7 +131,10 @@ def test_success_when_the_outcome_says_so_and_the_validator_accepts():
     assert example["scorer"] == SPEC.scorer and example["score"] == 1.0
     assert example["lineage"] == {"interaction": IREF.as_dict(), "outcomes": [OREF.as_dict()],
                                   "outcome_ids": [example["lineage"]["outcome_ids"][0]],
-                                  "code_version": stages.CODE_VERSION}
+                                  "code_version": stages.CODE_VERSION,
+                                  "winning_outcome_id": example["lineage"]["outcome_ids"][0]}
+    assert example["served_by"] is None and example["outcome_source"] == "VALIDATOR"
+    assert example["event_time"] > 0
     encode("curated_example", example)  # fits the contract
 
 

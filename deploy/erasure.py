@@ -1,0 +1,96 @@
+"""Erasure ("forget"): tombstones on the erasures topic that curation and every snapshot honour.
+
+    from adaptloop.erasure import ErasureSet, build_erasure, subject_key
+    erasures = ErasureSet.read(kafka, topics)          # every erasure so far, folded
+    if erasures.match(curated_example): ...            # -> the Erasure that excludes it, or None
+
+An erasure names a tenant and one scope: an interaction id, a session id, or a subject key.
+A subject key is a salted hash of an identifier (an e-mail address, a phone number, a user id),
+so the key can be stored in curated examples and erasure records without the identifier
+itself: curation puts ``subject_key(tenant, value)`` of every PII value it redacts into the
+example's ``subjects``; ``adaptloop forget --subject alice@example.com`` computes the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from adaptloop.settings import KafkaSettings, Topics
+
+INTERACTION, SESSION, SUBJECT = "INTERACTION", "SESSION", "SUBJECT"
+SCOPES = (INTERACTION, SESSION, SUBJECT)
+
+
+def subject_key(tenant: str, value: str) -> str:
+    """A stable key for one data subject of one tenant: no identifier in clear, same key everywhere."""
+    normalized = "".join(value.split()).casefold()
+    return "subj:" + hashlib.sha256(f"{tenant}\0{normalized}".encode()).hexdigest()[:32]
+
+
+def build_erasure(*, tenant: str, scope: str, key: str, requested_by: str | None = None,
+                  reason: str | None = None, erasure_id: str | None = None,
+                  requested_at: int | None = None) -> dict[str, Any]:
+    """An Erasure record (schemas/avro/erasure.v1.avsc) as a dict."""
+    if scope not in SCOPES:
+        raise ValueError(f"erasure scope must be one of {SCOPES}, not {scope!r}")
+    if not tenant or not key:
+        raise ValueError("an erasure needs a tenant and a key")
+    return {"erasure_id": erasure_id or str(uuid.uuid4()), "tenant": tenant, "scope": scope, "key": key,
+            "requested_at": requested_at if requested_at is not None else int(time.time() * 1000),
+            "requested_by": requested_by, "reason": reason}
+
+
+@dataclass
+class ErasureSet:
+    """Every erasure folded into lookups by (tenant, key) per scope."""
+
+    by_scope: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = field(
+        default_factory=lambda: {scope: {} for scope in SCOPES})
+
+    def add(self, erasure: Mapping[str, Any]) -> None:
+        self.by_scope[erasure["scope"]][(erasure["tenant"], erasure["key"])] = erasure
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.by_scope.values())
+
+    def match(self, record: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The erasure that excludes ``record`` (an Interaction, Outcome or CuratedExample dict), or None."""
+        tenant = record.get("tenant", "")
+        interaction_id = record.get("interaction_id") or record.get("example_id")
+        hit = self.by_scope[INTERACTION].get((tenant, interaction_id))
+        if hit is None and record.get("session_id"):
+            hit = self.by_scope[SESSION].get((tenant, record["session_id"]))
+        if hit is None:
+            for subject in record.get("subjects") or ():
+                hit = self.by_scope[SUBJECT].get((tenant, subject))
+                if hit is not None:
+                    break
+        return hit
+
+    @classmethod
+    def of(cls, erasures: Iterable[Mapping[str, Any]]) -> "ErasureSet":
+        folded = cls()
+        for erasure in erasures:
+            folded.add(erasure)
+        return folded
+
+    @classmethod
+    def read(cls, kafka: KafkaSettings, topics: Topics, *, idle_s: float = 1.0) -> "ErasureSet":
+        """Every erasure on the topic now (a missing topic is an empty set: nothing was ever erased)."""
+        from adaptloop.errors import BrokerError
+        from adaptloop.kafka import read_ranges
+        from adaptloop.schemas import SerdeContext, serde_for
+
+        topic = topics.name("erasures")
+        decode = serde_for("erasure", kafka.schema_registry_url).deserialize
+        try:
+            messages = list(read_ranges(kafka, topic, idle_s=idle_s, timeout_s=120))
+        except BrokerError as exc:
+            if "does not exist" in str(exc):
+                return cls()
+            raise
+        return cls.of(decode(m.value(), SerdeContext(topic, m.partition(), m.offset())) for m in messages)
