@@ -1,0 +1,218 @@
+"""PII redaction, applied to every interaction and outcome before anything is stored downstream.
+
+    redactor = Redactor(custom={"employee": r"EMP-\\d{6}"})
+    result = redactor.redact("mail bob@example.com or call +1 415-555-2671")
+    result.text        # 'mail [EMAIL] or call [PHONE]'
+    result.counts      # {'email': 1, 'phone': 1}
+    result.subjects    # {'bob@example.com', '+14155552671'}  (identifiers of people, for erasure keys)
+
+Why these detectors and not one library: Presidio (the maintained all-in-one detector) needs a
+spaCy language model from a model hub, and nothing is downloaded at run time here; detect-secrets
+scans files line by line with entropy plugins and flags far too many ordinary tokens (order numbers,
+hashes) for free text. So each kind uses the best small library there is:
+
+- phone numbers: Google's libphonenumber port (``phonenumbers``), valid numbers only. A bare digit
+  run (no ``+``, no separators) counts only after a phone cue ("call", "tel", "phone" ...): bare
+  digit runs in agent traffic are far more often order, invoice or tracking numbers.
+- IBANs: ``stdnum.iban`` (country length + mod-97 check); payment cards: ``stdnum.luhn`` plus the
+  issuer prefixes of the card networks (a random 16-digit id passes Luhn one time in ten);
+- IP addresses: the stdlib ``ipaddress`` validates what a regex finds; a dotted quad preceded by
+  "v"/"version" is a version string, not an address;
+- e-mail addresses and secrets/API keys: regexes for the documented key shapes (AWS, GitHub, Slack,
+  Stripe, Google, OpenAI-style ``sk-``, JWTs, PEM private keys, ``password=...`` assignments);
+- user patterns: named regexes from settings (``ADAPTLOOP_STREAMS_PII_PATTERNS``).
+
+Values of the kinds that identify a person (e-mail, phone, IBAN, card, IP, user patterns) are
+returned as ``subjects``; curation stores only their salted hashes (``adaptloop.erasure.subject_key``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import phonenumbers
+from stdnum import iban as _iban
+from stdnum import luhn as _luhn
+
+EMAIL, PHONE, CARD, IBAN, IP, SECRET = "email", "phone", "card", "iban", "ip", "secret"
+BUILTIN_RULES = (SECRET, EMAIL, IBAN, CARD, IP, PHONE)  # the order they run in
+#: Rules whose values identify a person (their subject keys go into the example).
+SUBJECT_RULES = frozenset({EMAIL, PHONE, CARD, IBAN, IP})
+PLACEHOLDER = {EMAIL: "[EMAIL]", PHONE: "[PHONE]", CARD: "[CARD]", IBAN: "[IBAN]", IP: "[IP]", SECRET: "[SECRET]"}
+
+_EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_SECRET_RES = [re.compile(p) for p in (
+    r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",                        # AWS access key id
+    r"\bgh[pousr]_[A-Za-z0-9]{36,}\b",                        # GitHub tokens
+    r"\bgithub_pat_[A-Za-z0-9_]{40,}\b",
+    r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",                     # Slack
+    r"\b(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,}\b",       # Stripe
+    r"\bAIza[0-9A-Za-z_-]{35}\b",                             # Google API key
+    r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b",              # OpenAI / Anthropic style
+    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",  # JWT
+    r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*",
+    r"(?i)\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)\b\s*[:=]\s*[\"']?[^\s\"',;]{8,}",
+)]
+_IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
+_CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|3[068]|6011|65|64[4-9]|35|62)")
+_IPV4_RE = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w.]|\.\d)")
+_IPV6_RE = re.compile(r"(?<![\w:])((?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})(?![\w:])")
+_VERSION_CUE = re.compile(r"(?i)(?:\bv|\b(?:version|release|section|chapter|clause|paragraph|step|build)\s*)$")
+_GLUED = re.compile(r"[A-Za-z0-9_][-/#]?$")
+_PHONE_CUE = re.compile(r"(?i)\b(?:phone|tel|telephone|call|mobile|cell|whatsapp|sms|fax|text me|reach me)\b[^.\n]{0,20}$")
+
+
+@dataclass(frozen=True)
+class Match:
+    rule: str
+    start: int
+    end: int
+    value: str  # the normalized identifier (for subject keys)
+
+
+@dataclass
+class Redaction:
+    """What ``Redactor.redact`` found: the redacted text, counts per rule, identifiers of people."""
+
+    text: str
+    counts: Counter = field(default_factory=Counter)
+    subjects: set[str] = field(default_factory=set)
+
+
+def _emails(text: str) -> Iterator[Match]:
+    for m in _EMAIL_RE.finditer(text):
+        yield Match(EMAIL, m.start(), m.end(), m.group().lower())
+
+
+def _secrets(text: str) -> Iterator[Match]:
+    for pattern in _SECRET_RES:
+        for m in pattern.finditer(text):
+            yield Match(SECRET, m.start(), m.end(), "")
+
+
+def _ibans(text: str) -> Iterator[Match]:
+    for m in _IBAN_RE.finditer(text):
+        compact = _iban.compact(m.group())
+        if _iban.is_valid(compact):
+            yield Match(IBAN, m.start(), m.end(), compact)
+
+
+def _cards(text: str) -> Iterator[Match]:
+    for m in _CARD_RE.finditer(text):
+        digits = re.sub(r"\D", "", m.group())
+        if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and _luhn.is_valid(digits):
+            yield Match(CARD, m.start(), m.end(), digits)
+
+
+def _ips(text: str) -> Iterator[Match]:
+    for m in _IPV4_RE.finditer(text):
+        if _VERSION_CUE.search(text[max(0, m.start() - 10):m.start()]):
+            continue
+        try:
+            yield Match(IP, m.start(), m.end(), str(ipaddress.IPv4Address(m.group(1))))
+        except ValueError:
+            continue
+    for m in _IPV6_RE.finditer(text):
+        candidate = m.group(1)
+        if candidate.count(":") < 2 or not re.search(r"[0-9A-Fa-f]", candidate):
+            continue
+        try:
+            yield Match(IP, m.start(), m.end(), str(ipaddress.IPv6Address(candidate)))
+        except ValueError:
+            continue
+
+
+def _phones(region: str) -> Callable[[str], Iterator[Match]]:
+    def find(text: str) -> Iterator[Match]:
+        for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+            raw = m.raw_string
+            if raw.isdigit() and not _PHONE_CUE.search(text[:m.start]):
+                continue  # a bare digit run without a phone cue: an order/invoice/tracking number
+            if _GLUED.search(text[:m.start]):
+                continue  # the tail of an identifier such as INV-2024-000123
+            e164 = phonenumbers.format_number(m.number, phonenumbers.PhoneNumberFormat.E164)
+            yield Match(PHONE, m.start, m.end, e164)
+    return find
+
+
+class Redactor:
+    """Find and replace PII in text; ``custom`` maps a rule name to a regex (a user's own patterns)."""
+
+    def __init__(self, *, custom: Mapping[str, str] | None = None, phone_region: str = "US",
+                 rules: tuple[str, ...] = BUILTIN_RULES) -> None:
+        unknown = set(rules) - set(BUILTIN_RULES)
+        if unknown:
+            raise ValueError(f"unknown PII rules {sorted(unknown)}; known: {BUILTIN_RULES}")
+        finders: dict[str, Callable[[str], Iterator[Match]]] = {
+            SECRET: _secrets, EMAIL: _emails, IBAN: _ibans, CARD: _cards, IP: _ips, PHONE: _phones(phone_region)}
+        self._finders = [(rule, finders[rule]) for rule in BUILTIN_RULES if rule in rules]
+        self._custom = []
+        for name, pattern in (custom or {}).items():
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"PII pattern {name!r} is not a regex: {exc}") from exc
+            self._custom.append((f"custom:{name}", compiled))
+
+    def _custom_finder(self, rule: str, pattern: re.Pattern) -> Callable[[str], Iterator[Match]]:
+        return lambda text: (Match(rule, m.start(), m.end(), m.group()) for m in pattern.finditer(text) if m.group())
+
+    def redact(self, text: str, into: Redaction | None = None) -> Redaction:
+        """Run every rule in order, each on the text the previous ones left (placeholders are inert)."""
+        result = into or Redaction(text)
+        finders = self._finders + [(rule, self._custom_finder(rule, pattern)) for rule, pattern in self._custom]
+        for rule, find in finders:
+            matches = _non_overlapping(find(text))
+            if not matches:
+                continue
+            placeholder = PLACEHOLDER.get(rule, f"[{rule.upper()}]")
+            for match in reversed(matches):
+                text = text[:match.start] + placeholder + text[match.end:]
+                if rule in SUBJECT_RULES or rule.startswith("custom:"):
+                    result.subjects.add(match.value)
+            result.counts[rule] += len(matches)
+        result.text = text
+        return result
+
+
+def _non_overlapping(matches: Iterator[Match]) -> list[Match]:
+    """Longest first wins where two matches overlap; sorted by position."""
+    chosen: list[Match] = []
+    for match in sorted(matches, key=lambda m: (m.start, -(m.end - m.start))):
+        if chosen and match.start < chosen[-1].end:
+            continue
+        chosen.append(match)
+    return chosen
+
+
+def redact_record(record: dict[str, Any], redactor: Redactor, paths: tuple[str, ...]) -> Redaction:
+    """Redact the text fields of an Interaction or Outcome dict in place; return what fired.
+
+    ``paths`` names top-level string fields; lists of messages / tool calls and string maps are
+    walked (``request_messages[].content``, ``tool_calls[].arguments``, ``attributes{}``).
+    """
+    total = Redaction("")
+    for path in paths:
+        value = record.get(path)
+        if isinstance(value, str):
+            record[path] = redactor.redact(value, total).text
+        elif isinstance(value, list):
+            for item in value:
+                for sub in ("content", "arguments"):
+                    if isinstance(item, dict) and isinstance(item.get(sub), str):
+                        item[sub] = redactor.redact(item[sub], total).text
+        elif isinstance(value, dict):
+            for k, v in list(value.items()):
+                if isinstance(v, str):
+                    value[k] = redactor.redact(v, total).text
+    return total
+
+
+INTERACTION_TEXT = ("request_messages", "response", "tool_calls", "tools_json", "attributes")
+OUTCOME_TEXT = ("correction", "reason")
