@@ -14,10 +14,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
@@ -28,6 +29,8 @@ CODE_VERSION = f"adaptloop=={metadata.version('adaptloop')}"
 
 #: Stage names as they appear in dead letters.
 STAGE_DECODE = "decode"
+STAGE_JOIN = "join"
+STAGE_DEDUPE = "dedupe"
 STAGE_WINDOW = "window"
 
 #: Split and kind symbols of schemas/avro/curated_example.v1.avsc.
@@ -65,16 +68,33 @@ class Contract:
 
     tasks: Mapping[str, TaskSpec] = field(default_factory=lambda: dict(BUILTIN_TASKS))
     max_record_bytes: int = 1_000_000
+    #: Tenants allowed on the input topics; empty means any tenant.
+    tenants: frozenset[str] = frozenset()
+    #: An event time further ahead of the worker's clock than this is impossible (clock skew allowance).
+    max_future_ms: int = 5 * 60 * 1000
 
 
-def check_interaction(record: Mapping[str, Any], contract: Contract) -> None:
-    """Raise ``ContractError`` when an Interaction is impossible or unusable."""
+def _check_common(record: Mapping[str, Any], contract: Contract, now: int) -> None:
     if not record["interaction_id"]:
         raise ContractError("empty interaction_id")
     if not record["tenant"]:
         raise ContractError("empty tenant")
+    if contract.tenants and record["tenant"] not in contract.tenants:
+        raise ContractError(f"unknown tenant {record['tenant']!r}")
+    if record["event_time"] <= 0:
+        raise ContractError(f"event_time {record['event_time']} is not after 1970")
+    if record["event_time"] > now + contract.max_future_ms:
+        raise ContractError(f"event_time {record['event_time']} is {(record['event_time'] - now) / 1000:.0f}s in the "
+                            f"future (more than {contract.max_future_ms / 1000:.0f}s)")
+
+
+def check_interaction(record: Mapping[str, Any], contract: Contract, now: int | None = None) -> None:
+    """Raise ``ContractError`` when an Interaction is impossible or unusable."""
+    _check_common(record, contract, now if now is not None else now_ms())
     if record["task"] not in contract.tasks:
         raise ContractError(f"unknown task {record['task']!r}; known: {sorted(contract.tasks)}")
+    if not math.isfinite(record["latency_ms"]):
+        raise ContractError(f"latency_ms {record['latency_ms']} is not a finite number")
     if record["latency_ms"] < 0:
         raise ContractError(f"negative latency_ms {record['latency_ms']}")
     if record["prompt_tokens"] < 0 or record["completion_tokens"] < 0:
@@ -83,12 +103,13 @@ def check_interaction(record: Mapping[str, Any], contract: Contract) -> None:
         raise ContractError("no request messages")
 
 
-def check_outcome(record: Mapping[str, Any], contract: Contract) -> None:
+def check_outcome(record: Mapping[str, Any], contract: Contract, now: int | None = None) -> None:
     """Raise ``ContractError`` when an Outcome is impossible or unusable."""
-    if not record["interaction_id"]:
-        raise ContractError("empty interaction_id")
-    if not record["tenant"]:
-        raise ContractError("empty tenant")
+    _check_common(record, contract, now if now is not None else now_ms())
+    if not record["outcome_id"]:
+        raise ContractError("empty outcome_id")
+    if record["score"] is not None and not math.isfinite(record["score"]):
+        raise ContractError(f"score {record['score']} is not a finite number")
     if record["success"] is None and record["score"] is None and record["correction"] is None:
         raise ContractError("outcome carries no verdict: no success, score or correction")
 
@@ -130,7 +151,11 @@ class Decoder:
         record = _plain(self._deserialize(value, SerdeContext(ref.topic, ref.partition, ref.offset)))
         self._check(record, self.contract)
         # Interactions and outcomes meet on one partition only if both are keyed by the interaction id.
-        if key is None or key.decode("utf-8", errors="replace") != record["interaction_id"]:
+        try:
+            text_key = key.decode("utf-8") if key is not None else None
+        except UnicodeDecodeError:
+            raise ContractError(f"key {key!r} is not UTF-8") from None
+        if text_key != record["interaction_id"]:
             raise ContractError(f"key {key!r} is not the interaction_id {record['interaction_id']!r}")
         return record
 
@@ -221,6 +246,68 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
     }
 
 
+#: Outcome precedence, strongest first: a human's correction, a human's verdict, a validator, a heuristic,
+#: a business signal (late, indirect, the weakest evidence about *this* answer).
+PRECEDENCE = ("HUMAN_CORRECTION", "HUMAN", "VALIDATOR", "HEURISTIC", "BUSINESS")
+
+
+def outcome_rank(outcome: Mapping[str, Any]) -> int:
+    """Lower is stronger; see ``PRECEDENCE``."""
+    source = outcome["source"]
+    if source == "HUMAN" and outcome.get("correction") is not None:
+        return 0
+    return PRECEDENCE.index(source) if source in PRECEDENCE else len(PRECEDENCE)
+
+
+def is_final(outcome: Mapping[str, Any]) -> bool:
+    """Nothing can outrank it: the example may be curated at once, without waiting for the grace period."""
+    return outcome_rank(outcome) == 0
+
+
+def after_horizon(interaction: Mapping[str, Any], outcome: Mapping[str, Any], horizon_ms: int) -> bool:
+    """An outcome whose event time is more than ``horizon_ms`` after its interaction's (event time, not arrival)."""
+    return outcome["event_time"] - interaction["event_time"] > horizon_ms
+
+
+def resolve(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, Any], SourceRef]],
+            horizon_ms: int) -> tuple[list[tuple[Mapping[str, Any], SourceRef]], list[tuple[Mapping[str, Any], SourceRef]]]:
+    """(eligible outcomes strongest first, outcomes after the horizon). Ties: earlier event time, then id."""
+    def order(item: tuple[Mapping[str, Any], SourceRef]) -> tuple:
+        return (outcome_rank(item[0]), item[0]["event_time"], item[0]["outcome_id"])
+
+    eligible = sorted((o for o in outcomes if not after_horizon(interaction, o[0], horizon_ms)), key=order)
+    late = sorted((o for o in outcomes if after_horizon(interaction, o[0], horizon_ms)), key=order)
+    return eligible, late
+
+
+def curate(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, Any], SourceRef]], *,
+           interaction_ref: SourceRef, spec: TaskSpec, holdout_percent: int, horizon_ms: int,
+           redactions: Mapping[str, int] | None = None, subjects: Iterable[str] = (),
+           code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
+    """One interaction with every outcome it got: the strongest eligible outcome decides (``score``);
+    the others stay in the lineage after it (``outcome_ids``/``outcomes``, winner first, late ones last).
+
+    If every outcome came after the horizon the example is a FAILURE, not admitted, with the reason.
+    """
+    if not outcomes:
+        raise ValueError("curate needs at least one outcome")
+    eligible, late = resolve(interaction, outcomes, horizon_ms)
+    winner, winner_ref = (eligible or late)[0]
+    example = score(interaction, winner, interaction_ref=interaction_ref, outcome_ref=winner_ref, spec=spec,
+                    holdout_percent=holdout_percent, code_version=code_version, curated_at=curated_at)
+    ordered = eligible + late
+    example["lineage"]["outcomes"] = [ref.as_dict() for _, ref in ordered]
+    example["lineage"]["outcome_ids"] = [o["outcome_id"] for o, _ in ordered]
+    if not eligible:
+        delay_h = (winner["event_time"] - interaction["event_time"]) / 3_600_000
+        example.update(kind=FAILURE, admitted=False, completion=interaction["response"] or "", rejected=None,
+                       reject_reason=f"outcome {winner['outcome_id']} came {delay_h:.1f} h after the interaction "
+                                     f"(event time), past the {horizon_ms / 3_600_000:g} h horizon")
+    example["redactions"] = [{"rule": rule, "count": int(n)} for rule, n in sorted((redactions or {}).items())]
+    example["subjects"] = sorted(set(subjects))
+    return example
+
+
 def curated_key(tenant: str, task: str) -> str:
     """The curated topic's key: all examples of one (tenant, task) share a partition."""
     return f"{tenant}/{task}"
@@ -231,18 +318,24 @@ def curated_key(tenant: str, task: str) -> str:
 
 
 def new_window_state() -> dict[str, Any]:
-    """JSON-safe per-(tenant, task) state kept in a Faust table."""
-    return {"train_count": 0, "holdout_count": 0, "newest": {}}
+    """JSON-safe per-(tenant, task) state kept in a Faust table.
+
+    ``newest``: partition -> newest curated offset counted (idempotence under replay); ``since_fire``:
+    admitted TRAIN examples since the last request; ``opened_at``: when the first of them was counted
+    (wall clock, for the age trigger); ``pending``: a request decided but not yet acknowledged (resent,
+    same id, after a crash).
+    """
+    return {"train_count": 0, "holdout_count": 0, "newest": {}, "since_fire": 0, "opened_at": None,
+            "fired": 0, "pending": None}
 
 
 def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *, partition: int,
-                  offset: int, window_size: int) -> tuple[dict[str, Any], bool]:
-    """Count one curated example; return the new state and whether a training request is due.
+                  offset: int, window_size: int, now: int | None = None) -> tuple[dict[str, Any], bool]:
+    """Count one curated example; return the new state and whether a training request is due by count.
 
-    Only admitted examples count; the request fires each time the TRAIN count reaches a multiple
-    of ``window_size``. ``newest`` maps partition -> newest curated offset seen for this key, which
-    makes the update idempotent: a record replayed after a crash (the table's changelog is ahead of
-    the committed offsets) is at or below it and changes nothing.
+    Only admitted examples count; the request fires when ``window_size`` admitted TRAIN examples arrived
+    since the previous one. A record at or below ``newest`` of its partition (replayed after a crash:
+    the table's changelog is ahead of the committed offsets) changes nothing.
     """
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, not {window_size}")
@@ -256,10 +349,26 @@ def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *
     if example["admitted"]:
         if example["split"] == TRAIN:
             new["train_count"] += 1
-            fire = new["train_count"] % window_size == 0
+            new["since_fire"] += 1
+            if new["opened_at"] is None:
+                new["opened_at"] = now if now is not None else now_ms()
+            fire = new["since_fire"] >= window_size
         else:
             new["holdout_count"] += 1
     return new, fire
+
+
+def window_due_by_age(state: Mapping[str, Any], *, now: int, max_age_ms: int, min_examples: int) -> bool:
+    """The age trigger: at least ``min_examples`` new TRAIN examples, the first of them ``max_age_ms`` ago."""
+    opened = state.get("opened_at")
+    return (opened is not None and state.get("since_fire", 0) >= max(1, min_examples)
+            and now - opened >= max_age_ms)
+
+
+def window_fired(state: Mapping[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
+    """The state once ``request`` is decided: a new window opens; the request waits in ``pending`` until acked."""
+    return dict(state) | {"since_fire": 0, "opened_at": None, "fired": int(state.get("fired", 0)) + 1,
+                          "pending": dict(request)}
 
 
 def example_ranges(topic: str, state: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -276,7 +385,7 @@ def request_id(tenant: str, task: str, ranges: list[Mapping[str, Any]]) -> str:
 
 
 def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curated_topic: str,
-                     code_version: str = CODE_VERSION,
+                     trigger: str | None = None, code_version: str = CODE_VERSION,
                      created_at: int | None = None) -> dict[str, Any]:
     """A TrainingRequest (schemas/avro/training_request.v1.avsc) for the state that just fired."""
     ranges = example_ranges(curated_topic, state)
@@ -285,7 +394,7 @@ def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curate
         "tenant": tenant,
         "task": task,
         "created_at": created_at if created_at is not None else now_ms(),
-        "trigger": f"count>={int(state['train_count'])}",
+        "trigger": trigger or f"count>={int(state['train_count'])}",
         "examples": ranges,
         "train_count": int(state["train_count"]),
         "holdout_count": int(state["holdout_count"]),

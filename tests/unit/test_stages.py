@@ -191,15 +191,19 @@ def test_window_fires_at_each_multiple_of_admitted_train_examples():
     state, fired = None, []
     stream = [example(), example(split="HOLDOUT"), example(admitted=False), example(), example(), example()]
     for offset, item in enumerate(stream):
-        state, fire = stages.window_update(state, item, partition=1, offset=offset, window_size=2)
+        state, fire = stages.window_update(state, item, partition=1, offset=offset, window_size=2, now=100 + offset)
+        if fire:
+            state = stages.window_fired(state, {"request_id": f"r{offset}"})
         fired.append(fire)
     assert fired == [False, False, False, True, False, True]
-    assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
+    assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}, "since_fire": 0, "opened_at": None,
+                     "fired": 2, "pending": {"request_id": "r5"}}
 
 
 def test_window_ignores_replayed_offsets():
     state, fire = stages.window_update(None, example(), partition=0, offset=7, window_size=1)
     assert fire and state["train_count"] == 1
+    state = stages.window_fired(state, {"request_id": "r"})
     for offset in (7, 3):  # a replay after a crash: the table already counted these
         again, fire = stages.window_update(state, example(), partition=0, offset=offset, window_size=1)
         assert (again, fire) == (state, False)
@@ -208,7 +212,7 @@ def test_window_ignores_replayed_offsets():
 
 
 def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
-    state = {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
+    state = stages.new_window_state() | {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
     request = stages.training_request("acme", TASK, state, curated_topic="examples.curated", created_at=9)
     assert request["examples"] == [{"topic": "examples.curated", "partition": 1, "start_offset": 0, "end_offset": 6}]
     assert (request["train_count"], request["holdout_count"], request["trigger"]) == (4, 1, "count>=4")
@@ -217,3 +221,83 @@ def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
     other = stages.training_request("acme", TASK, state | {"newest": {"1": 6}}, curated_topic="examples.curated")
     assert other["request_id"] != request["request_id"]
     encode("training_request", request)
+
+
+def test_window_fires_by_age_only_with_enough_examples():
+    state = None
+    for offset in range(2):
+        state, fire = stages.window_update(state, example(), partition=0, offset=offset, window_size=10, now=1_000)
+        assert not fire
+    assert not stages.window_due_by_age(state, now=1_500, max_age_ms=1_000, min_examples=2)  # too young
+    assert not stages.window_due_by_age(state, now=5_000, max_age_ms=1_000, min_examples=3)  # too few
+    assert stages.window_due_by_age(state, now=5_000, max_age_ms=1_000, min_examples=2)
+    request = stages.training_request("acme", TASK, state, curated_topic="c", trigger="age>=1s")
+    fired = stages.window_fired(state, request)
+    assert not stages.window_due_by_age(fired, now=99_000, max_age_ms=1_000, min_examples=1)
+    assert fired["pending"]["request_id"] == request["request_id"] and request["trigger"] == "age>=1s"
+
+
+# ---------------------------------------------------------------- contract: time, tenants, numbers
+
+def test_event_time_far_in_the_future_and_unknown_tenant_are_refused():
+    future = interaction(event_time=stages.now_ms() + 3_600_000)
+    with pytest.raises(ContractError, match="in the future"):
+        Decoder("interaction")(b"i-1", encode("interaction", future), IREF)
+    strict = Contract(tenants=frozenset({"globex"}))
+    with pytest.raises(ContractError, match="unknown tenant 'acme'"):
+        Decoder("interaction", contract=strict)(b"i-1", encode("interaction", interaction()), IREF)
+    with pytest.raises(ContractError, match="not a finite number"):
+        Decoder("interaction")(b"i-1", encode("interaction", interaction(latency_ms=float("nan"))), IREF)
+    with pytest.raises(ContractError, match="not UTF-8"):
+        Decoder("interaction")(b"\xff\xfe", encode("interaction", interaction()), IREF)
+
+
+# ---------------------------------------------------------------- precedence + horizon
+
+def _o(source, event_time=None, **fields):
+    record = outcome(source=source, **fields)
+    if event_time is not None:
+        record["event_time"] = event_time
+    return record
+
+
+def test_precedence_human_correction_beats_verdicts_and_losers_stay_in_lineage():
+    i = interaction(response="no idea", event_time=1_000)
+    outcomes = [(_o("HEURISTIC", 2_000, success=True), SourceRef("o", 0, 1)),
+                (_o("VALIDATOR", 2_000, success=False), SourceRef("o", 0, 2)),
+                (_o("HUMAN", 3_000, success=False, correction=CASE.answer), SourceRef("o", 0, 3)),
+                (_o("HUMAN", 2_500, success=False), SourceRef("o", 0, 4))]
+    ex = stages.curate(i, outcomes, interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=10_000,
+                       redactions={"email": 2}, subjects=["subj:b", "subj:a"])
+    assert ex["kind"] == "CORRECTION" and ex["rejected"] == "no idea" and ex["outcome_source"] == "HUMAN"
+    ids = [o["outcome_id"] for o, _ in outcomes]
+    assert ex["lineage"]["outcome_ids"] == [ids[2], ids[3], ids[1], ids[0]]
+    assert ex["lineage"]["winning_outcome_id"] == ids[2]
+    assert [r["offset"] for r in ex["lineage"]["outcomes"]] == [3, 4, 2, 1]
+    assert ex["redactions"] == [{"rule": "email", "count": 2}] and ex["subjects"] == ["subj:a", "subj:b"]
+    assert stages.is_final(outcomes[2][0]) and not stages.is_final(outcomes[3][0])
+    encode("curated_example", ex)
+
+
+def test_human_verdict_beats_validator_and_heuristic():
+    i = interaction(event_time=1_000)
+    outcomes = [(_o("VALIDATOR", 2_000, success=True), OREF), (_o("HUMAN", 2_000, success=False), OREF),
+                (_o("BUSINESS", 1_500, success=True), OREF)]
+    ex = stages.curate(i, outcomes, interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=10_000)
+    assert (ex["kind"], ex["admitted"], ex["outcome_source"]) == ("FAILURE", False, "HUMAN")
+
+
+def test_outcome_after_the_horizon_is_rejected_with_reason_but_an_eligible_one_still_wins():
+    day = 24 * 3_600_000
+    i = interaction(event_time=1_000)
+    late = (_o("HUMAN", 1_000 + day + 3_600_000, success=False, correction=CASE.answer), SourceRef("o", 1, 9))
+    ex = stages.curate(i, [late], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)
+    assert (ex["kind"], ex["admitted"]) == ("FAILURE", False)
+    assert "25.0 h after the interaction" in ex["reject_reason"] and "24 h horizon" in ex["reject_reason"]
+    ok = (_o("VALIDATOR", 5_000, success=True), SourceRef("o", 1, 3))
+    ex = stages.curate(i, [late, ok], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)
+    assert (ex["kind"], ex["admitted"], ex["outcome_source"]) == ("SUCCESS", True, "VALIDATOR")
+    assert ex["lineage"]["outcome_ids"] == [ok[0]["outcome_id"], late[0]["outcome_id"]]
+    # An outcome that arrives before its interaction, with an earlier event time, is eligible.
+    early = (_o("VALIDATOR", 500, success=True), OREF)
+    assert stages.curate(i, [early], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)["admitted"]

@@ -1,0 +1,121 @@
+"""Exact and near-duplicate detection per (tenant, task), pure: the Faust agent keeps the state.
+
+    content_hash(example)            -> "sha256:..." of the normalized prompt (system turns left out) and completion
+    signature(example, num_perm)     -> MinHash values (JSON-safe ints) of its word 3-shingles
+    index = NearDuplicateIndex(threshold=0.8, num_perm=64); index.add(id, sig); index.query(sig) -> [ids]
+
+MinHash/LSH comes from ``datasketch`` (maintained, the standard choice). The index is only a cache:
+the signatures live in a Faust table with a changelog, and the agent rebuilds an index from them
+after a restart or a rebalance (``NearDuplicateIndex.of``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Iterable, Mapping
+
+from datasketch import MinHash, MinHashLSH
+
+DEFAULT_NUM_PERM = 64
+#: datasketch 2 permutation scheme, named: stored signatures must be rebuilt with the one that made them.
+SCHEME = "affine32"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def normalized_text(example: Mapping[str, Any]) -> str:
+    """The example's content for dedupe: non-system turns and the completion, casefolded, whitespace collapsed.
+
+    System prompts are left out: every example of a task shares one, so it says nothing about duplication.
+    """
+    parts = [m["content"] for m in example["prompt_messages"] if m["role"] != "system"]
+    parts.append(example["completion"])
+    return "\n".join(" ".join(p.split()).casefold() for p in parts)
+
+
+def content_hash(example: Mapping[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(normalized_text(example).encode()).hexdigest()
+
+
+def shingles(text: str, size: int = 3) -> set[str]:
+    words = _WORD.findall(text)
+    if len(words) < size:
+        return {" ".join(words)} if words else {""}
+    return {" ".join(words[i:i + size]) for i in range(len(words) - size + 1)}
+
+
+def signature(example: Mapping[str, Any], num_perm: int = DEFAULT_NUM_PERM) -> list[int]:
+    minhash = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME)
+    minhash.update_batch([s.encode() for s in shingles(normalized_text(example))])
+    return [int(v) for v in minhash.hashvalues]
+
+
+def _minhash(values: list[int], num_perm: int) -> MinHash:
+    import numpy as np
+
+    return MinHash(num_perm=num_perm, seed=1, scheme=SCHEME, hashvalues=np.array(values, dtype=np.uint64))
+
+
+def jaccard(a: list[int], b: list[int]) -> float:
+    """Estimated Jaccard similarity of two signatures."""
+    return _minhash(a, len(a)).jaccard(_minhash(b, len(b)))
+
+
+class NearDuplicateIndex:
+    """LSH over MinHash signatures of one (tenant, task); ``query`` confirms candidates by estimated Jaccard."""
+
+    def __init__(self, threshold: float, num_perm: int = DEFAULT_NUM_PERM) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"near-duplicate threshold must be in (0, 1], not {threshold}")
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self._signatures: dict[str, list[int]] = {}
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self._signatures
+
+    def __len__(self) -> int:
+        return len(self._signatures)
+
+    def add(self, example_id: str, values: list[int]) -> None:
+        if example_id in self._signatures:
+            return
+        self._signatures[example_id] = values
+        self._lsh.insert(example_id, _minhash(values, self.num_perm))
+
+    def query(self, values: list[int], *, exclude: str | None = None) -> list[str]:
+        """Earlier examples at or above the threshold, most similar first."""
+        candidates = [c for c in self._lsh.query(_minhash(values, self.num_perm)) if c != exclude]
+        scored = [(jaccard(values, self._signatures[c]), c) for c in candidates]
+        return [c for s, c in sorted(scored, key=lambda x: (-x[0], x[1])) if s >= self.threshold]
+
+    @classmethod
+    def of(cls, entries: Iterable[tuple[str, list[int]]], threshold: float, num_perm: int = DEFAULT_NUM_PERM) -> "NearDuplicateIndex":
+        index = cls(threshold, num_perm)
+        for example_id, values in entries:
+            index.add(example_id, values)
+        return index
+
+
+def dedupe_decision(example: Mapping[str, Any], *, exact_of: str | None,
+                    near_of: list[str]) -> dict[str, Any]:
+    """What dedupe does to an admitted example: keep it, or reject it as a duplicate of an earlier one.
+
+    Whichever split the earlier example is in, the later one is rejected: a near-duplicate of a
+    holdout example must never reach training, and one of a training example must not inflate the
+    holdout score.
+    """
+    if exact_of is not None and exact_of != example["example_id"]:
+        return {"admitted": False, "near_duplicate_of": exact_of,
+                "reject_reason": f"exact duplicate of {exact_of}"}
+    near = [n for n in near_of if n != example["example_id"]]
+    if near:
+        return {"admitted": False, "near_duplicate_of": near[0],
+                "reject_reason": f"near duplicate of {near[0]}"}
+    return {"admitted": True, "near_duplicate_of": None, "reject_reason": None}
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,51 @@
+"""Exact and near-duplicate detection (pure; the Faust agent keeps the signatures in a table)."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaptloop.streams import dedupe
+from adaptloop.tasks import OrderGenerator
+
+
+def ex(user: str, completion: str = "{}", example_id: str = "e", system: str = "sys") -> dict:
+    return {"example_id": example_id, "completion": completion,
+            "prompt_messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+
+
+def test_content_hash_normalizes_case_and_whitespace_and_ignores_the_system_prompt():
+    a = ex("Alice wants 3 lamps  delivered to Lyon", system="one")
+    b = ex("alice wants 3 lamps delivered\nto LYON", system="two")
+    assert dedupe.content_hash(a) == dedupe.content_hash(b)
+    assert dedupe.content_hash(a) != dedupe.content_hash(ex("Alice wants 4 lamps delivered to Lyon"))
+
+
+def test_near_duplicates_are_found_and_distinct_orders_are_not():
+    cases = OrderGenerator(seed=5).cases(60)
+    index = dedupe.NearDuplicateIndex(threshold=0.7)
+    for n, case in enumerate(cases):
+        sig = dedupe.signature(ex(case.sentence, case.answer))
+        assert index.query(sig) == [], (n, case.sentence)  # no false positive among distinct orders
+        index.add(f"e{n}", sig)
+    base = cases[0]
+    tweaked = base.sentence.replace(".", "!") + " Thanks a lot."
+    hits = index.query(dedupe.signature(ex(tweaked, base.answer)))
+    assert hits[:1] == ["e0"]
+    assert index.query(dedupe.signature(ex(base.sentence, base.answer)), exclude="e0") == []
+    rebuilt = dedupe.NearDuplicateIndex.of([("e0", dedupe.signature(ex(base.sentence, base.answer)))], 0.7)
+    assert rebuilt.query(dedupe.signature(ex(tweaked, base.answer))) == ["e0"]
+
+
+def test_decision_rejects_the_later_duplicate_whatever_its_split():
+    e = {"example_id": "new"}
+    assert dedupe.dedupe_decision(e, exact_of=None, near_of=[])["admitted"]
+    assert dedupe.dedupe_decision(e, exact_of="new", near_of=["new"])["admitted"]  # itself, replayed
+    exact = dedupe.dedupe_decision(e, exact_of="old", near_of=[])
+    assert (exact["admitted"], exact["near_duplicate_of"], exact["reject_reason"]) == (False, "old", "exact duplicate of old")
+    near = dedupe.dedupe_decision(e, exact_of=None, near_of=["h1"])
+    assert (near["admitted"], near["near_duplicate_of"]) == (False, "h1")
+
+
+def test_threshold_must_be_a_fraction():
+    with pytest.raises(ValueError):
+        dedupe.NearDuplicateIndex(threshold=0)
