@@ -129,8 +129,26 @@ class StreamsSettings(BaseSettings):
     data_dir: Path = DEFAULT_HOME / "faust"
     web_port: int = 6066
     window_size: int = Field(64, description="A training request fires per N new admitted training examples of a (tenant, task).")
+    window_max_age_s: float = Field(3600.0, gt=0, description="... or when the window's first example is this old (wall clock) ...")
+    window_min_examples: int = Field(8, ge=1, description="... and it holds at least this many admitted training examples.")
     holdout_percent: int = Field(20, ge=0, lt=100)
     max_record_bytes: int = 1_000_000
+    outcome_horizon_s: float = Field(24 * 3600.0, gt=0, description="Outcomes later than this after their interaction "
+                                     "(event time) are rejected with the reason.")
+    outcome_grace_s: float = Field(60.0, ge=0, description="After the first outcome joins, wait this long (wall clock) for a "
+                                   "stronger one before curating; a human correction is curated at once.")
+    tick_s: float = Field(1.0, gt=0, description="How often grace periods and age-triggered windows are checked.")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity (MinHash of word "
+                                            "3-shingles) at which an example is a near duplicate of an earlier one.")
+    tenants: list[str] = Field(default_factory=list, description="Tenants accepted on the input topics (JSON list); empty: any.")
+    max_future_s: float = Field(300.0, ge=0, description="Event times further ahead of the worker's clock are contract violations.")
+    pii_patterns: dict[str, str] = Field(default_factory=dict, description="Extra PII rules as JSON {name: regex}; they fire "
+                                         "as custom:NAME and count as identifiers of people (erasure keys).")
+    phone_region: str = Field("US", description="Region for phone numbers written without a country code.")
+    crash_point: Literal["", "request_pending", "request_sent"] = Field(
+        "", description="Crash drills and tests only: the worker SIGKILLs itself the first time it reaches this point "
+        "(request_pending: a window's request is decided and flushed to the table, not sent; request_sent: sent, "
+        "not yet marked done).")
 
 
 class TrainerSettings(BaseSettings):

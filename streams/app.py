@@ -1,12 +1,34 @@
 """The Faust curation app: thin agents around the pure stages of ``adaptloop.streams.stages``.
 
-    interactions ─┐ decode+contract ──bad──> dead letters
-    outcomes ─────┘ join table (by interaction id, either arrival order) -> score -> curated
-    curated ─────── window table (by tenant/task) -> every N admitted TRAIN examples -> training requests
+    interactions ─┐ decode+contract ──bad──> dead letters        (any stage's bad record: dead letter, go on)
+    outcomes ─────┘ redact PII -> erasures? -> join table (by interaction id, either order, several outcomes)
+                    -> precedence + horizon -> score ──> {app_id}-scored (keyed tenant/task)
+    scored ──────── erasures? -> dedupe per (tenant, task): exact hash + MinHash/LSH (tables) -> curated
+    curated ─────── window table (by tenant/task): N admitted TRAIN examples, or T old with >= min -> training requests
+    {app_id}-ticks  one tick per partition per ``tick_s``: grace periods end, age-triggered windows fire
 
-Delivery is at least once (Tansu has no transactions): every record this app sends is awaited
-until the broker acknowledged it before the input record counts as processed. After a crash a
-record may be curated twice; consumers de-duplicate by ``example_id`` / ``request_id``.
+When an example is curated: at once when a human correction joined (nothing outranks it); otherwise
+``outcome_grace_s`` (wall clock) after the first outcome joined, so a stronger outcome arriving within
+the grace period wins; the example is emitted once, with every outcome in its lineage (winner first).
+An outcome arriving after its example was curated is counted (rejected ``after_curated``) and logged,
+never re-emitted: consumers see one example per interaction, except for at-least-once repeats.
+
+Delivery is at least once (Tansu has no transactions): every record this app sends is awaited until
+the broker acknowledged it before the input record counts as processed. After a crash a record may
+be sent twice: the same example (same ``example_id``, same content, same dedupe decision, which is
+kept per example in a table) or the same training request (same ``request_id``). The window counts
+an example id once (``counted`` table), so requests stay exact; the trainer de-duplicates its dataset
+by ``example_id`` and its queue by ``request_id``. A request is written to the window table as
+``pending`` (and flushed) before it is sent, so a crash right as a window fires resends that same
+request, never a second one for the window.
+
+Metrics (per worker; see ``adaptloop.streams.metrics`` for the JSON shape), on the worker's web port
+(``ADAPTLOOP_STREAMS_WEB_PORT``, default 6066, bound to 127.0.0.1):
+
+    GET http://127.0.0.1:6066/metrics             Prometheus text: adaptloop_streams_records_total{stage,
+                                                  tenant_task,result,reason}, adaptloop_streams_redactions_total
+                                                  {tenant_task,rule}, adaptloop_streams_consumer_lag{topic,partition}
+    GET http://127.0.0.1:6066/adaptloop/metrics   the same numbers as JSON: {"stages", "tenants", "consumer_lag"}
 
 Build it with ``create_app(settings)``; ``adaptloop.streams.worker`` runs it.
 """
@@ -15,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import ssl
 from typing import Any
 
@@ -23,11 +47,15 @@ from aiokafka.errors import KafkaError
 from faust.types import EventT
 from mode.supervisors import CrashingSupervisor
 
-from adaptloop.errors import ContractError, DeliveryError, DeserializationError
+from adaptloop.erasure import subject_key
+from adaptloop.errors import AdaptloopError, ContractError, DeliveryError, DeserializationError
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, StreamsSettings
-from adaptloop.streams import stages
+from adaptloop.streams import dedupe, stages
+from adaptloop.streams.erasures import ErasureFeed
+from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
+from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
 from adaptloop.tasks import task_spec
 
@@ -35,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: The two sides of a join as stored in the join table.
 INTERACTION, OUTCOME = "interaction", "outcome"
+#: Join-table marker of an interaction an erasure matched.
+ERASED_MARK = "ERASED"
 
 
 def _broker_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -61,16 +91,40 @@ def _tansu_options(kafka: KafkaSettings) -> dict[str, Any]:
     return {"producer_max_batch_size": 1} if kafka.embedded else {}
 
 
-class Curation:
-    """The agents' bodies: decode, join, score, window; everything they send is awaited."""
+def internal_topics(settings: StreamsSettings) -> dict[str, int]:
+    """The app's own topics beside Faust's changelogs: name -> partitions (co-partitioned with the inputs)."""
+    return {f"{settings.app_id}-scored": settings.topics.partitions, f"{settings.app_id}-ticks": settings.topics.partitions}
 
-    def __init__(self, app: faust.App, settings: StreamsSettings) -> None:
+
+def ensure_internal_topics(settings: StreamsSettings) -> None:
+    """Create the internal topics explicitly (Tansu's auto-created topics get a partition count of their own)."""
+    from confluent_kafka.admin import NewTopic
+
+    from adaptloop.kafka import admin
+
+    client = admin(settings.kafka)
+    existing = set(client.list_topics(timeout=30).topics)
+    wanted = [NewTopic(name, num_partitions=n, replication_factor=1)
+              for name, n in internal_topics(settings).items() if name not in existing]
+    for name, future in (client.create_topics(wanted, request_timeout=30).items() if wanted else []):
+        try:
+            future.result(timeout=30)
+        except Exception as exc:  # confluent-kafka raises KafkaException with an error code inside
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
+class Curation:
+    """The agents' bodies: decode, redact, join, score, dedupe, window; everything they send is awaited."""
+
+    def __init__(self, app: faust.App, settings: StreamsSettings, *, erasures: ErasureFeed | None = None) -> None:
         self.app = app
         self.settings = settings
         names = settings.topics
         layout = names.layout()
         registry = settings.kafka.schema_registry_url
-        contract = stages.Contract(max_record_bytes=settings.max_record_bytes)
+        contract = stages.Contract(max_record_bytes=settings.max_record_bytes, tenants=frozenset(settings.tenants),
+                                   max_future_ms=int(settings.max_future_s * 1000))
 
         def topic(which: str) -> faust.TopicT:
             name = names.name(which)
@@ -81,28 +135,53 @@ class Curation:
         self.curated = topic("curated")
         self.dead_letters = topic("dead_letters")
         self.training_requests = topic("training_requests")
+        scored_name, ticks_name = internal_topics(settings)
+        self.scored = app.topic(scored_name, key_serializer="raw", value_serializer="raw", partitions=names.partitions)
+        self.ticks = app.topic(ticks_name, key_serializer="raw", value_serializer="raw", partitions=names.partitions)
         self.decoders = {
             INTERACTION: stages.Decoder("interaction", registry_url=registry, contract=contract),
             OUTCOME: stages.Decoder("outcome", registry_url=registry, contract=contract),
         }
         self.contract = contract
+        self.redactor = Redactor(custom=settings.pii_patterns, phone_region=settings.phone_region)
         self.curated_serde = serde_for("curated_example", registry)
         self.request_serde = serde_for("training_request", registry)
         self.dead_letter_serde = serde_for("dead_letter", registry)
-        # interaction id -> {"interaction": {"record", "ref"}, "outcome": {...}} until joined, then {"emitted": kind}.
+        self.erasures = erasures
+        self.metrics = CurationMetrics()
+        self.horizon_ms = int(settings.outcome_horizon_s * 1000)
         table_schema = faust.Schema(key_serializer="json", value_serializer="json")
-        self.joins = app.Table("joins", partitions=names.partitions, schema=table_schema)
-        # "tenant/task" -> stages.new_window_state()
-        self.windows = app.Table("windows", partitions=names.partitions, schema=table_schema)
+
+        def table(name: str) -> faust.TableT:
+            return app.Table(name, partitions=names.partitions, schema=table_schema)
+
+        # interaction id -> {"interaction": side, "outcomes": [side...], "due": ms|None, "p": partition}
+        #                   until curated, then {"emitted": kind}; side = {"record", "ref", "redactions", "subjects"}
+        self.joins = table("joins")
+        # "tenant/task/example_id" -> {"hash", "sig", "decision"}: dedupe decisions survive replays
+        self.seen = table("dedupe_seen")
+        # "tenant/task/content_hash" -> example_id of the first admitted example with that content
+        self.hashes = table("dedupe_hashes")
+        # "tenant/task" -> stages.new_window_state() | {"p": partition}
+        self.windows = table("windows")
+        # "tenant/task/example_id" -> curated offset that counted it (a repeat of an example counts once)
+        self.counted = table("window_counted")
         # Joins being sent right now: the table flag is written only after delivery (at least once).
         self._in_flight: set[str] = set()
+        self._requests_in_flight: set[str] = set()
+        # partition -> {interaction id: due ms}; rebuilt from the join table after a rebalance.
+        self._due: dict[int, dict[str, int]] | None = None
+        # "tenant/task" -> near-duplicate index; rebuilt lazily from the seen table after a rebalance.
+        self._indexes: dict[str, dedupe.NearDuplicateIndex] = {}
 
-    async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
+    # ------------------------------------------------------------------ plumbing
+
+    async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> Any:
         """Send and wait for the broker's acknowledgement; ``DeliveryError`` (the worker crashes) if none comes."""
         timeout_s = self.settings.kafka.delivery_timeout_s
         try:
             pending = await topic.send(key=key.encode() if isinstance(key, str) else key, value=value, force=True)
-            await asyncio.wait_for(pending, timeout_s)
+            return await asyncio.wait_for(pending, timeout_s)
         except (asyncio.TimeoutError, KafkaError) as exc:
             raise DeliveryError(f"{topic.get_topic_name()}: not acknowledged within {timeout_s}s: {exc!r}") from exc
 
@@ -111,9 +190,36 @@ class Curation:
         log.warning("dead letter from %s/%d@%d (%s): %s", ref.topic, ref.partition, ref.offset, stage, record["reason"])
         topic = self.dead_letters.get_topic_name()
         await self._send(self.dead_letters, event.key, self.dead_letter_serde.serialize(record, SerdeContext(topic)))
+        self.metrics.record(stage, DEAD_LETTERED, reason=record["reason"])
+
+    async def guarded(self, stage: str, event: EventT, body) -> None:
+        """Run one record through ``body``; a record that breaks a stage becomes a dead letter, the stream goes on.
+
+        Broker failures (``DeliveryError``) are not the record's fault: they crash the worker, which
+        restarts from the last committed offset.
+        """
+        try:
+            await body(event)
+        except (DeliveryError, asyncio.CancelledError):
+            raise
+        except (AdaptloopError, ValueError, TypeError, KeyError, UnicodeError) as exc:
+            ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
+            log.exception("%s stage failed on %s/%d@%d", stage, ref.topic, ref.partition, ref.offset)
+            await self.send_dead_letter(event, ref, stage, exc)
+
+    def _erased(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        return self.erasures.erasures.match(record) if self.erasures is not None else None
+
+    # ------------------------------------------------------------------ decode + redact + join
+
+    def _side(self, side: str, record: dict[str, Any], ref: SourceRef) -> dict[str, Any]:
+        """Redact the record in place (before it is stored anywhere) and wrap it with what fired."""
+        found = redact_record(record, self.redactor, INTERACTION_TEXT if side == INTERACTION else OUTCOME_TEXT)
+        subjects = sorted({subject_key(record["tenant"], value) for value in found.subjects})
+        return {"record": record, "ref": ref.as_dict(), "redactions": dict(found.counts), "subjects": subjects}
 
     async def on_side(self, side: str, event: EventT) -> None:
-        """One interaction or outcome: decode it, store it, and curate the pair once both are here."""
+        """One interaction or outcome: decode, redact, store; curate once the pair is complete and due."""
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
         try:
             record = self.decoders[side](event.key, event.value, ref)
@@ -121,62 +227,249 @@ class Curation:
             await self.send_dead_letter(event, ref, stages.STAGE_DECODE, exc)
             return
         interaction_id = record["interaction_id"]
+        tenant_task = stages.curated_key(record["tenant"], record.get("task", "-"))
+        if self._erased(record) is not None:
+            self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
+            if side == INTERACTION:
+                self.joins[interaction_id] = {"emitted": ERASED_MARK}
+            return
         entry = dict(self.joins.get(interaction_id) or {})
         if entry.get("emitted") or interaction_id in self._in_flight:
+            if side == OUTCOME:
+                self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
+                                    reason="after_curated: the example was already curated")
             log.info("%s %s: already curated, ignored (%s)", side, interaction_id, ref)
             return
-        if side in entry:
-            # First one wins; later outcomes of the same interaction are not merged yet.
-            log.info("%s %s: duplicate while waiting for its pair, ignored (%s)", side, interaction_id, ref)
-            return
-        entry[side] = {"record": record, "ref": ref.as_dict()}
-        if INTERACTION not in entry or OUTCOME not in entry:
-            self.joins[interaction_id] = entry
-            return
+        wrapped = self._side(side, record, ref)
+        if side == INTERACTION:
+            if INTERACTION in entry:
+                log.info("interaction %s: duplicate, ignored (%s)", interaction_id, ref)
+                return
+            entry[INTERACTION] = wrapped
+        else:
+            outcomes = list(entry.get("outcomes") or [])
+            if any(o["record"]["outcome_id"] == record["outcome_id"] for o in outcomes):
+                log.info("outcome %s: duplicate, ignored (%s)", record["outcome_id"], ref)
+                return
+            entry["outcomes"] = outcomes + [wrapped]
+        entry["p"] = ref.partition
+        if INTERACTION in entry and entry.get("outcomes"):
+            if any(stages.is_final(o["record"]) for o in entry["outcomes"]):
+                await self.emit(interaction_id, entry)
+                return
+            if entry.get("due") is None:
+                entry["due"] = stages.now_ms() + int(self.settings.outcome_grace_s * 1000)
+                self._schedule(interaction_id, entry)
+        self.joins[interaction_id] = entry
+
+    def _schedule(self, interaction_id: str, entry: dict[str, Any]) -> None:
+        if self._due is not None:
+            self._due.setdefault(int(entry["p"]), {})[interaction_id] = int(entry["due"])
+
+    async def emit(self, interaction_id: str, entry: dict[str, Any]) -> None:
+        """Curate a complete join: precedence, horizon, score; send it to the dedupe stage; mark it emitted."""
         self._in_flight.add(interaction_id)
         try:
-            example = self.score(entry)
-            topic = self.curated.get_topic_name()
-            value = self.curated_serde.serialize(example, SerdeContext(topic))
-            await self._send(self.curated, stages.curated_key(example["tenant"], example["task"]), value)
+            side = entry[INTERACTION]
+            interaction = side["record"]
+            outcomes = [(o["record"], SourceRef.from_dict(o["ref"])) for o in entry["outcomes"]]
+            redactions: dict[str, int] = dict(side["redactions"])
+            subjects = set(side["subjects"])
+            for o in entry["outcomes"]:
+                subjects.update(o["subjects"])
+                for rule, n in o["redactions"].items():
+                    redactions[rule] = redactions.get(rule, 0) + n
+            example = stages.curate(
+                interaction, outcomes, interaction_ref=SourceRef.from_dict(side["ref"]),
+                spec=task_spec(interaction["task"], dict(self.contract.tasks)),
+                holdout_percent=self.settings.holdout_percent, horizon_ms=self.horizon_ms,
+                redactions=redactions, subjects=subjects)
+            tenant_task = stages.curated_key(example["tenant"], example["task"])
+            if self._erased(example) is not None:
+                self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
+                self.joins[interaction_id] = {"emitted": ERASED_MARK}
+                return
+            value = self.curated_serde.serialize(example, SerdeContext(self.scored.get_topic_name()))
+            await self._send(self.scored, tenant_task, value)
             self.joins[interaction_id] = {"emitted": example["kind"]}
+            self.metrics.redactions(tenant_task, redactions)
+            if not example["admitted"]:
+                self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
+                                    reason=_reason(example["reject_reason"]))
         finally:
             self._in_flight.discard(interaction_id)
+            if self._due is not None:
+                self._due.get(int(entry.get("p", -1)), {}).pop(interaction_id, None)
 
-    def score(self, entry: dict[str, Any]) -> dict[str, Any]:
-        interaction, outcome = entry[INTERACTION], entry[OUTCOME]
-        return stages.score(
-            interaction["record"], outcome["record"],
-            interaction_ref=SourceRef.from_dict(interaction["ref"]), outcome_ref=SourceRef.from_dict(outcome["ref"]),
-            spec=task_spec(interaction["record"]["task"], dict(self.contract.tasks)),
-            holdout_percent=self.settings.holdout_percent)
+    # ------------------------------------------------------------------ ticks: grace periods and age windows
+
+    async def on_tick(self, event: EventT) -> None:
+        partition = event.message.partition
+        now = stages.now_ms()
+        if self._due is None:  # after a (re)start or rebalance: rebuild from the recovered table
+            self._due = {}
+            for interaction_id, entry in list(self.joins.items()):
+                if isinstance(entry, dict) and entry.get("due") is not None and not entry.get("emitted"):
+                    self._schedule(interaction_id, entry)
+        for interaction_id, due in sorted(self._due.get(partition, {}).items(), key=lambda item: item[1]):
+            if due > now or interaction_id in self._in_flight:
+                continue
+            entry = self.joins.get(interaction_id)
+            if not entry or entry.get("emitted"):
+                self._due[partition].pop(interaction_id, None)
+                continue
+            await self.emit(interaction_id, dict(entry))
+        for key, state in list(self.windows.items()):
+            if not isinstance(state, dict) or state.get("p") != partition:
+                continue
+            if state.get("pending"):
+                await self._send_request(key, dict(state))
+            elif stages.window_due_by_age(state, now=now, max_age_ms=int(self.settings.window_max_age_s * 1000),
+                                          min_examples=self.settings.window_min_examples):
+                tenant, task = key.split("/", 1)
+                await self._fire(key, tenant, task, dict(state), trigger=f"age>={self.settings.window_max_age_s:g}s")
+
+    def on_rebalance(self) -> None:
+        """Partitions moved: in-memory indexes may describe partitions this worker no longer (or newly) owns."""
+        self._due = None
+        self._indexes.clear()
+
+    # ------------------------------------------------------------------ dedupe per (tenant, task)
+
+    def _index(self, tenant_task: str) -> dedupe.NearDuplicateIndex:
+        index = self._indexes.get(tenant_task)
+        if index is None:
+            prefix = tenant_task + "/"
+            index = dedupe.NearDuplicateIndex.of(
+                ((key[len(prefix):], value["sig"]) for key, value in list(self.seen.items())
+                 if key.startswith(prefix) and value["decision"]["admitted"]),
+                self.settings.near_duplicate_threshold)
+            self._indexes[tenant_task] = index
+        return index
+
+    async def on_scored(self, event: EventT) -> None:
+        ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
+        example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
+        tenant_task = stages.curated_key(example["tenant"], example["task"])
+        if self._erased(example) is not None:
+            self.metrics.record(stages.STAGE_DEDUPE, ERASED, tenant_task=tenant_task)
+            return
+        example["content_hash"] = dedupe.content_hash(example)
+        if example["admitted"]:
+            seen_key = f"{tenant_task}/{example['example_id']}"
+            seen = self.seen.get(seen_key)
+            if seen is None:  # first time: decide and keep the decision (a replay must decide the same)
+                hash_key = f"{tenant_task}/{example['content_hash']}"
+                signature = dedupe.signature(example)
+                index = self._index(tenant_task)
+                decision = dedupe.dedupe_decision(example, exact_of=self.hashes.get(hash_key),
+                                                  near_of=index.query(signature, exclude=example["example_id"]))
+                seen = {"hash": example["content_hash"], "sig": signature, "decision": decision}
+                self.seen[seen_key] = seen
+                if decision["admitted"]:
+                    self.hashes[hash_key] = example["example_id"]
+                    index.add(example["example_id"], signature)
+            example.update(seen["decision"])
+            if not example["admitted"]:
+                self.metrics.record(stages.STAGE_DEDUPE, REJECTED, tenant_task=tenant_task,
+                                    reason=_reason(example["reject_reason"]))
+        value = self.curated_serde.serialize(example, SerdeContext(self.curated.get_topic_name()))
+        await self._send(self.curated, tenant_task, value)
+        if example["admitted"]:
+            self.metrics.record(stages.STAGE_DEDUPE, ADMITTED, tenant_task=tenant_task)
+
+    # ------------------------------------------------------------------ window per (tenant, task)
 
     async def on_curated(self, event: EventT) -> None:
         """One curated example: count it for its (tenant, task) and fire a training request when due."""
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
-        try:
-            example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
-        except DeserializationError as exc:
-            await self.send_dead_letter(event, ref, stages.STAGE_WINDOW, exc)
-            return
+        example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
         key = stages.curated_key(example["tenant"], example["task"])
+        counted_key = f"{key}/{example['example_id']}"
+        repeat = example["admitted"] and self.counted.get(counted_key) not in (None, ref.offset)
         previous = self.windows.get(key)
-        state, fire = stages.window_update(previous, example, partition=ref.partition,
-                                           offset=ref.offset, window_size=self.settings.window_size)
-        if state == previous:
+        state, fire = stages.window_update(previous, example | {"admitted": example["admitted"] and not repeat},
+                                           partition=ref.partition, offset=ref.offset,
+                                           window_size=self.settings.window_size)
+        if previous is not None and state["newest"] == previous.get("newest"):
             log.info("curated %s@%d: replayed, already counted", ref.topic, ref.offset)
             return
+        if example["admitted"] and not repeat:
+            self.counted[counted_key] = ref.offset
+            self.metrics.record(stages.STAGE_WINDOW, ADMITTED, tenant_task=key)
+        state["p"] = ref.partition
         if fire:
-            request = stages.training_request(example["tenant"], example["task"], state, curated_topic=ref.topic)
+            await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.settings.window_size}")
+        else:
+            self.windows[key] = state
+
+    async def _fire(self, key: str, tenant: str, task: str, state: dict[str, Any], *, trigger: str) -> None:
+        """Decide the request, make the decision durable (table + flush), then send it."""
+        request = stages.training_request(tenant, task, state, curated_topic=self.curated.get_topic_name(),
+                                          trigger=trigger)
+        state = stages.window_fired(state, request)
+        self.windows[key] = state
+        self._requests_in_flight.add(request["request_id"])  # the tick must not resend it meanwhile
+        await self.app.producer.flush()  # the pending request is in the changelog before it is sent
+        self._crash_point("request_pending")
+        await self._send_request(key, state, owned=True)
+
+    async def _send_request(self, key: str, state: dict[str, Any], *, owned: bool = False) -> None:
+        request = state["pending"]
+        if not owned:
+            if request["request_id"] in self._requests_in_flight:
+                return
+            self._requests_in_flight.add(request["request_id"])
+        try:
             topic = self.training_requests.get_topic_name()
             await self._send(self.training_requests, key, self.request_serde.serialize(request, SerdeContext(topic)))
-            log.info("training request %s for %s: %d train, %d holdout", request["request_id"][:12], key,
-                     request["train_count"], request["holdout_count"])
-        # Written after the request is acknowledged: a crash in between repeats the same request id.
-        self.windows[key] = state
+        finally:
+            self._requests_in_flight.discard(request["request_id"])
+        log.info("training request %s for %s (%s): %d train, %d holdout", request["request_id"][:12], key,
+                 request["trigger"], request["train_count"], request["holdout_count"])
+        self._crash_point("request_sent")
+        # Re-read: the window agent may have counted more examples while this one was being sent.
+        current = dict(self.windows.get(key) or state)
+        if (current.get("pending") or {}).get("request_id") == request["request_id"]:
+            self.windows[key] = current | {"pending": None}
+
+    def _crash_point(self, point: str) -> None:
+        """Crash drills (``ADAPTLOOP_STREAMS_CRASH_POINT``): a real SIGKILL at an exact point, as a power cut would."""
+        if self.settings.crash_point == point:
+            log.warning("crash point %s reached: SIGKILL", point)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------ metrics
+
+    async def refresh_lag(self) -> None:
+        """Consumer lag of the input topics: partition end minus this worker's position (Tansu's ends are
+        approximate with multi-record batches)."""
+        consumer = self.app.consumer
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic not in (self.interactions.get_topic_name(), self.outcomes.get_topic_name()):
+                continue
+            try:
+                position = await consumer.position(tp)
+                highwater = consumer.highwater(tp)
+            except (KafkaError, KeyError, AssertionError) as exc:
+                log.debug("lag of %s unknown: %r", tp, exc)
+                continue
+            if position is not None and highwater is not None:
+                self.metrics.set_lag(tp.topic, tp.partition, max(0, int(highwater) - int(position)))
 
 
-def create_app(settings: StreamsSettings) -> faust.App:
+def _reason(text: str | None) -> str:
+    """The metric reason of a rejection: its first words (``near duplicate of X`` -> near_duplicate)."""
+    text = text or "unknown"
+    for code in ("past the", "exact duplicate", "near duplicate", "correction rejected", "rejects the response",
+                 "not a success", "outcome tenant"):
+        if code in text:
+            return code.replace("past the", "after_horizon")
+    return text
+
+
+def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None) -> faust.App:
     """A Faust app for ``settings``; nothing global, nothing started."""
     app = faust.App(
         settings.app_id,
@@ -191,6 +484,8 @@ def create_app(settings: StreamsSettings) -> faust.App:
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=1,
         topic_disable_leader=True,
+        # Timers and in-memory indexes scan only active partitions' state; standbys would be stale copies.
+        table_standby_replicas=0,
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -200,28 +495,59 @@ def create_app(settings: StreamsSettings) -> faust.App:
         web_host="127.0.0.1",
         autodiscover=False,
     )
-    curation = Curation(app, settings)
+    curation = Curation(app, settings, erasures=erasures)
     app.curation = curation  # for introspection from a worker shell
 
     @app.agent(curation.interactions, name="interactions", supervisor_strategy=CrashingSupervisor)
     async def interactions(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await curation.on_side(INTERACTION, event)
+            await curation.guarded(stages.STAGE_JOIN, event, lambda e: curation.on_side(INTERACTION, e))
 
     @app.agent(curation.outcomes, name="outcomes", supervisor_strategy=CrashingSupervisor)
     async def outcomes(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await curation.on_side(OUTCOME, event)
+            await curation.guarded(stages.STAGE_JOIN, event, lambda e: curation.on_side(OUTCOME, e))
+
+    @app.agent(curation.scored, name="dedupe", supervisor_strategy=CrashingSupervisor)
+    async def deduplicate(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await curation.guarded(stages.STAGE_DEDUPE, event, curation.on_scored)
 
     @app.agent(curation.curated, name="window", supervisor_strategy=CrashingSupervisor)
     async def windows(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await curation.on_curated(event)
+            await curation.guarded(stages.STAGE_WINDOW, event, curation.on_curated)
+
+    @app.agent(curation.ticks, name="ticks", supervisor_strategy=CrashingSupervisor)
+    async def ticks(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await curation.on_tick(event)
+
+    @app.timer(settings.tick_s)
+    async def tick() -> None:
+        """One tick per owned partition of the ticks topic: the tick agent then works in that partition's context."""
+        if curation.erasures is not None:
+            curation.erasures.poll()
+        ticks_topic = curation.ticks.get_topic_name()
+        for tp in app.assignor.assigned_actives():
+            if tp.topic == ticks_topic:
+                await curation.ticks.send(key=b"tick", value=b"", partition=tp.partition)
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web: Any, request: Any) -> Any:
+        await curation.refresh_lag()
+        return web.bytes(curation.metrics.prometheus(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/adaptloop/metrics")
+    async def json_metrics(web: Any, request: Any) -> Any:
+        await curation.refresh_lag()
+        return web.json(curation.metrics.snapshot())
 
     readiness = {"marked": False}
 
     async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
         # Partitions are assigned and tables recovered: the agents consume from here on.
+        curation.on_rebalance()
         if not readiness["marked"]:
             readiness["marked"] = True
             mark_ready()

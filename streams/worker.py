@@ -21,16 +21,23 @@ def main(argv: list[str] | None = None) -> int:
 
     import faust  # here, not at import: `adaptloop --help` must work without faust
 
-    from adaptloop.streams.app import create_app
+    from adaptloop.streams.app import create_app, ensure_internal_topics
+    from adaptloop.streams.erasures import ErasureFeed
 
     settings = StreamsSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
+    ensure_internal_topics(settings)
+    # Every erasure so far is known before the first record is curated; the app's timer follows new ones.
+    erasures = ErasureFeed(settings.kafka, settings.topics)
+    erasures.catch_up()
+    app = create_app(settings, erasures=erasures)
     worker = faust.Worker(app, loglevel=args.loglevel, workdir=str(settings.data_dir), redirect_stdouts=False)
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    finally:
+        erasures.close()
     return 0
 
 

@@ -41,6 +41,8 @@ def worker_env(kafka: KafkaSettings, topics: Topics, tmp_path: Path) -> dict[str
         "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
         "ADAPTLOOP_STREAMS_APP_ID": f"curation-{uuid.uuid4().hex[:8]}",
         "ADAPTLOOP_STREAMS_DATA_DIR": str(tmp_path / "faust"),
+        "ADAPTLOOP_STREAMS_OUTCOME_GRACE_S": "1",
+        "ADAPTLOOP_STREAMS_TICK_S": "0.5",
     }
 
 
