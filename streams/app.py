@@ -234,6 +234,9 @@ class Curation:
                 self.joins[interaction_id] = {"emitted": ERASED_MARK}
             return
         entry = dict(self.joins.get(interaction_id) or {})
+        if entry.get("emitted") == ERASED_MARK:
+            self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
+            return
         if entry.get("emitted") or interaction_id in self._in_flight:
             if side == OUTCOME:
                 self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
@@ -293,7 +296,9 @@ class Curation:
             await self._send(self.scored, tenant_task, value)
             self.joins[interaction_id] = {"emitted": example["kind"]}
             self.metrics.redactions(tenant_task, redactions)
-            if not example["admitted"]:
+            if example["admitted"]:
+                self.metrics.record(stages.STAGE_JOIN, ADMITTED, tenant_task=tenant_task)
+            else:
                 self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
                                     reason=_reason(example["reject_reason"]))
         finally:

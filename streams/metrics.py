@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the web view)
 
 ADMITTED, REJECTED, DEAD_LETTERED, ERASED = "admitted", "rejected", "dead_lettered", "erased"
-UNKNOWN = "-"  # tenant/task label when the record could not be decoded
+UNKNOWN = "-"
+CURATED_STAGE = "dedupe"  # the stage that writes the curated topic  # tenant/task label when the record could not be decoded
 
 _NOISE = re.compile(r"'[^']*'|\"[^\"]*\"|\([^)]*\)|\[[^\]]*\]|\b[-+]?\d[\w.:-]*")
 
@@ -56,7 +57,10 @@ class CurationMetrics:
     def record(self, stage: str, result: str, *, tenant_task: str = UNKNOWN, reason: str = "") -> None:
         code = reason_code(reason) if reason else ""
         self._records.labels(stage, tenant_task, result, code).inc()
-        for bucket in (self.stages[stage], self.tenants[tenant_task]):
+        buckets = [self.stages[stage]]
+        if result != ADMITTED or stage == CURATED_STAGE:  # a tenant's "admitted": examples that reached the curated topic
+            buckets.append(self.tenants[tenant_task])
+        for bucket in buckets:
             if result in (REJECTED, DEAD_LETTERED):
                 bucket[result][code] += 1
             else:

@@ -1,0 +1,206 @@
+"""Curation throughput and latency against a pass-through Faust app, same broker, same run.
+
+    $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench --pairs 2000 --out streams-bench.json
+
+Starts a private Tansu broker (memory storage), then, for each app in turn -- ``passthrough`` (decode
+and re-encode every interaction and outcome, nothing else) and ``curation`` (every stage: decode,
+PII, join, precedence, score, dedupe, window) -- starts 2 workers on fresh topics, waits until both
+are ready, produces ``--pairs`` interactions with their outcomes (human corrections, so no grace
+period is waited for) as fast as the producer goes, and times until the last output record is there.
+
+Prints events/s (interactions + outcomes) for both, their ratio (target >= 0.5), and the p50/p99
+latency from an outcome's arrival (its broker timestamp) to its curated example's (curation only;
+under this full-speed load the latency includes queueing behind the backlog). Writes JSON to --out.
+Timings on a shared 2-core machine are noisy: compare numbers from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from adaptloop.kafka import ensure_topics, read_ranges
+from adaptloop.settings import KafkaSettings, StreamsSettings, Topics
+
+PASSTHROUGH_OUT = "bench.passthrough"
+
+
+def create_passthrough_app(settings: StreamsSettings):
+    """The baseline: decode each input record with our serde and re-encode it to one output topic."""
+    import faust
+
+    from adaptloop.schemas import SerdeContext, serde_for
+    from adaptloop.streams.app import _broker_options, _tansu_options
+
+    app = faust.App(settings.app_id, **_broker_options(settings.kafka), broker_session_timeout=6,
+                    processing_guarantee="at_least_once", producer_acks=-1, **_tansu_options(settings.kafka),
+                    topic_partitions=settings.topics.partitions, topic_replication_factor=1,
+                    topic_disable_leader=True, key_serializer="raw", value_serializer="raw", store="memory://",
+                    datadir=str(settings.data_dir), web_port=settings.web_port, web_bind="127.0.0.1",
+                    web_host="127.0.0.1", autodiscover=False)
+    out = app.topic(settings.topics.prefix + PASSTHROUGH_OUT, key_serializer="raw", value_serializer="raw",
+                    partitions=settings.topics.partitions)
+    from adaptloop.processes import mark_ready
+
+    for stem in ("interaction", "outcome"):
+        serde = serde_for(stem)
+        source = app.topic(settings.topics.name(stem + "s"), key_serializer="raw", value_serializer="raw",
+                           partitions=settings.topics.partitions)
+
+        async def body(stream, serde=serde) -> None:
+            async for event in stream.events():
+                record = serde.deserialize(event.value, SerdeContext(event.message.topic))
+                pending = await out.send(key=event.key, value=serde.serialize(record, SerdeContext(PASSTHROUGH_OUT)))
+                await pending
+
+        app.agent(source, name=f"pass-{stem}")(body)
+
+    async def ready(sender: Any, **kwargs: Any) -> None:
+        mark_ready()
+
+    app.on_rebalance_complete.connect(ready)
+    return app
+
+
+def passthrough_main() -> int:
+    import faust
+
+    settings = StreamsSettings()
+    app = create_passthrough_app(settings)
+    worker = faust.Worker(app, loglevel="warning", workdir=str(settings.data_dir), redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    return 0
+
+
+def _produce(kafka: KafkaSettings, topics: Topics, pairs: int, seed: int) -> float:
+    from adaptloop.kafka import DeliveryTracker
+    from adaptloop.schemas import SerdeContext, serde_for
+    from adaptloop.sdk import build_interaction, build_outcome
+    from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
+
+    system = {"role": "system", "content": BUILTIN_TASKS["order-extract"].system_prompt}
+    iser, oser = serde_for("interaction").serialize, serde_for("outcome").serialize
+    producer = DeliveryTracker(kafka)
+    itopic, otopic = topics.name("interactions"), topics.name("outcomes")
+    started = time.monotonic()
+    for n, case in enumerate(OrderGenerator(seed=seed).cases(pairs)):
+        iid = f"b{n}-{uuid.uuid4().hex[:8]}"
+        producer.send(itopic, iser(build_interaction(
+            interaction_id=iid, tenant="bench", agent="bot", task="order-extract", session_id=iid,
+            messages=[system, {"role": "user", "content": f"{case.sentence} Mail me at user{n}@example.com."}],
+            response="?", base_model="m"), SerdeContext(itopic)), key=iid)
+        producer.send(otopic, oser(build_outcome(iid, tenant="bench", source="HUMAN", success=False,
+                                                 correction=case.answer), SerdeContext(otopic)), key=iid)
+    producer.flush(120)
+    return started
+
+
+def _wait_for(kafka: KafkaSettings, topic: str, count: int, timeout_s: float) -> tuple[float, list]:
+    """Poll the output topic until ``count`` records; return when the last one was seen and the messages."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        messages = list(read_ranges(kafka, topic, idle_s=0.5, timeout_s=timeout_s, first_record_s=1.0))
+        if len(messages) >= count:
+            return time.monotonic(), messages
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{topic}: {len(messages)} of {count} records after {timeout_s}s")
+        time.sleep(0.2)
+
+
+def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: int, timeout_s: float) -> dict[str, Any]:
+    from adaptloop.processes import READY_FILE_ENV, ManagedProcess, adaptloop_command, streams_python
+    from adaptloop.stack import free_port, service_env
+
+    topics = Topics(prefix=f"bench{uuid.uuid4().hex[:6]}.")
+    ensure_topics(kafka, topics)
+    app_id = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
+    processes: list[ManagedProcess] = []
+    try:
+        for n in range(workers):
+            wh = home / f"{kind}{n}"
+            ready = wh / "ready"
+            env = service_env(kafka, topics, wh) | {
+                "ADAPTLOOP_STREAMS_APP_ID": app_id, "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
+                "ADAPTLOOP_STREAMS_DATA_DIR": str(wh / "faust"), "ADAPTLOOP_STREAMS_WINDOW_SIZE": "256",
+                "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": "0", READY_FILE_ENV: str(ready)}
+            argv = ([streams_python(), "-m", "adaptloop.streams.bench", "--passthrough-worker"] if kind == "passthrough"
+                    else adaptloop_command("streams", python=streams_python()))
+            process = ManagedProcess(f"{kind}{n}", argv, wh / "worker.log", env=env).start()
+            processes.append(process)
+            process.wait_ready(ready.exists, 120)
+        time.sleep(8)  # both joined: let the group settle after the second worker's rebalance
+        started = _produce(kafka, topics, pairs, seed=7)
+        out_topic = topics.prefix + PASSTHROUGH_OUT if kind == "passthrough" else topics.name("curated")
+        expected = 2 * pairs if kind == "passthrough" else pairs
+        finished, messages = _wait_for(kafka, out_topic, expected, timeout_s)
+        elapsed = finished - started
+        result: dict[str, Any] = {"kind": kind, "workers": workers, "pairs": pairs, "events": 2 * pairs,
+                                  "seconds": round(elapsed, 2), "events_per_s": round(2 * pairs / elapsed, 1)}
+        if kind == "curation":
+            arrival = {m.key().decode(): m.timestamp()[1]
+                       for m in read_ranges(kafka, topics.name("outcomes"), idle_s=0.5, timeout_s=timeout_s)}
+            from adaptloop.schemas import SerdeContext, serde_for
+
+            decode = serde_for("curated_example").deserialize
+            latencies = []
+            for m in messages:
+                example = decode(m.value(), SerdeContext(out_topic))
+                if example["example_id"] in arrival:
+                    latencies.append(m.timestamp()[1] - arrival[example["example_id"]])
+            latencies.sort()
+            result["latency_ms"] = {"p50": statistics.median(latencies),
+                                    "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+                                    "max": latencies[-1], "n": len(latencies)}
+        return result
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=2000, help="interactions (each with one outcome) per app")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=Path("streams-bench.json"))
+    parser.add_argument("--passthrough-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.passthrough_worker:
+        return passthrough_main()
+
+    from adaptloop.stack import free_port, start_broker
+
+    with tempfile.TemporaryDirectory(prefix="adaptloop-bench-") as tmp:
+        home = Path(tmp)
+        kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
+        broker = start_broker(kafka, home)
+        try:
+            baseline = run_one("passthrough", kafka, home, args.pairs, args.workers, args.timeout)
+            print(f"passthrough: {baseline['events_per_s']} events/s ({baseline['seconds']} s)", flush=True)
+            curation = run_one("curation", kafka, home, args.pairs, args.workers, args.timeout)
+        finally:
+            broker.stop()
+    ratio = curation["events_per_s"] / baseline["events_per_s"]
+    report = {"passthrough": baseline, "curation": curation, "ratio": round(ratio, 3), "target_ratio": 0.5,
+              "note": "2-core shared machine, Tansu memory storage; latency measured under full-speed load"}
+    print(f"curation:    {curation['events_per_s']} events/s ({curation['seconds']} s)")
+    print(f"ratio curation/passthrough: {ratio:.2f} (target >= 0.5)")
+    print(f"outcome arrival -> curated example: p50 {curation['latency_ms']['p50']:.0f} ms, "
+          f"p99 {curation['latency_ms']['p99']:.0f} ms")
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
