@@ -365,7 +365,7 @@ def test_erased_interactions_sessions_and_subjects_are_never_curated(kafka, mtop
 
 def test_metrics_as_prometheus_text_and_json(env, worker):
     text = get_text(port(env), "/metrics")
-    assert 'adaptloop_streams_records_total{stage="window",tenant_task="ta/order-extract",result="admitted",reason=""}' in text
+    assert 'adaptloop_streams_records_total{reason="",result="admitted",stage="window",tenant_task="ta/order-extract"}' in text
     assert "adaptloop_streams_redactions_total" in text and "adaptloop_streams_consumer_lag" in text
     stats = get_json(port(env), "/adaptloop/metrics")
     assert set(stats) == {"stages", "tenants", "consumer_lag"}
