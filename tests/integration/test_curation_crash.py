@@ -17,7 +17,6 @@ import pytest
 
 from adaptloop.sdk import Recorder
 from adaptloop.stack import start_service
-from adaptloop.streams import stages
 from adaptloop.tasks import OrderGenerator
 from curation_helpers import READY_TIMEOUT_S, TASK, dataset_of, get_json, messages, read_all, wait_until, worker_env
 

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -21,6 +20,7 @@ from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.stack import free_port, service_env, start_service
 from adaptloop.streams import stages
 from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
+from curation_helpers import read_all, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,25 +54,6 @@ def worker(worker_env: dict[str, str], tmp_path: Path):
         yield process
     finally:
         process.stop()
-
-
-def read_all(kafka: KafkaSettings, topic: str, stem: str) -> list[tuple[int, int, dict]]:
-    """(partition, offset, record) of everything on ``topic`` now."""
-    deserialize = serde_for(stem).deserialize
-    return [(m.partition(), m.offset(), deserialize(m.value(), SerdeContext(m.topic(), m.partition(), m.offset())))
-            for m in read_ranges(kafka, topic, idle_s=2.0, timeout_s=30)]
-
-
-def wait_until(kafka: KafkaSettings, topic: str, stem: str, done: Callable[[list], bool],
-               timeout_s: float = RESULT_TIMEOUT_S) -> list[tuple[int, int, dict]]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = read_all(kafka, topic, stem)
-        if done(records):
-            return records
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{topic}: condition not met after {timeout_s}s; have {len(records)} records")
-        time.sleep(1.0)
 
 
 def test_worker_curates_joins_dead_letters_and_requests_training(kafka, topics, worker):
