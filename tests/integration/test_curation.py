@@ -142,7 +142,7 @@ def malformed_corpus(topics: Topics) -> list[tuple[str, str, bytes | None, bytes
         ("event time zero", i_topic, b"m11", enc(inter("m11", event_time=0)), "not after 1970"),
         ("unknown tenant", i_topic, b"m12", enc(inter("m12", tenant="mallory")), "unknown tenant 'mallory'"),
         ("unknown task", i_topic, b"m13", enc(inter("m13", task="no-such-task")), "unknown task 'no-such-task'"),
-        ("empty interaction id", i_topic, b"", enc(inter("")), "empty interaction_id"),
+        ("empty interaction id", i_topic, b"", enc(inter("x") | {"interaction_id": ""}), "empty interaction_id"),
         ("no request messages", i_topic, b"m14", enc(inter("m14", messages=[])), "no request messages"),
         ("outcome without a verdict", o_topic, b"m15", out("m15"), "no verdict"),
         ("outcome NaN score", o_topic, b"m16", out("m16", score=math.nan), "not a finite number"),

@@ -75,7 +75,7 @@ def test_kill_at_a_random_point_mid_stream(kafka, topics, tmp_path):
     print(f"crash seed {seed} (re-run with ADAPTLOOP_CRASH_SEED={seed})")
     home = tmp_path / "home"
     env = worker_env(kafka, topics, home, window_size=str(WINDOW), holdout_percent="0", window_max_age_s="3600")
-    cases = OrderGenerator(seed=seed).cases(24)
+    cases = OrderGenerator(seed=123).cases(24)  # fixed content; the seed picks the moment of the kill
     first = start_service("streams", home, env, timeout_s=READY_TIMEOUT_S)
     try:
         ids = send_pairs(kafka, topics, cases, "r")
