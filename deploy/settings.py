@@ -144,6 +144,8 @@ class StreamsSettings(BaseSettings):
     max_future_s: float = Field(300.0, ge=0, description="Event times further ahead of the worker's clock are contract violations.")
     pii_patterns: dict[str, str] = Field(default_factory=dict, description="Extra PII rules as JSON {name: regex}; they fire "
                                          "as custom:NAME and count as identifiers of people (erasure keys).")
+    tasks: dict[str, dict] = Field(default_factory=dict, description="Tasks beside the built-in ones, as JSON {name: "
+                                   "{validator: json_schema|regex|exact|<registered name>, ...}} (adaptloop.streams.validators).")
     phone_region: str = Field("US", description="Region for phone numbers written without a country code.")
     crash_point: Literal["", "request_pending", "request_sent"] = Field(
         "", description="Crash drills and tests only: the worker SIGKILLs itself the first time it reaches this point "

@@ -57,6 +57,7 @@ from adaptloop.streams.erasures import ErasureFeed
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
+from adaptloop.streams.validators import task_specs
 from adaptloop.tasks import task_spec
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class Curation:
         names = settings.topics
         layout = names.layout()
         registry = settings.kafka.schema_registry_url
-        contract = stages.Contract(max_record_bytes=settings.max_record_bytes, tenants=frozenset(settings.tenants),
+        contract = stages.Contract(tasks=task_specs(settings.tasks), max_record_bytes=settings.max_record_bytes,
+                                   tenants=frozenset(settings.tenants),
                                    max_future_ms=int(settings.max_future_s * 1000))
 
         def topic(which: str) -> faust.TopicT:

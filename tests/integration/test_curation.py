@@ -32,7 +32,10 @@ from curation_helpers import (READY_TIMEOUT_S, TASK, dataset_of, get_json, get_t
 
 pytestmark = pytest.mark.integration
 
-TENANTS = ["acme", "pii", "dup", "ta", "tb", "er", "dlq"]
+TENANTS = ["acme", "pii", "dup", "ta", "tb", "er", "dlq", "val"]
+TASKS = {"intent": {"validator": "regex", "pattern": "(refund|cancel|other)"},
+         "ticket": {"validator": "json_schema", "schema": {"type": "object", "required": ["id"],
+                                                            "properties": {"id": {"type": "integer"}}}}}
 WINDOW_SIZE, MAX_AGE_S, MIN_EXAMPLES, HOLDOUT = 3, 4, 2, 30
 MAX_BYTES = 20_000
 
@@ -50,7 +53,7 @@ def env(kafka, mtopics, tmp_path_factory):
     return home, worker_env(kafka, mtopics, home, tenants=TENANTS, window_size=str(WINDOW_SIZE),
                             window_max_age_s=str(MAX_AGE_S), window_min_examples=str(MIN_EXAMPLES),
                             holdout_percent=str(HOLDOUT), max_record_bytes=str(MAX_BYTES),
-                            pii_patterns={"employee": r"\bEMP-\d{6}\b"})
+                            pii_patterns={"employee": r"\bEMP-\d{6}\b"}, tasks=TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +364,26 @@ def test_erased_interactions_sessions_and_subjects_are_never_curated(kafka, mtop
     stats = get_json(port(env), "/adaptloop/metrics")
     assert stats["tenants"]["er/order-extract"]["erased"] >= 3
     assert not stats["tenants"]["er/order-extract"]["dead_lettered"]  # erased is not dead-lettered
+
+
+def test_validators_configured_per_task(kafka, mtopics, worker):
+    cases = [("intent", "refund", True, None), ("intent", "I want a refund", False, "does not match"),
+             ("ticket", '{"id": 3}', True, None), ("ticket", '{"id": "x"}', False, "schema: 'x' is not of type 'integer'")]
+    ids = []
+    with Recorder(kafka, mtopics) as rec:
+        for n, (task, response, _, _) in enumerate(cases):
+            iid = f"val-{n}-{uuid.uuid4().hex[:6]}"
+            ids.append(iid)
+            rec.interaction(interaction_id=iid, tenant="val", agent="bot", task=task, session_id=iid,
+                            messages=[{"role": "user", "content": f"case {n}"}], response=response)
+            rec.outcome(iid, tenant="val", source="VALIDATOR", success=True)
+    got = curated_by_id(kafka, mtopics, ids)
+    for iid, (task, _, ok, reason) in zip(ids, cases):
+        example = got[iid]
+        assert (example["task"], example["admitted"]) == (task, ok), example["reject_reason"]
+        assert example["scorer"] == f"{TASKS[task]['validator']}:{task}@1"
+        if reason:
+            assert reason in example["reject_reason"], example["reject_reason"]
 
 
 def test_metrics_as_prometheus_text_and_json(env, worker):
