@@ -73,6 +73,7 @@ def passthrough_main() -> int:
     import faust
 
     settings = StreamsSettings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust exits 1, silently, without its workdir
     app = create_passthrough_app(settings)
     worker = faust.Worker(app, loglevel="warning", workdir=str(settings.data_dir), redirect_stdouts=False)
     try:
