@@ -137,7 +137,8 @@ class StreamsSettings(BaseSettings):
                                      "(event time) are rejected with the reason.")
     outcome_grace_s: float = Field(60.0, ge=0, description="After the first outcome joins, wait this long (wall clock) for a "
                                    "stronger one before curating; a human correction is curated at once.")
-    tick_s: float = Field(1.0, gt=0, description="How often grace periods and age-triggered windows are checked.")
+    tick_s: float = Field(5.0, gt=0, description="How often grace periods and age-triggered windows are checked (one tick "
+                          "record per partition on the {app_id}-ticks topic each time).")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity (MinHash of word "
                                             "3-shingles) at which an example is a near duplicate of an earlier one.")
     tenants: list[str] = Field(default_factory=list, description="Tenants accepted on the input topics (JSON list); empty: any.")
