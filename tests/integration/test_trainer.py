@@ -178,6 +178,18 @@ def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_t
     # Another request naming the same records gets the same snapshot.
     again = service.snapshot(request | {"request_id": "req-again"}, service.erasures())
     assert again.digest == lineage["dataset_digest"] and again.uri == lineage["dataset_uri"]
+    # After `forget` erases one of its examples, the retraining request's snapshot leaves it out.
+    from adaptloop.erasure import build_erasure
+
+    erased_id = lineage["train_example_ids"][5]
+    erasure = build_erasure(tenant=tenant, scope="INTERACTION", key=erased_id, reason="test")
+    erasures_topic = topics.name("erasures")
+    DeliveryTracker(kafka).send_sync(erasures_topic, serde_for("erasure").serialize(erasure, SerdeContext(erasures_topic)),
+                                     key=erased_id)
+    forgotten = service.snapshot(request | {"request_id": "req-after-forget"}, service.erasures())
+    assert forgotten.digest != lineage["dataset_digest"] and erased_id not in forgotten.train_ids
+    assert len(forgotten.train) == 63
+    assert forgotten.manifest["erasures"] == {"excluded": 1, "erasure_ids": [erasure["erasure_id"]]}
 
     # A worse candidate: 8 examples whose answers belong to other sentences; the incumbent is now the adapter.
     wrong = OrderGenerator(seed=12).cases(8 + 12)
