@@ -54,6 +54,15 @@ def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+def task_system_prompt(system_prompt: str, task: str) -> str:
+    """The explicit system prompt, else the built-in task's (empty when neither is given)."""
+    if system_prompt or not task:
+        return system_prompt
+    from adaptloop.tasks import task_spec
+
+    return task_spec(task).system_prompt
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -222,3 +231,43 @@ def read_yaml_config(cls, path: str | None, overrides: Sequence[str]):
         key, _, raw = item.partition("=")
         values[key] = yaml.safe_load(raw)
     return cls.from_mapping(values)
+
+
+def config_from_mapping(cls, values: Mapping[str, Any]):
+    """``cls(**values)``, refusing unknown keys with the known ones listed (a typo must not pass silently)."""
+    import dataclasses
+
+    from adaptloop.errors import ConfigError
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def public_config(cfg) -> dict[str, Any]:
+    """A recipe config without its examples: what lineage records (``config_json``)."""
+    import dataclasses
+
+    values = dataclasses.asdict(cfg)
+    values.pop("examples", None)
+    return values
+
+
+def recipe_cli(doc: str, config_class, main: Callable, argv: Sequence[str] | None) -> int:
+    """``python -m adaptloop.trainers.<recipe> --config X.yaml --set key=value``: train and print the summary."""
+    import argparse
+    import dataclasses
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", help=f"YAML file of {config_class.__name__} fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one field (YAML value).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = read_yaml_config(config_class, args.config, args.set)
+    result = main(cfg, progress=lambda m: log.info("step %s/%s loss=%s tokens/s=%.0f", m["step"], m["max_steps"],
+                                                   m.get("loss", "-"), m.get("tokens_per_s", 0.0)))
+    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "loss_curve"}, indent=2))
+    return 0

@@ -15,9 +15,6 @@ Like every recipe it knows nothing of Kafka or Ray (see ``adaptloop.trainers.ray
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
                                        common_args, count_tokens, load_base, lora_config, progress_callback,
-                                       read_yaml_config, resolve_model_path, seed_everything, train_and_save)
+                                       recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
+                                       config_from_mapping, public_config)
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +64,7 @@ class DPORecipeConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "DPORecipeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown DPO recipe keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
     def validate(self) -> None:
         if not 1 <= self.lora_rank <= MAX_LORA_RANK:
@@ -79,9 +73,8 @@ class DPORecipeConfig:
             raise ConfigError("DPO needs epochs > 0, batch_size >= 1, max_length >= 16 and sft_weight >= 0")
 
     def public(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values.pop("examples")
-        return values
+        """The config without the examples: what lineage records (``config_json``)."""
+        return public_config(self)
 
 
 def to_pair(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
@@ -113,11 +106,7 @@ def main(cfg: DPORecipeConfig, callbacks: Sequence[Any] = (),
         raise TrainingError(f"{same} DPO pairs have chosen == rejected: nothing to prefer")
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
-    system_prompt = cfg.system_prompt
-    if not system_prompt and cfg.task:
-        from adaptloop.tasks import task_spec
-
-        system_prompt = task_spec(cfg.task).system_prompt
+    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
     rows = [to_pair(e, system_prompt) for e in examples]
     # Chosen and rejected, each through the policy and the reference (the adapter disabled).
     tokens_per_epoch = 2 * count_tokens(tokenizer, [r["prompt"] + r["chosen"] for r in rows]
@@ -139,15 +128,7 @@ def main(cfg: DPORecipeConfig, callbacks: Sequence[Any] = (),
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of DPORecipeConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one field (YAML value).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = read_yaml_config(DPORecipeConfig, args.config, args.set)
-    result = main(cfg, progress=lambda m: log.info("step %s/%s loss=%s", m["step"], m["max_steps"], m.get("loss", "-")))
-    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "loss_curve"}, indent=2))
-    return 0
+    return recipe_cli(__doc__, DPORecipeConfig, main, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ Like every recipe it knows nothing of Kafka or Ray (see ``adaptloop.trainers.ray
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
                                        common_args, count_tokens, load_base, lora_config, progress_callback,
-                                       read_yaml_config, resolve_model_path, seed_everything, train_and_save)
+                                       recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
+                                       config_from_mapping, public_config)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +65,7 @@ class KTORecipeConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "KTORecipeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown KTO recipe keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
     def validate(self) -> None:
         if not 1 <= self.lora_rank <= MAX_LORA_RANK:
@@ -80,9 +74,8 @@ class KTORecipeConfig:
             raise ConfigError("KTO needs epochs > 0, batch_size >= 2 (its KL estimate) and max_length >= 16")
 
     def public(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values.pop("examples")
-        return values
+        """The config without the examples: what lineage records (``config_json``)."""
+        return public_config(self)
 
 
 def class_weights(desirable: int, undesirable: int) -> tuple[float, float]:
@@ -133,11 +126,7 @@ def main(cfg: KTORecipeConfig, callbacks: Sequence[Any] = (),
         weights = (cfg.desirable_weight, cfg.undesirable_weight)
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
-    system_prompt = cfg.system_prompt
-    if not system_prompt and cfg.task:
-        from adaptloop.tasks import task_spec
-
-        system_prompt = task_spec(cfg.task).system_prompt
+    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
     rows = [to_unpaired(e, system_prompt) for e in examples]
     # KTO runs each row and a mismatched (KL) row through the policy and the reference: ~4 passes.
     tokens_per_epoch = 4 * count_tokens(tokenizer, [r["prompt"] + r["completion"] for r in rows], cfg.max_length)
@@ -158,15 +147,7 @@ def main(cfg: KTORecipeConfig, callbacks: Sequence[Any] = (),
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of KTORecipeConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one field (YAML value).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = read_yaml_config(KTORecipeConfig, args.config, args.set)
-    result = main(cfg, progress=lambda m: log.info("step %s/%s loss=%s", m["step"], m["max_steps"], m.get("loss", "-")))
-    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "loss_curve"}, indent=2))
-    return 0
+    return recipe_cli(__doc__, KTORecipeConfig, main, argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ Ray runs ``main(cfg)`` inside a worker (see ``adaptloop.trainers.ray_job``).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -27,7 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
                                        common_args, count_tokens, load_base, lora_config, progress_callback,
-                                       read_yaml_config, resolve_model_path, seed_everything, train_and_save)
+                                       read_yaml_config, recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
+                                       config_from_mapping, public_config)
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,7 @@ class SFTRecipeConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "SFTRecipeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown SFT recipe keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
     def validate(self) -> None:
         if not 1 <= self.lora_rank <= MAX_LORA_RANK:
@@ -86,17 +81,11 @@ class SFTRecipeConfig:
             raise ConfigError("epochs, batch_size and max_length must be positive (max_length >= 16)")
 
     def resolved_system_prompt(self) -> str:
-        if self.system_prompt or not self.task:
-            return self.system_prompt
-        from adaptloop.tasks import task_spec
-
-        return task_spec(self.task).system_prompt
+        return task_system_prompt(self.system_prompt, self.task)
 
     def public(self) -> dict[str, Any]:
         """The config without the examples: what lineage records (``config_json``)."""
-        values = dataclasses.asdict(self)
-        values.pop("examples")
-        return values
+        return public_config(self)
 
 
 def to_prompt_completion(example: Mapping[str, Any], system_prompt: str) -> dict[str, list[dict[str, str]]]:
@@ -159,16 +148,7 @@ def read_config(path: str | None, overrides: Sequence[str]) -> SFTRecipeConfig:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of SFTRecipeConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one field (YAML value).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = read_config(args.config, args.set)
-    result = main(cfg, progress=lambda m: log.info("step %s/%s loss=%s", m["step"], m["max_steps"], m.get("loss", "-")))
-    summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "loss_curve"}
-    print(json.dumps(summary, indent=2))
-    return 0
+    return recipe_cli(__doc__, SFTRecipeConfig, main, argv)
 
 
 if __name__ == "__main__":

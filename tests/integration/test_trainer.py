@@ -20,7 +20,7 @@ from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.kafka import DeliveryTracker, consumer_config, ensure_topics, producer_config, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
-from adaptloop.tasks import BUILTIN_TASKS, ORDER_SYSTEM_PROMPT, OrderGenerator, TaskSpec, Verdict, register_validator, task_spec
+from adaptloop.tasks import BUILTIN_TASKS, ORDER_SYSTEM_PROMPT, OrderGenerator, TaskSpec, Verdict, register_validator
 
 pytestmark = pytest.mark.integration
 
