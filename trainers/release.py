@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
-from adaptloop.errors import TrainingError
+from adaptloop.errors import ReleaseCheckError
 
-
-class ReleaseCheckError(TrainingError):
-    """An adapter (or the plan for one) breaks a rule of the serving engine."""
-
-    def __init__(self, violations: Sequence[str]) -> None:
-        super().__init__("adapter breaks vLLM's rules: " + "; ".join(violations))
-        self.violations = list(violations)
+__all__ = ["ReleaseCheckError", "base_module_names", "check_adapter", "check_plan", "lora_violations"]
 
 
 def base_module_names(base_dir: Path | str) -> set[str]:
