@@ -138,8 +138,8 @@ def service(settings):
 
 def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_topics, settings, service):
     topics, tenant = module_topics, "acme"
-    cases = OrderGenerator(seed=11).cases(64 + 24)
-    records = [curated(c, "TRAIN" if i < 64 else "HOLDOUT", tenant=tenant) for i, c in enumerate(cases)]
+    cases = OrderGenerator(seed=11).cases(48 + 16)
+    records = [curated(c, "TRAIN" if i < 48 else "HOLDOUT", tenant=tenant) for i, c in enumerate(cases)]
     # Noise the snapshot must drop: another tenant, a contract-problem FAILURE; and an earlier record of an
     # example that curation re-emitted (the later record wins).
     records.append(curated(cases[0], "TRAIN", tenant="other"))
@@ -153,7 +153,7 @@ def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_t
     print(f"\n[sft] {summary(release)}; request handled in {time.monotonic() - started:.0f}s")
     assert release["state"] == "RELEASED", release["reason"]
     evaluation = release["evaluation"]
-    assert release["method"] == "sft" and evaluation["incumbent"] == "base" and evaluation["holdout_count"] == 24
+    assert release["method"] == "sft" and evaluation["incumbent"] == "base" and evaluation["holdout_count"] == 16
     assert evaluation["candidate_score"] > evaluation["incumbent_score"]
     assert evaluation["ci_low"] <= evaluation["candidate_score"] <= evaluation["ci_high"]
     verify_digest(release["artifact_uri"], release["digest"])
@@ -162,12 +162,12 @@ def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_t
     assert release["base_model_digest"] == base_model_digest(service.base_model)
     lineage = release["lineage"]
     assert lineage["request_id"] == request["request_id"] and lineage["examples"] == request["examples"]
-    assert len(lineage["train_example_ids"]) == 64 and lineage["parent_version"] is None
+    assert len(lineage["train_example_ids"]) == 48 and lineage["parent_version"] is None
     manifest = json.loads((Path(lineage["dataset_uri"]) / "manifest.json").read_text())
-    assert manifest["digest"] == lineage["dataset_digest"] and manifest["counts"]["train"] == {"SUCCESS": 64}
+    assert manifest["digest"] == lineage["dataset_digest"] and manifest["counts"]["train"] == {"SUCCESS": 48}
     assert manifest["dropped"]["superseded"] == 1 and manifest["dropped"]["no_signal"] == 1
     training = json.loads(release["training_json"])
-    assert training["steps"] == 16 and len(training["loss_curve"]) >= 4 and training["tokens_per_s"] > 0
+    assert training["steps"] == 12 and len(training["loss_curve"]) >= 4 and training["tokens_per_s"] > 0
     assert json.loads(release["evidence_json"])["beats_incumbent"] is True
 
     # A replay (a crash before the commit) trains nothing, publishes nothing, and answers the same release.
@@ -188,7 +188,7 @@ def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_t
                                      key=erased_id)
     forgotten = service.snapshot(request | {"request_id": "req-after-forget"}, service.erasures())
     assert forgotten.digest != lineage["dataset_digest"] and erased_id not in forgotten.train_ids
-    assert len(forgotten.train) == 63
+    assert len(forgotten.train) == 47
     assert forgotten.manifest["erasures"] == {"excluded": 1, "erasure_ids": [erasure["erasure_id"]]}
 
     # A worse candidate: 8 examples whose answers belong to other sentences; the incumbent is now the adapter.
@@ -235,12 +235,12 @@ def test_kto_from_verdicts_only(kafka, module_topics, settings, service):
 
 def test_dpo_from_correction_pairs(kafka, module_topics, settings, service):
     tenant = "dpo-co"
-    cases = OrderGenerator(seed=31).cases(32 + 12)
-    records = [curated(c, "TRAIN", tenant=tenant, kind="CORRECTION", rejected=prose(c)) for c in cases[:32]]
-    records += [curated(c, "HOLDOUT", tenant=tenant) for c in cases[32:]]
+    cases = OrderGenerator(seed=31).cases(24 + 12)
+    records = [curated(c, "TRAIN", tenant=tenant, kind="CORRECTION", rejected=prose(c)) for c in cases[:24]]
+    records += [curated(c, "HOLDOUT", tenant=tenant) for c in cases[24:]]
     release = service.process(training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records)))
     print(f"\n[dpo] {summary(release)}")
-    assert release["method"] == "dpo" and json.loads(release["training_json"])["signal"]["pairs"] == 32
+    assert release["method"] == "dpo" and json.loads(release["training_json"])["signal"]["pairs"] == 24
     assert release["state"] == "RELEASED", release["reason"]
     assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
 
@@ -252,8 +252,8 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_
     from adaptloop.stack import service_env
 
     tenant = "resume-co"
-    cases = OrderGenerator(seed=41).cases(32 + 8)
-    records = [curated(c, "TRAIN" if i < 32 else "HOLDOUT", tenant=tenant) for i, c in enumerate(cases)]
+    cases = OrderGenerator(seed=41).cases(24 + 8)
+    records = [curated(c, "TRAIN" if i < 24 else "HOLDOUT", tenant=tenant) for i, c in enumerate(cases)]
     request = training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records))
     requests_topic = module_topics.name("training_requests")
     DeliveryTracker(kafka).send_sync(requests_topic, serde_for("training_request").serialize(request, SerdeContext(requests_topic)),
@@ -292,7 +292,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_
     release = published[0]
     training = json.loads(release["training_json"])
     print(f"[resume] {summary(release)}; resumed from step {training['resumed_from_step']}")
-    assert training["resumed_from_step"] >= min(killed_at) and training["steps"] == 8
+    assert training["resumed_from_step"] >= min(killed_at) and training["steps"] == 6
     assert "resuming from" in log
     assert release["state"] in ("RELEASED", "REJECTED") and release["artifact_uri"]
 
