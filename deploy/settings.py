@@ -158,6 +158,8 @@ class TrainerSettings(BaseSettings):
     # -- issue 4: snapshots, methods, resumable jobs, the gate's regression suite, release checks --
     dataset_store: str = Field("", description="fsspec URL of the dataset snapshot store (s3://bucket/prefix ...); "
                                "empty means <artifact_dir> on the local disk.")
+    method: Literal["auto", "sft", "kto", "dpo"] = Field("auto", description="auto: the method follows the signal "
+                                                        "(trainers/snapshot.py choose_method); else force one recipe.")
     min_train_examples: int = Field(8, ge=1, description="Fewer usable TRAIN examples: REJECTED without training.")
     checkpoint_steps: int = Field(4, ge=0, description="Checkpoint every N optimizer steps (a killed job resumes); 0: never.")
     max_lora_rank: int = Field(16, description="vLLM's --max-lora-rank (ServeSettings.max_lora_rank): a bigger rank is refused.")

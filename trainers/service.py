@@ -161,7 +161,7 @@ class TrainerService:
             snapshot = self.snapshot(request, erasures)
         except ContractViolation as exc:
             return self.reject(request, str(exc), None)
-        plan = choose_method(snapshot.train)
+        plan = choose_method(snapshot.train, self.settings.method)
         log.info("request %s: %s/%s snapshot %s at %s: %d train, %d holdout, %s; method %s (%s)", short, tenant, task,
                  snapshot.digest[:19], snapshot.uri, len(snapshot.train), len(snapshot.holdout),
                  snapshot.manifest["counts"], plan.method, plan.reason)

@@ -240,7 +240,7 @@ def _prompt(row: Mapping[str, Any]) -> list[dict]:
     return row["prompt_messages"]
 
 
-def choose_method(train: Sequence[Mapping[str, Any]]) -> Plan:
+def choose_method(train: Sequence[Mapping[str, Any]], method: str = "auto") -> Plan:
     """The method follows the signal:
 
     * only desirable answers, none a pair -> ``sft`` (successes and corrections);
@@ -250,15 +250,18 @@ def choose_method(train: Sequence[Mapping[str, Any]]) -> Plan:
       desirable, every failed answer and every corrected original undesirable (KTO takes unpaired
       evidence, so no example is thrown away);
     * only undesirable -> ``kto`` with one class, which the recipe refuses (single-class KTO data).
+
+    ``method`` other than ``auto`` (TrainerSettings.method) forces one recipe on whatever fits it.
     """
     desirable = [r for r in train if r["signal"] == DESIRABLE]
     undesirable = [r for r in train if r["signal"] == UNDESIRABLE]
     pairs = [r for r in desirable if is_pair(r)]
     counts = {"desirable": len(desirable), "undesirable": len(undesirable), "pairs": len(pairs)}
-    if desirable and not undesirable and not pairs:
+    if method == "sft" or (method == "auto" and desirable and not undesirable and not pairs):
         return Plan("sft", [{"prompt_messages": _prompt(r), "completion": r["completion"]} for r in desirable],
-                    f"{len(desirable)} right answers (successes and corrections), no pairs, no failures", counts)
-    if pairs and len(pairs) == len(desirable) and not undesirable:
+                    f"{len(desirable)} right answers (successes and corrections)"
+                    + (" (method forced)" if method == "sft" else ", no pairs, no failures"), counts)
+    if method == "dpo" or (method == "auto" and pairs and len(pairs) == len(desirable) and not undesirable):
         return Plan("dpo", [{"prompt_messages": _prompt(r), "chosen": r["completion"], "rejected": r["rejected"]}
                             for r in pairs], f"{len(pairs)} corrections paired with the rejected original", counts)
     kto = [{"prompt_messages": _prompt(r), "completion": r["completion"], "label": True} for r in desirable]

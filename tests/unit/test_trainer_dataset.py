@@ -95,6 +95,10 @@ def test_the_method_follows_the_signal():
     mix = choose_method(rows(successes + pairs + failures))
     assert mix.method == "kto" and mix.counts["mixture"] == 1
     assert [e["label"] for e in mix.examples].count(False) == 2 + 3  # failures + corrected originals
+    forced = choose_method(rows(successes + pairs + failures), "sft")
+    assert forced.method == "sft" and len(forced.examples) == 7  # every right answer, failures unused
+    assert choose_method(rows(successes + pairs), "dpo").method == "dpo"
+    assert len(choose_method(rows(successes + pairs), "dpo").examples) == 3
     only_bad = choose_method(rows(failures))
     assert only_bad.method == "kto" and not any(e["label"] for e in only_bad.examples)
 
