@@ -48,3 +48,25 @@ def lora_int_id(version: str) -> int:
 def alias(tenant: str, task: str) -> str:
     """What clients ask the gateway for: ``tenant/task``."""
     return f"{tenant}/{task}"
+
+
+#: Files whose names and sizes identify a base model's weights (reading 0.5-100 GB of weights would be slow).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def base_model_digest(folder: Path | str) -> str:
+    """``sha256:<hex>`` fingerprint of a base model folder: ``config.json``'s bytes plus the name and
+    size of every weight file (not their bytes: cheap on a multi-GB model, and a different checkpoint
+    of the same architecture changes the sizes or the names only rarely, the config almost always).
+
+    The trainer records it in each release (``base_model_digest``); the serving sidecar computes the
+    same over the folder it serves and refuses an adapter whose base differs.
+    """
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ArtifactError(f"base model folder {folder} has no config.json")
+    digest = hashlib.sha256(b"config.json\0" + config.read_bytes() + b"\0")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+    return "sha256:" + digest.hexdigest()

@@ -11,6 +11,7 @@
     │   └── DeliveryError      a produced record was not acknowledged
     ├── StackError             a local process could not be started, or did not become ready in time
     ├── TrainingError          a training request could not be turned into an adapter
+    │   └── ReleaseCheckError  an adapter (or the plan for one) breaks a rule of vLLM's LoRA loading
     ├── ArtifactError          an adapter artifact is missing or its digest does not match
     └── ServingError           vLLM refused an adapter, or no replica can serve an alias
 """
@@ -69,6 +70,14 @@ class StackError(AdaptloopError):
 
 class TrainingError(AdaptloopError):
     """A training request could not be turned into an adapter."""
+
+
+class ReleaseCheckError(TrainingError):
+    """An adapter (or the plan for one) breaks a rule of vLLM's LoRA loading (rank, modules_to_save, DoRA, targets)."""
+
+    def __init__(self, violations: list[str]) -> None:
+        super().__init__("adapter breaks vLLM's rules: " + "; ".join(violations))
+        self.violations = list(violations)
 
 
 class ArtifactError(AdaptloopError):

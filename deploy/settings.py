@@ -176,6 +176,25 @@ class TrainerSettings(BaseSettings):
     seed: int = 1234
     gate_margin: float = Field(0.05, description="A candidate must beat the incumbent's holdout success by this much.")
     max_new_tokens: int = 96
+    # -- issue 4: snapshots, methods, resumable jobs, the gate's regression suite, release checks --
+    dataset_store: str = Field("", description="fsspec URL of the dataset snapshot store (s3://bucket/prefix ...); "
+                               "empty means <artifact_dir> on the local disk.")
+    method: Literal["auto", "sft", "kto", "dpo"] = Field("auto", description="auto: the method follows the signal "
+                                                        "(trainers/snapshot.py choose_method); else force one recipe.")
+    min_train_examples: int = Field(8, ge=1, description="Fewer usable TRAIN examples: REJECTED without training.")
+    checkpoint_steps: int = Field(4, ge=0, description="Checkpoint every N optimizer steps (a killed job resumes); 0: never.")
+    max_lora_rank: int = Field(16, description="vLLM's --max-lora-rank (ServeSettings.max_lora_rank): a bigger rank is refused.")
+    target_modules: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                            description="Base-model modules that get a LoRA pair; each must exist in the base.")
+    regression_tolerance: float = Field(0.05, ge=0, description="A candidate may score this much below an earlier "
+                                         "release on that release's holdout; lower is a regression.")
+    regression_scope: Literal["tenant", "task"] = Field("tenant", description="Holdouts of earlier releases of any "
+                                                        "task of the tenant (no forgetting), or of this task only.")
+    regression_max_suites: int = Field(4, ge=0, description="Newest earlier live releases whose holdouts form the suite.")
+    use_gpu: bool = Field(False, description="Ray Train workers ask for a GPU (ScalingConfig.use_gpu).")
+
+    def store_url(self) -> str:
+        return self.dataset_store or str(Path(self.artifact_dir).resolve())
 
 
 class ServeSettings(BaseSettings):

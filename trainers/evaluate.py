@@ -37,6 +37,7 @@ class Incumbent:
     version: str = BASE
     artifact_uri: str | None = None
     digest: str | None = None
+    base_model_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class EvalResult:
     passed: int
     seconds: float
     failures: list[dict] = field(default_factory=list)
+    mean_score: float = 0.0  # the validator's partial credit (e.g. share of right fields), a registered metric
 
 
 def _load(model_path: str | Path, adapter_dir: str | Path | None):
@@ -103,14 +105,16 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
     prompts = [chat_prompt(e["prompt_messages"], spec.system_prompt) for e in holdout]
     responses = generate(model_path, prompts, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, threads=threads)
-    passed, failures = 0, []
+    passed, failures, partial = 0, [], 0.0
     for example, response in zip(holdout, responses):
         verdict = spec.judge(response, reference=example["completion"])
+        partial += verdict.score
         if verdict.ok:
             passed += 1
         elif len(failures) < 5:
             failures.append({"response": response[:200], "reason": verdict.reason})
-    result = EvalResult(name, passed / len(holdout), len(holdout), passed, time.monotonic() - started, failures)
+    result = EvalResult(name, passed / len(holdout), len(holdout), passed, time.monotonic() - started, failures,
+                        partial / len(holdout))
     log.info("evaluated %s: %d/%d = %.3f in %.1fs", name, passed, len(holdout), result.score, result.seconds)
     return result
 
@@ -131,7 +135,16 @@ def newest_live_adapter(releases: Sequence[Mapping[str, Any]], tenant: str, task
     # Newest by the position of each version's latest record: a later RELEASED candidate (it passed
     # the gate against the one before it) is the bar, and so is an older version promoted later.
     _, record = max(live, key=lambda item: item[0])
-    return Incumbent(record["version"], record["artifact_uri"], record.get("digest"))
+    return Incumbent(record["version"], record["artifact_uri"], record.get("digest"), record.get("base_model_digest"))
+
+
+def live_releases(releases: Sequence[Mapping[str, Any]], tenant: str) -> list[Mapping[str, Any]]:
+    """The newest record of every version of ``tenant`` that is RELEASED or PROMOTED, oldest first."""
+    latest: dict[str, tuple[int, Mapping[str, Any]]] = {}
+    for position, record in enumerate(releases):
+        if record["tenant"] == tenant:
+            latest[record["version"]] = (position, record)
+    return [r for _, r in sorted(latest.values(), key=lambda item: item[0]) if r["state"] in LIVE_STATES]
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -3,19 +3,23 @@
 For each record of the training-requests topic:
 
 1. decode it (an undecodable record goes to the dead-letter topic with its reason and is committed);
-2. skip it if a release whose ``lineage.request_id`` is this request's id already exists (replays);
-3. materialise the dataset: exactly the curated records named by the request's offset ranges,
-   this tenant/task, admitted, deduplicated by ``example_id``, split TRAIN/HOLDOUT by the record;
-   its digest is the sha256 of the canonical JSON of the sorted examples, and a snapshot is kept
-   at ``<artifact_dir>/<request_id>/dataset.json``;
-4. train a LoRA adapter with the SFT recipe in a Ray Train job (``adaptloop.trainers.ray_job``);
-5. evaluate candidate and incumbent on the holdout examples and gate: RELEASED iff
-   ``candidate >= incumbent + gate_margin``, else REJECTED;
-6. publish the AdapterRelease keyed by its version, wait for the broker's acknowledgement, and
+2. if a release whose ``lineage.request_id`` is this request's id exists, return it (a replay trains nothing);
+3. snapshot the dataset (``adaptloop.trainers.snapshot``): exactly the curated records named by the
+   request's offset ranges, the last record per example, this tenant/task, erasures excluded,
+   written once, content-addressed, to the dataset store;
+4. pick the method from the signal (SFT / KTO / DPO / a KTO mixture) and check the plan against
+   vLLM's rules (``adaptloop.trainers.release``);
+5. train a LoRA adapter in a Ray Train job (``adaptloop.trainers.ray_job``), resuming from the
+   request's newest checkpoint if a previous attempt was killed;
+6. check the adapter folder against vLLM's rules, evaluate candidate and incumbent on the holdout
+   and the candidate on the regression suite (holdouts of the tenant's earlier live releases), and
+   gate (``adaptloop.trainers.gate``): RELEASED or REJECTED, with the evidence;
+7. publish the AdapterRelease keyed by its version, wait for the broker's acknowledgement, and
    only then commit the request's offset (at-least-once; step 2 makes the replay harmless).
 
-A request that cannot give an adapter (no examples, no holdout, unknown task) yields a REJECTED
-release with the reason, so the decision is on record and the request is not retried forever.
+A request that cannot give an adapter (no examples, too few, single-class KTO data, no holdout,
+unknown task, a missing base model, a plan or an adapter vLLM would refuse) yields a REJECTED
+release with the reason, so the decision is on record and the service goes on with the next.
 
     HF_HUB_OFFLINE=1 adaptloop trainer               # settings from ADAPTLOOP_TRAINER_* variables
     HF_HUB_OFFLINE=1 adaptloop trainer --max-requests 1
@@ -25,31 +29,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from confluent_kafka import Consumer, Message
 
-from adaptloop.errors import AdaptloopError, ConfigError, DeserializationError, TrainingError
+from adaptloop.errors import AdaptloopError, ArtifactError, ConfigError, DeserializationError, TrainingError
 from adaptloop.kafka import DeliveryTracker, Range, consumer_config, read_ranges
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import TaskSpec, task_spec
+from adaptloop.trainers.snapshot import Plan, Snapshot, build_snapshot, canonical_json, choose_method, write_snapshot
 
 log = logging.getLogger("adaptloop.trainer")
 
-METHOD = "sft"
 STAGE = "trainer"
-#: Fewer admitted TRAIN examples than this: the request is rejected without training.
-MIN_TRAIN_EXAMPLES = 8
+DECIDED_BY = "gate"
 #: A training job can take many minutes between polls; librdkafka's default (5 min) would evict us.
 MAX_POLL_INTERVAL_MS = 2 * 60 * 60 * 1000
 
@@ -67,56 +67,17 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """One immutable dataset snapshot: what a request named, after filtering and deduplication."""
-
-    train: list[dict]
-    holdout: list[dict]
-    digest: str
-    records_read: int
-    dropped: dict[str, int]
-
-    @property
-    def train_ids(self) -> list[str]:
-        return [e["example_id"] for e in self.train]
-
-
-def _example(record: Mapping[str, Any]) -> dict:
-    """The part of a CuratedExample that training and evaluation use (and the digest covers)."""
-    return {"example_id": record["example_id"], "split": record["split"], "kind": record["kind"],
-            "prompt_messages": [{"role": m["role"], "content": m["content"]} for m in record["prompt_messages"]],
-            "completion": record["completion"]}
-
-
-def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str) -> Dataset:
-    """Filter, deduplicate (first record of an example id wins) and split; pure."""
-    dropped = {"other_tenant_or_task": 0, "not_admitted": 0, "duplicate": 0}
-    seen: dict[str, dict] = {}
-    for record in records:
-        if record["tenant"] != tenant or record["task"] != task:
-            dropped["other_tenant_or_task"] += 1
-        elif not record["admitted"]:
-            dropped["not_admitted"] += 1
-        elif record["example_id"] in seen:
-            dropped["duplicate"] += 1
-        else:
-            seen[record["example_id"]] = _example(record)
-    examples = [seen[k] for k in sorted(seen)]
-    digest = "sha256:" + hashlib.sha256(canonical_json(examples).encode()).hexdigest()
-    return Dataset(train=[e for e in examples if e["split"] == "TRAIN"],
-                   holdout=[e for e in examples if e["split"] == "HOLDOUT"],
-                   digest=digest, records_read=len(records), dropped=dropped)
+def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str, erasures: Any = None) -> Snapshot:
+    """The snapshot of ``records`` (in topic order) for tenant/task; pure (see ``snapshot.build_snapshot``)."""
+    return build_snapshot([(0, i, r) for i, r in enumerate(records)], tenant=tenant, task=task, ranges=[],
+                          erasures=erasures)
 
 
 class TrainerService:
     """What one ``adaptloop trainer`` process holds: settings, serdes, a producer, the base model path."""
 
     def __init__(self, settings: TrainerSettings, *, tasks: Mapping[str, TaskSpec] | None = None) -> None:
+        from adaptloop.artifacts import base_model_digest
         from adaptloop.model import ensure_base_model
 
         self.settings = settings
@@ -127,7 +88,23 @@ class TrainerService:
         self.releases_serde = serde_for("adapter_release", registry)
         self.dead_letter_serde = serde_for("dead_letter", registry)
         self.producer = DeliveryTracker(settings.kafka)
-        self.base_model = ensure_base_model(settings.home, settings.model.path)
+        # A missing base model is a per-request rejection, not a crash loop: it may be mounted later.
+        self.base_model: Path | None = None
+        self.base_digest: str | None = None
+        self.base_error = ""
+        self.resolve_base_model(ensure_base_model, base_model_digest)
+
+    def resolve_base_model(self, ensure, digest) -> bool:
+        if self.base_model is not None:
+            return True
+        try:
+            self.base_model = Path(ensure(self.settings.home, self.settings.model.path))
+            self.base_digest = digest(self.base_model)
+        except (ConfigError, ArtifactError, OSError) as exc:
+            self.base_model, self.base_error = None, str(exc)
+            log.error("base model unavailable: %s", exc)
+            return False
+        return True
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -137,118 +114,229 @@ class TrainerService:
         return [self.releases_serde.deserialize(m.value(), SerdeContext(topic, m.partition(), m.offset()))
                 for m in read_ranges(self.settings.kafka, topic, idle_s=1.0)]
 
-    def read_dataset(self, request: Mapping[str, Any]) -> Dataset:
+    def erasures(self):
+        from adaptloop.erasure import ErasureSet
+
+        return ErasureSet.read(self.settings.kafka, self.settings.topics)
+
+    def snapshot(self, request: Mapping[str, Any], erasures: Any) -> Snapshot:
+        """Read exactly the named ranges, build the snapshot and write it (once) to the dataset store."""
         curated = self.settings.topics.name("curated")
         ranges = request["examples"]
         foreign = sorted({r["topic"] for r in ranges} - {curated})
         if foreign:
             raise ContractViolation(f"ranges name topics other than {curated}: {foreign}")
-        records = [self.curated_serde.deserialize(m.value(), SerdeContext(curated, m.partition(), m.offset()))
-                   for m in read_ranges(self.settings.kafka, curated,
-                                        [Range(r["partition"], r["start_offset"], r["end_offset"]) for r in ranges])]
-        return build_dataset(records, request["tenant"], request["task"])
+        positioned = [(m.partition(), m.offset(),
+                       self.curated_serde.deserialize(m.value(), SerdeContext(curated, m.partition(), m.offset())))
+                      for m in read_ranges(self.settings.kafka, curated,
+                                           [Range(r["partition"], r["start_offset"], r["end_offset"]) for r in ranges])]
+        built = build_snapshot(positioned, tenant=request["tenant"], task=request["task"], ranges=ranges,
+                               erasures=erasures)
+        return write_snapshot(built, self.settings.store_url())
 
     # -- one request -----------------------------------------------------------------------------
 
-    def process(self, request: Mapping[str, Any]) -> dict | None:
-        """Handle one decoded TrainingRequest: publish its release (acknowledged) and return it,
-        or return None when a release for this request already exists."""
-        from adaptloop.trainers import evaluate as ev
+    def process(self, request: Mapping[str, Any]) -> dict:
+        """Handle one decoded TrainingRequest: publish its release (acknowledged) and return it. A replayed
+        request returns the release already decided for it, without training or publishing."""
+        from adaptloop.model import ensure_base_model
+        from adaptloop.artifacts import base_model_digest
 
         request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
         short = request_id[:12]
-        started = time.monotonic()
         releases = self.releases()
         previous = [r for r in releases if r["lineage"]["request_id"] == request_id]
         if previous:
-            log.info("request %s: already decided (%s %s), skipping", short, previous[-1]["state"], previous[-1]["version"])
-            return None
+            log.info("request %s: already decided (%s %s), not training again", short, previous[-1]["state"],
+                     previous[-1]["version"])
+            return previous[-1]
+        if not self.resolve_base_model(ensure_base_model, base_model_digest):
+            return self.reject(request, f"base model unavailable: {self.base_error}", None)
         try:
             spec = task_spec(task, self.tasks)
         except ConfigError as exc:
             return self.reject(request, str(exc), None)
+        erasures = self.erasures()
         try:
-            dataset = self.read_dataset(request)
+            snapshot = self.snapshot(request, erasures)
         except ContractViolation as exc:
             return self.reject(request, str(exc), None)
-        log.info("request %s: %s/%s dataset %s: %d train, %d holdout (%d records read, dropped %s)", short, tenant,
-                 task, dataset.digest[:19], len(dataset.train), len(dataset.holdout), dataset.records_read, dataset.dropped)
-        if len(dataset.train) < MIN_TRAIN_EXAMPLES:
-            return self.reject(request, f"too few training examples: {len(dataset.train)} admitted TRAIN examples "
-                                        f"for {tenant}/{task} in the named ranges, need {MIN_TRAIN_EXAMPLES}", dataset)
-        if not dataset.holdout:
-            return self.reject(request, "no HOLDOUT examples in the named ranges: cannot evaluate", dataset)
-        incumbent = ev.newest_live_adapter(releases, tenant, task)
-        if incumbent.artifact_uri and not Path(incumbent.artifact_uri).is_dir():
-            return self.reject(request, f"incumbent {incumbent.version} artifact {incumbent.artifact_uri} is not "
-                                        "readable here: cannot compare", dataset)
-        if incumbent.artifact_uri and incumbent.digest:
-            from adaptloop.artifacts import verify_digest
-            from adaptloop.errors import ArtifactError
+        plan = choose_method(snapshot.train, self.settings.method)
+        log.info("request %s: %s/%s snapshot %s at %s: %d train, %d holdout, %s; method %s (%s)", short, tenant, task,
+                 snapshot.digest[:19], snapshot.uri, len(snapshot.train), len(snapshot.holdout),
+                 snapshot.manifest["counts"], plan.method, plan.reason)
+        problem = self.plan_problem(plan, snapshot)
+        if problem:
+            return self.reject(request, problem, snapshot, plan=plan)
+        return self.train_and_gate(request, spec, snapshot, plan, releases, erasures)
 
+    def plan_problem(self, plan: Plan, snapshot: Snapshot) -> str | None:
+        """Why this plan cannot give an adapter, or None."""
+        from adaptloop.trainers.kto import class_weights
+        from adaptloop.trainers.release import ReleaseCheckError, check_plan
+
+        minimum = self.settings.min_train_examples
+        if len(plan.examples) < minimum:
+            return (f"too few training examples: {len(plan.examples)} usable TRAIN examples for "
+                    f"{snapshot.manifest['tenant']}/{snapshot.manifest['task']} in the named ranges, need {minimum} "
+                    f"(dropped: {snapshot.manifest['dropped']})")
+        if plan.method == "kto":
+            desirable = sum(1 for e in plan.examples if e["label"])
             try:
-                verify_digest(Path(incumbent.artifact_uri), incumbent.digest)
-            except ArtifactError as exc:
-                return self.reject(request, f"cannot compare with incumbent {incumbent.version}: {exc}", dataset)
+                class_weights(desirable, len(plan.examples) - desirable)
+            except TrainingError as exc:
+                return str(exc)
+        if not snapshot.holdout:
+            return "no HOLDOUT examples with a right answer in the named ranges: cannot evaluate"
+        try:
+            check_plan(rank=self.settings.lora_rank, target_modules=self.settings.target_modules,
+                       max_lora_rank=self.settings.max_lora_rank, base_dir=self.base_model)
+        except ReleaseCheckError as exc:
+            return str(exc)
+        return None
 
+    def incumbent(self, releases: list[dict], tenant: str, task: str):
+        """The adapter to beat, or the base; (incumbent, note) -- the note says why an adapter was passed over."""
+        from adaptloop.artifacts import verify_digest
+        from adaptloop.trainers import evaluate as ev
+
+        incumbent = ev.newest_live_adapter(releases, tenant, task)
+        if incumbent.artifact_uri is None:
+            return incumbent, ""
+        if incumbent.base_model_digest and incumbent.base_model_digest != self.base_digest:
+            return ev.Incumbent(), (f"incumbent {incumbent.version} was trained on base {incumbent.base_model_digest}, "
+                                    f"this trainer's base is {self.base_digest}: compared with the base instead")
+        try:
+            verify_digest(Path(incumbent.artifact_uri), incumbent.digest or "")
+        except ArtifactError as exc:
+            raise TrainingError(f"cannot compare with incumbent {incumbent.version}: {exc}") from exc
+        return incumbent, ""
+
+    def train_and_gate(self, request: Mapping[str, Any], spec: TaskSpec, snapshot: Snapshot, plan: Plan,
+                       releases: list[dict], erasures: Any) -> dict:
+        from adaptloop.artifacts import adapter_version, artifact_digest
+        from adaptloop.trainers import evaluate as ev
+        from adaptloop.trainers import ray_job
+        from adaptloop.trainers.gate import decide, wilson_interval
+        from adaptloop.trainers.release import ReleaseCheckError, check_adapter
+
+        request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
+        started = time.monotonic()
+        try:
+            incumbent, note = self.incumbent(releases, tenant, task)
+        except TrainingError as exc:
+            return self.reject(request, str(exc), snapshot, plan=plan)
         request_dir = Path(self.settings.artifact_dir).resolve() / request_id
         request_dir.mkdir(parents=True, exist_ok=True)
-        (request_dir / "dataset.json").write_text(canonical_json({"digest": dataset.digest, "train": dataset.train,
-                                                                  "holdout": dataset.holdout}))
-        cfg = self.recipe_config(spec, dataset, request_dir / "adapter")
-        from adaptloop.trainers import ray_job
-
+        cfg = ray_job.recipe_config(self.settings, plan.method, model_path=str(self.base_model),
+                                    output_dir=request_dir / "adapter", work_dir=request_dir / "checkpoints",
+                                    examples=plan.examples, system_prompt=spec.system_prompt)
         ray_job.start_ray(self.settings)
-        result = ray_job.train(self.settings, request_id, cfg)
-
-        from adaptloop.artifacts import adapter_version, artifact_digest
+        result = ray_job.train(self.settings, request_id, plan.method, cfg)
+        training = dataclasses.asdict(result) | {"plan": plan.reason, "signal": plan.counts}
+        training.pop("adapter_dir")
 
         adapter_dir = Path(result.adapter_dir)
         digest = artifact_digest(adapter_dir)
         version = adapter_version(tenant, task, digest)
+        try:
+            adapter_config = check_adapter(adapter_dir, max_lora_rank=self.settings.max_lora_rank,
+                                           base_dir=self.base_model)
+        except ReleaseCheckError as exc:
+            return self.reject(request, str(exc), snapshot, plan=plan, version=version, artifact=(adapter_dir, digest),
+                               training=training)
         max_new, threads = self.settings.max_new_tokens, self.settings.torch_threads
-        candidate = ev.evaluate(spec, self.base_model, dataset.holdout, adapter_dir=adapter_dir, name=version,
+        candidate = ev.evaluate(spec, self.base_model, snapshot.holdout, adapter_dir=adapter_dir, name=version,
                                 max_new_tokens=max_new, threads=threads)
-        current = ev.evaluate(spec, self.base_model, dataset.holdout, adapter_dir=incumbent.artifact_uri,
+        current = ev.evaluate(spec, self.base_model, snapshot.holdout, adapter_dir=incumbent.artifact_uri,
                               name=incumbent.version, max_new_tokens=max_new, threads=threads)
+        suite, skipped = self.regression_suite(releases, tenant, task, adapter_dir, snapshot, erasures)
         margin = self.settings.gate_margin
-        passed = candidate.score >= current.score + margin
-        reason = (f"candidate {candidate.score:.3f} {'>=' if passed else '<'} incumbent {incumbent.version} "
-                  f"{current.score:.3f} + margin {margin:.3f} on {candidate.count} holdout examples; "
-                  f"trained {result.steps} steps in {result.train_seconds:.0f}s, final loss {result.final_loss:.4f}")
+        decision = decide(candidate=dataclasses.asdict(candidate), incumbent=dataclasses.asdict(current),
+                          margin=margin, suite=suite, tolerance=self.settings.regression_tolerance)
+        reason = (f"{decision.reason}; {plan.method} ({plan.reason}), {result.steps} steps in "
+                  f"{result.train_seconds:.0f}s, final loss {result.final_loss:.4f}")
+        ci, incumbent_ci = wilson_interval(candidate.passed, candidate.count), wilson_interval(current.passed, current.count)
+        evidence = decision.evidence | {"suite_skipped": skipped, "incumbent_note": note} if note or skipped else decision.evidence
         release = self.release_record(
-            request, state="RELEASED" if passed else "REJECTED", reason=reason, version=version,
-            artifact_uri=str(adapter_dir), digest=digest, dataset=dataset, config=cfg.public(),
+            request, state="RELEASED" if decision.passed else "REJECTED", reason=reason, version=version,
+            artifact_uri=str(adapter_dir), digest=digest, snapshot=snapshot, method=plan.method,
+            config=cfg.public(), lora_rank=int(adapter_config.get("r", self.settings.lora_rank)),
             evaluation={"metric": f"success_rate:{spec.scorer}", "holdout_count": candidate.count,
                         "candidate_score": candidate.score, "incumbent": incumbent.version,
-                        "incumbent_score": current.score, "margin": margin})
+                        "incumbent_score": current.score, "margin": margin, "ci_low": ci[0], "ci_high": ci[1],
+                        "incumbent_ci_low": incumbent_ci[0], "incumbent_ci_high": incumbent_ci[1],
+                        "metrics": {"mean_validator_score": candidate.mean_score,
+                                    "incumbent_mean_validator_score": current.mean_score}},
+            regression=[s.record() for s in suite], evidence=evidence, training=training,
+            parent_version=None if incumbent.version == ev.BASE else incumbent.version)
         self.publish(release)
-        log.info("request %s: %s %s in %.0fs: %s", short, release["state"], version, time.monotonic() - started, reason)
+        log.info("request %s: %s %s in %.0fs: %s", request_id[:12], release["state"], version,
+                 time.monotonic() - started, reason)
         return release
 
-    def recipe_config(self, spec: TaskSpec, dataset: Dataset, output_dir: Path):
-        from adaptloop.trainers.ray_job import recipe_config
+    def regression_suite(self, releases: list[dict], tenant: str, task: str, adapter_dir: Path, snapshot: Snapshot,
+                         erasures: Any):
+        """The candidate on the holdouts of the tenant's newest earlier live releases (any task, or this
+        task only with ``regression_scope=task``); the bar is the score each release recorded on its holdout."""
+        from adaptloop.trainers import evaluate as ev
+        from adaptloop.trainers.gate import regression_result
+        from adaptloop.trainers.snapshot import read_snapshot
 
-        examples = [{"prompt_messages": e["prompt_messages"], "completion": e["completion"]} for e in dataset.train]
-        return recipe_config(self.settings, model_path=str(self.base_model), output_dir=output_dir,
-                             examples=examples, system_prompt=spec.system_prompt)
+        results, skipped, seen = [], [], {snapshot.uri}
+        for release in reversed(ev.live_releases(releases, tenant)):
+            if len(results) >= self.settings.regression_max_suites:
+                break
+            uri = release["lineage"].get("dataset_uri") or ""
+            if not uri or uri in seen or (self.settings.regression_scope == "task" and release["task"] != task):
+                continue
+            seen.add(uri)
+            try:
+                spec = task_spec(release["task"], self.tasks)
+                holdout = [h for h in read_snapshot(uri, splits=("holdout",)).holdout if erasures.match(h) is None]
+            except (ConfigError, OSError, ValueError, KeyError) as exc:
+                # On record, not fatal: an unknown task or an unreadable store must not block every release.
+                skipped.append({"source_version": release["version"], "reason": f"{type(exc).__name__}: {exc}"})
+                log.warning("regression suite: skipping %s: %s", release["version"], exc)
+                continue
+            if not holdout:
+                continue
+            scored = ev.evaluate(spec, self.base_model, holdout, adapter_dir=adapter_dir,
+                                 name=f"suite:{release['version']}", max_new_tokens=self.settings.max_new_tokens,
+                                 threads=self.settings.torch_threads)
+            results.append(regression_result(task=release["task"], source_version=release["version"],
+                                             holdout_count=scored.count, candidate_score=scored.score,
+                                             bar=float(release["evaluation"]["candidate_score"]),
+                                             tolerance=self.settings.regression_tolerance))
+        return results, skipped
 
-    def reject(self, request: Mapping[str, Any], reason: str, dataset: Dataset | None) -> dict:
-        """A REJECTED release without an artifact: the request could not give an adapter."""
+    def reject(self, request: Mapping[str, Any], reason: str, snapshot: Snapshot | None, *, plan: Plan | None = None,
+               version: str | None = None, artifact: tuple[Path, str] | None = None,
+               training: dict | None = None) -> dict:
+        """A REJECTED release: the request could not give an adapter (or gave one vLLM would refuse)."""
         tenant, task, request_id = request["tenant"], request["task"], request["request_id"]
         release = self.release_record(
-            request, state="REJECTED", reason=reason, version=f"{tenant}--{task}--rejected-{request_id[:12]}",
-            artifact_uri=None, digest=None, dataset=dataset, config={},
-            evaluation={"metric": "none", "holdout_count": len(dataset.holdout) if dataset else 0,
+            request, state="REJECTED", reason=reason,
+            version=version or f"{tenant}--{task}--rejected-{request_id[:12]}",
+            artifact_uri=str(artifact[0]) if artifact else None, digest=artifact[1] if artifact else None,
+            snapshot=snapshot, method=plan.method if plan else "none", config={}, lora_rank=self.settings.lora_rank,
+            evaluation={"metric": "none", "holdout_count": len(snapshot.holdout) if snapshot else 0,
                         "candidate_score": 0.0, "incumbent": "none", "incumbent_score": 0.0,
-                        "margin": self.settings.gate_margin})
+                        "margin": self.settings.gate_margin},
+            regression=[], training=training or {},
+            evidence={"rule": "input checks before training" if artifact is None else "release checks (vLLM's rules)",
+                      "error": reason, "plan": plan.reason if plan else None,
+                      "signal": plan.counts if plan else None,
+                      "snapshot": {k: snapshot.manifest[k] for k in ("counts", "dropped", "erasures")} if snapshot else None},
+            parent_version=None)
         self.publish(release)
-        log.warning("request %s: REJECTED without training: %s", request_id[:12], reason)
+        log.warning("request %s: REJECTED: %s", request_id[:12], reason)
         return release
 
     def release_record(self, request: Mapping[str, Any], *, state: str, reason: str, version: str,
-                       artifact_uri: str | None, digest: str | None, dataset: Dataset | None,
-                       config: Mapping[str, Any], evaluation: dict) -> dict:
+                       artifact_uri: str | None, digest: str | None, snapshot: Snapshot | None, method: str,
+                       config: Mapping[str, Any], lora_rank: int, evaluation: dict, regression: list[dict],
+                       evidence: dict, training: dict, parent_version: str | None) -> dict:
         return {
             "version": version,
             "tenant": request["tenant"],
@@ -258,19 +346,26 @@ class TrainerService:
             "base_model": self.settings.model.name,
             "artifact_uri": artifact_uri,
             "digest": digest,
-            "lora_rank": self.settings.lora_rank,
-            "method": METHOD,
+            "lora_rank": lora_rank,
+            "method": method,
             "evaluation": evaluation,
             "lineage": {
                 "request_id": request["request_id"],
-                "dataset_digest": dataset.digest if dataset else "",
+                "dataset_digest": snapshot.digest if snapshot else "",
                 "examples": [{"topic": r["topic"], "partition": r["partition"], "start_offset": r["start_offset"],
                               "end_offset": r["end_offset"]} for r in request["examples"]],
-                "train_example_ids": dataset.train_ids if dataset else [],
+                "train_example_ids": snapshot.train_ids if snapshot else [],
                 "code_version": code_version(),
                 "config_json": canonical_json(config),
+                "dataset_uri": snapshot.uri if snapshot else "",
+                "parent_version": parent_version,
             },
             "created_at": now_ms(),
+            "regression": regression,
+            "decided_by": DECIDED_BY,
+            "evidence_json": canonical_json(evidence),
+            "training_json": canonical_json(training),
+            "base_model_digest": self.base_digest,
         }
 
     def publish(self, release: dict) -> None:
@@ -305,13 +400,14 @@ class ContractViolation(AdaptloopError):
     """A training request names data it may not use."""
 
 
-def process_request(settings: TrainerSettings, request: Mapping[str, Any]) -> dict | None:
+def process_request(settings: TrainerSettings, request: Mapping[str, Any]) -> dict:
     """Process one decoded TrainingRequest in this process (tests, notebooks); see ``TrainerService.process``."""
     return TrainerService(settings).process(request)
 
 
-class _Stopping(Exception):
-    """SIGTERM arrived while a request was being worked on."""
+class _Stopping(BaseException):
+    """SIGTERM arrived while a request was being worked on (a BaseException, so that no ``except
+    Exception`` on the way -- Ray's, ours -- turns a stop into a failed request)."""
 
 
 def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: float = 1.0) -> int:

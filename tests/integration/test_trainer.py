@@ -2,67 +2,95 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/integration/test_trainer.py -m integration -v -s
 
-Prints the base model's and the adapter's holdout success and the training time.
+One broker, one set of topics and one in-process Ray for the module; tenants keep the tests apart.
+Prints each release's holdout success (base or incumbent -> candidate) and the training time.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from adaptloop.artifacts import verify_digest
-from adaptloop.kafka import DeliveryTracker, consumer_config, read_ranges
+from adaptloop.artifacts import base_model_digest, verify_digest
+from adaptloop.kafka import DeliveryTracker, consumer_config, ensure_topics, producer_config, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.settings import TrainerSettings
-from adaptloop.tasks import ORDER_SYSTEM_PROMPT, OrderGenerator, task_spec
+from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
+from adaptloop.tasks import BUILTIN_TASKS, ORDER_SYSTEM_PROMPT, OrderGenerator, TaskSpec, Verdict, register_validator
 
 pytestmark = pytest.mark.integration
 
-TENANT = "acme"
 TASK = "order-extract"
-TRAIN_N = 64
-HOLDOUT_N = 24
+CITY_TASK = "order-city"
+CITY_PROMPT = 'Answer with JSON only: {"city": <the delivery city>}.'
+VERDICT = "outcome is not a success and carries no correction"
 
 
-def curated_record(case, index: int, split: str, *, tenant: str = TENANT) -> dict:
-    """A CuratedExample (schemas/avro/curated_example.v1.avsc): a correction of a wrong answer."""
-    example_id = f"ex-{index:04d}-{uuid.uuid4().hex[:8]}"
+@register_validator("city_json")
+def city_json(response: str, reference: str | None = None) -> Verdict:
+    """Task B of the regression test: {"city": ...} and, with a reference, the same city."""
+    try:
+        value = json.loads(response.strip())
+    except ValueError:
+        return Verdict(False, 0.0, "not JSON")
+    if not isinstance(value, dict) or set(value) != {"city"}:
+        return Verdict(False, 0.0, "not {city}")
+    if reference is not None and value["city"].casefold() != json.loads(reference)["city"].casefold():
+        return Verdict(False, 0.0, "wrong city")
+    return Verdict(True, 1.0, "ok")
+
+
+TASKS = dict(BUILTIN_TASKS) | {CITY_TASK: TaskSpec(CITY_TASK, "city_json", CITY_PROMPT)}
+
+
+def prose(case) -> str:
+    """What the base model tends to answer instead of JSON: the wrong answer in KTO/DPO data."""
+    return f"{case.truth['customer']} ordered {case.truth['quantity']} {case.truth['product']} for {case.truth['city']}."
+
+
+def curated(case, split: str, *, tenant: str, kind: str = "SUCCESS", task: str = TASK, completion: str | None = None,
+            rejected: str | None = None, admitted: bool = True, reject_reason: str | None = None) -> dict:
+    """A CuratedExample (schemas/avro/curated_example.v2.avsc)."""
+    system = CITY_PROMPT if task == CITY_TASK else ORDER_SYSTEM_PROMPT
     return {
-        "example_id": example_id, "tenant": tenant, "task": TASK, "session_id": f"s-{index}",
-        "split": split, "kind": "CORRECTION", "admitted": True, "reject_reason": None,
-        "prompt_messages": [{"role": "system", "content": ORDER_SYSTEM_PROMPT},
-                            {"role": "user", "content": case.sentence}],
-        "completion": case.answer, "rejected": "{}", "score": 0.0, "scorer": task_spec(TASK).scorer,
-        "curated_at": int(time.time() * 1000),
-        "lineage": {"interaction": {"topic": "agent.interactions", "partition": 0, "offset": index},
+        "example_id": f"ex-{uuid.uuid4().hex[:12]}", "tenant": tenant, "task": task, "session_id": f"s-{uuid.uuid4().hex[:6]}",
+        "split": split, "kind": kind, "admitted": admitted, "reject_reason": reject_reason,
+        "prompt_messages": [{"role": "system", "content": system}, {"role": "user", "content": case.sentence}],
+        "completion": case.answer if completion is None else completion, "rejected": rejected, "score": 1.0,
+        "scorer": TASKS[task].scorer, "curated_at": int(time.time() * 1000),
+        "lineage": {"interaction": {"topic": "agent.interactions", "partition": 0, "offset": 0},
                     "outcomes": [], "outcome_ids": [], "code_version": "test"},
     }
 
 
-def produce(kafka, topic: str, stem: str, records: list[dict], key: str | None = None) -> None:
-    serde = serde_for(stem)
-    producer = DeliveryTracker(kafka)
+def produce_curated(kafka, topic: str, records: list[dict]) -> list[dict]:
+    """Produce ``records`` keyed by example id; return the [start, end) ranges they landed in."""
+    serde = serde_for("curated_example")
+    producer = Producer(producer_config(kafka))
+    offsets: dict[int, list[int]] = {}
+    errors: list[str] = []
+
+    def delivered(err, msg):
+        if err is not None:
+            errors.append(str(err))
+        else:
+            offsets.setdefault(msg.partition(), []).append(msg.offset())
+
     for record in records:
-        producer.send(topic, serde.serialize(record, SerdeContext(topic)), key=record[key] if key else None)
-    producer.flush(30)
-
-
-def ranges_of(kafka, topic: str) -> list[dict]:
-    """[start, end) per partition of everything on ``topic`` (counted by reading: Tansu's watermarks lie)."""
-    seen: dict[int, list[int]] = {}
-    for msg in read_ranges(kafka, topic, idle_s=1.0, timeout_s=60):
-        seen.setdefault(msg.partition(), []).append(msg.offset())
+        producer.produce(topic, serde.serialize(record, SerdeContext(topic)), key=record["example_id"], on_delivery=delivered)
+    assert producer.flush(30) == 0 and not errors, errors
     return [{"topic": topic, "partition": p, "start_offset": min(o), "end_offset": max(o) + 1}
-            for p, o in sorted(seen.items())]
+            for p, o in sorted(offsets.items())]
 
 
-def training_request(request_id: str, ranges: list[dict], train: int, holdout: int) -> dict:
-    return {"request_id": request_id, "tenant": TENANT, "task": TASK, "created_at": int(time.time() * 1000),
-            "trigger": "test", "examples": ranges, "train_count": train, "holdout_count": holdout,
-            "code_version": "test"}
+def training_request(tenant: str, ranges: list[dict], task: str = TASK) -> dict:
+    return {"request_id": f"req-{uuid.uuid4().hex}", "tenant": tenant, "task": task,
+            "created_at": int(time.time() * 1000), "trigger": "test", "examples": ranges, "train_count": 0,
+            "holdout_count": 0, "code_version": "test"}
 
 
 def releases_on(kafka, topics) -> list[dict]:
@@ -71,87 +99,277 @@ def releases_on(kafka, topics) -> list[dict]:
     return [serde.deserialize(m.value(), SerdeContext(topic)) for m in read_ranges(kafka, topic, idle_s=1.0, timeout_s=60)]
 
 
-@pytest.fixture
-def settings(kafka, topics, tmp_path) -> TrainerSettings:
+def of_request(kafka, topics, request: dict) -> list[dict]:
+    return [r for r in releases_on(kafka, topics) if r["lineage"]["request_id"] == request["request_id"]]
+
+
+def summary(release: dict) -> str:
+    e = release["evaluation"]
+    training = json.loads(release["training_json"])
+    return (f"{release['method']} {release['state']}: holdout n={e['holdout_count']} {e['incumbent']} "
+            f"{e['incumbent_score']:.3f} -> candidate {e['candidate_score']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]; "
+            f"{training.get('steps')} steps in {training.get('train_seconds', 0):.0f}s, "
+            f"{training.get('tokens_per_s', 0):.0f} tokens/s")
+
+
+@pytest.fixture(scope="module")
+def module_topics(kafka) -> Topics:
+    names = Topics(prefix=f"t{uuid.uuid4().hex[:10]}.")
+    ensure_topics(kafka, names)
+    return names
+
+
+@pytest.fixture(scope="module")
+def settings(kafka, module_topics, tmp_path_factory) -> TrainerSettings:
     # Order answers are at most ~45 tokens: 64 new tokens judge them fully and bound the base model's rambling.
-    return TrainerSettings(kafka=kafka, topics=topics, artifact_dir=tmp_path / "artifacts",
-                           group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=64)
+    yield TrainerSettings(kafka=kafka, topics=module_topics, artifact_dir=tmp_path_factory.mktemp("artifacts"),
+                          group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=64)
+    from adaptloop.trainers.ray_job import stop_ray
+
+    stop_ray()
 
 
-def test_request_trains_an_adapter_that_beats_the_base_and_replays_are_skipped(kafka, topics, settings):
+@pytest.fixture(scope="module")
+def service(settings):
     from adaptloop.trainers.service import TrainerService
 
-    cases = OrderGenerator(seed=11).cases(TRAIN_N + HOLDOUT_N)
-    records = [curated_record(c, i, "TRAIN" if i < TRAIN_N else "HOLDOUT") for i, c in enumerate(cases)]
-    # Noise the dataset must drop: another tenant, a not-admitted example, an at-least-once duplicate.
-    records.append(curated_record(cases[0], 900, "TRAIN", tenant="other"))
-    records.append(curated_record(cases[1], 901, "TRAIN") | {"admitted": False, "reject_reason": "test"})
-    records.append(records[2])
-    produce(kafka, topics.name("curated"), "curated_example", records, key="example_id")
-    ranges = ranges_of(kafka, topics.name("curated"))
-    assert sum(r["end_offset"] - r["start_offset"] for r in ranges) == len(records)
-    request = training_request(f"req-{uuid.uuid4().hex}", ranges, TRAIN_N, HOLDOUT_N)
+    return TrainerService(settings, tasks=TASKS)
 
-    service = TrainerService(settings)
+
+def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_topics, settings, service):
+    topics, tenant = module_topics, "acme"
+    cases = OrderGenerator(seed=11).cases(48 + 16)
+    records = [curated(c, "TRAIN" if i < 48 else "HOLDOUT", tenant=tenant) for i, c in enumerate(cases)]
+    # Noise the snapshot must drop: another tenant, a contract-problem FAILURE; and an earlier record of an
+    # example that curation re-emitted (the later record wins).
+    records.append(curated(cases[0], "TRAIN", tenant="other"))
+    records.append(curated(cases[1], "TRAIN", tenant=tenant, kind="FAILURE", admitted=False,
+                           reject_reason="correction rejected by order_json@1: not JSON"))
+    records.insert(0, records[2] | {"completion": "stale"})
+    request = training_request(tenant, produce_curated(kafka, topics.name("curated"), records))
+
     started = time.monotonic()
     release = service.process(request)
-    elapsed = time.monotonic() - started
-
-    assert release is not None
-    evaluation = release["evaluation"]
-    print(f"\nholdout success on {evaluation['holdout_count']} examples: base {evaluation['incumbent_score']:.3f} "
-          f"-> adapter {evaluation['candidate_score']:.3f}; request handled in {elapsed:.0f}s; {release['reason']}")
+    print(f"\n[sft] {summary(release)}; request handled in {time.monotonic() - started:.0f}s")
     assert release["state"] == "RELEASED", release["reason"]
-    assert evaluation["incumbent"] == "base"
-    assert evaluation["holdout_count"] == HOLDOUT_N
+    evaluation = release["evaluation"]
+    assert release["method"] == "sft" and evaluation["incumbent"] == "base" and evaluation["holdout_count"] == 16
     assert evaluation["candidate_score"] > evaluation["incumbent_score"]
-    assert release["lora_rank"] <= 16
+    assert evaluation["ci_low"] <= evaluation["candidate_score"] <= evaluation["ci_high"]
     verify_digest(release["artifact_uri"], release["digest"])
-    assert release["version"].startswith(f"{TENANT}--{TASK}--")
+    assert release["version"].startswith(f"{tenant}--{TASK}--")
+    assert release["decided_by"] == "gate" and release["regression"] == []
+    assert release["base_model_digest"] == base_model_digest(service.base_model)
     lineage = release["lineage"]
-    assert lineage["request_id"] == request["request_id"]
-    assert lineage["dataset_digest"].startswith("sha256:")
-    assert len(lineage["train_example_ids"]) == TRAIN_N
-    assert lineage["examples"] == ranges
-    published = [r for r in releases_on(kafka, topics) if r["lineage"]["request_id"] == request["request_id"]]
-    assert [r["version"] for r in published] == [release["version"]]
+    assert lineage["request_id"] == request["request_id"] and lineage["examples"] == request["examples"]
+    assert len(lineage["train_example_ids"]) == 48 and lineage["parent_version"] is None
+    manifest = json.loads((Path(lineage["dataset_uri"]) / "manifest.json").read_text())
+    assert manifest["digest"] == lineage["dataset_digest"] and manifest["counts"]["train"] == {"SUCCESS": 48}
+    assert manifest["dropped"]["superseded"] == 1 and manifest["dropped"]["no_signal"] == 1
+    training = json.loads(release["training_json"])
+    assert training["steps"] == 12 and len(training["loss_curve"]) >= 4 and training["tokens_per_s"] > 0
+    assert json.loads(release["evidence_json"])["beats_incumbent"] is True
 
-    # A replay of the same request (a crash before the commit) trains nothing and publishes nothing.
+    # A replay (a crash before the commit) trains nothing, publishes nothing, and answers the same release.
     started = time.monotonic()
-    assert service.process(request) is None
+    assert service.process(request) == release
     assert time.monotonic() - started < 30
-    published = [r for r in releases_on(kafka, topics) if r["lineage"]["request_id"] == request["request_id"]]
-    assert len(published) == 1
+    assert [r["version"] for r in of_request(kafka, topics, request)] == [release["version"]]
+    # Another request naming the same records gets the same snapshot.
+    again = service.snapshot(request | {"request_id": "req-again"}, service.erasures())
+    assert again.digest == lineage["dataset_digest"] and again.uri == lineage["dataset_uri"]
+    # After `forget` erases one of its examples, the retraining request's snapshot leaves it out.
+    from adaptloop.erasure import build_erasure
+
+    erased_id = lineage["train_example_ids"][5]
+    erasure = build_erasure(tenant=tenant, scope="INTERACTION", key=erased_id, reason="test")
+    erasures_topic = topics.name("erasures")
+    DeliveryTracker(kafka).send_sync(erasures_topic, serde_for("erasure").serialize(erasure, SerdeContext(erasures_topic)),
+                                     key=erased_id)
+    forgotten = service.snapshot(request | {"request_id": "req-after-forget"}, service.erasures())
+    assert forgotten.digest != lineage["dataset_digest"] and erased_id not in forgotten.train_ids
+    assert len(forgotten.train) == 47
+    assert forgotten.manifest["erasures"] == {"excluded": 1, "erasure_ids": [erasure["erasure_id"]]}
+
+    # A worse candidate: 8 examples whose answers belong to other sentences; the incumbent is now the adapter.
+    wrong = OrderGenerator(seed=12).cases(8 + 12)
+    worse_records = [curated(c, "TRAIN", tenant=tenant, completion=wrong[(i + 1) % 8].answer) for i, c in enumerate(wrong[:8])]
+    worse_records += [curated(c, "HOLDOUT", tenant=tenant) for c in wrong[8:]]
+    worse_request = training_request(tenant, produce_curated(kafka, topics.name("curated"), worse_records))
+    worse = service.process(worse_request)
+    evidence = json.loads(worse["evidence_json"])
+    print(f"[worse] {summary(worse)}; regression {[(r['task'], r['candidate_score'], r['passed']) for r in worse['regression']]}")
+    assert worse["state"] == "REJECTED" and worse["artifact_uri"] and worse["lineage"]["parent_version"] == release["version"]
+    assert worse["evaluation"]["incumbent"] == release["version"]
+    assert worse["evaluation"]["candidate_score"] < worse["evaluation"]["incumbent_score"]
+    assert evidence["beats_incumbent"] is False and evidence["incumbent"]["name"] == release["version"]
+
+    # Task B only: an adapter that learned to answer {"city"} beats the base on B, but the regression suite
+    # (the holdout of the tenant's task-A release) catches that it answers task A that way too.
+    city_cases = OrderGenerator(seed=13).cases(32 + 12)
+    city_records = [curated(c, "TRAIN" if i < 32 else "HOLDOUT", tenant=tenant, task=CITY_TASK,
+                            completion=json.dumps({"city": c.truth["city"]})) for i, c in enumerate(city_cases)]
+    city_request = training_request(tenant, produce_curated(kafka, topics.name("curated"), city_records), task=CITY_TASK)
+    city = service.process(city_request)
+    print(f"[task B] {summary(city)}; regression {[(r['task'], r['candidate_score'], r['incumbent_score'], r['passed']) for r in city['regression']]}")
+    assert city["evaluation"]["candidate_score"] >= city["evaluation"]["incumbent_score"] + settings.gate_margin
+    assert city["state"] == "REJECTED" and "regression" in city["reason"]
+    suite = {r["source_version"]: r for r in city["regression"]}
+    assert suite[release["version"]]["task"] == TASK and not suite[release["version"]]["passed"]
 
 
-def test_service_loop_rejects_an_empty_range_and_dead_letters_garbage(kafka, topics, settings):
-    from adaptloop.trainers.service import run
+def test_kto_from_verdicts_only(kafka, module_topics, settings, service):
+    tenant = "kto-co"
+    cases = OrderGenerator(seed=21).cases(32 + 12)
+    records = [curated(c, "TRAIN", tenant=tenant) for c in cases[:16]]
+    records += [curated(c, "TRAIN", tenant=tenant, kind="FAILURE", admitted=False, reject_reason=VERDICT,
+                        completion=prose(c)) for c in cases[16:32]]
+    records += [curated(c, "HOLDOUT", tenant=tenant) for c in cases[32:]]
+    release = service.process(training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records)))
+    print(f"\n[kto] {summary(release)}")
+    training = json.loads(release["training_json"])
+    assert release["method"] == "kto" and training["signal"] == {"desirable": 16, "undesirable": 16, "pairs": 0}
+    assert release["state"] == "RELEASED", release["reason"]
+    assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
 
-    requests_topic = topics.name("training_requests")
+
+def test_dpo_from_correction_pairs(kafka, module_topics, settings, service):
+    tenant = "dpo-co"
+    cases = OrderGenerator(seed=31).cases(24 + 12)
+    records = [curated(c, "TRAIN", tenant=tenant, kind="CORRECTION", rejected=prose(c)) for c in cases[:24]]
+    records += [curated(c, "HOLDOUT", tenant=tenant) for c in cases[24:]]
+    release = service.process(training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records)))
+    print(f"\n[dpo] {summary(release)}")
+    assert release["method"] == "dpo" and json.loads(release["training_json"])["signal"]["pairs"] == 24
+    assert release["state"] == "RELEASED", release["reason"]
+    assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
+
+
+def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_release(
+        kafka, module_topics, settings, service, tmp_path):
+    from adaptloop.model import ensure_base_model
+    from adaptloop.processes import ManagedProcess, adaptloop_command
+    from adaptloop.stack import service_env
+
+    tenant = "resume-co"
+    cases = OrderGenerator(seed=41).cases(24 + 8)
+    records = [curated(c, "TRAIN" if i < 24 else "HOLDOUT", tenant=tenant) for i, c in enumerate(cases)]
+    request = training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records))
+    requests_topic = module_topics.name("training_requests")
+    DeliveryTracker(kafka).send_sync(requests_topic, serde_for("training_request").serialize(request, SerdeContext(requests_topic)),
+                                     key=request["request_id"])
+    artifacts = tmp_path / "artifacts"
+    group = f"trainer-{uuid.uuid4().hex[:8]}"
+    env = service_env(kafka, module_topics, tmp_path) | {
+        "ADAPTLOOP_TRAINER_ARTIFACT_DIR": str(artifacts), "ADAPTLOOP_TRAINER_GROUP_ID": group,
+        "ADAPTLOOP_TRAINER_CHECKPOINT_STEPS": "2", "ADAPTLOOP_TRAINER_MAX_NEW_TOKENS": "64",
+        "ADAPTLOOP_MODEL_PATH": str(ensure_base_model(DEFAULT_HOME))}
+    checkpoints = artifacts / request["request_id"] / "checkpoints"
+
+    first = ManagedProcess("trainer-1", adaptloop_command("trainer"), tmp_path / "trainer-1.log", env=env).start()
+    try:
+        first.wait_ready(lambda: any(checkpoints.glob("checkpoint-*/trainer_state.json")), timeout_s=400, poll_s=0.5)
+        time.sleep(1.0)  # let the checkpoint's last file land
+        first.kill()  # SIGKILL of the whole process group, Ray included, mid-job
+    finally:
+        first.stop()
+    killed_at = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    print(f"\n[resume] killed with checkpoints at steps {killed_at}")
+    assert killed_at and of_request(kafka, module_topics, request) == []
+
+    second = ManagedProcess("trainer-2", adaptloop_command("trainer", "--max-requests", "1"),
+                            tmp_path / "trainer-2.log", env=env).start()
+    try:
+        deadline = time.monotonic() + 500
+        while second.alive() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not second.alive(), "the restarted trainer did not finish the request in time"
+    finally:
+        second.stop()
+    log = (tmp_path / "trainer-2.log").read_text()
+    published = of_request(kafka, module_topics, request)
+    assert len(published) == 1, second.tail()
+    release = published[0]
+    training = json.loads(release["training_json"])
+    print(f"[resume] {summary(release)}; resumed from step {training['resumed_from_step']}")
+    assert training["resumed_from_step"] >= min(killed_at) and training["steps"] == 6
+    assert "resuming from" in log
+    assert release["state"] in ("RELEASED", "REJECTED") and release["artifact_uri"]
+
+    # The same request again (a replay): no training, the same release.
+    started = time.monotonic()
+    assert service.process(request) == release
+    assert time.monotonic() - started < 30 and len(of_request(kafka, module_topics, request)) == 1
+
+
+def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_topics, settings, service, tmp_path):
+    from adaptloop.trainers.service import TrainerService, run
+
+    topics, tenant = module_topics, "bad-co"
+    curated_topic, requests_topic = topics.name("curated"), topics.name("training_requests")
+    cases = OrderGenerator(seed=51).cases(12)
+    few = produce_curated(kafka, curated_topic, [curated(c, "TRAIN", tenant=tenant) for c in cases[:4]]
+                          + [curated(cases[4], "HOLDOUT", tenant=tenant)])
+    one_class = produce_curated(kafka, curated_topic, [
+        curated(c, "TRAIN", tenant=tenant, kind="FAILURE", admitted=False, reject_reason=VERDICT, completion=prose(c))
+        for c in cases[:10]] + [curated(cases[10], "HOLDOUT", tenant=tenant)])
+    requests = {
+        "empty": training_request(tenant, [{"topic": curated_topic, "partition": 0, "start_offset": 0, "end_offset": 0}]),
+        "below minimum": training_request(tenant, few),
+        "single-class KTO": training_request(tenant, one_class),
+    }
+    # A fresh group on a fresh requests topic view: garbage first, then the three requests.
+    group_settings = settings.model_copy(update={"group_id": f"trainer-{uuid.uuid4().hex[:8]}"})
+    start = sum(1 for _ in read_ranges(kafka, requests_topic, idle_s=1.0))
     producer = DeliveryTracker(kafka)
     producer.send(requests_topic, b"not avro at all", key="junk")
+    serde = serde_for("training_request")
+    for request in requests.values():
+        producer.send(requests_topic, serde.serialize(request, SerdeContext(requests_topic)), key=request["request_id"])
     producer.flush(30)
-    empty = training_request(f"req-{uuid.uuid4().hex}",
-                             [{"topic": topics.name("curated"), "partition": 0, "start_offset": 0, "end_offset": 0}], 0, 0)
-    produce(kafka, requests_topic, "training_request", [empty], key="request_id")
 
-    assert run(settings, max_requests=2, poll_s=0.5) == 2
+    # The run loop skips what an earlier test left on the topic: it is decided already (replays return it).
+    assert run(group_settings, max_requests=start + 4, poll_s=0.5) == start + 4
 
-    rejected = [r for r in releases_on(kafka, topics) if r["lineage"]["request_id"] == empty["request_id"]]
-    assert len(rejected) == 1
-    assert rejected[0]["state"] == "REJECTED"
-    assert "too few training examples: 0" in rejected[0]["reason"]
-    assert rejected[0]["artifact_uri"] is None and rejected[0]["digest"] is None
-    print(f"\nempty request: {rejected[0]['state']} {rejected[0]['version']}: {rejected[0]['reason']}")
-
+    expected = {"empty": "too few training examples: 0", "below minimum": "too few training examples: 4",
+                "single-class KTO": "single-class KTO data: 0 desirable and 10 undesirable"}
+    for name, request in requests.items():
+        decided = of_request(kafka, topics, request)
+        assert len(decided) == 1 and decided[0]["state"] == "REJECTED", name
+        assert expected[name] in decided[0]["reason"], decided[0]["reason"]
+        assert decided[0]["artifact_uri"] is None and json.loads(decided[0]["evidence_json"])["error"]
+        print(f"\n[{name}] REJECTED: {decided[0]['reason'][:140]}")
     dead = [serde_for("dead_letter").deserialize(m.value(), SerdeContext(topics.name("dead_letters")))
             for m in read_ranges(kafka, topics.name("dead_letters"), idle_s=1.0, timeout_s=60)]
-    assert len(dead) == 1 and dead[0]["value"] == b"not avro at all" and dead[0]["stage"] == "trainer"
-
-    # Both requests were committed: a restarted trainer would not see them again.
-    consumer = Consumer(consumer_config(kafka, settings.group_id))
+    assert [d["value"] for d in dead] == [b"not avro at all"] and dead[0]["stage"] == "trainer"
+    consumer = Consumer(consumer_config(kafka, group_settings.group_id))
     try:
         committed = consumer.committed([TopicPartition(requests_topic, 0)], timeout=30)
     finally:
         consumer.close()
-    assert committed[0].offset == 2
+    assert committed[0].offset == start + 4  # all committed: a restarted trainer would not see them again
+
+    # A missing base model path, and adapters vLLM would refuse (rank above its max, a module the base lacks):
+    # each a REJECTED record with the reason, before any training.
+    good = training_request(tenant, produce_curated(kafka, curated_topic, [curated(c, "TRAIN", tenant=tenant) for c in cases]
+                                                    + [curated(cases[0], "HOLDOUT", tenant=tenant)]))
+    variants = {
+        "missing base": (settings.model_copy(update={"model": ModelSettings(path=tmp_path / "no-model")}),
+                         "base model unavailable: base model path"),
+        "rank": (settings.model_copy(update={"lora_rank": 32}), "rank 32 > max_lora_rank 16"),
+        "targets": (settings.model_copy(update={"target_modules": ("q_proj", "qkv_proj")}),
+                    "target modules ['qkv_proj'] do not exist in the base model"),
+    }
+    for name, (variant, reason) in variants.items():
+        rejected = TrainerService(variant).process(good | {"request_id": f"req-{name}-{uuid.uuid4().hex[:8]}"})
+        print(f"[{name}] {rejected['state']}: {rejected['reason'][:140]}")
+        assert rejected["state"] == "REJECTED" and reason in rejected["reason"] and rejected["artifact_uri"] is None
+    # ... and the service itself still trains the same request.
+    assert service.plan_problem(*_plan(service, good)) is None
+
+
+def _plan(service, request):
+    from adaptloop.trainers.snapshot import choose_method
+
+    snapshot = service.snapshot(request, service.erasures())
+    return choose_method(snapshot.train), snapshot

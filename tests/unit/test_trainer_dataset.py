@@ -1,38 +1,132 @@
-"""Pure parts of the trainer: dataset materialisation, incumbent choice, recipe config."""
+"""Pure parts of the trainer: dataset snapshots, the method choice, incumbent choice, recipe config."""
 
 from __future__ import annotations
 
 import pytest
 
-from adaptloop.errors import ConfigError
-from adaptloop.trainers.evaluate import newest_live_adapter
+from adaptloop.erasure import ErasureSet, build_erasure, subject_key
+from adaptloop.errors import ConfigError, TrainingError
+from adaptloop.trainers.evaluate import live_releases, newest_live_adapter
+from adaptloop.trainers.kto import class_weights
 from adaptloop.trainers.service import build_dataset
 from adaptloop.trainers.sft import SFTRecipeConfig, chat_prompt, to_prompt_completion
+from adaptloop.trainers.snapshot import (build_snapshot, choose_method, read_snapshot, signal_of, snapshot_uri,
+                                         write_snapshot)
+
+VERDICT = "outcome is not a success and carries no correction"
 
 
 def record(example_id: str, *, split: str = "TRAIN", tenant: str = "acme", task: str = "order-extract",
-           admitted: bool = True, completion: str = "{}") -> dict:
-    return {"example_id": example_id, "tenant": tenant, "task": task, "split": split, "kind": "CORRECTION",
-            "admitted": admitted, "prompt_messages": [{"role": "user", "content": f"q {example_id}"}],
-            "completion": completion}
+           admitted: bool = True, completion: str = "{}", kind: str = "SUCCESS", rejected: str | None = None,
+           reject_reason: str | None = None, subjects: list[str] | None = None, **extra) -> dict:
+    return {"example_id": example_id, "tenant": tenant, "task": task, "session_id": f"s-{example_id}", "split": split,
+            "kind": kind, "admitted": admitted, "reject_reason": reject_reason,
+            "prompt_messages": [{"role": "user", "content": f"q {example_id}"}], "completion": completion,
+            "rejected": rejected, "score": 1.0, "scorer": "order_json@1", "subjects": subjects or [],
+            "redactions": [{"rule": "email", "count": 1}] if subjects else [], **extra}
 
 
-def test_dataset_filters_dedupes_and_splits():
-    records = [record("b"), record("a"), record("h", split="HOLDOUT"), record("a", completion="dup"),
-               record("x", tenant="other"), record("y", task="other"), record("n", admitted=False)]
+def failure(example_id: str, reason: str = VERDICT, **kw) -> dict:
+    return record(example_id, kind="FAILURE", admitted=False, reject_reason=reason, completion="bad answer", **kw)
+
+
+def test_dataset_filters_keeps_the_last_record_per_example_and_splits():
+    records = [record("b"), record("a"), record("h", split="HOLDOUT"), record("a", completion="later"),
+               record("x", tenant="other"), record("y", task="other"), failure("n", reason="correction rejected by v")]
     dataset = build_dataset(records, "acme", "order-extract")
     assert dataset.train_ids == ["a", "b"]
     assert [e["example_id"] for e in dataset.holdout] == ["h"]
-    assert dataset.train[0]["completion"] == "{}"  # first record of an id wins
-    assert dataset.dropped == {"other_tenant_or_task": 2, "not_admitted": 1, "duplicate": 1}
+    assert dataset.train[0]["completion"] == "later"  # curation re-emits an example: the last record wins
+    assert dataset.manifest["dropped"] == {"other_tenant_or_task": 2, "superseded": 1, "erased": 0, "no_signal": 1,
+                                           "holdout_not_desirable": 0}
+    assert dataset.manifest["counts"]["train"] == {"SUCCESS": 2}
 
 
-def test_dataset_digest_ignores_order_and_duplicates_but_not_content():
+def test_dataset_digest_is_stable_and_follows_content():
     one = build_dataset([record("a"), record("b")], "acme", "order-extract")
-    two = build_dataset([record("b"), record("a"), record("b")], "acme", "order-extract")
+    two = build_dataset([record("a"), record("b")], "acme", "order-extract")
     three = build_dataset([record("a"), record("b", completion='{"x": 1}')], "acme", "order-extract")
     assert one.digest == two.digest != three.digest
     assert one.digest.startswith("sha256:")
+
+
+def test_erasure_excludes_examples_records_it_and_changes_the_digest():
+    alice = subject_key("acme", "alice@example.com")
+    records = [record("a"), record("b", subjects=[alice]), record("c"), record("h", split="HOLDOUT", subjects=[alice])]
+    before = build_dataset(records, "acme", "order-extract")
+    erasure = build_erasure(tenant="acme", scope="SUBJECT", key=alice, erasure_id="e-1")
+    by_id = build_erasure(tenant="acme", scope="INTERACTION", key="c", erasure_id="e-2")
+    other_tenant = build_erasure(tenant="other", scope="INTERACTION", key="a", erasure_id="e-3")
+    after = build_dataset(records, "acme", "order-extract", ErasureSet.of([erasure, by_id, other_tenant]))
+    assert before.train_ids == ["a", "b", "c"] and after.train_ids == ["a"]
+    assert after.holdout == []
+    assert after.manifest["erasures"] == {"excluded": 3, "erasure_ids": ["e-1", "e-2"]}
+    assert after.manifest["redaction_rules"] == {}  # the erased examples' redactions went with them
+    assert before.manifest["redaction_rules"] == {"email": 2}
+    assert after.digest != before.digest
+
+
+def test_signal_of_each_kind():
+    assert signal_of(record("a")) == "desirable"
+    assert signal_of(record("a", kind="CORRECTION", rejected="old")) == "desirable"
+    assert signal_of(failure("f")) == "undesirable"
+    assert signal_of(failure("f", reason="outcome says success but order_json@1 rejects the response: x")) == "undesirable"
+    assert signal_of(failure("f", reason="outcome tenant 'x' is not the interaction's 'acme'")) is None
+    assert signal_of(failure("f", reason="correction rejected by order_json@1: not JSON")) is None
+    assert signal_of(failure("f", near_duplicate_of="g")) is None
+    assert signal_of(record("f", kind="FAILURE", admitted=False, reject_reason=VERDICT, completion=" ")) is None
+
+
+def rows(records):
+    return build_dataset(records, "acme", "order-extract").train
+
+
+def test_the_method_follows_the_signal():
+    successes = [record(f"s{i}") for i in range(4)]
+    pairs = [record(f"p{i}", kind="CORRECTION", completion="right", rejected="wrong") for i in range(3)]
+    failures = [failure(f"f{i}") for i in range(2)]
+    sft = choose_method(rows(successes + [record("c", kind="CORRECTION", rejected=None)]))
+    assert sft.method == "sft" and len(sft.examples) == 5 and set(sft.examples[0]) == {"prompt_messages", "completion"}
+    dpo = choose_method(rows(pairs))
+    assert dpo.method == "dpo" and dpo.examples[0]["chosen"] == "right" and dpo.examples[0]["rejected"] == "wrong"
+    kto = choose_method(rows(successes + failures))
+    assert kto.method == "kto" and [e["label"] for e in kto.examples].count(False) == 2
+    assert "mixture" not in kto.counts
+    mix = choose_method(rows(successes + pairs + failures))
+    assert mix.method == "kto" and mix.counts["mixture"] == 1
+    assert [e["label"] for e in mix.examples].count(False) == 2 + 3  # failures + corrected originals
+    forced = choose_method(rows(successes + pairs + failures), "sft")
+    assert forced.method == "sft" and len(forced.examples) == 7  # every right answer, failures unused
+    assert choose_method(rows(successes + pairs), "dpo").method == "dpo"
+    assert len(choose_method(rows(successes + pairs), "dpo").examples) == 3
+    only_bad = choose_method(rows(failures))
+    assert only_bad.method == "kto" and not any(e["label"] for e in only_bad.examples)
+
+
+def test_kto_class_weights_equalise_the_classes_and_refuse_one_class():
+    assert class_weights(30, 10) == (1.0, 3.0)
+    assert class_weights(10, 40) == (4.0, 1.0)
+    with pytest.raises(TrainingError, match="single-class KTO"):
+        class_weights(0, 12)
+
+
+def test_snapshot_store_roundtrip_is_immutable(tmp_path):
+    records = [record("a"), record("b", kind="CORRECTION", rejected="x"), failure("f"), record("h", split="HOLDOUT")]
+    ranges = [{"topic": "c", "partition": 0, "start_offset": 0, "end_offset": 4}]
+    built = build_snapshot([(0, i, r) for i, r in enumerate(records)], tenant="acme", task="order-extract",
+                           ranges=ranges)
+    store = f"file://{tmp_path}"
+    written = write_snapshot(built, store)
+    assert written.uri == snapshot_uri(store, built.digest)
+    back = read_snapshot(written.uri)
+    assert back.manifest == built.manifest and back.train == built.train and back.holdout == built.holdout
+    assert back.manifest["source"] == ranges and back.manifest["counts"]["train_signal"] == {
+        "desirable": 2, "undesirable": 1, "pairs": 1}
+    manifest = tmp_path / "datasets" / built.digest.removeprefix("sha256:") / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert write_snapshot(built, str(tmp_path)).uri.endswith(built.digest.removeprefix("sha256:"))
+    assert manifest.stat().st_mtime_ns == stamp  # written once
+    assert read_snapshot(written.uri, splits=("holdout",)).train == []
 
 
 def release(version: str, state: str, tenant: str = "acme", uri: str | None = "/a") -> dict:
@@ -49,6 +143,7 @@ def test_incumbent_is_the_newest_live_adapter_of_the_tenant():
                                "acme", "order-extract").version == "v6"
     assert newest_live_adapter(history + [release("v1", "PROMOTED")], "acme", "order-extract").version == "v1"
     assert newest_live_adapter([release("v7", "RELEASED", uri=None)], "acme", "order-extract").version == "base"
+    assert [r["version"] for r in live_releases(history, "acme")] == ["v1"]
 
 
 def test_prompt_gets_the_task_system_prompt_unless_it_has_one():

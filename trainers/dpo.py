@@ -1,0 +1,135 @@
+"""DPO recipe: a LoRA adapter trained with trl's ``DPOTrainer`` on correction pairs.
+
+A correction pairs the answer the agent should have given (chosen) with the one it gave
+(rejected). The loss is DPO's sigmoid loss plus an SFT (NLL) term on the chosen answer
+(``loss_type: [sigmoid, sft]``, the RPO recipe): with few pairs, pure DPO mostly pushes the
+rejected answer down without making the chosen one likely enough to be generated greedily.
+
+Ready-to-paste (48 generated order-extract pairs: correct JSON chosen, prose rejected)::
+
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.dpo --config trainers/recipes/dpo.yaml
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.dpo --config trainers/recipes/dpo.yaml --set sft_weight=0
+
+Like every recipe it knows nothing of Kafka or Ray (see ``adaptloop.trainers.ray_job``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from adaptloop.errors import ConfigError, TrainingError
+from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
+                                       common_args, count_tokens, load_base, lora_config, progress_callback,
+                                       recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
+                                       config_from_mapping, public_config)
+
+log = logging.getLogger(__name__)
+
+METHOD = "dpo"
+
+
+@dataclass
+class DPORecipeConfig:
+    """Everything one DPO run needs. Examples: {prompt_messages, chosen, rejected}."""
+
+    model_path: str = field(default="", metadata={"help": "HF model folder of the base model; empty means the bundled SmolLM2-135M-Instruct."})
+    output_dir: str = field(default="/tmp/adaptloop-dpo", metadata={"help": "Where the PEFT adapter folder is written (replaced if it exists)."})
+    examples: list[dict] = field(default_factory=list, metadata={
+        "help": "Pairs {prompt_messages, chosen, rejected}; passed in-process by the service."})
+    generate_examples: int = field(default=0, metadata={"help": "Without examples: this many generated order-extract pairs."})
+    generate_seed: int = field(default=7, metadata={"help": "Seed of the generated cases."})
+    system_prompt: str = field(default="", metadata={"help": "Prepended as the system message when an example's prompt has none."})
+    task: str = field(default="", metadata={"help": "Built-in task whose system prompt is used when system_prompt is empty."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (vLLM's --max-lora-rank must be at least this)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                      metadata={"help": "Module names that get a LoRA pair."})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the base."})
+    sft_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL term on chosen answers (0: pure DPO)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (linear decay after warmup)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the learning rate."})
+    epochs: float = field(default=1, metadata={"help": "Passes over the pairs."})
+    batch_size: int = field(default=4, metadata={"help": "Pairs per optimizer step."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per prompt + answer after the chat template."})
+    seed: int = field(default=1234, metadata={"help": "Seed of Python, numpy, torch and the data order."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast: for GPUs and CPUs with native bf16; very slow on AVX2."})
+    threads: int = field(default=1, metadata={"help": "torch intra-op threads; 0 means torch's default."})
+    logging_steps: int = field(default=2, metadata={"help": "Report loss every this many steps."})
+    work_dir: str = field(default="", metadata={"help": "Checkpoints (default output_dir + '.work'); found ones are resumed."})
+    save_steps: int = field(default=4, metadata={"help": "Checkpoint every this many steps (0: never)."})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "DPORecipeConfig":
+        return config_from_mapping(cls, values)
+
+    def validate(self) -> None:
+        if not 1 <= self.lora_rank <= MAX_LORA_RANK:
+            raise ConfigError(f"lora_rank must be in 1..{MAX_LORA_RANK}, got {self.lora_rank}")
+        if self.epochs <= 0 or self.batch_size < 1 or self.max_length < 16 or self.sft_weight < 0:
+            raise ConfigError("DPO needs epochs > 0, batch_size >= 1, max_length >= 16 and sft_weight >= 0")
+
+    def public(self) -> dict[str, Any]:
+        """The config without the examples: what lineage records (``config_json``)."""
+        return public_config(self)
+
+
+def to_pair(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
+    """trl's conversational preference row."""
+    return {"prompt": chat_prompt(example["prompt_messages"], system_prompt),
+            "chosen": assistant(example["chosen"]), "rejected": assistant(example["rejected"])}
+
+
+def generated_examples(n: int, seed: int) -> list[dict]:
+    from adaptloop.tasks import OrderGenerator
+
+    return [{"prompt_messages": [{"role": "user", "content": c.sentence}], "chosen": c.answer,
+             "rejected": f"{c.truth['customer']} ordered {c.truth['quantity']} {c.truth['product']}."}
+            for c in OrderGenerator(seed).cases(n)]
+
+
+def main(cfg: DPORecipeConfig, callbacks: Sequence[Any] = (),
+         progress: Callable[[dict], None] | None = None) -> RecipeResult:
+    """Train the adapter and save it to ``cfg.output_dir``; resume from a checkpoint in ``cfg.work_dir``."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg.validate()
+    examples = list(cfg.examples) or generated_examples(cfg.generate_examples, cfg.generate_seed)
+    if not examples:
+        raise TrainingError("no training pairs")
+    same = sum(1 for e in examples if e["chosen"] == e["rejected"])
+    if same:
+        raise TrainingError(f"{same} DPO pairs have chosen == rejected: nothing to prefer")
+    seed_everything(cfg.seed)
+    model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
+    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
+    rows = [to_pair(e, system_prompt) for e in examples]
+    # Chosen and rejected, each through the policy and the reference (the adapter disabled).
+    tokens_per_epoch = 2 * count_tokens(tokenizer, [r["prompt"] + r["chosen"] for r in rows]
+                                        + [r["prompt"] + r["rejected"] for r in rows], cfg.max_length)
+    work = cfg.work_dir or cfg.output_dir + ".work"
+    loss = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {
+        "loss_type": ["sigmoid"]}
+    args = DPOConfig(**common_args(output_dir=work, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                   learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
+                                   logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, seed=cfg.seed,
+                                   bf16=cfg.bf16),
+                     max_length=cfg.max_length, beta=cfg.beta, **loss)
+    steps_per_epoch = max(1, -(-len(rows) // cfg.batch_size))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
+                         callbacks=[progress_callback(progress, tokens_per_epoch / steps_per_epoch), *callbacks])
+    return train_and_save(trainer, tokenizer, method=METHOD, output_dir=cfg.output_dir, work_dir=work,
+                          train_examples=len(rows), tokens_per_epoch=tokens_per_epoch, epochs=cfg.epochs)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return recipe_cli(__doc__, DPORecipeConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

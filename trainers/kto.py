@@ -1,0 +1,154 @@
+"""KTO recipe: a LoRA adapter trained with trl's ``KTOTrainer`` on unpaired good/bad verdicts.
+
+KTO needs only a label per example (desirable or not), which is what validators and thumbs
+up/down give: no corrected answer is required. The two classes are weighted so that their
+weighted counts are equal (``class_weights``), as the KTO paper advises for imbalanced data.
+
+Ready-to-paste (48 generated order-extract cases: correct JSON desirable, prose undesirable)::
+
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.kto --config trainers/recipes/kto.yaml
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.kto --config trainers/recipes/kto.yaml --set beta=0.2
+
+Like every recipe it knows nothing of Kafka or Ray (see ``adaptloop.trainers.ray_job``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from adaptloop.errors import ConfigError, TrainingError
+from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
+                                       common_args, count_tokens, load_base, lora_config, progress_callback,
+                                       recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
+                                       config_from_mapping, public_config)
+
+log = logging.getLogger(__name__)
+
+METHOD = "kto"
+
+
+@dataclass
+class KTORecipeConfig:
+    """Everything one KTO run needs. Examples: {prompt_messages, completion, label: bool}."""
+
+    model_path: str = field(default="", metadata={"help": "HF model folder of the base model; empty means the bundled SmolLM2-135M-Instruct."})
+    output_dir: str = field(default="/tmp/adaptloop-kto", metadata={"help": "Where the PEFT adapter folder is written (replaced if it exists)."})
+    examples: list[dict] = field(default_factory=list, metadata={
+        "help": "Examples {prompt_messages, completion, label}; label true = desirable. Passed in-process by the service."})
+    generate_examples: int = field(default=0, metadata={
+        "help": "Without examples: this many generated order-extract cases, half desirable, half undesirable."})
+    generate_seed: int = field(default=7, metadata={"help": "Seed of the generated cases."})
+    system_prompt: str = field(default="", metadata={"help": "Prepended as the system message when an example's prompt has none."})
+    task: str = field(default="", metadata={"help": "Built-in task whose system prompt is used when system_prompt is empty."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (vLLM's --max-lora-rank must be at least this)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                      metadata={"help": "Module names that get a LoRA pair."})
+    beta: float = field(default=0.1, metadata={"help": "KTO beta: higher keeps the policy closer to the base."})
+    desirable_weight: float = field(default=0.0, metadata={"help": "Loss weight of desirable examples; 0 = from the class ratio."})
+    undesirable_weight: float = field(default=0.0, metadata={"help": "Loss weight of undesirable examples; 0 = from the class ratio."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (linear decay after warmup)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the learning rate."})
+    epochs: float = field(default=1, metadata={"help": "Passes over the examples."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step (KTO's KL estimate needs >= 2)."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per example after the chat template."})
+    seed: int = field(default=1234, metadata={"help": "Seed of Python, numpy, torch and the data order."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast: for GPUs and CPUs with native bf16; very slow on AVX2."})
+    threads: int = field(default=1, metadata={"help": "torch intra-op threads; 0 means torch's default."})
+    logging_steps: int = field(default=2, metadata={"help": "Report loss every this many steps."})
+    work_dir: str = field(default="", metadata={"help": "Checkpoints (default output_dir + '.work'); found ones are resumed."})
+    save_steps: int = field(default=4, metadata={"help": "Checkpoint every this many steps (0: never)."})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "KTORecipeConfig":
+        return config_from_mapping(cls, values)
+
+    def validate(self) -> None:
+        if not 1 <= self.lora_rank <= MAX_LORA_RANK:
+            raise ConfigError(f"lora_rank must be in 1..{MAX_LORA_RANK}, got {self.lora_rank}")
+        if self.epochs <= 0 or self.batch_size < 2 or self.max_length < 16:
+            raise ConfigError("KTO needs epochs > 0, batch_size >= 2 (its KL estimate) and max_length >= 16")
+
+    def public(self) -> dict[str, Any]:
+        """The config without the examples: what lineage records (``config_json``)."""
+        return public_config(self)
+
+
+def class_weights(desirable: int, undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) making the weighted class counts equal; the larger class keeps 1.0.
+
+    Refuses single-class data: KTO learns from the contrast between the classes.
+    """
+    if desirable == 0 or undesirable == 0:
+        raise TrainingError(f"single-class KTO data: {desirable} desirable and {undesirable} undesirable examples; "
+                            "KTO needs both")
+    if desirable >= undesirable:
+        return 1.0, desirable / undesirable
+    return undesirable / desirable, 1.0
+
+
+def to_unpaired(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
+    """trl's conversational unpaired-preference row."""
+    return {"prompt": chat_prompt(example["prompt_messages"], system_prompt),
+            "completion": assistant(example["completion"]), "label": bool(example["label"])}
+
+
+def generated_examples(n: int, seed: int) -> list[dict]:
+    from adaptloop.tasks import OrderGenerator
+
+    rows = []
+    for i, case in enumerate(OrderGenerator(seed).cases(n)):
+        good = i % 2 == 0
+        truth = case.truth
+        bad = f"{truth['customer']} ordered {truth['quantity']} {truth['product']} for {truth['city']}."
+        rows.append({"prompt_messages": [{"role": "user", "content": case.sentence}],
+                     "completion": case.answer if good else bad, "label": good})
+    return rows
+
+
+def main(cfg: KTORecipeConfig, callbacks: Sequence[Any] = (),
+         progress: Callable[[dict], None] | None = None) -> RecipeResult:
+    """Train the adapter and save it to ``cfg.output_dir``; resume from a checkpoint in ``cfg.work_dir``."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    cfg.validate()
+    examples = list(cfg.examples) or generated_examples(cfg.generate_examples, cfg.generate_seed)
+    if not examples:
+        raise TrainingError("no training examples")
+    desirable = sum(1 for e in examples if e["label"])
+    weights = class_weights(desirable, len(examples) - desirable)
+    if cfg.desirable_weight and cfg.undesirable_weight:
+        weights = (cfg.desirable_weight, cfg.undesirable_weight)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
+    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
+    rows = [to_unpaired(e, system_prompt) for e in examples]
+    # KTO runs each row and a mismatched (KL) row through the policy and the reference: ~4 passes.
+    tokens_per_epoch = 4 * count_tokens(tokenizer, [r["prompt"] + r["completion"] for r in rows], cfg.max_length)
+    work = cfg.work_dir or cfg.output_dir + ".work"
+    args = KTOConfig(**common_args(output_dir=work, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                   learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
+                                   logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, seed=cfg.seed,
+                                   bf16=cfg.bf16),
+                     max_length=cfg.max_length, beta=cfg.beta, desirable_weight=weights[0],
+                     undesirable_weight=weights[1])
+    log.info("kto: %d desirable, %d undesirable, weights %.2f/%.2f", desirable, len(rows) - desirable, *weights)
+    steps_per_epoch = max(1, -(-len(rows) // cfg.batch_size))
+    trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
+                         callbacks=[progress_callback(progress, tokens_per_epoch / steps_per_epoch), *callbacks])
+    return train_and_save(trainer, tokenizer, method=METHOD, output_dir=cfg.output_dir, work_dir=work,
+                          train_examples=len(rows), tokens_per_epoch=tokens_per_epoch, epochs=cfg.epochs)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return recipe_cli(__doc__, KTORecipeConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
