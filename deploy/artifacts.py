@@ -48,3 +48,17 @@ def lora_int_id(version: str) -> int:
 def alias(tenant: str, task: str) -> str:
     """What clients ask the gateway for: ``tenant/task``."""
     return f"{tenant}/{task}"
+
+
+def base_model_digest(folder: Path) -> str:
+    """``sha256:<hex>`` of a base model folder: config.json's bytes + the sorted (name, size) of its
+    ``*.safetensors`` files. Cheap (no weight reads) and enough to tell one base from another; a
+    server refuses an adapter trained on a base whose fingerprint differs from the one it serves."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ArtifactError(f"base model folder {folder} has no config.json")
+    digest = hashlib.sha256(config.read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(f"\0{path.name}\0{path.stat().st_size}".encode())
+    return "sha256:" + digest.hexdigest()

@@ -13,6 +13,7 @@
     ├── TrainingError          a training request could not be turned into an adapter
     ├── ArtifactError          an adapter artifact is missing or its digest does not match
     └── ServingError           vLLM refused an adapter, or no replica can serve an alias
+        └── AuthError          a gateway request without a valid API key, or for another tenant
 """
 
 from __future__ import annotations
@@ -77,3 +78,7 @@ class ArtifactError(AdaptloopError):
 
 class ServingError(AdaptloopError):
     """vLLM refused an adapter, or no replica can serve an alias."""
+
+
+class AuthError(ServingError):
+    """A gateway request without a valid API key, or for an alias of another tenant."""

