@@ -183,20 +183,9 @@ def serving(kafka, tmp_path_factory) -> Serving:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory) -> Path:
     """A real LoRA (r=8 on q_proj/v_proj) of the base model, lora_B perturbed so outputs differ."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from adaptloop.serving.bench_gateway import make_adapter
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ensure_base_model(DEFAULT_HOME), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, weight in peft_model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0.0, 0.5)
-    folder = tmp_path_factory.mktemp("adapter") / "lora"
-    peft_model.save_pretrained(folder)
-    return folder
+    return make_adapter(tmp_path_factory.mktemp("adapter") / "lora")
 
 
 def test_unknown_model_is_an_openai_404_and_no_key_is_a_401(serving):
