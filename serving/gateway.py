@@ -385,10 +385,14 @@ class Gateway:
             try:
                 response = await self.client.get(url, timeout=2.0)
                 response.raise_for_status()
-                replica.loaded = frozenset(response.json()["loaded"])
-                if not replica.healthy:
-                    log.info("sidecar at %s answers: %d adapters loaded", url, len(replica.loaded))
-                replica.healthy = True
+                report = response.json()
+                replica.loaded = frozenset(report["loaded"])
+                vllm_up = bool(report.get("vllm", True))  # False while its sidecar restarts vLLM
+                if vllm_up and not replica.healthy:
+                    log.info("replica %s answers: %d adapters loaded", replica.vllm_url, len(replica.loaded))
+                elif replica.healthy and not vllm_up:
+                    log.warning("replica %s: vLLM is down (its sidecar restarts it)", replica.vllm_url)
+                replica.healthy = vllm_up
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 # Keep the last known set: vLLM rejects an adapter it lost, and the call falls back.
                 if replica.healthy:

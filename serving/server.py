@@ -41,7 +41,7 @@ from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.kafka import DeliveryTracker
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import ManagedProcess, mark_ready
+from adaptloop.processes import ManagedProcess, mark_ready, stop_group
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import ServeSettings
@@ -91,7 +91,10 @@ class Sidecar:
         self.on_change = on_change
         self.loaded: dict[str, dict[str, Any]] = {}
         self.refused: dict[str, str] = {}
+        self.restores = 0
         self._lock = threading.Lock()
+        #: Held while vLLM's adapter set changes: the reader's batches wait while vLLM restarts.
+        self.changing = threading.Lock()
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -99,16 +102,34 @@ class Sidecar:
 
     def apply(self, changed: dict[str, Release]) -> None:
         """Act on the newest record of each changed version (called from the registry reader)."""
-        for version, release in changed.items():
-            if release.servable and version not in self.loaded:
-                self._load(release)
-            elif release.servable:
-                with self._lock:
-                    self.loaded[version]["state"] = release.state  # e.g. RELEASED -> PROMOTED
-            elif version in self.loaded:
-                self._unload(version, release.state)
+        with self.changing:
+            for version, release in changed.items():
+                if release.servable and version not in self.loaded:
+                    self._load(release)
+                elif release.servable:
+                    with self._lock:
+                        self.loaded[version]["state"] = release.state  # e.g. RELEASED -> PROMOTED
+                elif version in self.loaded:
+                    self._unload(version, release.state)
         if changed:
             self.on_change()
+
+    def forget(self) -> None:
+        """vLLM died: nothing is loaded any more (the gateway stops routing adapters here)."""
+        with self._lock:
+            self.loaded.clear()
+        self.on_change()
+
+    def restore(self, releases: dict[str, Release]) -> None:
+        """After a vLLM restart: load every servable release again, exactly as at start-up (caller holds ``changing``)."""
+        with self._lock:
+            self.loaded.clear()
+            self.refused.clear()
+        for release in sorted(releases.values(), key=lambda r: r.offset):
+            if release.servable:
+                self._load(release)
+        self.restores += 1
+        self.on_change()
 
     def _load(self, release: Release) -> None:
         started = time.monotonic()
@@ -121,6 +142,12 @@ class Sidecar:
             log.error("refused %s: %s", release.version, exc)
             with self._lock:
                 self.refused[release.version] = str(exc)
+            return
+        except StackError as exc:
+            # vLLM is down: the main loop restarts it and restores every servable release, this one included.
+            log.error("not loaded now (vLLM down) %s: %s", release.version, exc)
+            with self._lock:
+                self.refused[release.version] = f"vLLM unreachable (retried after its restart): {exc}"
             return
         info = {"tenant": release.tenant, "task": release.task, "digest": release.digest, "state": release.state,
                 "loaded_at": int(time.time() * 1000), "load_ms": round((time.monotonic() - started) * 1000, 1)}
@@ -235,19 +262,20 @@ def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
 
 
 def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader,
-                  healthy: threading.Event) -> ThreadingHTTPServer:
+                  healthy: threading.Event, vllm_pid: Callable[[], int | None] = lambda: None) -> ThreadingHTTPServer:
     """``GET /adapters`` and ``GET /health`` on a small threaded HTTP server."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/adapters":
-                body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest}
+                body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest,
+                                           "vllm": healthy.is_set(), "restores": sidecar.restores}
                 self._send(HTTPStatus.OK, body)
             elif self.path == "/health":
                 ready = healthy.is_set() and reader.caught_up.is_set()
                 self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
                            {"status": "ok" if ready else "starting", "vllm": healthy.is_set(),
-                            "registry_caught_up": reader.caught_up.is_set()})
+                            "vllm_pid": vllm_pid(), "registry_caught_up": reader.caught_up.is_set()})
             else:
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
 
@@ -283,6 +311,27 @@ def _wait(condition, stop: threading.Event, timeout_s: float, what: str, vllm: M
         stop.wait(0.5)
 
 
+def restart_vllm(vllm: ManagedProcess, sidecar: Sidecar, reader: ReleaseReader, healthy: threading.Event,
+                 http: httpx.Client, vllm_url: str, stop: threading.Event, settings: ServeSettings) -> None:
+    """vLLM died (OOM, a crash): start it again and load exactly the servable set, as at start-up.
+
+    Without this, a vLLM restarted by anyone else comes back with no adapters while the registry
+    says they are served. Registry batches wait (``sidecar.changing``) until the set is restored.
+    """
+    log.error("vLLM exited with %s; restarting it and restoring the adapter set; last log lines:\n%s",
+              vllm.popen.returncode, vllm.tail(10))
+    healthy.clear()
+    sidecar.forget()
+    started = time.monotonic()
+    with sidecar.changing:
+        stop_group(vllm.pid, 0)  # its engine-core child (same process group) may have outlived it
+        vllm.start()
+        _wait(lambda: vllm_healthy(http, vllm_url), stop, settings.startup_timeout_s, "vLLM (restart)", vllm)
+        healthy.set()
+        sidecar.restore(reader.releases())
+    log.info("vLLM restarted and %d adapters restored in %.1f s", len(sidecar.loaded), time.monotonic() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptloop serve", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                                     ready=lambda: healthy.is_set() and reader.caught_up.is_set())
         sidecar.on_change = publisher.changed
         # Up first: /health says "starting" meanwhile, and a taken port fails before vLLM's long start.
-        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy)
+        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy,
+                               vllm_pid=lambda: vllm.pid if vllm.alive() else None)
         log.info("starting vLLM (%s) on %s; log: %s", model_dir, vllm_url, vllm.log_path)
         vllm.start()
         _wait(lambda: vllm_healthy(http, vllm_url), stop, settings.startup_timeout_s, "vLLM", vllm)
@@ -329,9 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("serving: %d adapters loaded, %d refused (base %s)", len(sidecar.loaded), len(sidecar.refused),
                  base_digest)
 
+        restarts = 0
         while not stop.is_set():
             if not vllm.alive():
-                raise StackError(f"vLLM exited with {vllm.popen.returncode}; last log lines:\n{vllm.tail()}")
+                restarts += 1
+                if restarts > settings.max_vllm_restarts:
+                    raise StackError(f"vLLM exited with {vllm.popen.returncode} ({restarts - 1} restarts already); "
+                                     f"last log lines:\n{vllm.tail()}")
+                restart_vllm(vllm, sidecar, reader, healthy, http, vllm_url, stop, settings)
             if not reader.alive:
                 raise StackError(f"the registry reader stopped: {reader.error}")
             stop.wait(1.0)

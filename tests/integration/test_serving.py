@@ -591,3 +591,28 @@ def test_zero_failed_requests_while_an_adapter_is_swapped_under_load(serving, ad
     record = serving.releases(v2)[-1]
     assert (record["state"], record["decided_by"]) == ("PROMOTED", "manual")
     assert json.loads(record["evidence_json"])["note"] == "swap under load"
+
+
+def test_killed_vllm_is_restarted_by_its_sidecar_with_the_same_adapter_set(serving, adapter_dir):
+    """vLLM alone dies (SIGKILL of its process group): the sidecar restarts it and loads exactly the registry's set."""
+    import os
+    import signal
+
+    version = serving.publish(tenant="phoenix", task="crash", folder=adapter_dir, digest=artifact_digest(adapter_dir))
+    wait_for(lambda: version in serving.adapters()["loaded"], LOAD_TIMEOUT_S, "loaded")
+    before = serving.adapters()
+    pid = httpx.get(serving.sidecar_url + "/health", timeout=5).json()["vllm_pid"]
+    os.killpg(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: not serving.adapters()["vllm"], 30, "the sidecar notices")
+    after = wait_for(lambda: (a := serving.adapters())["vllm"] and a["restores"] == before["restores"] + 1 and a,
+                     SERVE_READY_TIMEOUT_S, "vLLM restarted and the set restored", poll_s=1.0)
+    print(f"\nvLLM killed -> restarted by the sidecar with {len(after['loaded'])} adapters in "
+          f"{time.monotonic() - killed:.1f}s")
+    assert set(after["loaded"]) == set(before["loaded"]) and version in after["loaded"]
+    assert httpx.get(serving.sidecar_url + "/health", timeout=5).json()["vllm_pid"] != pid
+    served = {m["id"] for m in httpx.get(serving.vllm_url + "/v1/models", timeout=10).json()["data"]}
+    assert served == {BASE} | set(after["loaded"])
+    wait_for(lambda: (r := serving.chat(alias("phoenix", "crash"))).status_code == 200
+             and r.headers["x-adaptloop-adapter"] == version, 30, "the gateway serves through the restored adapter")
+    assert serving.serve.alive()

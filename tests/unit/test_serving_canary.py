@@ -135,3 +135,21 @@ def test_router_splits_by_share_keeps_tenants_apart_and_uses_replicas_that_have_
     routes = [router.route("acme/extract", "acme", {}) for _ in range(8)]
     assert {r.replica.vllm_url for r in routes if r.role == "incumbent"} == {"http://b"}
     assert {r.replica.vllm_url for r in routes if r.role == "canary"} == {"http://a"}
+
+
+def test_gateway_stats_count_errors_and_only_calls_since_the_canary_started():
+    from adaptloop.serving.gateway import Route, Stats, bearer
+
+    stats = Stats(window=100)
+    v2 = Route("acme", "extract", "v2", "v2", "acme/extract")
+    base = Route("acme", "extract", "base", None, None)
+    for latency in (10.0, 20.0, None, 30.0):
+        stats.add(v2, latency)
+    stats.add(base, 5.0)
+    summary = stats.as_dict("acme/extract")["aliases"]["acme/extract"]
+    assert summary["v2"] == {"requests": 4, "errors": 1, "p95_ms": 30.0}
+    assert summary["base"]["requests"] == 1
+    assert stats.as_dict("acme/extract", since_ms=2**62)["aliases"]["acme/extract"]["v2"]["requests"] == 0
+    assert stats.as_dict("other/alias")["aliases"] == {}
+    assert bearer({"authorization": "Bearer alk_1_x"}) == "alk_1_x"
+    assert bearer({"authorization": "alk_1_x"}) is None and bearer({}) is None
