@@ -106,6 +106,8 @@ def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: i
         result[f"overhead_{mode}_ms"] = {
             "p50": round(result[f"gateway_{mode}"]["p50_ms"] - result["direct"]["p50_ms"], 3),
             "p99": round(result[f"gateway_{mode}"]["p99_ms"] - result["direct"]["p99_ms"], 3)}
+        result[f"ratio_{mode}_to_direct"] = {
+            q: round(result[f"gateway_{mode}"][f"{q}_ms"] / result["direct"][f"{q}_ms"], 3) for q in ("p50", "p99")}
     return result
 
 

@@ -275,10 +275,10 @@ def fetch_stats(http: httpx.Client, urls: Iterable[str], alias_name: str, since_
             log.warning("gateway %s has no stats now (%s)", url, exc)
             continue
         for name, sides in data.items():
-            for served, s in sides.items():
+            for served, side in sides.items():
                 old = merged.setdefault(name, {}).get(served, RequestStats())
-                merged[name][served] = RequestStats(old.requests + int(s["requests"]), old.errors + int(s["errors"]),
-                                                          max(old.p95_ms, float(s["p95_ms"])))
+                merged[name][served] = RequestStats(old.requests + int(side["requests"]), old.errors + int(side["errors"]),
+                                                    max(old.p95_ms, float(side["p95_ms"])))
     return merged.get(alias_name, {})
 
 
