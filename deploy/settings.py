@@ -180,6 +180,8 @@ class ServeSettings(BaseSettings):
                        "without AVX-512 BF16 emulate (~10 tokens/s here instead of hundreds); use bfloat16 on GPUs.")
     startup_timeout_s: float = 300.0
     replica_id: str = Field("", description="This replica's name on the status topic; default host:port of its vLLM.")
+    retire_grace_s: float = Field(2.0, description="A RETIRED (superseded) version is unloaded this long after its "
+                                  "record, once gateways have switched to its successor.")
     max_vllm_restarts: int = Field(3, description="vLLM deaths the sidecar recovers from (restart + restore) before it exits.")
     enforce_eager: bool = Field(True, description="vLLM --enforce-eager: right for CPUs; false on GPUs (CUDA graphs).")
     vllm_args: list[str] = Field(default_factory=list, description=(

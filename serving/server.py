@@ -8,8 +8,9 @@ The sidecar reads the releases topic from its beginning (newest record per versi
 the release (a mismatch is refused and never loaded), and only if it was trained on the base this
 server serves (a release whose ``base_model_digest`` is set and differs from
 ``artifacts.base_model_digest`` of the served folder is refused), under its versioned name (never
-reloaded under the same name), then warmed with a one-token completion. RETIRED, ROLLED_BACK and
-REJECTED unload it. ``/adapters`` shows what is loaded and what was refused and why; the same
+reloaded under the same name), then warmed with a one-token completion. ROLLED_BACK and REJECTED unload it
+at once; RETIRED (superseded by a promotion) after ``retire_grace_s``, so that a gateway that has
+not yet read the promotion does not route a call to a version that is gone. ``/adapters`` shows what is loaded and what was refused and why; the same
 report goes to the status topic (``serving.status``, keyed by replica id) on every change and every
 ``status_interval_s``, for gateways and operators that watch the fleet rather than one replica.
 
@@ -83,12 +84,13 @@ class Sidecar:
     """Keeps vLLM's adapter set equal to the servable releases whose artifacts check out."""
 
     def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int, base_digest: str | None = None,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, retire_grace_s: float = 0.0) -> None:
         self.vllm_url = vllm_url.rstrip("/")
         self.http = http
         self.max_lora_rank = max_lora_rank
         self.base_digest = base_digest
         self.on_change = on_change
+        self.retire_grace_s = retire_grace_s
         self.loaded: dict[str, dict[str, Any]] = {}
         self.refused: dict[str, str] = {}
         self.restores = 0
@@ -109,10 +111,28 @@ class Sidecar:
                 elif release.servable:
                     with self._lock:
                         self.loaded[version]["state"] = release.state  # e.g. RELEASED -> PROMOTED
+                elif version in self.loaded and release.state == "RETIRED" and self.retire_grace_s > 0:
+                    self._drain(version)
                 elif version in self.loaded:
                     self._unload(version, release.state)
         if changed:
             self.on_change()
+
+    def _drain(self, version: str) -> None:
+        """A superseded version stays loaded for ``retire_grace_s`` before it is unloaded: gateways that
+        have not read the promotion yet still route to it, and their calls must not miss it."""
+        with self._lock:
+            self.loaded[version]["state"] = "RETIRED"
+
+        def unload() -> None:
+            with self.changing:
+                if self.loaded.get(version, {}).get("state") == "RETIRED":
+                    self._unload(version, "RETIRED, drained")
+            self.on_change()
+
+        timer = threading.Timer(self.retire_grace_s, unload)
+        timer.daemon = True
+        timer.start()
 
     def forget(self) -> None:
         """vLLM died: nothing is loaded any more (the gateway stops routing adapters here)."""
@@ -355,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         base_digest = base_model_digest(model_dir)
-        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank, base_digest=base_digest)
+        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank, base_digest=base_digest,
+                          retire_grace_s=settings.retire_grace_s)
         reader = ReleaseReader(settings.kafka, settings.topics, on_batch=sidecar.apply, name="sidecar-registry")
         publisher = StatusPublisher(settings, sidecar, base_digest,
                                     ready=lambda: healthy.is_set() and reader.caught_up.is_set())

@@ -587,6 +587,7 @@ def test_zero_failed_requests_while_an_adapter_is_swapped_under_load(serving, ad
     print(f"\nswap under load: {len(results)} calls, statuses {dict(statuses)}, served by {dict(served)}")
     assert statuses == {200: len(results)}, statuses
     assert served[v1] > 0 and served[v2] > 0
+    assert served["base"] == 0  # v1 drains (retire_grace_s) until every gateway routes to v2
     assert {a for t, _, a in results if t > swapped + 1.0} == {v2}  # after the swap settles, only v2
     record = serving.releases(v2)[-1]
     assert (record["state"], record["decided_by"]) == ("PROMOTED", "manual")
