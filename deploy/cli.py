@@ -7,6 +7,9 @@
     adaptloop trainer     # the training service (Ray jobs)
     adaptloop serve       # vLLM with its registry sidecar
     adaptloop gateway     # the OpenAI-compatible gateway
+    adaptloop canary      # the canary controller (promote / roll back on outcomes)
+    adaptloop release     # manual promote / rollback of a release
+    adaptloop keys        # gateway API keys (stored hashed)
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ COMMANDS = {
     "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),
     "gateway": ("adaptloop.serving.gateway:main", "Run the OpenAI-compatible gateway."),
+    "canary": ("adaptloop.serving.canary:main", "Run the canary controller."),
+    "release": ("adaptloop.serving.canary:release_main", "Promote or roll back a release by hand."),
+    "keys": ("adaptloop.serving.keys:main", "Create gateway API keys."),
 }
 
 

@@ -67,8 +67,9 @@ def _say(message: str, started: float = time.monotonic()) -> None:
 class Agent:
     """The simulated agent: calls the gateway like any OpenAI client would."""
 
-    def __init__(self, gateway_url: str, model: str, concurrency: int) -> None:
-        self.client = httpx.AsyncClient(base_url=gateway_url, timeout=120)
+    def __init__(self, gateway_url: str, model: str, concurrency: int, api_key: str) -> None:
+        self.client = httpx.AsyncClient(base_url=gateway_url, timeout=120,
+                                        headers={"authorization": f"Bearer {api_key}"})
         self.model = model
         self.spec = task_spec(TASK)
         self.limit = asyncio.Semaphore(concurrency)
@@ -157,8 +158,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     ports = StackPorts.free() if config.free_ports else StackPorts()
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True) if config.free_ports else KafkaSettings()
     topics = Topics()
+    # Canary share 1.0: the demo measures before/after, so the new release takes all traffic at once.
     stack = LocalStack(home=config.home, kafka=kafka, topics=topics, ports=ports,
-                       extra_env={"ADAPTLOOP_STREAMS_WINDOW_SIZE": str(config.window_size)})
+                       extra_env={"ADAPTLOOP_STREAMS_WINDOW_SIZE": str(config.window_size),
+                                  "ADAPTLOOP_GATEWAY_CANARY_SHARE": "1.0"})
     traffic_cases = OrderGenerator(config.traffic_seed).cases(config.traffic)
     eval_cases = OrderGenerator(config.eval_seed).cases(config.eval_cases)
     with stack.start(progress=_say):
@@ -167,7 +170,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
 
 async def _loop(config, stack, kafka, topics, ports, traffic_cases, eval_cases, timings, lap) -> DemoResult:
-    agent = Agent(ports.gateway_url, alias(TENANT, TASK), config.concurrency)
+    agent = Agent(ports.gateway_url, alias(TENANT, TASK), config.concurrency, stack.dev_keys[TENANT])
     try:
         before, served_by = await agent.success_rate(eval_cases)
         _say(f"BEFORE: served by {sorted(served_by)}, validator success {before:.0%} on {len(eval_cases)} held-out sentences")

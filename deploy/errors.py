@@ -14,6 +14,7 @@
     │   └── ReleaseCheckError  an adapter (or the plan for one) breaks a rule of vLLM's LoRA loading
     ├── ArtifactError          an adapter artifact is missing or its digest does not match
     └── ServingError           vLLM refused an adapter, or no replica can serve an alias
+        └── AuthError          a gateway request without a valid API key, or for another tenant
 """
 
 from __future__ import annotations
@@ -86,3 +87,7 @@ class ArtifactError(AdaptloopError):
 
 class ServingError(AdaptloopError):
     """vLLM refused an adapter, or no replica can serve an alias."""
+
+
+class AuthError(ServingError):
+    """A gateway request without a valid API key, or for an alias of another tenant."""

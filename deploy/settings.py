@@ -36,6 +36,7 @@ class Topics(BaseSettings):
     training_requests: str = "training.requests"
     releases: str = "adapters.releases"
     erasures: str = "agent.erasures"
+    serving_status: str = "serving.status"
     partitions: int = Field(4, description="Partitions of the keyed event topics.")
 
     def name(self, which: str) -> str:
@@ -55,6 +56,8 @@ class Topics(BaseSettings):
             self.name("releases"): (1, {"cleanup.policy": "compact"}),
             # Erasures are few, read whole by every consumer, and never expire.
             self.name("erasures"): single,
+            # One record per sidecar change/heartbeat, keyed by replica; read whole, newest per key wins.
+            self.name("serving_status"): (1, {"cleanup.policy": "compact"}),
         }
 
 
@@ -216,6 +219,23 @@ class ServeSettings(BaseSettings):
     dtype: str = Field("float32", description="vLLM --dtype. Its 'auto' downcasts fp32 models to bf16, which CPUs "
                        "without AVX-512 BF16 emulate (~10 tokens/s here instead of hundreds); use bfloat16 on GPUs.")
     startup_timeout_s: float = 300.0
+    replica_id: str = Field("", description="This replica's name on the status topic; default host:port of its vLLM.")
+    retire_grace_s: float = Field(2.0, description="A RETIRED (superseded) version is unloaded this long after its "
+                                  "record, once gateways have switched to its successor.")
+    max_vllm_restarts: int = Field(3, description="vLLM deaths the sidecar recovers from (restart + restore) before it exits.")
+    enforce_eager: bool = Field(True, description="vLLM --enforce-eager: right for CPUs; false on GPUs (CUDA graphs).")
+    vllm_args: list[str] = Field(default_factory=list, description=(
+        "Extra vLLM flags as JSON, e.g. [\"--tensor-parallel-size\", \"2\", \"--gpu-memory-utilization\", \"0.85\"]."))
+    status_interval_s: float = Field(10.0, description="Heartbeat period of the status record (also sent on every change).")
+
+
+class Replica(BaseSettings):
+    """One vLLM server and its registry sidecar, as the gateway reaches them."""
+
+    model_config = _config("ADAPTLOOP_REPLICA_")
+
+    vllm_url: str
+    sidecar_url: str
 
 
 class GatewaySettings(BaseSettings):
@@ -230,5 +250,40 @@ class GatewaySettings(BaseSettings):
     port: int = 18080
     vllm_url: str = "http://127.0.0.1:18000"
     sidecar_url: str = "http://127.0.0.1:18001"
+    replicas: list[Replica] = Field(default_factory=list, description=(
+        "Several vLLM replicas, as JSON: [{\"vllm_url\": ..., \"sidecar_url\": ...}, ...]; "
+        "empty means the one at vllm_url/sidecar_url."))
     agent_name: str = "gateway"
     request_timeout_s: float = 120.0
+    api_keys_file: Path | None = Field(None, description="JSON key file written by `adaptloop keys add` (hashes only).")
+    api_keys: SecretStr | None = Field(None, description=(
+        "Extra keys in plain text, 'tenant=key,tenant=key' (dev stacks; hashed at start, never logged)."))
+    canary_share: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "Share of an alias's traffic for its newest RELEASED (not yet promoted) version; 1.0 = all at once."))
+    record_mode: Literal["ack", "background"] = Field("ack", description=(
+        "ack: answer only after the broker acknowledged the interaction; background: answer first, "
+        "record after (a caller may ask for ack per request with the x-adaptloop-record: ack header)."))
+    sidecar_poll_s: float = Field(0.2, description="How often each replica's sidecar is asked for its loaded set.")
+
+    def replica_list(self) -> list[Replica]:
+        return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]
+
+
+class CanarySettings(BaseSettings):
+    """The canary controller (``adaptloop canary``): outcomes per version decide promote or roll back."""
+
+    model_config = _config("ADAPTLOOP_CANARY_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: Topics = Field(default_factory=Topics)
+    gateway_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:18080"], description=(
+        "Gateways whose /stats give request errors and latency per version (JSON list)."))
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="False decision rate of the always-valid sequential test.")
+    tau: float = Field(0.3, gt=0.0, description="Prior scale of the success-rate difference (mixture SPRT).")
+    min_samples: int = Field(30, ge=1, description="Outcomes per side before any outcome-based decision.")
+    max_samples: int = Field(2000, ge=1, description="Canary outcomes after which an undecided canary is rolled back.")
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0, description="Canary request error rate that rolls it back.")
+    min_requests: int = Field(20, ge=1, description="Canary requests before the error/latency guards apply.")
+    max_latency_ratio: float = Field(1.5, gt=0.0, description="Canary p95 latency over the incumbent's that rolls it back.")
+    latency_slack_ms: float = Field(50.0, ge=0.0, description="Added to the incumbent's p95 before the ratio check.")
+    poll_s: float = 1.0

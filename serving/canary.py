@@ -1,0 +1,390 @@
+"""``adaptloop canary``: the canary controller, and the manual ``adaptloop release promote|rollback``.
+
+    adaptloop canary                                  # watches every alias with a RELEASED canary
+    adaptloop release promote acme--extract--0123abcd --reason "checked by hand"
+    adaptloop release rollback acme--extract--0123abcd --reason "customer complaint"
+
+A RELEASED version (it passed the trainer's gate) is a canary: the gateway sends it
+``ADAPTLOOP_GATEWAY_CANARY_SHARE`` of its alias's traffic; the incumbent (the alias's PROMOTED
+version, else the base model) gets the rest. The controller compares both sides' outcomes from the
+curated stream (``served_by`` names the version that answered, null = base; a SUCCESS is a success,
+CORRECTION and FAILURE are not), counted from the canary's ``created_at`` on so that both sides are
+measured over the same period, each example once (at-least-once upstream).
+
+The test is the mixture sequential probability ratio test (mSPRT, Johari et al., "Always valid
+inference", 2017) on the difference of success rates with a normal mixing prior N(0, tau^2):
+its p-values stay valid however often we look, which is what a controller that re-checks every
+second needs (a plain z-test re-checked every second would promote noise). It decides once
+Lambda >= 1/alpha, promote if the canary is better, roll back if worse. Guards roll back earlier:
+the canary's request error rate (from every gateway's ``/stats``) above ``max_error_rate``, or its
+p95 latency above ``max_latency_ratio`` x the incumbent's p95 + ``latency_slack_ms``. A canary still
+undecided after ``max_samples`` outcomes is rolled back (keep what is known to work).
+
+Every decision is a release record for the version (decided_by ``canary`` or ``manual``) with its
+evidence as JSON; promoting retires every other servable version of the alias (RETIRED records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import httpx
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from adaptloop.errors import AdaptloopError, BrokerError, DeserializationError, ServingError
+from adaptloop.kafka import DeliveryTracker, consumer_config, partitions_of
+from adaptloop.processes import mark_ready
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.serving.registry import Release, ReleaseReader
+from adaptloop.settings import CanarySettings
+
+log = logging.getLogger("adaptloop.canary")
+
+BASE = "base"
+READY_TIMEOUT_S = 120.0
+
+
+# --- the decision: pure ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tally:
+    """Outcomes of one side: successes out of n."""
+
+    successes: int = 0
+    n: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else 0.0
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """Gateway-side numbers of one side: requests, upstream errors, p95 latency (ms)."""
+
+    requests: int = 0
+    errors: int = 0
+    p95_ms: float = 0.0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    alpha: float = 0.05
+    tau: float = 0.3
+    min_samples: int = 30
+    max_samples: int = 2000
+    max_error_rate: float = 0.05
+    min_requests: int = 20
+    max_latency_ratio: float = 1.5
+    latency_slack_ms: float = 50.0
+
+    @classmethod
+    def from_settings(cls, s: CanarySettings) -> "Thresholds":
+        return cls(s.alpha, s.tau, s.min_samples, s.max_samples, s.max_error_rate, s.min_requests,
+                   s.max_latency_ratio, s.latency_slack_ms)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str | None  # "promote", "rollback" or None (keep watching)
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def msprt_log_lambda(canary: Tally, incumbent: Tally, tau: float) -> tuple[float, float]:
+    """(difference of success rates, log of the mixture likelihood ratio) for two proportions.
+
+    The variance uses rates smoothed by half an outcome on each side, so that 12/12 vs 0/12 has
+    a finite statistic instead of a zero variance.
+    """
+    if canary.n == 0 or incumbent.n == 0:
+        return 0.0, float("-inf")
+    delta = canary.rate - incumbent.rate
+    pc = (canary.successes + 0.5) / (canary.n + 1)
+    pi = (incumbent.successes + 0.5) / (incumbent.n + 1)
+    var = pc * (1 - pc) / canary.n + pi * (1 - pi) / incumbent.n
+    t2 = tau * tau
+    return delta, 0.5 * math.log(var / (var + t2)) + t2 * delta * delta / (2 * var * (var + t2))
+
+
+def decide(canary: Tally, incumbent: Tally, canary_requests: RequestStats, incumbent_requests: RequestStats,
+           t: Thresholds) -> Decision:
+    """Promote, roll back, or keep watching; the evidence says why, with every number used."""
+    delta, log_lambda = msprt_log_lambda(canary, incumbent, t.tau)
+    threshold = math.log(1 / t.alpha)
+    evidence = {
+        "canary": {"successes": canary.successes, "n": canary.n, "rate": round(canary.rate, 4)} | asdict(canary_requests),
+        "incumbent": {"successes": incumbent.successes, "n": incumbent.n, "rate": round(incumbent.rate, 4)}
+                     | asdict(incumbent_requests),
+        "test": {"name": "mSPRT two proportions", "delta": round(delta, 4),
+                 "log_lambda": None if math.isinf(log_lambda) else round(log_lambda, 4),
+                 "log_threshold": round(threshold, 4)},
+        "thresholds": asdict(t),
+    }
+    if canary_requests.requests >= t.min_requests:
+        if canary_requests.error_rate > t.max_error_rate:
+            return Decision("rollback", f"canary error rate {canary_requests.error_rate:.1%} > {t.max_error_rate:.1%}",
+                            evidence)
+        limit = t.max_latency_ratio * incumbent_requests.p95_ms + t.latency_slack_ms
+        if incumbent_requests.requests >= t.min_requests and canary_requests.p95_ms > limit:
+            return Decision("rollback", f"canary p95 latency {canary_requests.p95_ms:.0f} ms > {limit:.0f} ms", evidence)
+    if canary.n >= t.min_samples and incumbent.n >= t.min_samples and log_lambda >= threshold:
+        better = delta > 0
+        return Decision("promote" if better else "rollback",
+                        f"canary success {canary.rate:.1%} vs incumbent {incumbent.rate:.1%} "
+                        f"({'better' if better else 'worse'}; log Lambda {log_lambda:.2f} >= {threshold:.2f})", evidence)
+    if canary.n >= t.max_samples:
+        return Decision("rollback", f"undecided after {canary.n} canary outcomes", evidence)
+    return Decision(None, "watching", evidence)
+
+
+def success(record: Mapping[str, Any]) -> bool:
+    return record["kind"] == "SUCCESS"
+
+
+# --- release records ------------------------------------------------------------------------------
+
+def decision_record(release: Release, state: str, *, reason: str, decided_by: str,
+                    evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """A new record for ``release``'s version: its newest record with the decision applied."""
+    if release.record is None:
+        raise ServingError(f"no record kept for {release.version}")
+    record = dict(release.record)
+    record.update(state=state, reason=reason, decided_by=decided_by, evidence_json=json.dumps(evidence, default=str))
+    return record
+
+
+def decisions_for(releases: Mapping[str, Release], version: str, action: str, *, reason: str, decided_by: str,
+                  evidence: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The records one decision writes: PROMOTED + RETIRED for the alias's other live versions, or ROLLED_BACK."""
+    release = releases.get(version)
+    if release is None:
+        raise ServingError(f"no release {version} on the registry")
+    if action == "rollback":
+        return [decision_record(release, "ROLLED_BACK", reason=reason, decided_by=decided_by, evidence=evidence)]
+    if action != "promote":
+        raise ValueError(action)
+    records = [decision_record(release, "PROMOTED", reason=reason, decided_by=decided_by, evidence=evidence)]
+    for other in releases.values():
+        if (other.tenant, other.task) == (release.tenant, release.task) and other.version != version and other.servable:
+            records.append(decision_record(other, "RETIRED", reason=f"superseded by {version}", decided_by=decided_by,
+                                           evidence={"superseded_by": version}))
+    return records
+
+
+class ReleaseWriter:
+    def __init__(self, settings: CanarySettings) -> None:
+        self.topic = settings.topics.name("releases")
+        self.serialize = serde_for("adapter_release", settings.kafka.schema_registry_url).serialize
+        self.producer = DeliveryTracker(settings.kafka)
+
+    def write(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Every record acknowledged, or ``DeliveryError``."""
+        for record in records:
+            self.producer.send(self.topic, self.serialize(record, SerdeContext(self.topic)), key=record["version"])
+        self.producer.flush()
+
+
+# --- the controller -------------------------------------------------------------------------------
+
+def canary_and_incumbent(releases: Mapping[str, Release], tenant: str, task: str) -> tuple[Release | None, Release | None]:
+    """(newest RELEASED newer than the incumbent, newest PROMOTED) of an alias; the gateway routes the same way."""
+    mine = [r for r in releases.values() if (r.tenant, r.task) == (tenant, task)]
+    key = lambda r: (r.created_at, r.offset)  # noqa: E731
+    incumbent = max((r for r in mine if r.state == "PROMOTED"), key=key, default=None)
+    canary = max((r for r in mine if r.state == "RELEASED" and (incumbent is None or key(r) > key(incumbent))),
+                 key=key, default=None)
+    return canary, incumbent
+
+
+class Outcomes:
+    """Curated examples per (tenant, task, served_by): example id -> (event_time, success)."""
+
+    def __init__(self) -> None:
+        self.by_side: dict[tuple[str, str, str], dict[str, tuple[int, bool]]] = {}
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        side = (record["tenant"], record["task"], record.get("served_by") or BASE)
+        self.by_side.setdefault(side, {})[record["example_id"]] = (int(record.get("event_time") or 0), success(record))
+
+    def tally(self, tenant: str, task: str, served_by: str, since_ms: int) -> Tally:
+        rows = [ok for t, ok in self.by_side.get((tenant, task, served_by), {}).values() if t >= since_ms]
+        return Tally(sum(rows), len(rows))
+
+
+class CuratedReader:
+    """The curated topic from its beginning, no consumer group (a restarted controller rebuilds its tallies)."""
+
+    def __init__(self, settings: CanarySettings, outcomes: Outcomes) -> None:
+        self.settings = settings
+        self.topic = settings.topics.name("curated")
+        self.outcomes = outcomes
+        self.undecodable = 0
+        self._deserialize = serde_for("curated_example", settings.kafka.schema_registry_url).deserialize
+        self._consumer = Consumer(consumer_config(settings.kafka, group_id=f"adaptloop-canary-{time.time_ns()}",
+                                                  **{"fetch.wait.max.ms": 100}))
+        self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING)
+                               for p in partitions_of(settings.kafka, self.topic)])
+
+    def poll(self, timeout_s: float) -> int:
+        try:
+            messages = self._consumer.consume(500, timeout=timeout_s)
+        except KafkaException as exc:
+            raise BrokerError(f"reading {self.topic}: {exc}") from exc
+        for msg in messages:
+            if msg.error():
+                if msg.error().fatal():
+                    raise BrokerError(f"reading {self.topic}: {msg.error()}")
+                continue
+            try:
+                self.outcomes.add(self._deserialize(msg.value(), SerdeContext(self.topic, msg.partition(), msg.offset())))
+            except (DeserializationError, KeyError, TypeError, ValueError) as exc:
+                # The streams' own output; a bad one is logged and counted, and decides nothing.
+                self.undecodable += 1
+                log.error("undecodable curated record at %s:%s: %s", msg.partition(), msg.offset(), exc)
+        return len(messages)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def fetch_stats(http: httpx.Client, urls: Iterable[str], alias_name: str, since_ms: int) -> dict[str, RequestStats]:
+    """Every gateway's ``/stats`` of one alias since ``since_ms``, summed: served version or 'base' -> numbers
+    (p95: the worst gateway's)."""
+    merged: dict[str, dict[str, RequestStats]] = {}
+    for url in urls:
+        try:
+            response = http.get(url.rstrip("/") + "/stats", params={"alias": alias_name, "since_ms": since_ms},
+                                timeout=2.0)
+            response.raise_for_status()
+            data = response.json()["aliases"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("gateway %s has no stats now (%s)", url, exc)
+            continue
+        for name, sides in data.items():
+            for served, side in sides.items():
+                old = merged.setdefault(name, {}).get(served, RequestStats())
+                merged[name][served] = RequestStats(old.requests + int(side["requests"]), old.errors + int(side["errors"]),
+                                                    max(old.p95_ms, float(side["p95_ms"])))
+    return merged.get(alias_name, {})
+
+
+class Controller:
+    def __init__(self, settings: CanarySettings) -> None:
+        self.settings = settings
+        self.thresholds = Thresholds.from_settings(settings)
+        self.reader = ReleaseReader(settings.kafka, settings.topics, name="canary-registry")
+        self.outcomes = Outcomes()
+        self.writer = ReleaseWriter(settings)
+        self.decided: set[str] = set()
+        self.watching: dict[str, str] = {}
+
+    def step(self, stats: Callable[[str, int], Mapping[str, RequestStats]]) -> list[tuple[str, Decision]]:
+        """Judge every alias's canary once; write the decisions taken. ``stats(alias, since_ms)``: gateway numbers."""
+        releases = self.reader.releases()
+        taken = []
+        for tenant, task in sorted({(r.tenant, r.task) for r in releases.values() if r.state == "RELEASED"}):
+            canary, incumbent = canary_and_incumbent(releases, tenant, task)
+            if canary is None or canary.version in self.decided:
+                continue
+            incumbent_name = incumbent.version if incumbent else BASE
+            alias_stats = stats(f"{tenant}/{task}", canary.created_at)
+            decision = decide(self.outcomes.tally(tenant, task, canary.version, canary.created_at),
+                              self.outcomes.tally(tenant, task, incumbent_name, canary.created_at),
+                              alias_stats.get(canary.version, RequestStats()),
+                              alias_stats.get(incumbent_name, RequestStats()), self.thresholds)
+            if decision.action is None:
+                if self.watching.get(canary.version) != json.dumps(decision.evidence["canary"]):
+                    self.watching[canary.version] = json.dumps(decision.evidence["canary"])
+                    log.info("watching %s vs %s: %s", canary.version, incumbent_name, decision.evidence["test"])
+                continue
+            evidence = decision.evidence | {"incumbent_version": incumbent_name, "since_ms": canary.created_at}
+            self.writer.write(decisions_for(releases, canary.version, decision.action, reason=decision.reason,
+                                            decided_by="canary", evidence=evidence))
+            self.decided.add(canary.version)
+            log.info("%s %s: %s", decision.action, canary.version, decision.reason)
+            taken.append((canary.version, decision))
+        return taken
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptloop canary", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = CanarySettings()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    controller = Controller(settings)
+    curated: CuratedReader | None = None
+    http = httpx.Client()
+    try:
+        controller.reader.start()
+        if not controller.reader.wait_caught_up(READY_TIMEOUT_S):
+            raise BrokerError(f"the registry reader did not catch up: {controller.reader.error}")
+        curated = CuratedReader(settings, controller.outcomes)
+        mark_ready()
+        log.info("canary controller ready; gateways %s", settings.gateway_urls)
+        next_step = 0.0
+        while not stop.is_set():
+            curated.poll(0.2)
+            if not controller.reader.alive:
+                raise BrokerError(f"the registry reader stopped: {controller.reader.error}")
+            if time.monotonic() >= next_step:
+                controller.step(lambda name, since: fetch_stats(http, settings.gateway_urls, name, since))
+                next_step = time.monotonic() + settings.poll_s
+        return 0
+    except AdaptloopError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        controller.reader.stop()
+        if curated is not None:
+            curated.close()
+        http.close()
+
+
+def release_main(argv: list[str] | None = None) -> int:
+    """``adaptloop release promote|rollback VERSION --reason TEXT``: a manual decision, recorded like the controller's."""
+    parser = argparse.ArgumentParser(prog="adaptloop release", description="Promote or roll back a version by hand.")
+    parser.add_argument("action", choices=("promote", "rollback"))
+    parser.add_argument("version")
+    parser.add_argument("--reason", required=True, help="why (kept in the release record)")
+    parser.add_argument("--by", default="", help="who decided (kept in the evidence)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    settings = CanarySettings()
+    reader = ReleaseReader(settings.kafka, settings.topics, name="release-cli").start()
+    try:
+        if not reader.wait_caught_up(60):
+            print(f"adaptloop release: the registry did not answer: {reader.error}", file=sys.stderr)
+            return 1
+        records = decisions_for(reader.releases(), args.version, args.action, reason=f"manual: {args.reason}",
+                                decided_by="manual", evidence={"note": args.reason, "by": args.by})
+        ReleaseWriter(settings).write(records)
+    except AdaptloopError as exc:
+        print(f"adaptloop release: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        reader.stop()
+    for record in records:
+        print(f"{record['version']} -> {record['state']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
