@@ -7,6 +7,9 @@
     adaptloop trainer     # the training service (Ray jobs)
     adaptloop serve       # vLLM with its registry sidecar
     adaptloop gateway     # the OpenAI-compatible gateway
+    adaptloop status      # live view: processes, topics and lag, counts by stage, releases, routing
+    adaptloop lineage     # adapter -> dataset -> source offsets; interaction -> every adapter that used it
+    adaptloop forget      # erase an interaction / session / subject; retrain or retire what learned from it
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ COMMANDS = {
     "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),
     "gateway": ("adaptloop.serving.gateway:main", "Run the OpenAI-compatible gateway."),
+    "status": ("adaptloop.status:main", "Show the stack: processes, topics, lag, counts by stage, releases."),
+    "lineage": ("adaptloop.lineage:main", "Trace an adapter to its data, or an interaction to its adapters."),
+    "forget": ("adaptloop.forget:main", "Erase data; retrain or retire every adapter that learned from it."),
 }
 
 
