@@ -34,8 +34,8 @@ from typing import Any, Mapping
 from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, subject_key
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker
-from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, decode_all,
-                               learned_from, ranges_contain, read_topics)
+from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
+                               ranges_contain)
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
 
@@ -186,22 +186,10 @@ class Forgetter:
     kafka: KafkaSettings
     topics: Topics
 
-    def read(self) -> tuple[LineageRecords, ErasureSet]:
-        names = {"curated": self.topics.name("curated"), "requests": self.topics.name("training_requests"),
-                 "releases": self.topics.name("releases"), "erasures": self.topics.name("erasures")}
-        raw = read_topics(self.kafka, names.values())
-        registry = self.kafka.schema_registry_url
-        records = LineageRecords()
-        records.curated = decode_all(raw[names["curated"]], "curated_example", registry, records.undecodable)
-        records.requests = decode_all(raw[names["requests"]], "training_request", registry, records.undecodable)
-        records.releases = decode_all(raw[names["releases"]], "adapter_release", registry, records.undecodable)
-        erasures = ErasureSet.of(p.record for p in decode_all(raw[names["erasures"]], "erasure", registry,
-                                                              records.undecodable))
-        return records, erasures
-
     def forget(self, *, scope: str, key: str, tenant: str | None, retire: bool = False,
                requested_by: str | None = None, reason: str | None = None) -> ForgetPlan:
-        records, existing = self.read()
+        records = LineageRecords.read(self.kafka, self.topics)
+        existing = ErasureSet.of(p.record for p in records.erasures)
         if tenant is None:
             if scope == SUBJECT:
                 raise ConfigError("--subject needs --tenant (the subject key is salted per tenant)")

@@ -109,23 +109,25 @@ def decode_all(messages: Iterable[Any], stem: str, registry_url: str | None,
 
 @dataclass
 class LineageRecords:
-    """The three topics lineage folds over, decoded, in topic order."""
+    """The topics lineage folds over, decoded, in topic order (erasures too: forget needs them)."""
 
     curated: list[Positioned] = field(default_factory=list)
     requests: list[Positioned] = field(default_factory=list)
     releases: list[Positioned] = field(default_factory=list)
+    erasures: list[Positioned] = field(default_factory=list)
     undecodable: list[str] = field(default_factory=list)
+
+    #: attribute -> (Topics attribute, record stem)
+    SOURCES = {"curated": ("curated", "curated_example"), "requests": ("training_requests", "training_request"),
+               "releases": ("releases", "adapter_release"), "erasures": ("erasures", "erasure")}
 
     @classmethod
     def read(cls, kafka: KafkaSettings, topics: Topics, *, idle_s: float = DEFAULT_IDLE_S) -> "LineageRecords":
-        names = {"curated": topics.name("curated"), "requests": topics.name("training_requests"),
-                 "releases": topics.name("releases")}
+        names = {attr: topics.name(which) for attr, (which, _) in cls.SOURCES.items()}
         raw = read_topics(kafka, names.values(), idle_s=idle_s)
         records = cls()
-        registry = kafka.schema_registry_url
-        records.curated = decode_all(raw[names["curated"]], "curated_example", registry, records.undecodable)
-        records.requests = decode_all(raw[names["requests"]], "training_request", registry, records.undecodable)
-        records.releases = decode_all(raw[names["releases"]], "adapter_release", registry, records.undecodable)
+        for attr, (_, stem) in cls.SOURCES.items():
+            setattr(records, attr, decode_all(raw[names[attr]], stem, kafka.schema_registry_url, records.undecodable))
         return records
 
 

@@ -11,6 +11,7 @@ next snapshot excludes the record, the retrained adapter's lineage no longer con
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -128,7 +129,7 @@ def test_status_lineage_and_forget_commands_on_the_real_broker(kafka, topics, tm
     home = tmp_path / "stack"
     ports = StackPorts.free()
     env = service_env(kafka, topics, home) | ports.env()
-    cli_env = {**__import__("os").environ, **env, "ADAPTLOOP_STATUS_HOME": str(home),
+    cli_env = {**os.environ, **env, "ADAPTLOOP_STATUS_HOME": str(home),
                "ADAPTLOOP_STATUS_GATEWAY_URL": ports.gateway_url,
                "ADAPTLOOP_STATUS_SIDECAR_URL": f"http://127.0.0.1:{ports.sidecar}",
                "ADAPTLOOP_STATUS_STREAMS_URL": f"http://127.0.0.1:{ports.streams_web}"}

@@ -5,6 +5,7 @@ the environment its pod gets."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import kubernetes_validate
@@ -167,7 +168,7 @@ def test_every_adaptloop_variable_is_a_setting_and_each_process_accepts_its_pod_
             volumes = {v["name"]: v for t in pod_templates(doc) for v in t["spec"]["volumes"]}
             assert volumes[mounts[str(ca.parent)]]["secret"]["secretName"] == "adaptloop-kafka-ca"
             with monkeypatch.context() as m:
-                for name in [n for n in __import__("os").environ if n.startswith("ADAPTLOOP_") and n != "ADAPTLOOP_HOME"]:
+                for name in [n for n in os.environ if n.startswith("ADAPTLOOP_") and n != "ADAPTLOOP_HOME"]:
                     m.delenv(name)
                 for name, value in env.items():
                     m.setenv(name, value)
