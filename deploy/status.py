@@ -14,7 +14,8 @@ What one snapshot holds, and where each part comes from:
   record per example id wins: curation may re-emit), training requests, releases by state (the
   last record per version wins), erasures per tenant; dead letters by stage and error type;
 * routing: the gateway's ``/v1/models`` (alias -> the version it routes to, and any canary
-  fields it reports), the sidecar's ``/adapters``, and the curation worker's
+  fields it reports; ``ADAPTLOOP_STATUS_GATEWAY_KEY`` if it wants a key), its ``/stats`` (calls
+  per alias and served version: the canary's measured share), the sidecar's ``/adapters``, and the curation worker's
   ``/adaptloop/metrics``: each optional, its absence shown, never fatal.
 
 Every part is computed by a pure function from decoded records; ``collect`` only reads.
@@ -222,6 +223,20 @@ def routing_rows(models: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def traffic_shares(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The gateway's ``/stats`` (calls per alias and served version) as shares: what the canary really gets."""
+    if not stats.get("ok") or not isinstance(stats["body"], dict):
+        return {}
+    shares: dict[str, dict[str, Any]] = {}
+    for alias, by_version in sorted((stats["body"].get("aliases") or {}).items()):
+        total = sum(v.get("requests", 0) for v in by_version.values())
+        shares[alias] = {version: {"requests": v.get("requests", 0), "errors": v.get("errors", 0),
+                                   "share": round(v.get("requests", 0) / total, 3) if total else 0.0,
+                                   "p95_ms": v.get("p95_ms")}
+                         for version, v in sorted(by_version.items())}
+    return shares
+
+
 # -- one snapshot ----------------------------------------------------------------------------------
 
 
@@ -259,8 +274,10 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
     key = settings.gateway_key.get_secret_value() if settings.gateway_key else None
     models = get_json(settings.gateway_url.rstrip("/") + "/v1/models", settings.http_timeout_s,
                       {"authorization": f"Bearer {key}"} if key else None)
+    stats = get_json(settings.gateway_url.rstrip("/") + "/stats", settings.http_timeout_s)
     snapshot["gateway"] = {"ok": models["ok"], "url": models["url"], "error": models.get("error"),
-                           "routes": routing_rows(models)}
+                           "routes": routing_rows(models), "traffic": traffic_shares(stats),
+                           "stats_error": stats.get("error")}
     adapters = get_json(settings.sidecar_url.rstrip("/") + "/adapters", settings.http_timeout_s)
     snapshot["sidecar"] = adapters
     snapshot["streams_metrics"] = get_json(settings.streams_url.rstrip("/") + "/adaptloop/metrics",
@@ -330,10 +347,15 @@ def render(snapshot: Mapping[str, Any]):
 
     gateway = snapshot["gateway"]
     routing = Table(title=f"gateway routing ({gateway['url']})", title_justify="left")
-    for column in ("model / alias", "routes to", "canary / other"):
+    for column in ("model / alias", "routes to", "canary / other", "traffic share (gateway /stats)"):
         routing.add_column(column)
+    traffic = dict(gateway.get("traffic", {}))
     for r in gateway["routes"]:
-        routing.add_row(str(r["model"]), r["routes_to"], json.dumps(r["extra"]) if r["extra"] else "")
+        shares = traffic.pop(str(r["model"]), {})
+        routing.add_row(str(r["model"]), r["routes_to"], json.dumps(r["extra"]) if r["extra"] else "",
+                        " ".join(f"{v}:{s['share']:.0%} ({s['requests']})" for v, s in shares.items()))
+    for alias, shares in traffic.items():
+        routing.add_row(alias, "", "", " ".join(f"{v}:{s['share']:.0%} ({s['requests']})" for v, s in shares.items()))
     if not gateway["ok"]:
         routing.add_row("(gateway not answering)", gateway["error"] or "", "")
     parts.append(routing)

@@ -128,8 +128,10 @@ def test_status_lineage_and_forget_commands_on_the_real_broker(kafka, topics, tm
 
     home = tmp_path / "stack"
     ports = StackPorts.free()
-    env = service_env(kafka, topics, home) | ports.env()
-    cli_env = {**os.environ, **env, "ADAPTLOOP_STATUS_HOME": str(home),
+    # A key for the gateway's /v1/models once it checks keys (serving.keys' form; ignored before).
+    key = "alk_0a1b2c3d_" + uuid.uuid4().hex + uuid.uuid4().hex
+    env = service_env(kafka, topics, home) | ports.env() | {"ADAPTLOOP_GATEWAY_API_KEYS": f"{TENANT}={key}"}
+    cli_env = {**os.environ, **env, "ADAPTLOOP_STATUS_HOME": str(home), "ADAPTLOOP_STATUS_GATEWAY_KEY": key,
                "ADAPTLOOP_STATUS_GATEWAY_URL": ports.gateway_url,
                "ADAPTLOOP_STATUS_SIDECAR_URL": f"http://127.0.0.1:{ports.sidecar}",
                "ADAPTLOOP_STATUS_STREAMS_URL": f"http://127.0.0.1:{ports.streams_web}"}

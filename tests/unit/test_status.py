@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from adaptloop.status import (dead_letter_counts, erasure_counts, group_lag, partition_ends, pid_alive, processes,
-                              release_rows, render, routing_rows, stage_counts, topic_rows)
+                              release_rows, render, routing_rows, stage_counts, topic_rows, traffic_shares)
 
 
 @dataclass
@@ -98,6 +98,13 @@ def test_routing_release_rows_dead_letters_and_render():
     assert dead_letter_counts(dead) == {"agent.interactions decode DeserializationError": 3}
     assert erasure_counts([{"erasure_id": "e", "tenant": "acme", "scope": "SESSION"}] * 2) == {"acme SESSION": 1}
 
+    stats = {"ok": True, "body": {"aliases": {"acme/order-extract": {
+        "v1": {"requests": 70, "errors": 0, "p95_ms": 80.0}, "v2": {"requests": 30, "errors": 1, "p95_ms": 90.0}}}}}
+    traffic = traffic_shares(stats)
+    assert traffic == {"acme/order-extract": {"v1": {"requests": 70, "errors": 0, "share": 0.7, "p95_ms": 80.0},
+                                              "v2": {"requests": 30, "errors": 1, "share": 0.3, "p95_ms": 90.0}}}
+    assert traffic_shares({"ok": False, "error": "404"}) == {}
+
     snapshot = {"at": 0, "bootstrap": "127.0.0.1:1", "collect_seconds": 0.1,
                 "processes": [{"name": "broker", "pid": 1, "alive": True}],
                 "topics": topic_rows({"agent.interactions": [Msg(0, 0)]}, {"agent.interactions": [0]}),
@@ -106,7 +113,7 @@ def test_routing_release_rows_dead_letters_and_render():
                                       "curated_admitted_holdout": 0, "curated_rejected": {}, "training_requests": 0,
                                       "releases": {"RETIRED": 1}}},
                 "dead_letters": dead_letter_counts(dead), "erasures": {}, "releases": rows,
-                "gateway": {"ok": True, "url": "u", "error": None, "routes": routes},
+                "gateway": {"ok": True, "url": "u", "error": None, "routes": routes, "traffic": traffic},
                 "sidecar": {"ok": False, "error": "ConnectError: refused"},
                 "streams_metrics": {"ok": True, "body": {"curated": 3}}, "problems": ["undecodable: x"]}
     console = Console(record=True, width=200)
@@ -114,5 +121,5 @@ def test_routing_release_rows_dead_letters_and_render():
     text = console.export_text()
     for expected in ("broker", "alive", "agent.interactions", "g: 1", "acme/t", "RETIRED:1", "v1", "erasure",
                      "acme/order-extract", '"share": 0.2', "sidecar: not answering", 'curation metrics: {"curated": 3}',
-                     "problem: undecodable: x", "decode DeserializationError x3"):
+                     "problem: undecodable: x", "decode DeserializationError x3", "v1:70% (70) v2:30% (30)"):
         assert expected in text, expected
