@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, subject_key
 from adaptloop.errors import ConfigError
-from adaptloop.kafka import DeliveryTracker
+from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
                                ranges_contain)
 from adaptloop.schemas import SerdeContext, serde_for
@@ -197,6 +197,7 @@ class Forgetter:
         erasure = build_erasure(tenant=tenant, scope=scope, key=key, requested_by=requested_by, reason=reason,
                                 erasure_id=erasure_id_for(tenant, scope, key))
         plan = plan_forget(erasure, records, retire=retire, code=code_version())
+        ensure_topics(self.kafka, self.topics)  # never let a produce auto-create a topic with the broker's defaults
         producer = DeliveryTracker(self.kafka)
         # 1. The tombstone first: a retraining request must never be read before it.
         if (existing.by_scope[scope].get((tenant, key)) or {}).get("erasure_id") != erasure["erasure_id"]:

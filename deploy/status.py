@@ -256,11 +256,14 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
         partitions, raw = {}, {t: [] for t in all_topics}
     snapshot["topics"] = topic_rows(raw, partitions)
     records: dict[str, list[Mapping[str, Any]]] = {}
-    undecodable: list[str] = []
+    snapshot["undecodable"] = {}
     for which, stem in DECODED.items():
+        undecodable: list[str] = []
         records[which] = [p.record for p in decode_all(raw.get(names[which], []), stem,
                                                        settings.kafka.schema_registry_url, undecodable)]
-    snapshot["problems"] += [f"undecodable: {u}" for u in undecodable]
+        if undecodable:
+            # On the event topics these are what curation dead-letters; elsewhere they are a problem.
+            snapshot["undecodable"][names[which]] = {"count": len(undecodable), "first": undecodable[0]}
     try:
         committed = committed_offsets(settings, all_topics) if partitions else {}
     except KafkaException as exc:
@@ -364,6 +367,9 @@ def render(snapshot: Mapping[str, Any]):
     parts.append(Text("sidecar: " + (json.dumps(sidecar["body"])[:300] if sidecar["ok"] else f"not answering ({sidecar['error'][:80]})")))
     parts.append(Text("curation metrics: " + (json.dumps(metrics["body"])[:300] if metrics["ok"]
                                               else f"not answering ({metrics['error'][:80]})")))
+    for topic, bad in snapshot.get("undecodable", {}).items():
+        parts.append(Text(f"undecodable records on {topic}: {bad['count']} (first: {bad['first'][:120]})",
+                          style="yellow"))
     for problem in snapshot["problems"]:
         parts.append(Text(f"problem: {problem}", style="red"))
     return Group(*parts)

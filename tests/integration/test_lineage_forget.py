@@ -159,7 +159,7 @@ def test_status_lineage_and_forget_commands_on_the_real_broker(kafka, topics, tm
     assert snapshot["gateway"]["ok"], snapshot["gateway"]
     assert {r["model"]: r["routes_to"] for r in snapshot["gateway"]["routes"]}[f"{TENANT}/{TASK}"] == "base"
     assert not snapshot["sidecar"]["ok"] and not snapshot["streams_metrics"]["ok"]
-    assert snapshot["problems"] == []
+    assert snapshot["problems"] == [] and snapshot["undecodable"] == {}
     for expected in ("gateway", "alive", topics.name("curated"), f"{TENANT}/{TASK}", "PROMOTED", "8/2"):
         assert expected in text, expected
 

@@ -115,11 +115,12 @@ def test_routing_release_rows_dead_letters_and_render():
                 "dead_letters": dead_letter_counts(dead), "erasures": {}, "releases": rows,
                 "gateway": {"ok": True, "url": "u", "error": None, "routes": routes, "traffic": traffic},
                 "sidecar": {"ok": False, "error": "ConnectError: refused"},
-                "streams_metrics": {"ok": True, "body": {"curated": 3}}, "problems": ["undecodable: x"]}
+                "streams_metrics": {"ok": True, "body": {"curated": 3}}, "problems": ["consumer groups: x"],
+                "undecodable": {"agent.interactions": {"count": 2, "first": "not avro"}}}
     console = Console(record=True, width=200)
     console.print(render(snapshot))
     text = console.export_text()
     for expected in ("broker", "alive", "agent.interactions", "g: 1", "acme/t", "RETIRED:1", "v1", "erasure",
                      "acme/order-extract", '"share": 0.2', "sidecar: not answering", 'curation metrics: {"curated": 3}',
-                     "problem: undecodable: x", "decode DeserializationError x3", "v1:70% (70) v2:30% (30)"):
+                     "problem: consumer groups: x", "undecodable records on agent.interactions: 2", "decode DeserializationError x3", "v1:70% (70) v2:30% (30)"):
         assert expected in text, expected
