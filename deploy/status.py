@@ -324,8 +324,9 @@ def render(snapshot: Mapping[str, Any]):
     parts.append(topics)
 
     stages = Table(title="per tenant/task, by stage", title_justify="left")
-    for column in ("tenant/task", "interactions", "outcomes", "admitted train/holdout", "rejected",
-                   "requests", "releases"):
+    stages.add_column("tenant/task", no_wrap=True)
+    for column in ("inter-\nactions", "out-\ncomes", "admitted\ntrain/hold", "rejected\nby reason",
+                   "training\nrequests", "releases\nby state"):
         stages.add_column(column)
     for key, s in snapshot["stages"].items():
         stages.add_row(key, str(s["interactions"]), str(s["outcomes"]),
