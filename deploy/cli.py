@@ -10,6 +10,10 @@
     adaptloop canary      # the canary controller (promote / roll back on outcomes)
     adaptloop release     # manual promote / rollback of a release
     adaptloop keys        # gateway API keys (stored hashed)
+
+    adaptloop status      # live view: processes, topics and lag, counts by stage, releases, routing
+    adaptloop lineage     # adapter -> dataset -> source offsets; interaction -> every adapter that used it
+    adaptloop forget      # erase an interaction / session / subject; retrain or retire what learned from it
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ COMMANDS = {
     "canary": ("adaptloop.serving.canary:main", "Run the canary controller."),
     "release": ("adaptloop.serving.canary:release_main", "Promote or roll back a release by hand."),
     "keys": ("adaptloop.serving.keys:main", "Create gateway API keys."),
+
+    "status": ("adaptloop.status:main", "Show the stack: processes, topics, lag, counts by stage, releases."),
+    "lineage": ("adaptloop.lineage:main", "Trace an adapter to its data, or an interaction to its adapters."),
+    "forget": ("adaptloop.forget:main", "Erase data; retrain or retire every adapter that learned from it."),
 }
 
 

@@ -287,3 +287,23 @@ class CanarySettings(BaseSettings):
     max_latency_ratio: float = Field(1.5, gt=0.0, description="Canary p95 latency over the incumbent's that rolls it back.")
     latency_slack_ms: float = Field(50.0, ge=0.0, description="Added to the incumbent's p95 before the ratio check.")
     poll_s: float = 1.0
+
+
+
+class StatusSettings(BaseSettings):
+    """``adaptloop status``: where to look. Defaults are the local stack's (``adaptloop up``)."""
+
+    model_config = _config("ADAPTLOOP_STATUS_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: Topics = Field(default_factory=Topics)
+    home: Path = Field(DEFAULT_HOME / "stack", description="The stack home whose stack.json lists the processes.")
+    gateway_url: str = "http://127.0.0.1:18080"
+    gateway_key: SecretStr | None = Field(None, description="Bearer key for the gateway's /v1/models, if it needs one.")
+    sidecar_url: str = "http://127.0.0.1:18001"
+    streams_url: str = Field("http://127.0.0.1:6066", description="A curation worker's web port (/adaptloop/metrics).")
+    groups: list[str] = Field(default_factory=list, description="Consumer groups to show lag for; "
+                              "empty: every group the broker lists.")
+    http_timeout_s: float = 2.0
+    refresh_s: float = Field(5.0, description="Seconds between snapshots of the live view.")
+    idle_s: float = Field(1.0, description="Reading a topic ends after this long without a record (counting by reading).")

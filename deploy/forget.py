@@ -1,0 +1,274 @@
+"""Erasure (``adaptloop forget``): tombstone the data, then find and act on every adapter that learned from it.
+
+    adaptloop forget --interaction 7d0c... [--tenant acme]
+    adaptloop forget --session s-42 --tenant acme --retire
+    adaptloop forget --subject alice@example.com --tenant acme --reason "art. 17 request"
+
+In this order, each step acknowledged by the broker before the next:
+
+1. an Erasure record on the erasures topic (``adaptloop.erasure``): curation drops matching
+   interactions and outcomes from now on, and every dataset snapshot excludes matching examples;
+2. through lineage (``adaptloop.lineage``), every adapter version whose ``train_example_ids``
+   hold a matching curated example; for each one that is live (RELEASED or PROMOTED) a new
+   release record with ``decided_by="erasure"`` and the evidence (erasure id, matched example
+   ids): ``--retire`` makes it RETIRED (serving unloads it); otherwise it keeps its state with
+   the reason "flagged: retrain without erased data" and
+3. a training request over the same ranges, trigger ``erasure:<erasure id>``, whose id is
+   sha256("<old request id>:<erasure id>"): the trainer snapshots the ranges again without the
+   erased examples and gates the retrained adapter against the flagged one.
+
+The erasure id is derived from (tenant, scope, key), so running the same forget twice writes no
+second decision and no second request: every step checks what is already on the topics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, subject_key
+from adaptloop.errors import ConfigError
+from adaptloop.kafka import DeliveryTracker, ensure_topics
+from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
+                               ranges_contain)
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.settings import KafkaSettings, Topics
+
+DECIDED_BY = "erasure"
+FLAG_REASON = "flagged: retrain without erased data"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def erasure_id_for(tenant: str, scope: str, key: str) -> str:
+    """Deterministic: forgetting the same thing twice is the same erasure (no second retraining)."""
+    return "era-" + hashlib.sha256(f"{tenant}\0{scope}\0{key}".encode()).hexdigest()[:24]
+
+
+def retrain_request_id(old_request_id: str, erasure_id: str) -> str:
+    return hashlib.sha256(f"{old_request_id}:{erasure_id}".encode()).hexdigest()
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"adaptloop=={version('adaptloop')}"
+    except PackageNotFoundError:
+        return "adaptloop (not installed)"
+
+
+@dataclass
+class AdapterAction:
+    """What forget does about one adapter version that learned from erased examples."""
+
+    version: str
+    previous_state: str
+    action: str  # "retire" | "flag" | "none (not live)" | "none (already decided)"
+    learned_from: list[str]
+    decision: dict | None = None
+    retrain_request: dict | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"version": self.version, "previous_state": self.previous_state, "action": self.action,
+                "learned_from": self.learned_from,
+                "new_state": self.decision["state"] if self.decision else None,
+                "retrain_request_id": self.retrain_request["request_id"] if self.retrain_request else None}
+
+
+@dataclass
+class ForgetPlan:
+    erasure: dict
+    matched: list[Positioned]
+    adapters: list[AdapterAction] = field(default_factory=list)
+    requests_already_published: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"erasure": self.erasure,
+                "matched_examples": sorted({p.record["example_id"] for p in self.matched}),
+                "adapters": [a.summary() for a in self.adapters],
+                "requests_already_published": self.requests_already_published}
+
+
+def infer_tenant(records: LineageRecords, scope: str, key: str) -> str:
+    """The tenant of an interaction or session, from its curated examples (needed when --tenant is left out)."""
+    field_name = "example_id" if scope == INTERACTION else "session_id"
+    tenants = sorted({p.record["tenant"] for p in records.curated if p.record[field_name] == key})
+    if len(tenants) != 1:
+        found = f"tenants {tenants}" if tenants else "no curated example"
+        raise ConfigError(f"cannot infer the tenant of {scope.lower()} {key!r} ({found}): pass --tenant")
+    return tenants[0]
+
+
+def decision_record(latest: Mapping[str, Any], *, state: str, reason: str, evidence: Mapping[str, Any]) -> dict:
+    """A new release record for the same version: everything as it was, plus this decision.
+
+    ``created_at`` stays the adapter's: serving orders servable versions by it, and a flag must not
+    make an older adapter look newer; the decision's own time is in the evidence.
+    """
+    return dict(latest) | {"state": state, "reason": reason, "decided_by": DECIDED_BY,
+                           "evidence_json": json.dumps(evidence, sort_keys=True)}
+
+
+def retrain_request(old: Mapping[str, Any] | None, release: Mapping[str, Any], erasure_id: str,
+                    erased: list[Positioned], *, created_at: int, code: str) -> dict:
+    """The same ranges again, under a new id; counts less the erased examples they held."""
+    lineage = release["lineage"]
+    ranges = [dict(r) for r in (old["examples"] if old else lineage["examples"])]
+    inside = [p for p in erased if ranges_contain(ranges, p.topic, p.partition, p.offset) and p.record["admitted"]]
+    erased_train = len({p.record["example_id"] for p in inside if p.record["split"] == "TRAIN"})
+    erased_holdout = len({p.record["example_id"] for p in inside if p.record["split"] == "HOLDOUT"})
+    old_train = old["train_count"] if old else len(lineage["train_example_ids"])
+    old_holdout = old["holdout_count"] if old else release["evaluation"]["holdout_count"]
+    return {"request_id": retrain_request_id(lineage["request_id"], erasure_id),
+            "tenant": release["tenant"], "task": release["task"], "created_at": created_at,
+            "trigger": f"erasure:{erasure_id}", "examples": ranges,
+            "train_count": max(0, old_train - erased_train), "holdout_count": max(0, old_holdout - erased_holdout),
+            "code_version": code}
+
+
+def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: bool,
+                decided_at: int | None = None, code: str = "adaptloop") -> ForgetPlan:
+    """Pure: which examples the erasure matches, which adapters learned from them, what to publish."""
+    decided_at = now_ms() if decided_at is None else decided_at
+    matcher = ErasureSet.of([erasure])
+    matched = [p for p in records.curated if matcher.match(p.record) is not None]
+    plan = ForgetPlan(dict(erasure), matched)
+    requests = {p.record["request_id"]: p.record for p in records.requests}
+    erasure_id = erasure["erasure_id"]
+    for version, decisions in decisions_by_version(records.releases).items():
+        first, latest = decisions[0].record, decisions[-1].record
+        learned = sorted({p.record["example_id"] for p in matched if learned_from(first, p) == "train"})
+        if not learned:
+            continue
+        action = AdapterAction(version, latest["state"], "retire" if retire else "flag", learned)
+        plan.adapters.append(action)
+        done = any(d.record.get("decided_by") == DECIDED_BY
+                   and json.loads(d.record.get("evidence_json") or "{}").get("erasure_id") == erasure_id
+                   for d in decisions)
+        if done:
+            action.action = "none (already decided)"
+            continue
+        if latest["state"] not in LIVE_STATES:
+            action.action = "none (not live)"
+            continue
+        evidence = {"erasure_id": erasure_id, "scope": erasure["scope"], "key": erasure["key"],
+                    "tenant": erasure["tenant"], "matched_example_ids": learned, "previous_state": latest["state"],
+                    "decided_at": decided_at, "action": action.action}
+        if retire:
+            action.decision = decision_record(latest, state="RETIRED", evidence=evidence,
+                                              reason=f"retired: learned from erased data (erasure {erasure_id})")
+            continue
+        old = requests.get(first["lineage"]["request_id"])
+        request = retrain_request(old, first, erasure_id, matched, created_at=decided_at, code=code)
+        evidence["retrain_request_id"] = request["request_id"]
+        action.decision = decision_record(latest, state=latest["state"], evidence=evidence,
+                                          reason=f"{FLAG_REASON} (erasure {erasure_id}, "
+                                                 f"retrain request {request['request_id'][:12]})")
+        if request["request_id"] in requests:
+            plan.requests_already_published.append(request["request_id"])
+        else:
+            action.retrain_request = request
+    return plan
+
+
+@dataclass
+class Forgetter:
+    """Reads what lineage needs, writes the erasure, the decisions and the retraining requests (acknowledged)."""
+
+    kafka: KafkaSettings
+    topics: Topics
+
+    def forget(self, *, scope: str, key: str, tenant: str | None, retire: bool = False,
+               requested_by: str | None = None, reason: str | None = None) -> ForgetPlan:
+        records = LineageRecords.read(self.kafka, self.topics)
+        existing = ErasureSet.of(p.record for p in records.erasures)
+        if tenant is None:
+            if scope == SUBJECT:
+                raise ConfigError("--subject needs --tenant (the subject key is salted per tenant)")
+            tenant = infer_tenant(records, scope, key)
+        erasure = build_erasure(tenant=tenant, scope=scope, key=key, requested_by=requested_by, reason=reason,
+                                erasure_id=erasure_id_for(tenant, scope, key))
+        plan = plan_forget(erasure, records, retire=retire, code=code_version())
+        ensure_topics(self.kafka, self.topics)  # never let a produce auto-create a topic with the broker's defaults
+        producer = DeliveryTracker(self.kafka)
+        # 1. The tombstone first: a retraining request must never be read before it.
+        if (existing.by_scope[scope].get((tenant, key)) or {}).get("erasure_id") != erasure["erasure_id"]:
+            self._send(producer, "erasures", "erasure", erasure, erasure["erasure_id"])
+            producer.flush()
+        # 2. The decisions, then 3. the retraining requests.
+        for action in plan.adapters:
+            if action.decision:
+                self._send(producer, "releases", "adapter_release", action.decision, action.version)
+        producer.flush()
+        for action in plan.adapters:
+            if action.retrain_request:
+                request = action.retrain_request
+                self._send(producer, "training_requests", "training_request", request,
+                           f"{request['tenant']}/{request['task']}")
+        producer.flush()
+        return plan
+
+    def _send(self, producer: DeliveryTracker, which: str, stem: str, record: Mapping[str, Any], key: str) -> None:
+        topic = self.topics.name(which)
+        value = serde_for(stem, self.kafka.schema_registry_url).serialize(record, SerdeContext(topic))
+        producer.send(topic, value, key=key)
+
+
+def render(plan: ForgetPlan) -> str:
+    e = plan.erasure
+    lines = [f"erasure {e['erasure_id']}: {e['tenant']} {e['scope'].lower()} {e['key']}",
+             f"  matched {len({p.record['example_id'] for p in plan.matched})} curated example(s); "
+             "curation and every future snapshot exclude them"]
+    if not plan.adapters:
+        lines.append("  no adapter learned from them")
+    for a in plan.adapters:
+        line = f"  adapter {a.version} ({a.previous_state}): {a.action}"
+        if a.retrain_request:
+            line += f"; retraining request {a.retrain_request['request_id'][:12]} published"
+        lines.append(line + f"  [learned from {len(a.learned_from)}]")
+    for request_id in plan.requests_already_published:
+        lines.append(f"  retraining request {request_id[:12]} was already published")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptloop forget", description="Erase an interaction, a session or a "
+                                     "data subject; retrain or retire every adapter that learned from it.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--interaction", help="an interaction id")
+    which.add_argument("--session", help="a session id")
+    which.add_argument("--subject", help="an identifier (e-mail, phone, user id); stored only as its salted key")
+    parser.add_argument("--tenant", help="the tenant (required with --subject; else inferred from curated data)")
+    parser.add_argument("--retire", action="store_true", help="retire affected adapters instead of retraining them")
+    parser.add_argument("--requested-by", help="who asked (recorded on the erasure)")
+    parser.add_argument("--reason", help="why (recorded on the erasure)")
+    parser.add_argument("--json", action="store_true", help="print the plan that was carried out as JSON")
+    args = parser.parse_args(argv)
+    if args.subject and not args.tenant:
+        parser.error("--subject needs --tenant")
+    if args.interaction:
+        scope, key = INTERACTION, args.interaction
+    elif args.session:
+        scope, key = SESSION, args.session
+    else:
+        scope, key = SUBJECT, subject_key(args.tenant, args.subject)
+    try:
+        plan = Forgetter(KafkaSettings(), Topics()).forget(scope=scope, key=key, tenant=args.tenant, retire=args.retire,
+                                                           requested_by=args.requested_by, reason=args.reason)
+    except ConfigError as exc:
+        print(f"adaptloop forget: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.summary(), indent=2, default=str) if args.json else render(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
