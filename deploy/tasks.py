@@ -122,8 +122,9 @@ TICKET_PRIORITIES = ("low", "medium", "high")
 
 TICKET_SYSTEM_PROMPT = (
     "Triage the support ticket. Answer with JSON only, exactly these keys: "
-    '"category" (one of "billing", "technical", "account", "shipping") and '
-    '"priority" (one of "low", "medium", "high").'
+    '"category": "billing" (invoices, charges, refunds, receipts), "technical" (errors, crashes, sync, API), '
+    '"account" (login, password, users, e-mail address) or "shipping" (parcels, delivery, tracking); '
+    '"priority": "high" (urgent, blocked, losing money), "low" (no rush, not important) or "medium" (anything else).'
 )
 
 
