@@ -64,7 +64,7 @@ class DemoConfig:
     concurrency: int = 8
     traffic_seed: int = 11
     eval_seed: int = 99_999
-    trainer_epochs: int = 2
+    trainer_epochs: int = 1         # passes over the (cumulative) dataset per training request
     release_timeout_s: float = 600.0
     report_dir: Path | None = None  # default: <home>/report
     free_ports: bool = False       # pick unused loopback ports (tests); else the documented defaults
