@@ -198,7 +198,9 @@ _TEMPLATES = [
 
 
 @dataclass(frozen=True)
-class OrderCase:
+class Case:
+    """One generated input (``sentence``) with its truth; ``answer`` is the exact JSON expected."""
+
     sentence: str
     truth: dict
 
@@ -207,11 +209,24 @@ class OrderCase:
         return json.dumps(self.truth)
 
 
-class OrderGenerator:
-    """Order sentences with their exact JSON, reproducible from a seed."""
+OrderCase = TicketCase = Case
+
+
+class CaseGenerator:
+    """Cases reproducible from a seed; a task's generator says how to make one (``case``)."""
 
     def __init__(self, seed: int) -> None:
         self.random = random.Random(seed)
+
+    def case(self) -> Case:
+        raise NotImplementedError
+
+    def cases(self, n: int) -> list[Case]:
+        return [self.case() for _ in range(n)]
+
+
+class OrderGenerator(CaseGenerator):
+    """Order sentences with their exact JSON."""
 
     def case(self) -> OrderCase:
         r = self.random
@@ -223,9 +238,6 @@ class OrderGenerator:
             "deadline": r.choice(_DEADLINES),
         }
         return OrderCase(r.choice(_TEMPLATES).format(**truth), truth)
-
-    def cases(self, n: int) -> list[OrderCase]:
-        return [self.case() for _ in range(n)]
 
 
 # -- ticket-triage cases ------------------------------------------------------------------------
@@ -256,21 +268,8 @@ _TICKET_OPENERS = ["Hello,", "Hi support,", "Dear team,", "Hey,", "Good morning,
 _TICKET_THINGS = ["Reports", "Billing", "Projects", "Inbox", "Calendar", "Analytics", "Mobile", "Admin"]
 
 
-@dataclass(frozen=True)
-class TicketCase:
-    sentence: str
-    truth: dict
-
-    @property
-    def answer(self) -> str:
-        return json.dumps(self.truth)
-
-
-class TicketGenerator:
-    """Support tickets with their category and priority, reproducible from a seed."""
-
-    def __init__(self, seed: int) -> None:
-        self.random = random.Random(seed)
+class TicketGenerator(CaseGenerator):
+    """Support tickets with their category and priority."""
 
     def case(self) -> TicketCase:
         r = self.random
@@ -283,14 +282,11 @@ class TicketGenerator:
                                           r.choice(_TICKET_URGENCY[priority]), signature) if part)
         return TicketCase(text, {"category": category, "priority": priority})
 
-    def cases(self, n: int) -> list[TicketCase]:
-        return [self.case() for _ in range(n)]
-
 
 GENERATORS = {"order-extract": OrderGenerator, "ticket-triage": TicketGenerator}
 
 
-def case_generator(task: str, seed: int) -> OrderGenerator | TicketGenerator:
+def case_generator(task: str, seed: int) -> CaseGenerator:
     """The case generator of a built-in task (cases have ``.sentence`` and ``.answer``)."""
     try:
         return GENERATORS[task](seed)
