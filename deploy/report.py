@@ -40,6 +40,8 @@ SUCCESS_KINDS = ("SUCCESS",)
 GOOD_STATES = ("RELEASED", "PROMOTED")
 BAD_STATES = ("REJECTED", "ROLLED_BACK")
 ROLLING_WINDOW = 10
+#: A pause in traffic longer than this breaks the rolling line.
+GAP_MS = 30_000
 
 
 Pair = tuple[str, str]
@@ -272,9 +274,15 @@ def plot_success(path: Path, pair: Pair, points: Sequence[Verdict], marks: Seque
         xs = [_minutes(p.at_ms, origin_ms) for p in points]
         ax.scatter(xs, [1.02 if p.ok else -0.02 for p in points], s=8, alpha=0.35, color="tab:blue",
                    label="one verdict (curated example)")
-        rolling = rolling_success(points)
-        ax.plot([_minutes(t, origin_ms) for t, _ in rolling], [v for _, v in rolling], color="tab:blue",
-                label=f"rolling success (last {ROLLING_WINDOW})")
+        xs, ys, previous = [], [], None
+        for t, v in rolling_success(points):
+            if previous is not None and t - previous > GAP_MS:  # no line across a pause in traffic
+                xs.append(float("nan"))
+                ys.append(float("nan"))
+            xs.append(_minutes(t, origin_ms))
+            ys.append(v)
+            previous = t
+        ax.plot(xs, ys, color="tab:blue", drawstyle="steps-post", label=f"rolling success (last {ROLLING_WINDOW})")
     for mark in marks:
         x = _minutes(mark["at_ms"], origin_ms)
         ax.axvline(x, color=_state_colour(mark["state"]), linestyle="--", linewidth=1)
