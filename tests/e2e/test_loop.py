@@ -17,7 +17,8 @@ PAIRS = (("acme", "order-extract"), ("globex", "ticket-triage"))
 
 
 def test_two_tenants_two_tasks_get_better_cycle_after_cycle(tmp_path):
-    result = run_demo(DemoConfig(home=tmp_path / "stack", pairs=PAIRS, cycles=2, eval_cases=16, free_ports=True))
+    result = run_demo(DemoConfig(home=tmp_path / "stack", pairs=PAIRS, cycles=2, window_size=8, eval_cases=16,
+                                 free_ports=True))
     print(f"\nE2E: {summary(result, PAIRS)}\ncounts {result.counts}; stages {result.timings_s}")
     for tenant, task in PAIRS:
         series = result.series(tenant, task)
