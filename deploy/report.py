@@ -105,10 +105,15 @@ def success_points(curated: Iterable[Mapping[str, Any]], pair: Pair) -> list[Ver
 
 
 def rolling_success(points: Sequence[Verdict], window: int = ROLLING_WINDOW) -> list[tuple[int, float]]:
-    """(time, share of successes among the last ``window`` verdicts) after each verdict."""
+    """(time, share of successes among the last ``window`` verdicts on the same served version)
+    after each verdict: the mean restarts when another version starts answering, so a new
+    adapter's line does not inherit its predecessor's verdicts."""
     out = []
+    start = 0
     for i, point in enumerate(points):
-        chunk = points[max(0, i + 1 - window): i + 1]
+        if i and point.served_by != points[i - 1].served_by:
+            start = i
+        chunk = points[max(start, i + 1 - window): i + 1]
         out.append((point.at_ms, sum(p.ok for p in chunk) / len(chunk)))
     return out
 

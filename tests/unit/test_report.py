@@ -38,8 +38,9 @@ def test_success_points_follow_the_served_answers_by_event_time_and_the_last_rec
 def test_rolling_success_and_success_by_version():
     points = success_points([example(i, "CORRECTION") for i in range(4)]
                             + [example(i, "SUCCESS", served_by="v1") for i in range(4, 8)], ACME)
-    rolling = rolling_success(points, window=4)
-    assert [v for _, v in rolling] == [0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0]
+    assert [v for _, v in rolling_success(points, window=4)] == [0, 0, 0, 0, 1, 1, 1, 1]  # restarts with v1
+    mixed = success_points([example(i, "CORRECTION" if i % 2 else "SUCCESS") for i in range(6)], ACME)
+    assert [v for _, v in rolling_success(mixed, window=4)] == [1, 0.5, 2 / 3, 0.5, 0.5, 0.5]
     assert success_by_version(points) == [{"served_by": "base", "successes": 0, "count": 4, "success": 0.0},
                                           {"served_by": "v1", "successes": 4, "count": 4, "success": 1.0}]
 
