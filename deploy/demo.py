@@ -118,16 +118,18 @@ def now_ms() -> int:
 class Agent:
     """The simulated agents: call the gateway like any OpenAI client would."""
 
-    def __init__(self, gateway_url: str, concurrency: int, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, gateway_url: str, concurrency: int,
+                 tenant_headers: dict[str, dict[str, str]] | None = None) -> None:
         self.client = httpx.AsyncClient(base_url=gateway_url, timeout=180)
-        self.headers = dict(headers or {})
+        # Per-tenant request headers (e.g. the tenant's gateway key once the gateway asks for one).
+        self.tenant_headers = dict(tenant_headers or {})
         self.limit = asyncio.Semaphore(concurrency)
 
     async def ask(self, tenant: str, task: str, sentence: str, session_id: str, agent: str) -> tuple[str, str, str]:
         """(interaction id, adapter that served, answer)."""
         spec = task_spec(task)
         async with self.limit:
-            response = await self.client.post("/v1/chat/completions", headers=self.headers | {
+            response = await self.client.post("/v1/chat/completions", headers=self.tenant_headers.get(tenant, {}) | {
                 "x-adaptloop-session": session_id, "x-adaptloop-agent": agent,
             }, json={
                 "model": alias(tenant, task),
@@ -233,7 +235,7 @@ class PairLoop:
             for release in releases:
                 if release["lineage"]["request_id"] == request["request_id"]:
                     return release
-            await asyncio.sleep(3)
+            await asyncio.sleep(1)
         raise StackError(f"no decision on {self.name}'s request {request['request_id'][:12]} within {timeout_s:.0f}s")
 
     async def wait_until_served(self, version: str, timeout_s: float = 180) -> None:
