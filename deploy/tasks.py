@@ -82,15 +82,41 @@ ORDER_SYSTEM_PROMPT = (
 )
 
 
-def _parse_order(text: str) -> dict | str:
+def _json_object(text: str, keys: tuple[str, ...]) -> dict | str:
+    """The answer as a JSON object with exactly ``keys``, or why it is not one."""
     try:
         value = json.loads(text.strip())
     except ValueError as exc:
         return f"not JSON: {exc.msg}"
     if not isinstance(value, dict):
         return "not a JSON object"
-    if tuple(sorted(value)) != tuple(sorted(ORDER_FIELDS)):
-        return f"keys {sorted(value)} != {sorted(ORDER_FIELDS)}"
+    if sorted(value) != sorted(keys):
+        return f"keys {sorted(value)} != {sorted(keys)}"
+    return value
+
+
+def _judge(parse: Callable[[str], dict | str], fields: tuple[str, ...], response: str, reference: str | None, *,
+           what: str, normalize: Callable[[dict], dict] = dict) -> Verdict:
+    """Form first (``parse``); with a reference, the share of ``fields`` whose values match."""
+    parsed = parse(response)
+    if isinstance(parsed, str):
+        return Verdict(False, 0.0, parsed)
+    if reference is None:
+        return Verdict(True, 1.0, "well-formed")
+    expected = parse(reference)
+    if isinstance(expected, str):
+        raise ConfigError(f"reference answer is not a valid {what}: {expected}")
+    got, want = normalize(parsed), normalize(expected)
+    wrong = [k for k in fields if got[k] != want[k]]
+    if wrong:
+        return Verdict(False, 1 - len(wrong) / len(fields), f"wrong fields: {wrong}")
+    return Verdict(True, 1.0, "exact match")
+
+
+def _parse_order(text: str) -> dict | str:
+    value = _json_object(text, ORDER_FIELDS)
+    if isinstance(value, str):
+        return value
     if not isinstance(value["quantity"], int) or isinstance(value["quantity"], bool):
         return "quantity is not an integer"
     if not all(isinstance(value[k], str) and value[k].strip() for k in ORDER_FIELDS if k != "quantity"):
@@ -105,18 +131,7 @@ def _normalized(order: dict) -> dict:
 @register_validator("order_json")
 def order_json(response: str, reference: str | None = None) -> Verdict:
     """Exact JSON with the five order fields; with a reference, the same values (case-insensitive)."""
-    parsed = _parse_order(response)
-    if isinstance(parsed, str):
-        return Verdict(False, 0.0, parsed)
-    if reference is None:
-        return Verdict(True, 1.0, "well-formed")
-    expected = _parse_order(reference)
-    if isinstance(expected, str):
-        raise ConfigError(f"reference answer is not a valid order: {expected}")
-    wrong = [k for k in ORDER_FIELDS if _normalized(parsed)[k] != _normalized(expected)[k]]
-    if wrong:
-        return Verdict(False, 1 - len(wrong) / len(ORDER_FIELDS), f"wrong fields: {wrong}")
-    return Verdict(True, 1.0, "exact match")
+    return _judge(_parse_order, ORDER_FIELDS, response, reference, what="order", normalize=_normalized)
 
 
 TICKET_CATEGORIES = ("billing", "technical", "account", "shipping")
@@ -129,15 +144,13 @@ TICKET_SYSTEM_PROMPT = (
 )
 
 
+TICKET_FIELDS = ("category", "priority")
+
+
 def _parse_ticket(text: str) -> dict | str:
-    try:
-        value = json.loads(text.strip())
-    except ValueError as exc:
-        return f"not JSON: {exc.msg}"
-    if not isinstance(value, dict):
-        return "not a JSON object"
-    if sorted(value) != ["category", "priority"]:
-        return f"keys {sorted(value)} != ['category', 'priority']"
+    value = _json_object(text, TICKET_FIELDS)
+    if isinstance(value, str):
+        return value
     if value["category"] not in TICKET_CATEGORIES:
         return f"category {value['category']!r} not in {list(TICKET_CATEGORIES)}"
     if value["priority"] not in TICKET_PRIORITIES:
@@ -148,18 +161,7 @@ def _parse_ticket(text: str) -> dict | str:
 @register_validator("ticket_json")
 def ticket_json(response: str, reference: str | None = None) -> Verdict:
     """JSON with exactly category and priority from their closed sets; with a reference, the same labels."""
-    parsed = _parse_ticket(response)
-    if isinstance(parsed, str):
-        return Verdict(False, 0.0, parsed)
-    if reference is None:
-        return Verdict(True, 1.0, "well-formed")
-    expected = _parse_ticket(reference)
-    if isinstance(expected, str):
-        raise ConfigError(f"reference answer is not a valid triage: {expected}")
-    wrong = [k for k in ("category", "priority") if parsed[k] != expected[k]]
-    if wrong:
-        return Verdict(False, 1 - len(wrong) / 2, f"wrong fields: {wrong}")
-    return Verdict(True, 1.0, "exact match")
+    return _judge(_parse_ticket, TICKET_FIELDS, response, reference, what="triage")
 
 
 BUILTIN_TASKS = {
