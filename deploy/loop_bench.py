@@ -17,6 +17,8 @@ embedded stack and then reads the timestamps the loop already records:
     loaded                the sidecar's loaded_at at GET /adapters        -> stage "sidecar load"
     routed                event_time of the first interaction it served   -> stage "gateway routing"
 
+"gateway routing" ends at the first request the adapter answered, so it includes how soon traffic
+came: the demo probes as soon as it sees the release (it polls the registry every second).
 The trainer's three inner stages come from its log (the only place they are timed today); when
 the log is not readable here (a remote trainer) they are one stage, "trainer". Every figure is a
 difference of wall-clock timestamps taken on this machine; on a shared 2-core machine they are
