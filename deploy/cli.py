@@ -3,6 +3,8 @@
     adaptloop demo        # the whole loop on the embedded stack, before/after success printed
     adaptloop up | down   # start / stop the embedded stack (broker, curation, trainer, vLLM, gateway)
     adaptloop topics      # topics with message counts
+    adaptloop report      # HTML + PNG report per (tenant, task) from the topics
+    adaptloop loop-bench  # loop latency by stage, N-th admitted example -> adapter serving
     adaptloop streams     # a Faust curation worker
     adaptloop trainer     # the training service (Ray jobs)
     adaptloop serve       # vLLM with its registry sidecar
@@ -27,6 +29,8 @@ COMMANDS = {
     "up": ("adaptloop.stack:up_main", "Start the embedded stack on loopback."),
     "down": ("adaptloop.stack:down_main", "Stop everything `up` started."),
     "topics": ("adaptloop.stack:topics_main", "List topics with message counts."),
+    "report": ("adaptloop.report:main", "Write the HTML/PNG report per (tenant, task) from the topics."),
+    "loop-bench": ("adaptloop.loop_bench:main", "Measure loop latency by stage (N-th example -> adapter serving)."),
     "streams": ("adaptloop.streams.worker:main", "Run a Faust curation worker."),
     "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),

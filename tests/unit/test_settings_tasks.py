@@ -67,3 +67,31 @@ def test_digest_names_content_and_ids_are_stable(tmp_path):
         verify_digest(tmp_path, digest)
     version = adapter_version("acme", "order-extract", digest)
     assert version.startswith("acme--order-extract--") and lora_int_id(version) == lora_int_id(version) > 0
+
+
+def test_ticket_validator_form_and_content():
+    from adaptloop.tasks import TicketGenerator
+
+    spec = task_spec("ticket-triage")
+    case = TicketGenerator(seed=3).case()
+    assert spec.judge(case.answer).ok and spec.judge(case.answer, case.answer).ok
+    other = "low" if case.truth["priority"] != "low" else "high"
+    verdict = spec.judge(json.dumps(case.truth | {"priority": other}), case.answer)
+    assert not verdict.ok and verdict.score == 0.5 and "priority" in verdict.reason
+    assert not spec.judge(json.dumps({"category": "sales", "priority": "low"})).ok
+    assert not spec.judge(json.dumps(case.truth | {"extra": 1})).ok
+    assert not spec.judge("The category is billing and the priority is high.").ok
+
+
+def test_ticket_generator_is_reproducible_varied_and_covers_every_label():
+    from adaptloop.tasks import TICKET_CATEGORIES, TICKET_PRIORITIES, TicketGenerator, case_generator
+
+    cases = TicketGenerator(5).cases(200)
+    assert cases[:5] == TicketGenerator(5).cases(5) and cases[:5] != TicketGenerator(6).cases(5)
+    assert len({c.sentence for c in cases}) == len(cases)  # varied: no exact repeats for the dedupe to drop
+    assert {c.truth["category"] for c in cases} == set(TICKET_CATEGORIES)
+    assert {c.truth["priority"] for c in cases} == set(TICKET_PRIORITIES)
+    assert case_generator("ticket-triage", 5).cases(3) == cases[:3]
+    assert case_generator("order-extract", 5).cases(2) == OrderGenerator(5).cases(2)
+    with pytest.raises(ConfigError):
+        case_generator("nope", 1)
