@@ -11,7 +11,7 @@ embedded stack and then reads the timestamps the loop already records:
     curated               curated_at of that example                      -> stage "curation"
     request               training request created_at                     -> stage "request"
     picked up             trainer log "request <id>: ... trigger="        -> stage "trainer queue"
-    snapshot              trainer log "request <id>: ... dataset"         -> stage "snapshot"
+    snapshot              trainer log "request <id>: ... snapshot"        -> stage "snapshot"
     trained               trainer log "request <id>: ray job finished"    -> stage "training"
     released              release created_at (after both evaluations)     -> stage "evaluation"
     loaded                the sidecar's loaded_at at GET /adapters        -> stage "sidecar load"
@@ -59,7 +59,7 @@ _LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 def parse_trainer_log(text: str, request_id: str) -> dict[str, int]:
     """Epoch-ms timestamps of one request's trainer stages from the service log (asctime, local time)."""
     short = re.escape(request_id[:12])
-    patterns = {"picked_up": rf"request {short}: \S+ trigger=", "snapshot": rf"request {short}: \S+ dataset ",
+    patterns = {"picked_up": rf"request {short}: \S+ trigger=", "snapshot": rf"request {short}: \S+ snapshot ",
                 "trained": rf"request {short}: ray job finished"}
     found: dict[str, int] = {}
     for name, pattern in patterns.items():

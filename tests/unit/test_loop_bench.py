@@ -18,7 +18,7 @@ def test_trainer_log_stages_are_found_for_their_request_only():
     text = "\n".join([
         f"{_log_time(t)} INFO adaptloop.trainer: request 999999999999: acme/order-extract trigger=count>=16 ranges=[]",
         f"{_log_time(t + 1000)} INFO adaptloop.trainer: request {RID[:12]}: acme/order-extract trigger=count>=16 ranges=[(0, 0, 20)]",
-        f"{_log_time(t + 1500)} INFO adaptloop.trainer: request {RID[:12]}: acme/order-extract dataset sha256:ab: 16 train",
+        f"{_log_time(t + 1500)} INFO adaptloop.trainer: request {RID[:12]}: acme/order-extract snapshot sha256:ab at /tmp/datasets/ab: 16 train, 4 holdout, 0 dropped; method sft (successes)",
         "(RayTrainWorker pid=1) request abcdef123456 step 2/4 loss 1.0",
         f"{_log_time(t + 41_250)} INFO adaptloop.trainers.ray_job: request {RID[:12]}: ray job finished in 39.0s",
     ])
