@@ -2,7 +2,7 @@
 a malformed-record corpus, join order / horizon / precedence, PII, dedupe + leak-proof split,
 windows (count and age) with tenant isolation, erasures, metrics. Each scenario uses its own tenant.
 
-    flock /work/heavy.lock timeout 900 $ADAPTLOOP_HOME/venv/bin/python -m pytest tests/integration/test_curation.py -x
+    $ADAPTLOOP_HOME/venv/bin/python -m pytest tests/integration/test_curation.py -x
 """
 
 from __future__ import annotations

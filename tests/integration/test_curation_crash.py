@@ -3,7 +3,7 @@ fires (before and after its request is sent), and two workers sharing the partit
 After each: every admitted example is in the datasets exactly once (per example id), none lost, and
 exactly one training request per window (repeats carry the same request id; the trainer dedupes by it).
 
-    flock /work/heavy.lock timeout 900 $ADAPTLOOP_HOME/venv/bin/python -m pytest tests/integration/test_curation_crash.py -x
+    $ADAPTLOOP_HOME/venv/bin/python -m pytest tests/integration/test_curation_crash.py -x
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A real Faust curation worker (subprocess, its own venv) against the session's Tansu broker.
 
-    cd /work/main && /root/.cache/adaptloop/venv/bin/python -m pytest tests/integration/test_streams.py -m integration
+    ~/.cache/adaptloop/venv/bin/python -m pytest tests/integration/test_streams.py -m integration
 """
 
 from __future__ import annotations

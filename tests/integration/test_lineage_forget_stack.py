@@ -1,6 +1,6 @@
 """status, lineage and forget on the real broker; forget -> retrain with the real trainer service.
 
-    flock /work/heavy.lock python -m pytest tests/integration/test_lineage_forget.py -m integration -v -s
+    python -m pytest tests/integration/test_lineage_forget_stack.py -m integration -v -s
 
 The first test drives the three commands as a user does (subprocesses of ``adaptloop``) against
 the session's Tansu broker, with a real gateway process for status to ask. The second is the
