@@ -30,9 +30,20 @@ def kafka(stack_home) -> KafkaSettings:
     broker.stop()
 
 
-@pytest.fixture
-def topics(kafka) -> Topics:
-    """Every adaptloop topic under a prefix of its own, created before the test."""
+def fresh_topics(kafka: KafkaSettings) -> Topics:
+    """Every adaptloop topic under a prefix of its own, created now."""
     names = Topics(prefix=f"t{uuid.uuid4().hex[:10]}.")
     ensure_topics(kafka, names)
     return names
+
+
+@pytest.fixture
+def topics(kafka) -> Topics:
+    """Topics of this test alone."""
+    return fresh_topics(kafka)
+
+
+@pytest.fixture(scope="module")
+def module_topics(kafka) -> Topics:
+    """Topics shared by the tests of one module (one worker or one trainer serves them all)."""
+    return fresh_topics(kafka)

@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from adaptloop.erasure import build_erasure, subject_key
-from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
+from adaptloop.kafka import DeliveryTracker, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction, build_outcome
 from adaptloop.settings import Topics
@@ -41,16 +41,9 @@ MAX_BYTES = 20_000
 
 
 @pytest.fixture(scope="module")
-def mtopics(kafka) -> Topics:
-    names = Topics(prefix=f"c{uuid.uuid4().hex[:10]}.")
-    ensure_topics(kafka, names)
-    return names
-
-
-@pytest.fixture(scope="module")
-def env(kafka, mtopics, tmp_path_factory):
+def env(kafka, module_topics, tmp_path_factory):
     home = tmp_path_factory.mktemp("curation")
-    return home, worker_env(kafka, mtopics, home, tenants=TENANTS, window_size=str(WINDOW_SIZE),
+    return home, worker_env(kafka, module_topics, home, tenants=TENANTS, window_size=str(WINDOW_SIZE),
                             window_max_age_s=str(MAX_AGE_S), window_min_examples=str(MIN_EXAMPLES),
                             holdout_percent=str(HOLDOUT), max_record_bytes=str(MAX_BYTES),
                             pii_patterns={"employee": r"\bEMP-\d{6}\b"}, tasks=TASKS)
@@ -153,8 +146,8 @@ def malformed_corpus(topics: Topics) -> list[tuple[str, str, bytes | None, bytes
     ]
 
 
-def test_malformed_corpus_lands_in_dead_letters_and_the_stream_goes_on(kafka, mtopics, worker, env):
-    corpus = malformed_corpus(mtopics)
+def test_malformed_corpus_lands_in_dead_letters_and_the_stream_goes_on(kafka, module_topics, worker, env):
+    corpus = malformed_corpus(module_topics)
     assert len(corpus) >= 20
     producer = Producer(kafka.client_config() | {"acks": "all"})  # a plain client: knows nothing of our schemas
     offsets: dict[tuple[str, int, int], int] = {}
@@ -165,12 +158,12 @@ def test_malformed_corpus_lands_in_dead_letters_and_the_stream_goes_on(kafka, mt
     assert len(offsets) == len(corpus)
     # ... and a good pair afterwards: the pipeline never stopped.
     case = OrderGenerator(seed=99).case()
-    with Recorder(kafka, mtopics) as recorder:
+    with Recorder(kafka, module_topics) as recorder:
         recorder.interaction(interaction_id="dlq-ok", tenant="dlq", agent="bot", task=TASK, session_id="dlq-ok",
                              messages=messages(case.sentence), response=case.answer, wait=True)
         recorder.outcome("dlq-ok", tenant="dlq", source="HUMAN", success=False, correction=case.answer, wait=True)
-    assert curated_by_id(kafka, mtopics, ["dlq-ok"])["dlq-ok"]["admitted"]
-    dead = wait_until(kafka, mtopics.name("dead_letters"), "dead_letter", lambda rs: len(rs) >= len(corpus))
+    assert curated_by_id(kafka, module_topics, ["dlq-ok"])["dlq-ok"]["admitted"]
+    dead = wait_until(kafka, module_topics.name("dead_letters"), "dead_letter", lambda rs: len(rs) >= len(corpus))
     assert len(dead) == len(corpus), [d["reason"] for _, _, d in dead]
     for _, _, letter in dead:
         n = offsets[(letter["source_topic"], letter["source_partition"], letter["source_offset"])]
@@ -184,7 +177,7 @@ def test_malformed_corpus_lands_in_dead_letters_and_the_stream_goes_on(kafka, mt
 
 # ------------------------------------------------------------------ join: order, horizon, precedence
 
-def test_join_order_horizon_and_precedence(kafka, mtopics, worker, env):
+def test_join_order_horizon_and_precedence(kafka, module_topics, worker, env):
     cases = OrderGenerator(seed=21).cases(5)
     t = "acme"
     ids = {k: f"{k}-{uuid.uuid4().hex[:6]}" for k in ("first", "late", "prec", "human", "after")}
@@ -194,7 +187,7 @@ def test_join_order_horizon_and_precedence(kafka, mtopics, worker, env):
         rec.interaction(interaction_id=ids[key], tenant=t, agent="bot", task=TASK, session_id=ids[key],
                         messages=messages(case.sentence), response=response, wait=True, **extra)
 
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         # The outcome arrives before its interaction.
         rec.outcome(ids["first"], tenant=t, source="VALIDATOR", success=True, wait=True)
         interaction(rec, "first", cases[0], cases[0].answer)
@@ -211,7 +204,7 @@ def test_join_order_horizon_and_precedence(kafka, mtopics, worker, env):
         outcome_ids["human"] = [rec.outcome(ids["human"], tenant=t, source="VALIDATOR", success=True, wait=True)]
         interaction(rec, "human", cases[3], cases[3].answer)
         outcome_ids["human"].insert(0, rec.outcome(ids["human"], tenant=t, source="HUMAN", success=False, wait=True))
-    got = curated_by_id(kafka, mtopics, [ids[k] for k in ("first", "late", "prec", "human")])
+    got = curated_by_id(kafka, module_topics, [ids[k] for k in ("first", "late", "prec", "human")])
 
     first = got[ids["first"]]
     assert (first["kind"], first["admitted"], first["outcome_source"]) == ("SUCCESS", True, "VALIDATOR")
@@ -227,28 +220,28 @@ def test_join_order_horizon_and_precedence(kafka, mtopics, worker, env):
     assert human["lineage"]["outcome_ids"] == outcome_ids["human"]
 
     # An outcome after the example was curated: counted and logged, never a second example.
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         rec.outcome(ids["first"], tenant=t, source="HUMAN", success=False, correction=cases[0].answer, wait=True)
     deadline = time.monotonic() + 20
     while get_json(port(env), "/adaptloop/metrics")["stages"]["join"]["rejected"].get("after_curated", 0) < 1:
         assert time.monotonic() < deadline, "the late outcome was not counted"
         time.sleep(0.5)
-    curated = read_all(kafka, mtopics.name("curated"), "curated_example")
+    curated = read_all(kafka, module_topics.name("curated"), "curated_example")
     assert sum(r["example_id"] == ids["first"] for _, _, r in curated) == 1
 
 
 # ------------------------------------------------------------------ PII
 
-def test_pii_is_redacted_before_anything_is_stored(kafka, mtopics, worker, env):
+def test_pii_is_redacted_before_anything_is_stored(kafka, module_topics, worker, env):
     t, iid = "pii", f"pii-{uuid.uuid4().hex[:6]}"
     case = OrderGenerator(seed=31).case()
     user = f"{case.sentence} I am bob.pii@example.com, call +1 415-555-2671, employee EMP-004211."
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         rec.interaction(interaction_id=iid, tenant=t, agent="bot", task=TASK, session_id=iid, messages=messages(user),
                         response="my key is AKIAIOSFODNN7EXAMPLE", wait=True)
         rec.outcome(iid, tenant=t, source="HUMAN", success=False, correction=case.answer,
                     reason="customer bob.pii@example.com complained", wait=True)
-    example = curated_by_id(kafka, mtopics, [iid])[iid]
+    example = curated_by_id(kafka, module_topics, [iid])[iid]
     assert example["kind"] == "CORRECTION"
     assert "[EMAIL]" in example["prompt_messages"][1]["content"] and "[PHONE]" in example["prompt_messages"][1]["content"]
     assert example["rejected"] == "my key is [SECRET]"
@@ -258,7 +251,7 @@ def test_pii_is_redacted_before_anything_is_stored(kafka, mtopics, worker, env):
                                         subject_key(t, "EMP-004211")}
     # Nowhere downstream: not in the join table's changelog, the internal topic, or the curated topic.
     app_id = env[1]["ADAPTLOOP_STREAMS_APP_ID"]
-    for topic in (f"{app_id}-joins-changelog", f"{app_id}-scored", mtopics.name("curated")):
+    for topic in (f"{app_id}-joins-changelog", f"{app_id}-scored", module_topics.name("curated")):
         raw = b"".join(m.value() or b"" for m in read_ranges(kafka, topic, idle_s=1.5, timeout_s=60))
         assert raw, topic
         for secret in (b"bob.pii@example.com", b"555-2671", b"EMP-004211", b"AKIAIOSFODNN7EXAMPLE"):
@@ -269,7 +262,7 @@ def test_pii_is_redacted_before_anything_is_stored(kafka, mtopics, worker, env):
 
 # ------------------------------------------------------------------ dedupe + leak-proof split
 
-def test_duplicates_and_near_duplicates_of_holdout_never_reach_training(kafka, mtopics, worker, env):
+def test_duplicates_and_near_duplicates_of_holdout_never_reach_training(kafka, module_topics, worker, env):
     t = "dup"
     c1, c2, c3 = OrderGenerator(seed=41).cases(3)
     hold = session_with("HOLDOUT", t)
@@ -282,16 +275,16 @@ def test_duplicates_and_near_duplicates_of_holdout_never_reach_training(kafka, m
                         messages=messages(sentence), response="?", wait=True)
         rec.outcome(ids[key], tenant=t, source="HUMAN", success=False, correction=answer, wait=True)
 
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         send(rec, "A", hold, c1.sentence, c1.answer)
         send(rec, "C", train1, c2.sentence, c2.answer)
-    first = curated_by_id(kafka, mtopics, [ids["A"], ids["C"]])
+    first = curated_by_id(kafka, module_topics, [ids["A"], ids["C"]])
     assert first[ids["A"]]["split"] == "HOLDOUT" and first[ids["C"]]["split"] == "TRAIN"
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         send(rec, "B", train2, c1.sentence.rstrip(".?") + "!!", c1.answer)  # near-dup of holdout A
         send(rec, "D", train2, "  " + c2.sentence.upper() + " ", c2.answer)  # exact dup of C after normalization
         send(rec, "E", train2, c3.sentence, c3.answer)
-    got = curated_by_id(kafka, mtopics, list(ids.values()))
+    got = curated_by_id(kafka, module_topics, list(ids.values()))
     assert got[ids["A"]]["admitted"] and got[ids["C"]]["admitted"] and got[ids["E"]]["admitted"]
     b, d = got[ids["B"]], got[ids["D"]]
     assert (b["admitted"], b["split"], b["near_duplicate_of"]) == (False, "TRAIN", ids["A"]), b["reject_reason"]
@@ -304,10 +297,10 @@ def test_duplicates_and_near_duplicates_of_holdout_never_reach_training(kafka, m
 
 # ------------------------------------------------------------------ windows + tenant isolation
 
-def test_windows_by_count_and_by_age_with_tenant_isolation(kafka, mtopics, worker, env):
+def test_windows_by_count_and_by_age_with_tenant_isolation(kafka, module_topics, worker, env):
     cases = OrderGenerator(seed=51).cases(5)
     sent: dict[str, list[str]] = {"ta": [], "tb": []}
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         for n, case in enumerate(cases):
             t = "ta" if n < WINDOW_SIZE else "tb"  # ta: a full window by count; tb: 2 examples, fired by age
             iid = f"{t}-{n}-{uuid.uuid4().hex[:6]}"
@@ -317,10 +310,10 @@ def test_windows_by_count_and_by_age_with_tenant_isolation(kafka, mtopics, worke
                             messages=messages(case.sentence), response=case.answer)
             rec.outcome(iid, tenant=t, source="HUMAN", success=True)
     started = time.monotonic()
-    requests = wait_until(kafka, mtopics.name("training_requests"), "training_request",
+    requests = wait_until(kafka, module_topics.name("training_requests"), "training_request",
                           lambda rs: {"ta", "tb"} <= {r["tenant"] for _, _, r in rs})
     time.sleep(MAX_AGE_S + 1)  # room for a wrong second request
-    requests = [r for _, _, r in read_all(kafka, mtopics.name("training_requests"), "training_request")
+    requests = [r for _, _, r in read_all(kafka, module_topics.name("training_requests"), "training_request")
                 if r["tenant"] in ("ta", "tb")]
     by_tenant = {t: [r for r in requests if r["tenant"] == t] for t in ("ta", "tb")}
     assert [len({r["request_id"] for r in rs}) for rs in by_tenant.values()] == [1, 1], requests
@@ -338,46 +331,46 @@ def test_windows_by_count_and_by_age_with_tenant_isolation(kafka, mtopics, worke
 
 # ------------------------------------------------------------------ erasures
 
-def test_erased_interactions_sessions_and_subjects_are_never_curated(kafka, mtopics, worker, env):
+def test_erased_interactions_sessions_and_subjects_are_never_curated(kafka, module_topics, worker, env):
     t = "er"
     ids = {k: f"er-{k}-{uuid.uuid4().hex[:6]}" for k in ("id", "subject", "session", "kept")}
     erasures = DeliveryTracker(kafka)
     serialize = serde_for("erasure").serialize
     for scope, key in (("INTERACTION", ids["id"]), ("SUBJECT", subject_key(t, "carol@example.com")),
                        ("SESSION", "er-forgotten-session")):
-        erasures.send(mtopics.name("erasures"), serialize(build_erasure(tenant=t, scope=scope, key=key),
-                                                          SerdeContext(mtopics.name("erasures"))), key=t)
+        erasures.send(module_topics.name("erasures"), serialize(build_erasure(tenant=t, scope=scope, key=key),
+                                                          SerdeContext(module_topics.name("erasures"))), key=t)
     erasures.flush()
     time.sleep(2)  # the worker's tick follows the erasures topic
     cases = OrderGenerator(seed=61).cases(4)
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         for (k, iid), case in zip(ids.items(), cases):
             user = case.sentence + (" Reply to carol@example.com." if k == "subject" else "")
             session = "er-forgotten-session" if k == "session" else iid
             rec.interaction(interaction_id=iid, tenant=t, agent="bot", task=TASK, session_id=session,
                             messages=messages(user), response="?", wait=True)
             rec.outcome(iid, tenant=t, source="HUMAN", success=False, correction=case.answer, wait=True)
-    curated_by_id(kafka, mtopics, [ids["kept"]])
+    curated_by_id(kafka, module_topics, [ids["kept"]])
     time.sleep(2)
-    curated = {r["example_id"] for _, _, r in read_all(kafka, mtopics.name("curated"), "curated_example")}
+    curated = {r["example_id"] for _, _, r in read_all(kafka, module_topics.name("curated"), "curated_example")}
     assert ids["kept"] in curated and not {ids["id"], ids["subject"], ids["session"]} & curated
     stats = get_json(port(env), "/adaptloop/metrics")
     assert stats["tenants"]["er/order-extract"]["erased"] >= 3
     assert not stats["tenants"]["er/order-extract"]["dead_lettered"]  # erased is not dead-lettered
 
 
-def test_validators_configured_per_task(kafka, mtopics, worker):
+def test_validators_configured_per_task(kafka, module_topics, worker):
     cases = [("intent", "refund", True, None), ("intent", "I want a refund", False, "does not match"),
              ("ticket", '{"id": 3}', True, None), ("ticket", '{"id": "x"}', False, "schema: 'x' is not of type 'integer'")]
     ids = []
-    with Recorder(kafka, mtopics) as rec:
+    with Recorder(kafka, module_topics) as rec:
         for n, (task, response, _, _) in enumerate(cases):
             iid = f"val-{n}-{uuid.uuid4().hex[:6]}"
             ids.append(iid)
             rec.interaction(interaction_id=iid, tenant="val", agent="bot", task=task, session_id=iid,
                             messages=[{"role": "user", "content": f"case {n}"}], response=response)
             rec.outcome(iid, tenant="val", source="VALIDATOR", success=True)
-    got = curated_by_id(kafka, mtopics, ids)
+    got = curated_by_id(kafka, module_topics, ids)
     for iid, (task, _, ok, reason) in zip(ids, cases):
         example = got[iid]
         assert (example["task"], example["admitted"]) == (task, ok), example["reject_reason"]

@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from adaptloop.artifacts import base_model_digest, verify_digest
-from adaptloop.kafka import DeliveryTracker, consumer_config, ensure_topics, producer_config, read_ranges
+from adaptloop.kafka import DeliveryTracker, consumer_config, producer_config, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
 from adaptloop.tasks import BUILTIN_TASKS, ORDER_SYSTEM_PROMPT, OrderGenerator, TaskSpec, Verdict, register_validator
@@ -110,13 +110,6 @@ def summary(release: dict) -> str:
             f"{e['incumbent_score']:.3f} -> candidate {e['candidate_score']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]; "
             f"{training.get('steps')} steps in {training.get('train_seconds', 0):.0f}s, "
             f"{training.get('tokens_per_s', 0):.0f} tokens/s")
-
-
-@pytest.fixture(scope="module")
-def module_topics(kafka) -> Topics:
-    names = Topics(prefix=f"t{uuid.uuid4().hex[:10]}.")
-    ensure_topics(kafka, names)
-    return names
 
 
 @pytest.fixture(scope="module")
