@@ -113,13 +113,16 @@ def service_env(kafka: KafkaSettings, topics: Topics, home: Path) -> dict[str, s
 
 
 def start_service(name: str, home: Path, env: dict[str, str], *, timeout_s: float = DEFAULT_READY_TIMEOUT_S,
-                  extra_args: tuple[str, ...] = ()) -> ManagedProcess:
-    """Start ``adaptloop NAME`` and wait until it touches its ready file."""
+                  extra_args: tuple[str, ...] = (), wait_ready: bool = True) -> ManagedProcess:
+    """Start ``adaptloop NAME`` and wait until it touches its ready file (unless ``wait_ready`` is false:
+    a crash drill may die on purpose before it gets there)."""
     ready = home / "run" / f"{name}.ready"
     ready.unlink(missing_ok=True)
     python = streams_python() if name == "streams" else None
     process = ManagedProcess(name, adaptloop_command(name, *extra_args, python=python),
                              home / "logs" / f"{name}.log", env=env | {READY_FILE_ENV: str(ready)}).start()
+    if not wait_ready:
+        return process
     try:
         process.wait_ready(ready.exists, timeout_s)
     except StackError:

@@ -100,9 +100,11 @@ def test_kill_right_as_a_window_fires(kafka, topics, tmp_path):
     base = worker_env(kafka, topics, home, window_size=str(WINDOW), holdout_percent="0", window_max_age_s="3600")
     ids = send_pairs(kafka, topics, OrderGenerator(seed=77).cases(3 * WINDOW), "w")
     for point in ("request_pending", "request_sent"):
-        process = start_service("streams", home, base | {"ADAPTLOOP_STREAMS_CRASH_POINT": point}, timeout_s=READY_TIMEOUT_S)
+        # Not waiting for readiness: replaying the previous worker's pending request may reach the
+        # crash point before this worker has declared itself ready.
+        process = start_service("streams", home, base | {"ADAPTLOOP_STREAMS_CRASH_POINT": point}, wait_ready=False)
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + READY_TIMEOUT_S + 90
             while process.alive():
                 assert time.monotonic() < deadline, f"never reached crash point {point}"
                 time.sleep(0.2)
