@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
-from datasketch import MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 DEFAULT_NUM_PERM = 64
 #: datasketch 2 permutation scheme, named: stored signatures must be rebuilt with the one that made them.
@@ -45,16 +46,23 @@ def shingles(text: str, size: int = 3) -> set[str]:
     return {" ".join(words[i:i + size]) for i in range(len(words) - size + 1)}
 
 
+@lru_cache(maxsize=4)
+def _permutations(num_perm: int) -> Any:
+    """Drawing the permutations is most of a fresh MinHash's cost; they depend on (num_perm, seed) only."""
+    return MinHash(num_perm=num_perm, seed=1, scheme=SCHEME).permutations
+
+
 def signature(example: Mapping[str, Any], num_perm: int = DEFAULT_NUM_PERM) -> list[int]:
-    minhash = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME)
+    minhash = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME, permutations=_permutations(num_perm))
     minhash.update_batch([s.encode() for s in shingles(normalized_text(example))])
     return [int(v) for v in minhash.hashvalues]
 
 
-def _minhash(values: list[int], num_perm: int) -> MinHash:
-    import numpy as np
-
-    return MinHash(num_perm=num_perm, seed=1, scheme=SCHEME, hashvalues=np.array(values, dtype=np.uint64))
+def _minhash(values: list[int], num_perm: int) -> LeanMinHash:
+    """A frozen MinHash of stored values (no permutations drawn: only comparing and LSH keys need it)."""
+    if len(values) != num_perm:
+        raise ValueError(f"a signature of {len(values)} values where {num_perm} were expected")
+    return LeanMinHash(seed=1, hashvalues=values, scheme=SCHEME)
 
 
 def jaccard(a: list[int], b: list[int]) -> float:

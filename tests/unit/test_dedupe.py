@@ -49,3 +49,16 @@ def test_decision_rejects_the_later_duplicate_whatever_its_split():
 def test_threshold_must_be_a_fraction():
     with pytest.raises(ValueError):
         dedupe.NearDuplicateIndex(threshold=0)
+
+
+def test_signatures_match_a_fresh_minhash_so_stored_ones_stay_comparable():
+    """The cached permutations are the ones a fresh MinHash draws: signatures in the changelog stay valid."""
+    from datasketch import MinHash
+
+    example = ex("Bob wants 2 chairs delivered to Porto", '{"item": "chair"}')
+    fresh = MinHash(num_perm=dedupe.DEFAULT_NUM_PERM, seed=1, scheme=dedupe.SCHEME)
+    fresh.update_batch([s.encode() for s in dedupe.shingles(dedupe.normalized_text(example))])
+    assert dedupe.signature(example) == dedupe.signature(example) == [int(v) for v in fresh.hashvalues]
+    assert dedupe.jaccard(dedupe.signature(example), [int(v) for v in fresh.hashvalues]) == 1.0
+    with pytest.raises(ValueError, match="signature of 3 values"):
+        dedupe.NearDuplicateIndex(0.8).add("short", [1, 2, 3])
