@@ -144,6 +144,10 @@ class StreamsSettings(BaseSettings):
                           "record per partition on the {app_id}-ticks topic each time).")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity (MinHash of word "
                                             "3-shingles) at which an example is a near duplicate of an earlier one.")
+    batch_max_events: int = Field(256, ge=1, description="The join and dedupe agents take up to this many records at a "
+                                  "time and await their outputs' acknowledgements together (one round trip per batch).")
+    batch_within_s: float = Field(0.005, gt=0, description="... or what arrived within this long: the most a batch adds "
+                                  "to a record's latency.")
     tenants: list[str] = Field(default_factory=list, description="Tenants accepted on the input topics (JSON list); empty: any.")
     max_future_s: float = Field(300.0, ge=0, description="Event times further ahead of the worker's clock are contract violations.")
     pii_patterns: dict[str, str] = Field(default_factory=dict, description="Extra PII rules as JSON {name: regex}; they fire "

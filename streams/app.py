@@ -53,6 +53,7 @@ from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
+from adaptloop.streams.delivery import after_delivery, run_batched, send_acknowledged
 from adaptloop.streams.erasures import ErasureFeed
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
@@ -178,14 +179,14 @@ class Curation:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> Any:
-        """Send and wait for the broker's acknowledgement; ``DeliveryError`` (the worker crashes) if none comes."""
-        timeout_s = self.settings.kafka.delivery_timeout_s
-        try:
-            pending = await topic.send(key=key.encode() if isinstance(key, str) else key, value=value, force=True)
-            return await asyncio.wait_for(pending, timeout_s)
-        except (asyncio.TimeoutError, KafkaError) as exc:
-            raise DeliveryError(f"{topic.get_topic_name()}: not acknowledged within {timeout_s}s: {exc!r}") from exc
+    async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
+        """Acknowledged before the input record counts as processed (with its batch's, in a batched agent)."""
+        await send_acknowledged(topic, key, value, timeout_s=self.settings.kafka.delivery_timeout_s)
+
+    async def run_batched(self, stream: faust.StreamT, stage: str, handle) -> None:
+        await run_batched(stream, lambda event: self.guarded(stage, event, handle),
+                          max_events=self.settings.batch_max_events, within_s=self.settings.batch_within_s,
+                          timeout_s=self.settings.kafka.delivery_timeout_s)
 
     async def send_dead_letter(self, event: EventT, ref: SourceRef, stage: str, error: Exception) -> None:
         record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
@@ -272,7 +273,8 @@ class Curation:
             self._due.setdefault(int(entry["p"]), {})[interaction_id] = int(entry["due"])
 
     async def emit(self, interaction_id: str, entry: dict[str, Any]) -> None:
-        """Curate a complete join: precedence, horizon, score; send it to the dedupe stage; mark it emitted."""
+        """Curate a complete join: precedence, horizon, score; send it to the dedupe stage; once the broker
+        acknowledged it, mark it emitted (until then ``_in_flight`` keeps the other side and ticks off it)."""
         self._in_flight.add(interaction_id)
         try:
             side = entry[INTERACTION]
@@ -293,20 +295,30 @@ class Curation:
             if self._erased(example) is not None:
                 self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
                 self.joins[interaction_id] = {"emitted": ERASED_MARK}
+                self._settled(interaction_id, entry)
                 return
             value = self.curated_serde.serialize(example, SerdeContext(self.scored.get_topic_name()))
             await self._send(self.scored, tenant_task, value)
+        except BaseException:
+            self._settled(interaction_id, entry)
+            raise
+
+        def emitted() -> None:
             self.joins[interaction_id] = {"emitted": example["kind"]}
+            self._settled(interaction_id, entry)
             self.metrics.redactions(tenant_task, redactions)
             if example["admitted"]:
                 self.metrics.record(stages.STAGE_JOIN, ADMITTED, tenant_task=tenant_task)
             else:
                 self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
                                     reason=_reason(example["reject_reason"]))
-        finally:
-            self._in_flight.discard(interaction_id)
-            if self._due is not None:
-                self._due.get(int(entry.get("p", -1)), {}).pop(interaction_id, None)
+
+        after_delivery(emitted)
+
+    def _settled(self, interaction_id: str, entry: dict[str, Any]) -> None:
+        self._in_flight.discard(interaction_id)
+        if self._due is not None:
+            self._due.get(int(entry.get("p", -1)), {}).pop(interaction_id, None)
 
     # ------------------------------------------------------------------ ticks: grace periods and age windows
 
@@ -507,18 +519,18 @@ def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None
 
     @app.agent(curation.interactions, name="interactions", supervisor_strategy=CrashingSupervisor)
     async def interactions(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await curation.guarded(stages.STAGE_JOIN, event, lambda e: curation.on_side(INTERACTION, e))
+        await curation.run_batched(stream, stages.STAGE_JOIN, lambda e: curation.on_side(INTERACTION, e))
 
     @app.agent(curation.outcomes, name="outcomes", supervisor_strategy=CrashingSupervisor)
     async def outcomes(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await curation.guarded(stages.STAGE_JOIN, event, lambda e: curation.on_side(OUTCOME, e))
+        await curation.run_batched(stream, stages.STAGE_JOIN, lambda e: curation.on_side(OUTCOME, e))
 
     @app.agent(curation.scored, name="dedupe", supervisor_strategy=CrashingSupervisor)
     async def deduplicate(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await curation.guarded(stages.STAGE_DEDUPE, event, curation.on_scored)
+        await curation.run_batched(stream, stages.STAGE_DEDUPE, curation.on_scored)
+
+    # The window stays one record at a time: a request must be flushed to the table as pending
+    # before it is sent, and marked sent after (see ``_fire``).
 
     @app.agent(curation.curated, name="window", supervisor_strategy=CrashingSupervisor)
     async def windows(stream: faust.StreamT) -> None:

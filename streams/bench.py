@@ -3,7 +3,8 @@
     $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench --pairs 2000 --out streams-bench.json
 
 Starts a private Tansu broker (memory storage), then, for each app in turn -- ``passthrough`` (decode
-and re-encode every interaction and outcome, nothing else) and ``curation`` (every stage: decode,
+and re-encode every interaction and outcome, nothing else, with the same delivery discipline as
+curation: outputs acknowledged per batch before the inputs are acked) and ``curation`` (every stage: decode,
 PII, join, precedence, score, dedupe, window) -- starts 2 workers on fresh topics, waits until both
 are ready, produces ``--pairs`` interactions with their outcomes (human corrections, so no grace
 period is waited for) as fast as the producer goes, and times until the last output record is there.
@@ -38,6 +39,7 @@ def create_passthrough_app(settings: StreamsSettings):
 
     from adaptloop.schemas import SerdeContext, serde_for
     from adaptloop.streams.app import _broker_options, _tansu_options
+    from adaptloop.streams.delivery import run_batched, send_acknowledged
 
     app = faust.App(settings.app_id, **_broker_options(settings.kafka), broker_session_timeout=6,
                     processing_guarantee="at_least_once", producer_acks=-1, **_tansu_options(settings.kafka),
@@ -54,11 +56,15 @@ def create_passthrough_app(settings: StreamsSettings):
         source = app.topic(settings.topics.name(stem + "s"), key_serializer="raw", value_serializer="raw",
                            partitions=settings.topics.partitions)
 
-        async def body(stream, serde=serde) -> None:
-            async for event in stream.events():
-                record = serde.deserialize(event.value, SerdeContext(event.message.topic))
-                pending = await out.send(key=event.key, value=serde.serialize(record, SerdeContext(PASSTHROUGH_OUT)))
-                await pending
+        async def handle(event, serde=serde) -> None:
+            record = serde.deserialize(event.value, SerdeContext(event.message.topic))
+            await send_acknowledged(out, event.key, serde.serialize(record, SerdeContext(PASSTHROUGH_OUT)),
+                                    timeout_s=settings.kafka.delivery_timeout_s)
+
+        async def body(stream, handle=handle) -> None:
+            # The same delivery discipline as curation's batched stages: acknowledged per batch.
+            await run_batched(stream, handle, max_events=settings.batch_max_events, within_s=settings.batch_within_s,
+                              timeout_s=settings.kafka.delivery_timeout_s)
 
         app.agent(source, name=f"pass-{stem}")(body)
 
