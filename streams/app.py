@@ -53,7 +53,7 @@ from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
-from adaptloop.streams.delivery import after_delivery, run_batched, send_acknowledged
+from adaptloop.streams.delivery import after_delivery, event_context, run_batched, send_acknowledged
 from adaptloop.streams.erasures import ErasureFeed
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
@@ -161,12 +161,15 @@ class Curation:
         # interaction id -> {"interaction": side, "outcomes": [side...], "due": ms|None, "p": partition}
         #                   until curated, then {"emitted": kind}; side = {"record", "ref", "redactions", "subjects"}
         self.joins = table("joins")
-        # "tenant/task/example_id" -> {"hash", "sig", "decision"}: dedupe decisions survive replays
+        # "tenant/task/example_id" -> {"hash", "sig", "decision"}: dedupe decisions survive replays; the exact
+        # and near-duplicate index of the admitted ones is rebuilt from it (at most one admitted per hash)
         self.seen = table("dedupe_seen")
-        # "tenant/task/content_hash" -> example_id of the first admitted example with that content
-        self.hashes = table("dedupe_hashes")
         # "tenant/task" -> stages.new_window_state() | {"p": partition}
         self.windows = table("windows")
+        # "tenant/task" -> (event, state): the window agent's newest states in this batch, written once per
+        # batch (one changelog record, not one per example) and before any await, so that no other task
+        # (the tick) ever reads a stale window from the table.
+        self._staged_windows: dict[str, tuple[EventT, dict[str, Any]]] = {}
         # "tenant/task/example_id" -> curated offset that counted it (a repeat of an example counts once)
         self.counted = table("window_counted")
         # Joins being sent right now: the table flag is written only after delivery (at least once).
@@ -181,6 +184,7 @@ class Curation:
 
     async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
         """Acknowledged before the input record counts as processed (with its batch's, in a batched agent)."""
+        self.write_windows()
         await send_acknowledged(topic, key, value, timeout_s=self.settings.kafka.delivery_timeout_s)
 
     async def run_batched(self, stream: faust.StreamT, stage: str, handle) -> None:
@@ -360,7 +364,7 @@ class Curation:
         if index is None:
             prefix = tenant_task + "/"
             index = dedupe.NearDuplicateIndex.of(
-                ((key[len(prefix):], value["sig"]) for key, value in list(self.seen.items())
+                ((key[len(prefix):], value["sig"], value["hash"]) for key, value in list(self.seen.items())
                  if key.startswith(prefix) and value["decision"]["admitted"]),
                 self.settings.near_duplicate_threshold)
             self._indexes[tenant_task] = index
@@ -378,16 +382,14 @@ class Curation:
             seen_key = f"{tenant_task}/{example['example_id']}"
             seen = self.seen.get(seen_key)
             if seen is None:  # first time: decide and keep the decision (a replay must decide the same)
-                hash_key = f"{tenant_task}/{example['content_hash']}"
                 signature = dedupe.signature(example)
                 index = self._index(tenant_task)
-                decision = dedupe.dedupe_decision(example, exact_of=self.hashes.get(hash_key),
+                decision = dedupe.dedupe_decision(example, exact_of=index.exact_of(example["content_hash"]),
                                                   near_of=index.query(signature, exclude=example["example_id"]))
                 seen = {"hash": example["content_hash"], "sig": signature, "decision": decision}
                 self.seen[seen_key] = seen
                 if decision["admitted"]:
-                    self.hashes[hash_key] = example["example_id"]
-                    index.add(example["example_id"], signature)
+                    index.add(example["example_id"], signature, example["content_hash"])
             example.update(seen["decision"])
             if not example["admitted"]:
                 self.metrics.record(stages.STAGE_DEDUPE, REJECTED, tenant_task=tenant_task,
@@ -406,7 +408,8 @@ class Curation:
         key = stages.curated_key(example["tenant"], example["task"])
         counted_key = f"{key}/{example['example_id']}"
         repeat = example["admitted"] and self.counted.get(counted_key) not in (None, ref.offset)
-        previous = self.windows.get(key)
+        staged = self._staged_windows.get(key)
+        previous = staged[1] if staged else self.windows.get(key)
         state, fire = stages.window_update(previous, example | {"admitted": example["admitted"] and not repeat},
                                            partition=ref.partition, offset=ref.offset,
                                            window_size=self.settings.window_size)
@@ -420,13 +423,22 @@ class Curation:
         if fire:
             await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.settings.window_size}")
         else:
-            self.windows[key] = state
+            self._staged_windows[key] = (event, state)
+
+    def write_windows(self) -> None:
+        """Write the staged window states to the table (each in its own record's changelog partition)."""
+        staged, self._staged_windows = self._staged_windows, {}
+        for key, (event, state) in staged.items():
+            with event_context(event):
+                self.windows[key] = state
 
     async def _fire(self, key: str, tenant: str, task: str, state: dict[str, Any], *, trigger: str) -> None:
         """Decide the request, make the decision durable (table + flush), then send it."""
         request = stages.training_request(tenant, task, state, curated_topic=self.curated.get_topic_name(),
                                           trigger=trigger)
         state = stages.window_fired(state, request)
+        self._staged_windows.pop(key, None)
+        self.write_windows()
         self.windows[key] = state
         self._requests_in_flight.add(request["request_id"])  # the tick must not resend it meanwhile
         await self.app.producer.flush()  # the pending request is in the changelog before it is sent
@@ -529,13 +541,16 @@ def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None
     async def deduplicate(stream: faust.StreamT) -> None:
         await curation.run_batched(stream, stages.STAGE_DEDUPE, curation.on_scored)
 
-    # The window stays one record at a time: a request must be flushed to the table as pending
-    # before it is sent, and marked sent after (see ``_fire``).
+    # Not ``run_batched``: a request must be flushed to the table as pending before it is sent and
+    # marked sent after (see ``_fire``), so its sends are awaited where they happen.
 
     @app.agent(curation.curated, name="window", supervisor_strategy=CrashingSupervisor)
     async def windows(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await curation.guarded(stages.STAGE_WINDOW, event, curation.on_curated)
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            for event in events:
+                with event_context(event):
+                    await curation.guarded(stages.STAGE_WINDOW, event, curation.on_curated)
+            curation.write_windows()
 
     @app.agent(curation.ticks, name="ticks", supervisor_strategy=CrashingSupervisor)
     async def ticks(stream: faust.StreamT) -> None:

@@ -2,11 +2,13 @@
 
     content_hash(example)            -> "sha256:..." of the normalized prompt (system turns left out) and completion
     signature(example, num_perm)     -> MinHash values (JSON-safe ints) of its word 3-shingles
-    index = NearDuplicateIndex(threshold=0.8, num_perm=64); index.add(id, sig); index.query(sig) -> [ids]
+    index = NearDuplicateIndex(threshold=0.8, num_perm=64); index.add(id, sig, hash)
+    index.query(sig) -> [ids]; index.exact_of(hash) -> id | None
 
 MinHash/LSH comes from ``datasketch`` (maintained, the standard choice). The index is only a cache:
-the signatures live in a Faust table with a changelog, and the agent rebuilds an index from them
-after a restart or a rebalance (``NearDuplicateIndex.of``).
+the signatures and content hashes live in one Faust table with a changelog (one changelog record
+per example), and the agent rebuilds an index from them after a restart or a rebalance
+(``NearDuplicateIndex.of``).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def jaccard(a: list[int], b: list[int]) -> float:
 
 
 class NearDuplicateIndex:
-    """LSH over MinHash signatures of one (tenant, task); ``query`` confirms candidates by estimated Jaccard."""
+    """LSH over MinHash signatures of one (tenant, task); ``query`` confirms candidates by estimated Jaccard.
+    ``exact_of`` finds the first example added with a content hash."""
 
     def __init__(self, threshold: float, num_perm: int = DEFAULT_NUM_PERM) -> None:
         if not 0 < threshold <= 1:
@@ -80,6 +83,7 @@ class NearDuplicateIndex:
         self.num_perm = num_perm
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._signatures: dict[str, list[int]] = {}
+        self._by_hash: dict[str, str] = {}
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self._signatures
@@ -87,11 +91,16 @@ class NearDuplicateIndex:
     def __len__(self) -> int:
         return len(self._signatures)
 
-    def add(self, example_id: str, values: list[int]) -> None:
+    def add(self, example_id: str, values: list[int], content_hash: str | None = None) -> None:
         if example_id in self._signatures:
             return
         self._signatures[example_id] = values
         self._lsh.insert(example_id, _minhash(values, self.num_perm))
+        if content_hash is not None:
+            self._by_hash.setdefault(content_hash, example_id)
+
+    def exact_of(self, content_hash: str) -> str | None:
+        return self._by_hash.get(content_hash)
 
     def query(self, values: list[int], *, exclude: str | None = None) -> list[str]:
         """Earlier examples at or above the threshold, most similar first."""
@@ -100,10 +109,12 @@ class NearDuplicateIndex:
         return [c for s, c in sorted(scored, key=lambda x: (-x[0], x[1])) if s >= self.threshold]
 
     @classmethod
-    def of(cls, entries: Iterable[tuple[str, list[int]]], threshold: float, num_perm: int = DEFAULT_NUM_PERM) -> "NearDuplicateIndex":
+    def of(cls, entries: Iterable[tuple[str, list[int], str | None]], threshold: float,
+           num_perm: int = DEFAULT_NUM_PERM) -> "NearDuplicateIndex":
+        """From (example id, signature, content hash) in the order they were added."""
         index = cls(threshold, num_perm)
-        for example_id, values in entries:
-            index.add(example_id, values)
+        for example_id, values, content_hash in entries:
+            index.add(example_id, values, content_hash)
         return index
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import faust
 from aiokafka.errors import KafkaError
@@ -47,6 +48,16 @@ _current_batch: ContextVar[_Batch | None] = ContextVar("adaptloop_delivery_batch
 
 def _make_current(event: EventT | None) -> None:
     _current_event.set(weakref.ref(event) if event is not None else None)
+
+
+@contextmanager
+def event_context(event: EventT | None) -> Iterator[None]:
+    """Table writes in here go to ``event``'s changelog partition; the caller's event is current again after."""
+    token = _current_event.set(weakref.ref(event) if event is not None else None)
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 async def _acknowledged(topic_name: str, pending: Awaitable[Any], timeout_s: float) -> Any:

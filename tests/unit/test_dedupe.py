@@ -32,8 +32,11 @@ def test_near_duplicates_are_found_and_distinct_orders_are_not():
     hits = index.query(dedupe.signature(ex(tweaked, base.answer)))
     assert hits[:1] == ["e0"]
     assert index.query(dedupe.signature(ex(base.sentence, base.answer)), exclude="e0") == []
-    rebuilt = dedupe.NearDuplicateIndex.of([("e0", dedupe.signature(ex(base.sentence, base.answer)))], 0.7)
+    first = ex(base.sentence, base.answer)
+    rebuilt = dedupe.NearDuplicateIndex.of([("e0", dedupe.signature(first), dedupe.content_hash(first))], 0.7)
     assert rebuilt.query(dedupe.signature(ex(tweaked, base.answer))) == ["e0"]
+    assert rebuilt.exact_of(dedupe.content_hash(ex(base.sentence.upper(), base.answer))) == "e0"
+    assert rebuilt.exact_of(dedupe.content_hash(ex(tweaked, base.answer))) is None
 
 
 def test_decision_rejects_the_later_duplicate_whatever_its_split():
