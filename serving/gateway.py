@@ -69,12 +69,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
 
-import httpx
+import aiohttp
 import uvicorn
+import uvloop
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptloop.artifacts import alias as make_alias
@@ -91,6 +93,8 @@ from adaptloop.settings import GatewaySettings, Replica
 log = logging.getLogger("adaptloop.gateway")
 
 DELIVERY_MARGIN_S = 5.0
+#: What a call to a model server or sidecar may fail with (timeouts are asyncio's in aiohttp).
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 DEFAULT_TASK = "default"
 AGENT_HEADER = "x-adaptloop-agent"
 SESSION_HEADER = "x-adaptloop-session"
@@ -353,15 +357,18 @@ class Gateway:
         self.router = Router(self.reader, settings.model.name, settings.replica_list(), settings.canary_share)
         self.interactions = InteractionLog(settings)
         self.stats = Stats()
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.sidecar_polled = asyncio.Event()
         self._pollers: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._polled: set[str] = set()
 
     async def start(self) -> None:
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0),
-                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        # aiohttp, not httpx: its C parser costs ~1 ms less CPU per proxied call (profiled with py-spy
+        # under serving.bench_gateway), and this client is on every call's path.
+        self.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s, connect=5.0),
+            connector=aiohttp.TCPConnector(limit=256), auto_decompress=False)
         self.reader.start()
         self.interactions.start()
         self._pollers = [asyncio.create_task(self._poll_sidecar(r), name=f"sidecar-poll-{r.sidecar_url}")
@@ -375,7 +382,7 @@ class Gateway:
         self.reader.stop()
         await asyncio.to_thread(self.interactions.close)
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
 
     @property
     def ready(self) -> bool:
@@ -385,9 +392,9 @@ class Gateway:
         url = replica.sidecar_url + "/adapters"
         while True:
             try:
-                response = await self.client.get(url, timeout=2.0)
-                response.raise_for_status()
-                report = response.json()
+                async with self.client.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as response:
+                    response.raise_for_status()
+                    report = await response.json()
                 replica.loaded = frozenset(report["loaded"])
                 vllm_up = bool(report.get("vllm", True))  # False while its sidecar restarts vLLM
                 if vllm_up and not replica.healthy:
@@ -395,7 +402,7 @@ class Gateway:
                 elif replica.healthy and not vllm_up:
                     log.warning("replica %s: vLLM is down (its sidecar restarts it)", replica.vllm_url)
                 replica.healthy = vllm_up
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+            except (*UPSTREAM_ERRORS, ValueError, KeyError) as exc:
                 # Keep the last known set: vLLM rejects an adapter it lost, and the call falls back.
                 if replica.healthy:
                     log.warning("sidecar at %s does not answer (%s); no calls there while another answers", url, exc)
@@ -509,17 +516,17 @@ class _Call:
                         "stream": str(bool(self.body.get("stream"))).lower(), "endpoint": self.kind,
                         "role": self.route.role, "replica": self.route.replica.vllm_url})
 
-    def upstream_failed(self, exc: httpx.HTTPError) -> JSONResponse:
+    def upstream_failed(self, exc: Exception) -> JSONResponse:
         self.gateway.stats.add(self.route, None)
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, asyncio.TimeoutError):
             return openai_error(504, f"the model server did not answer in time: {exc}", "api_error", "upstream_timeout",
                                 headers=self.headers)
         return openai_error(502, f"the model server is unreachable: {exc}", "api_error", "upstream_unreachable",
                             headers=self.headers)
 
-    def relay_error(self, response: httpx.Response, text: str) -> JSONResponse:
+    def relay_error(self, response: aiohttp.ClientResponse, text: str) -> JSONResponse:
         """vLLM's own error (already OpenAI-shaped), or one wrapped in that shape."""
-        if response.status_code >= 500:
+        if response.status >= 500:
             self.gateway.stats.add(self.route, None)
         try:
             payload = json.loads(text)
@@ -527,9 +534,11 @@ class _Call:
             payload = None
         if not (isinstance(payload, dict) and isinstance(payload.get("error"), dict)):
             payload = {"error": {"message": text[:1000], "type": "api_error", "param": None, "code": None}}
-        return JSONResponse(payload, status_code=response.status_code, headers=dict(self.headers))
+        return JSONResponse(payload, status_code=response.status, headers=dict(self.headers))
 
     async def persist(self, record: dict[str, Any]) -> JSONResponse | None:
+        """Ack mode: the answer waits for the broker (a failure is the 503 returned). Background mode
+        (run after the answer went out): a failure is only logged and counted."""
         try:
             acknowledged = self.gateway.interactions.send(record)
             if not self.wait_for_ack:
@@ -538,78 +547,98 @@ class _Call:
             await self.gateway.interactions.wait(acknowledged, self.interaction_id)
         except (DeliveryError, SerializationError) as exc:
             log.error("interaction %s not recorded: %s", self.interaction_id, exc)
+            if not self.wait_for_ack:
+                self.gateway.stats.unrecorded += 1
+                return None
             return openai_error(503, f"the interaction could not be recorded, so no answer is given: {exc}",
                                 "api_error", "interaction_not_recorded", headers=self.headers)
         return None
 
-    def adapter_gone(self, response: httpx.Response) -> bool:
+    def adapter_gone(self, response: aiohttp.ClientResponse) -> bool:
         """vLLM no longer knows the routed version (unloaded since the last sidecar poll): use the fallback."""
-        if response.status_code != 404 or self.route.version is None:
+        if response.status != 404 or self.route.version is None:
             return False
         log.warning("%s is not loaded in vLLM at %s any more; answering %s with %s", self.route.version,
                     self.route.replica.vllm_url, self.body["model"], self.route.fallback or "the base model")
         self._set_route(self.gateway.router.base_route(self.route))
         return True
 
-    async def _send(self, stream: bool, **extra: Any) -> httpx.Response:
-        client = self.gateway.client
-        request = client.build_request("POST", self.url, json=self.upstream_body(**extra))
-        return await client.send(request, stream=stream)
+    async def _send(self, **extra: Any) -> aiohttp.ClientResponse:
+        """The response once its headers arrived; the caller reads the body and releases it."""
+        return await self.gateway.client.post(self.url, data=json.dumps(self.upstream_body(**extra)),
+                                              headers={"content-type": "application/json"})
 
-    async def _send_with_fallback(self, stream: bool, **extra: Any) -> httpx.Response:
+    async def _send_with_fallback(self, **extra: Any) -> aiohttp.ClientResponse:
         """Up to three tries: the routed version, its fallback if it is gone, the base if that is gone too."""
-        response = await self._send(stream, **extra)
+        response = await self._send(**extra)
         for _ in range(2):
             if not self.adapter_gone(response):
                 break
-            await response.aclose()
-            response = await self._send(stream, **extra)
+            response.release()
+            response = await self._send(**extra)
         return response
 
     async def complete(self) -> JSONResponse:
         upstream_started = time.perf_counter()
         try:
-            response = await self._send_with_fallback(False)
-        except httpx.HTTPError as exc:
+            response = await self._send_with_fallback()
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+        except UPSTREAM_ERRORS as exc:
             return self.upstream_failed(exc)
         # What the model server took, so that callers (and serving.bench_gateway) can see our own share.
         self.headers["server-timing"] = f"upstream;dur={(time.perf_counter() - upstream_started) * 1000:.3f}"
-        if response.status_code >= 400:
-            return self.relay_error(response, response.text)
-        data = response.json()
+        if response.status >= 400:
+            return self.relay_error(response, raw.decode(errors="replace"))
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            return self.upstream_failed(exc)
         choice = (data.get("choices") or [{}])[0]
         if self.kind == "chat":
             message = choice.get("message") or {}
             text, calls = _text(message.get("content")), _tool_calls(message.get("tool_calls"))
         else:
             text, calls = choice.get("text") or "", []
-        failure = await self.persist(self.record(text, calls, data.get("usage"), data.get("id")))
-        if failure is not None:
-            return failure
+        record = self.record(text, calls, data.get("usage"), data.get("id"))
+        background = None
+        if self.wait_for_ack:
+            failure = await self.persist(record)
+            if failure is not None:
+                return failure
+        else:
+            background = BackgroundTask(self.persist, record)  # serialized and queued after the answer is sent
         data["id"] = self.interaction_id
         data["model"] = self.body["model"]
-        return JSONResponse(data, headers=self.headers)
+        return JSONResponse(data, headers=self.headers, background=background)
 
     async def stream(self) -> Any:
         wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
         stream_options = dict(self.body.get("stream_options") or {}, include_usage=True)
         try:
-            response = await self._send_with_fallback(True, stream_options=stream_options)
-        except httpx.HTTPError as exc:
+            response = await self._send_with_fallback(stream_options=stream_options)
+        except UPSTREAM_ERRORS as exc:
             return self.upstream_failed(exc)
-        if response.status_code >= 400:
-            text = (await response.aread()).decode(errors="replace")
-            await response.aclose()
+        if response.status >= 400:
+            try:
+                text = (await response.read()).decode(errors="replace")
+            except UPSTREAM_ERRORS as exc:
+                return self.upstream_failed(exc)
+            finally:
+                response.release()
             return self.relay_error(response, text)
         return StreamingResponse(self._relay(response, wants_usage), media_type="text/event-stream",
                                  headers=self.headers)
 
-    async def _relay(self, response: httpx.Response, wants_usage: bool) -> AsyncIterator[str]:
+    async def _relay(self, response: aiohttp.ClientResponse, wants_usage: bool) -> AsyncIterator[str]:
         parts: list[str] = []
         usage: dict[str, Any] | None = None
         upstream_id: str | None = None
         try:
-            async for line in response.aiter_lines():
+            async for raw_line in response.content:
+                line = raw_line.decode()
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
@@ -630,12 +659,12 @@ class _Call:
                 chunk["id"] = self.interaction_id
                 chunk["model"] = self.body["model"]
                 yield f"data: {json.dumps(chunk)}\n\n"
-        except (httpx.HTTPError, ValueError) as exc:
+        except (*UPSTREAM_ERRORS, ValueError) as exc:
             self.gateway.stats.add(self.route, None)
             yield f"data: {json.dumps({'error': {'message': f'the model stream broke: {exc}', 'type': 'api_error'}})}\n\n"
             return
         finally:
-            await response.aclose()
+            response.release()
         # Tool calls are not reassembled from stream deltas; the text is.
         failure = await self.persist(self.record("".join(parts), [], usage, upstream_id))
         if failure is not None:
@@ -733,7 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, server.handle_exit)
     try:
-        asyncio.run(_serve(server, app.state.gateway, args.ready_timeout))
+        # uvloop, as ``uvicorn.run`` would pick it: we run the loop ourselves (readiness), so we pick it here.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(server, app.state.gateway, args.ready_timeout))
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
