@@ -32,6 +32,7 @@ from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.serving.bench_gateway import server_timing
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 from adaptloop.stack import free_port, service_env, start_broker, start_service
@@ -220,6 +221,9 @@ def test_alias_without_release_uses_base_and_is_recorded(serving):
     assert record["prompt_tokens"] == body["usage"]["prompt_tokens"] > 0
     assert record["completion_tokens"] == body["usage"]["completion_tokens"] > 0
     assert record["latency_ms"] > 0
+    # The gateway says what the model server took and what it took in all (serving.bench_gateway reads it).
+    timing = server_timing(response.headers["server-timing"])
+    assert 0 < timing["upstream"] <= timing["gateway"], timing
 
 
 def test_released_adapter_is_loaded_routed_and_recorded(serving, adapter_dir):
