@@ -32,6 +32,7 @@ import ipaddress
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Mapping
 
 import phonenumbers
@@ -65,6 +66,14 @@ _IPV4_RE = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w.]|\.\d)")
 _IPV6_RE = re.compile(r"(?<![\w:])((?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})(?![\w:])")
 _VERSION_CUE = re.compile(r"(?i)(?:\bv|\b(?:version|release|section|chapter|clause|paragraph|step|build)\s*)$")
 _GLUED = re.compile(r"[A-Za-z0-9_][-/#]?$")
+_DIGIT = re.compile(r"\d")
+#: The shortest national number of any region in libphonenumber's metadata (a unit test checks it):
+#: a text with fewer digits holds no valid phone number, and the matcher is most of redaction's cost.
+MIN_PHONE_DIGITS = 4
+#: Texts up to this long are redacted once and then served from a cache: system prompts and tool
+#: definitions repeat on every interaction of an agent.
+CACHED_TEXT_CHARS = 8192
+REDACTION_CACHE_SIZE = 2048
 _PHONE_CUE = re.compile(r"(?i)\b(?:phone|tel|telephone|call|mobile|cell|whatsapp|sms|fax|text me|reach me)\b[^.\n]{0,20}$")
 
 
@@ -130,6 +139,8 @@ def _ips(text: str) -> Iterator[Match]:
 
 def _phones(region: str) -> Callable[[str], Iterator[Match]]:
     def find(text: str) -> Iterator[Match]:
+        if len(_DIGIT.findall(text)) < MIN_PHONE_DIGITS:
+            return
         for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
             raw = m.raw_string
             if raw.isdigit() and not _PHONE_CUE.search(text[:m.start]):
@@ -159,6 +170,7 @@ class Redactor:
             except re.error as exc:
                 raise ValueError(f"PII pattern {name!r} is not a regex: {exc}") from exc
             self._custom.append((f"custom:{name}", compiled))
+        self._cached = lru_cache(maxsize=REDACTION_CACHE_SIZE)(self._redact_text)
 
     def _custom_finder(self, rule: str, pattern: re.Pattern) -> Callable[[str], Iterator[Match]]:
         return lambda text: (Match(rule, m.start(), m.end(), m.group()) for m in pattern.finditer(text) if m.group())
@@ -166,6 +178,15 @@ class Redactor:
     def redact(self, text: str, into: Redaction | None = None) -> Redaction:
         """Run every rule in order, each on the text the previous ones left (placeholders are inert)."""
         result = into or Redaction(text)
+        redacted, counts, subjects = (self._cached if len(text) <= CACHED_TEXT_CHARS else self._redact_text)(text)
+        result.counts.update(dict(counts))
+        result.subjects.update(subjects)
+        result.text = redacted
+        return result
+
+    def _redact_text(self, text: str) -> tuple[str, tuple[tuple[str, int], ...], frozenset[str]]:
+        counts: dict[str, int] = {}
+        subjects: set[str] = set()
         finders = self._finders + [(rule, self._custom_finder(rule, pattern)) for rule, pattern in self._custom]
         for rule, find in finders:
             matches = _non_overlapping(find(text))
@@ -175,10 +196,9 @@ class Redactor:
             for match in reversed(matches):
                 text = text[:match.start] + placeholder + text[match.end:]
                 if rule in SUBJECT_RULES or rule.startswith("custom:"):
-                    result.subjects.add(match.value)
-            result.counts[rule] += len(matches)
-        result.text = text
-        return result
+                    subjects.add(match.value)
+            counts[rule] = counts.get(rule, 0) + len(matches)
+        return text, tuple(counts.items()), frozenset(subjects)
 
 
 def _non_overlapping(matches: Iterator[Match]) -> list[Match]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from adaptloop.erasure import subject_key
-from adaptloop.streams.pii import Redactor, redact_record
+from adaptloop.streams.pii import Redaction, Redactor, redact_record
 
 POSITIVES = [  # (text, rule, the substring that must disappear)
     ("Contact me at alice.martin@example.com please", "email", "alice.martin@example.com"),
@@ -171,3 +171,27 @@ def test_redact_record_walks_messages_tool_calls_and_maps(redactor):
 def test_bad_user_pattern_is_a_clear_error():
     with pytest.raises(ValueError, match="not a regex"):
         Redactor(custom={"broken": "("})
+
+
+def test_no_valid_phone_number_is_shorter_than_the_digit_prefilter():
+    """The matcher is skipped below MIN_PHONE_DIGITS digits: no region's numbers may be shorter."""
+    import phonenumbers
+    from phonenumbers import PhoneMetadata
+
+    from adaptloop.streams.pii import MIN_PHONE_DIGITS
+
+    shortest = min(length for region in phonenumbers.SUPPORTED_REGIONS
+                   for length in PhoneMetadata.metadata_for_region(region).general_desc.possible_length if length > 0)
+    assert shortest >= MIN_PHONE_DIGITS
+
+
+def test_a_cached_redaction_is_the_same_and_still_counted_per_call(redactor):
+    text = "You are a helpful agent. Escalations: ops@example.com, +44 20 7946 0958."
+    first, second = redactor.redact(text), redactor.redact(text)
+    assert first.text == second.text == "You are a helpful agent. Escalations: [EMAIL], [PHONE]."
+    assert first.counts == second.counts == {"email": 1, "phone": 1}
+    assert first.subjects == second.subjects == {"ops@example.com", "+442079460958"}
+    total = Redaction("")
+    redactor.redact(text, total)
+    redactor.redact(text, total)
+    assert total.counts == {"email": 2, "phone": 2}
