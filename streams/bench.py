@@ -2,7 +2,7 @@
 
     $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench --pairs 4000 --rounds 3 --out streams-bench.json
 
-Starts a private Tansu broker (memory storage), then, for each app in turn -- ``passthrough`` (decode
+Starts a private Tansu broker (memory storage, a fresh one per app and round), then, for each app in turn -- ``passthrough`` (decode
 and re-encode every interaction and outcome, nothing else, with the same delivery discipline as
 curation: outputs acknowledged per batch before the inputs are acked) and ``curation`` (every stage: decode,
 PII, join, precedence, score, dedupe, window) -- starts 2 workers on fresh topics, waits until both
@@ -200,20 +200,24 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="adaptloop-bench-") as tmp:
-        home = Path(tmp)
-        kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
-        broker = start_broker(kafka, home)
-        try:
-            for n in range(args.rounds):
-                baseline = run_one("passthrough", kafka, home / f"r{n}", args.pairs, args.workers, args.timeout, args.tenants)
-                curation = run_one("curation", kafka, home / f"r{n}", args.pairs, args.workers, args.timeout, args.tenants)
-                ratio = curation["events_per_s"] / baseline["events_per_s"]
-                rounds.append({"passthrough": baseline, "curation": curation, "ratio": round(ratio, 3)})
-                print(f"round {n + 1}: passthrough {baseline['events_per_s']} events/s ({baseline['seconds']} s), "
-                      f"curation {curation['events_per_s']} events/s ({curation['seconds']} s), ratio {ratio:.2f}, "
-                      f"outcome -> curated p99 {curation['latency_ms']['p99']:.0f} ms", flush=True)
-        finally:
-            broker.stop()
+        for n in range(args.rounds):
+            result = {}
+            for kind in ("passthrough", "curation"):
+                # A fresh broker for each app and round: Tansu's memory storage slows down as it fills,
+                # which would favour whichever app runs first.
+                home = Path(tmp) / f"r{n}-{kind}"
+                kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
+                broker = start_broker(kafka, home)
+                try:
+                    result[kind] = run_one(kind, kafka, home, args.pairs, args.workers, args.timeout, args.tenants)
+                finally:
+                    broker.stop()
+            baseline, curation = result["passthrough"], result["curation"]
+            ratio = curation["events_per_s"] / baseline["events_per_s"]
+            rounds.append({"passthrough": baseline, "curation": curation, "ratio": round(ratio, 3)})
+            print(f"round {n + 1}: passthrough {baseline['events_per_s']} events/s ({baseline['seconds']} s), "
+                  f"curation {curation['events_per_s']} events/s ({curation['seconds']} s), ratio {ratio:.2f}, "
+                  f"outcome -> curated p99 {curation['latency_ms']['p99']:.0f} ms", flush=True)
     median = {kind: statistics.median(r[kind]["events_per_s"] for r in rounds) for kind in ("passthrough", "curation")}
     report = {"rounds": rounds, "median_events_per_s": median,
               "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 3), "target_ratio": 0.5,
