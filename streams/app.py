@@ -202,8 +202,8 @@ class Curation:
     async def guarded(self, stage: str, event: EventT, body) -> None:
         """Run one record through ``body``; a record that breaks a stage becomes a dead letter, the stream goes on.
 
-        Broker failures (``DeliveryError``) are not the record's fault: they crash the worker, which
-        restarts from the last committed offset.
+        Broker failures are not the record's fault: an unacknowledged send ends the worker at once
+        (``delivery.stop_now``), and its restart resumes from the last committed offset.
         """
         try:
             await body(event)

@@ -13,7 +13,8 @@ and awaits all acknowledgements together before Faust acks (and may commit) the 
 Inside a batch, ``send_acknowledged`` collects the delivery instead of awaiting it, and
 ``after_delivery(fn)`` defers what may only happen once the records are in the log (the join table's
 "emitted" flag: written earlier, a crash would leave it set for an example that was never sent).
-Outside a batch (timers, the tick agent) both act at once, as before.
+Outside a batch (timers, the tick agent) both act at once, as before. A record the broker does not
+acknowledge in time ends the worker at once, uncommitted (``stop_now``, exit status 75).
 
 Faust tables find a key's changelog partition through the *current event* of the task; ``take_events``
 sets it in its background reader, not in the agent's task, so each record's event is made current
@@ -23,11 +24,13 @@ while it is handled, and again for its deferred actions.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, NoReturn
 
 import faust
 from aiokafka.errors import KafkaError
@@ -35,6 +38,11 @@ from faust.streams import _current_event  # the contextvar faust.streams.current
 from faust.types import EventT
 
 from adaptloop.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+#: The worker's exit status when a record it produced was not acknowledged.
+DELIVERY_FAILED_EXIT = 75
 
 
 @dataclass
@@ -60,23 +68,33 @@ def event_context(event: EventT | None) -> Iterator[None]:
         _current_event.reset(token)
 
 
+def stop_now(error: DeliveryError) -> NoReturn:
+    """Exit at once, skipping Faust's graceful stop: it commits the offsets of every record already
+    acked (a batch's, as ``take_events`` acks in its ``finally``), which would lose the inputs whose
+    outputs never reached the broker. A restarted worker resumes from the last commit (at least once)."""
+    log.critical("%s; exiting without committing offsets (a restart resumes from the last commit)", error)
+    logging.shutdown()
+    os._exit(DELIVERY_FAILED_EXIT)
+
+
 async def _acknowledged(topic_name: str, pending: Awaitable[Any], timeout_s: float) -> Any:
     try:
         return await asyncio.wait_for(pending, timeout_s)
     except (asyncio.TimeoutError, KafkaError) as exc:
-        raise DeliveryError(f"{topic_name}: not acknowledged within {timeout_s}s: {exc!r}") from exc
+        stop_now(DeliveryError(f"{topic_name}: not acknowledged within {timeout_s}s: {exc!r}"))
 
 
 async def send_acknowledged(topic: faust.TopicT, key: str | bytes | None, value: bytes, *, timeout_s: float) -> None:
     """Send now; inside a batch the acknowledgement is awaited with the batch's, else here.
 
-    ``DeliveryError`` (the worker crashes and restarts from its last commit) if none comes in time.
+    If none comes in time the worker exits at once (``stop_now``) and its restart resumes from the
+    last commit.
     """
     name = topic.get_topic_name()
     try:
         pending = await topic.send(key=key.encode() if isinstance(key, str) else key, value=value, force=True)
     except KafkaError as exc:
-        raise DeliveryError(f"{name}: not sent: {exc!r}") from exc
+        stop_now(DeliveryError(f"{name}: not sent: {exc!r}"))
     batch = _current_batch.get()
     if batch is None:
         await _acknowledged(name, pending, timeout_s)
@@ -98,12 +116,16 @@ def after_delivery(action: Callable[[], None]) -> None:
 async def _settle(batch: _Batch, timeout_s: float) -> None:
     if batch.pending:
         names = [name for name, _ in batch.pending]
-        results = await asyncio.gather(*(_acknowledged(name, pending, timeout_s) for name, pending in batch.pending),
-                                       return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(pending for _, pending in batch.pending),
+                                                            return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            stop_now(DeliveryError(f"{len(names)} records (to {sorted(set(names))}) not all acknowledged "
+                                   f"within {timeout_s}s"))
         failed = [(name, r) for name, r in zip(names, results) if isinstance(r, BaseException)]
         if failed:
             name, first = failed[0]
-            raise DeliveryError(f"{len(failed)} of {len(names)} records not acknowledged; first: {first}") from first
+            stop_now(DeliveryError(f"{len(failed)} of {len(names)} records not acknowledged; first ({name}): {first!r}"))
     for event, action in batch.after:
         _make_current(event)
         action()
