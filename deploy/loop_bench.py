@@ -56,16 +56,28 @@ STAGES: dict[str, tuple[str, str]] = {
 _LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
-def parse_trainer_log(text: str, request_id: str) -> dict[str, int]:
-    """Epoch-ms timestamps of one request's trainer stages from the service log (asctime, local time)."""
+#: How far a trainer log line may lie outside [request created, release created] and still count (clocks, rounding).
+LOG_SLACK_MS = 60_000
+
+
+def parse_trainer_log(text: str, request_id: str, *, not_before_ms: int | None = None,
+                      not_after_ms: int | None = None) -> dict[str, int]:
+    """Epoch-ms timestamps of one request's trainer stages from the service log (asctime, local time).
+
+    A request id is a digest of its examples, so a log kept across runs (the demo's home) may name the
+    same id for an earlier run: only lines within [``not_before_ms``, ``not_after_ms``] count, the first
+    one of each stage.
+    """
     short = re.escape(request_id[:12])
     patterns = {"picked_up": rf"request {short}: \S+ trigger=", "snapshot": rf"request {short}: \S+ snapshot ",
                 "trained": rf"request {short}: ray job finished"}
     found: dict[str, int] = {}
     for name, pattern in patterns.items():
-        match = re.search(_LOG_TIME + r".*?" + pattern, text)
-        if match:
-            found[name] = int(dt.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() * 1000)
+        for match in re.finditer(_LOG_TIME + r"[^\n]*?" + pattern, text):
+            at = int(dt.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() * 1000)
+            if (not_before_ms is None or at >= not_before_ms) and (not_after_ms is None or at <= not_after_ms):
+                found[name] = at
+                break
     return found
 
 
@@ -103,7 +115,9 @@ def release_stamps(release: Mapping[str, Any], request: Mapping[str, Any], curat
         stamps["curated"] = ms(example["curated_at"])
         stamps["outcome_recorded"] = max([ms(example["event_time"])] + outcome_times) if example.get("event_time") else None
     if trainer_log:
-        stamps.update(parse_trainer_log(trainer_log, request["request_id"]))
+        stamps.update(parse_trainer_log(trainer_log, request["request_id"],
+                                        not_before_ms=stamps["request"] - LOG_SLACK_MS,
+                                        not_after_ms=stamps["released"] + LOG_SLACK_MS))
     return stamps
 
 

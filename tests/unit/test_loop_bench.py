@@ -24,6 +24,15 @@ def test_trainer_log_stages_are_found_for_their_request_only():
     ])
     assert parse_trainer_log(text, RID) == {"picked_up": t + 1000, "snapshot": t + 1500, "trained": t + 41_250}
     assert parse_trainer_log(text, "f" * 64) == {}
+    # The same request id in a later run (the log is appended to): only the run in the window counts.
+    later = t + 3 * 3600_000
+    again = "\n".join(line.replace(_log_time(t + d), _log_time(later + d))
+                       for line, d in zip(text.splitlines(), (0, 1000, 1500, 0, 41_250)))
+    both = text + "\n" + again
+    assert parse_trainer_log(both, RID, not_before_ms=later - 60_000, not_after_ms=later + 60_000) == {
+        "picked_up": later + 1000, "snapshot": later + 1500, "trained": later + 41_250}
+    assert parse_trainer_log(both, RID, not_before_ms=t - 60_000, not_after_ms=t + 60_000) == {
+        "picked_up": t + 1000, "snapshot": t + 1500, "trained": t + 41_250}
 
 
 def test_breakdown_names_the_slowest_stage_and_folds_the_trainer_without_its_log():
