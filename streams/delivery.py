@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable, Iterator, NoReturn
 import faust
 from aiokafka.errors import KafkaError
 from faust.streams import _current_event  # the contextvar faust.streams.current_event() reads
+from faust.streams import current_event
 from faust.types import EventT
 
 from adaptloop.errors import DeliveryError
@@ -52,10 +53,6 @@ class _Batch:
 
 
 _current_batch: ContextVar[_Batch | None] = ContextVar("adaptloop_delivery_batch", default=None)
-
-
-def _make_current(event: EventT | None) -> None:
-    _current_event.set(weakref.ref(event) if event is not None else None)
 
 
 @contextmanager
@@ -108,8 +105,6 @@ def after_delivery(action: Callable[[], None]) -> None:
     if batch is None:
         action()
     else:
-        from faust.streams import current_event
-
         batch.after.append((current_event(), action))
 
 
@@ -127,8 +122,8 @@ async def _settle(batch: _Batch, timeout_s: float) -> None:
             name, first = failed[0]
             stop_now(DeliveryError(f"{len(failed)} of {len(names)} records not acknowledged; first ({name}): {first!r}"))
     for event, action in batch.after:
-        _make_current(event)
-        action()
+        with event_context(event):
+            action()
 
 
 async def run_batched(stream: faust.StreamT, handle: Callable[[EventT], Awaitable[None]], *, max_events: int,
@@ -139,8 +134,8 @@ async def run_batched(stream: faust.StreamT, handle: Callable[[EventT], Awaitabl
         token = _current_batch.set(batch)
         try:
             for event in events:
-                _make_current(event)
-                await handle(event)
+                with event_context(event):
+                    await handle(event)
         finally:
             _current_batch.reset(token)
         await _settle(batch, timeout_s)
