@@ -228,6 +228,10 @@ class ServeSettings(BaseSettings):
                                   "record, once gateways have switched to its successor.")
     max_vllm_restarts: int = Field(3, description="vLLM deaths the sidecar recovers from (restart + restore) before it exits.")
     enforce_eager: bool = Field(True, description="vLLM --enforce-eager: right for CPUs; false on GPUs (CUDA graphs).")
+    omp_wait_policy: str = Field("PASSIVE", description=(
+        "OMP_WAIT_POLICY for vLLM's OpenMP threads (CPU builds). PASSIVE: idle threads sleep instead of "
+        "spinning after each step, which otherwise takes the cores a gateway and broker beside it need "
+        "(measured by serving.bench_gateway). Empty: OpenMP's own default."))
     vllm_args: list[str] = Field(default_factory=list, description=(
         "Extra vLLM flags as JSON, e.g. [\"--tensor-parallel-size\", \"2\", \"--gpu-memory-utilization\", \"0.85\"]."))
     status_interval_s: float = Field(10.0, description="Heartbeat period of the status record (also sent on every change).")
@@ -264,13 +268,22 @@ class GatewaySettings(BaseSettings):
         "Extra keys in plain text, 'tenant=key,tenant=key' (dev stacks; hashed at start, never logged)."))
     canary_share: float = Field(0.1, ge=0.0, le=1.0, description=(
         "Share of an alias's traffic for its newest RELEASED (not yet promoted) version; 1.0 = all at once."))
-    record_mode: Literal["ack", "background"] = Field("ack", description=(
-        "ack: answer only after the broker acknowledged the interaction; background: answer first, "
-        "record after (a caller may ask for ack per request with the x-adaptloop-record: ack header)."))
+    record_mode: Literal["outbox", "ack"] = Field("outbox", description=(
+        "outbox: answer once the interaction is in the gateway's local outbox, which the broker then "
+        "takes it from (retried until it does, and after a restart); ack: answer only after the broker "
+        "acknowledged it. Per request: the x-adaptloop-record header (ack or outbox)."))
+    outbox_dir: Path | None = Field(None, description=(
+        "Where each gateway keeps its outbox, in a folder named after its port; default "
+        "$ADAPTLOOP_HOME/gateway-outbox. Keep it on a disk that survives the gateway's restarts."))
+    outbox_max_mib: int = Field(256, ge=1, description=(
+        "Unacknowledged interactions the outbox may hold (MiB) before calls are refused with a 503."))
     sidecar_poll_s: float = Field(0.2, description="How often each replica's sidecar is asked for its loaded set.")
 
     def replica_list(self) -> list[Replica]:
         return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]
+
+    def outbox_path(self) -> Path:
+        return (self.outbox_dir or DEFAULT_HOME / "gateway-outbox") / str(self.port)
 
 
 class CanarySettings(BaseSettings):

@@ -6,8 +6,9 @@
 Starts everything for real on loopback (Tansu with memory storage, ``adaptloop serve`` = vLLM +
 sidecar, ``adaptloop gateway`` with a generated key) and always stops it. Both paths send the same
 one-token chat completion of the base model, interleaved call by call so that both see the same
-machine load; the gateway's overhead is reported three ways, for ``record_mode`` ack (the default:
-the answer waits for the broker's acknowledgement of the interaction) and background:
+machine load; the gateway's overhead is reported three ways, for ``record_mode`` outbox (the default:
+the answer waits for the interaction's write to the gateway's outbox) and ack (it waits for the
+broker's acknowledgement):
 
 - ``overhead_*_ms``: the difference of the two paths' percentiles (everything, but its p99 is the
   difference of two ~100 ms vLLM tails on shared cores: mostly noise);
@@ -101,11 +102,11 @@ def server_timing(header: str) -> dict[str, float]:
 def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: int) -> dict[str, Any]:
     base = ModelSettings().name
     auth = {"authorization": f"Bearer {key}"}
-    paths = {"direct": (vllm_url, {}), "ack": (gateway_url, auth),
-             "background": (gateway_url, auth | {"x-adaptloop-record": "background"})}
+    paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
+             "ack": (gateway_url, auth | {"x-adaptloop-record": "ack"})}
     caller: dict[str, list[float]] = {name: [] for name in paths}
-    caller_own: dict[str, list[float]] = {"ack": [], "background": []}
-    handler_own: dict[str, list[float]] = {"ack": [], "background": []}
+    caller_own: dict[str, list[float]] = {"outbox": [], "ack": []}
+    handler_own: dict[str, list[float]] = {"outbox": [], "ack": []}
     for i in range(n + 10):
         for name, (url, headers) in paths.items():
             t0 = time.perf_counter()
@@ -120,7 +121,7 @@ def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: i
                 caller_own[name].append(elapsed - timing["upstream"])
                 handler_own[name].append(timing["gateway"] - timing["upstream"])
     result: dict[str, Any] = {"direct": summary(caller["direct"])}
-    for mode in ("ack", "background"):
+    for mode in ("outbox", "ack"):
         gateway = result[f"gateway_{mode}"] = summary(caller[mode])
         # Everything the caller waited for beyond the upstream call: our handler, uvicorn, the extra
         # loopback hop, and the caller's own HTTP client (which the direct path pays too).
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" in result:
         o = result["overhead"]
         print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms")
-        for mode in ("ack", "background"):
+        for mode in ("outbox", "ack"):
             print(f"{mode:>10}: overhead (gateway - direct) p50 {o[f'overhead_{mode}_ms']['p50']:.2f} / p99 "
                   f"{o[f'overhead_{mode}_ms']['p99']:.2f} ms; handler own time p50 "
                   f"{o[f'handler_time_per_call_{mode}']['p50_ms']:.2f} / p99 {o[f'handler_time_per_call_{mode}']['p99_ms']:.2f} ms "

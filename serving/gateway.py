@@ -77,7 +77,6 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptloop.artifacts import alias as make_alias
@@ -88,12 +87,15 @@ from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.canary import canary_and_incumbent
 from adaptloop.serving.keys import KeyStore
+from adaptloop.serving.outbox import Outbox, OutboxError
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import GatewaySettings, Replica
 
 log = logging.getLogger("adaptloop.gateway")
 
 DELIVERY_MARGIN_S = 5.0
+#: Pause before an interaction the broker refused is produced again from the outbox.
+OUTBOX_RETRY_S = 2.0
 #: What a call to a model server or sidecar may fail with (timeouts are asyncio's in aiohttp).
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 DEFAULT_TASK = "default"
@@ -101,6 +103,7 @@ AGENT_HEADER = "x-adaptloop-agent"
 SESSION_HEADER = "x-adaptloop-session"
 TASK_HEADER = "x-adaptloop-task"
 RECORD_HEADER = "x-adaptloop-record"
+RECORD_MODES = ("outbox", "ack")
 INTERACTION_HEADER = "x-adaptloop-interaction-id"
 ADAPTER_HEADER = "x-adaptloop-adapter"
 ROLE_HEADER = "x-adaptloop-role"
@@ -258,9 +261,10 @@ class Stats:
 
 
 class InteractionLog:
-    """Produces interactions and lets a coroutine await each record's acknowledgement.
+    """Produces interactions: ``write`` awaits the broker's acknowledgement (ack mode); ``enqueue``
+    returns once the record is in the outbox (outbox mode) and the broker takes it from there.
 
-    A background thread polls the producer; its delivery callback settles the asyncio future.
+    A background thread polls the producer; its delivery callbacks hop onto the event loop.
     ``linger.ms=0``: a record leaves at once, so an awaited ack costs one broker round trip.
     """
 
@@ -270,17 +274,33 @@ class InteractionLog:
         # margin only guards against a callback that never comes.
         self.timeout_s = settings.kafka.delivery_timeout_s + DELIVERY_MARGIN_S
         self._serialize = serde_for("interaction", settings.kafka.schema_registry_url).serialize
-        self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 0}))
+        # Nagle off: a record queued while another is in flight leaves at once, not after its ACK.
+        self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 0, "socket.nagle.disable": True}))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="interaction-delivery", daemon=True)
+        self._outbox_dir = settings.outbox_path()
+        self._outbox_max_bytes = settings.outbox_max_mib << 20
+        self.outbox: Outbox | None = None
+        self.retry_s = OUTBOX_RETRY_S
+        self.retries = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retrying: set[asyncio.TimerHandle] = set()
 
     def start(self) -> "InteractionLog":
+        """In the event loop that will own the outbox: opens it and sends what a previous gateway left."""
+        self._loop = asyncio.get_running_loop()
+        self.outbox = Outbox(self._outbox_dir, max_bytes=self._outbox_max_bytes)
         self._thread.start()
+        for segment, (topic, key, value) in self.outbox.leftovers():
+            self._produce(topic, key, value, segment)
         return self
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.1)
+
+    def _key_value(self, record: Mapping[str, Any]) -> tuple[bytes, bytes]:
+        return record["interaction_id"].encode(), self._serialize(record, SerdeContext(self.topic))
 
     def send(self, record: Mapping[str, Any]) -> asyncio.Future:
         """Queue ``record``; the returned future settles with the broker's answer."""
@@ -290,9 +310,9 @@ class InteractionLog:
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             loop.call_soon_threadsafe(_settle, acknowledged, err)
 
+        key, value = self._key_value(record)
         try:
-            value = self._serialize(record, SerdeContext(self.topic))
-            self._producer.produce(self.topic, value=value, key=record["interaction_id"], on_delivery=on_delivery)
+            self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
         except (BufferError, KafkaException) as exc:
             raise DeliveryError(f"interaction {record['interaction_id']} not queued: {exc}") from exc
         return acknowledged
@@ -307,12 +327,59 @@ class InteractionLog:
         """Return once the broker acknowledged ``record``; ``DeliveryError`` otherwise."""
         await self.wait(self.send(record), record["interaction_id"])
 
+    def enqueue(self, record: Mapping[str, Any]) -> None:
+        """Return once ``record`` is in the outbox (``OutboxError`` if it cannot be); it is produced
+        now and again after each refusal until the broker acknowledges it."""
+        key, value = self._key_value(record)
+        segment = self.outbox.append(self.topic, key, value)
+        self._produce(self.topic, key, value, segment)
+
+    def _produce(self, topic: str, key: bytes, value: bytes, segment: int) -> None:
+        loop = self._loop
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            loop.call_soon_threadsafe(self._delivered, topic, key, value, segment, err)
+
+        try:
+            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+        except (BufferError, KafkaException) as exc:
+            self._delivered(topic, key, value, segment, exc)
+
+    def _delivered(self, topic: str, key: bytes, value: bytes, segment: int, err: Any) -> None:
+        if err is None:
+            self.outbox.acknowledged(segment)
+            return
+        if self._stop.is_set():
+            return  # stays in the outbox for the next gateway
+        self.retries += 1
+        log.warning("interaction %s not taken by the broker (%s); in the outbox, retried in %.0f s",
+                    key.decode(errors="replace"), err, self.retry_s)
+        handle = self._loop.call_later(self.retry_s, self._retry, topic, key, value, segment)
+        self._retrying.add(handle)
+
+    def _retry(self, topic: str, key: bytes, value: bytes, segment: int) -> None:
+        self._retrying = {h for h in self._retrying if not h.cancelled() and h.when() > self._loop.time()}
+        if not self._stop.is_set():
+            self._produce(topic, key, value, segment)
+
+    def stats(self) -> dict[str, Any]:
+        return {"outbox_bytes": self.outbox.unacknowledged_bytes if self.outbox else 0, "outbox_retries": self.retries}
+
     def close(self) -> None:
+        """Wait (bounded) for what is in flight; the outbox keeps whatever the broker did not take."""
         remaining = self._producer.flush(self.timeout_s)
         self._stop.set()
+        for handle in self._retrying:
+            handle.cancel()
         self._thread.join(5)
         if remaining:
-            log.error("%d interactions not acknowledged at shutdown", remaining)
+            log.error("%d interactions not acknowledged at shutdown (those in outbox mode stay in %s)",
+                      remaining, self._outbox_dir)
+
+    def close_outbox(self) -> None:
+        """In the loop, after ``close``: the delivery callbacks it scheduled have run by now."""
+        if self.outbox is not None:
+            self.outbox.close()
 
 
 def _settle(future: asyncio.Future, err: KafkaError | None) -> None:
@@ -361,7 +428,6 @@ class Gateway:
         self.client: aiohttp.ClientSession | None = None
         self.sidecar_polled = asyncio.Event()
         self._pollers: list[asyncio.Task] = []
-        self._background: set[asyncio.Task] = set()
         self._polled: set[str] = set()
 
     async def start(self) -> None:
@@ -378,10 +444,10 @@ class Gateway:
     async def stop(self) -> None:
         for poller in self._pollers:
             poller.cancel()
-        if self._background:
-            await asyncio.wait(self._background, timeout=self.interactions.timeout_s)
         self.reader.stop()
         await asyncio.to_thread(self.interactions.close)
+        await asyncio.sleep(0)  # the acknowledgements close() waited for have hopped onto this loop
+        self.interactions.close_outbox()
         if self.client is not None:
             await self.client.close()
 
@@ -446,35 +512,26 @@ class Gateway:
                                 "invalid_request_error", "model_not_found")
         if route.replica is None:
             return openai_error(503, "no model server replica is configured", "api_error", "no_replica")
-        wait_for_ack = (request.headers.get(RECORD_HEADER) or self.settings.record_mode) != "background"
-        call = _Call(self, route, body, request.headers, kind, wait_for_ack, received)
+        record_mode = request.headers.get(RECORD_HEADER) or self.settings.record_mode
+        if record_mode not in RECORD_MODES:
+            return openai_error(400, f"{RECORD_HEADER} must be one of {', '.join(RECORD_MODES)}",
+                                "invalid_request_error")
+        call = _Call(self, route, body, request.headers, kind, record_mode == "outbox", received)
         if body.get("stream"):
             return await call.stream()
         return await call.complete()
-
-    def record_in_background(self, acknowledged: asyncio.Future, interaction_id: str) -> None:
-        async def wait() -> None:
-            try:
-                await self.interactions.wait(acknowledged, interaction_id)
-            except DeliveryError as exc:
-                self.stats.unrecorded += 1
-                log.error("interaction %s answered but not recorded: %s", interaction_id, exc)
-
-        task = asyncio.get_running_loop().create_task(wait())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 class _Call:
     """One (chat) completion through the gateway: forward, record, answer."""
 
     def __init__(self, gateway: Gateway, route: Route, body: dict[str, Any], headers: Mapping[str, str],
-                 kind: str, wait_for_ack: bool, received: float) -> None:
+                 kind: str, outbox: bool, received: float) -> None:
         self.gateway = gateway
         self.route = route
         self.body = body
         self.kind = kind
-        self.wait_for_ack = wait_for_ack
+        self.outbox = outbox
         self.interaction_id = str(uuid.uuid4())
         self.agent = headers.get(AGENT_HEADER) or gateway.settings.agent_name
         self.session_id = headers.get(SESSION_HEADER) or str(uuid.uuid4())
@@ -539,19 +596,16 @@ class _Call:
         return JSONResponse(payload, status_code=response.status, headers=dict(self.headers))
 
     async def persist(self, record: dict[str, Any]) -> JSONResponse | None:
-        """Ack mode: the answer waits for the broker (a failure is the 503 returned). Background mode
-        (run after the answer went out): a failure is only logged and counted."""
+        """Before the answer: the record in the outbox (outbox mode) or acknowledged by the broker (ack
+        mode). If it cannot be, the 503 returned is the answer."""
         try:
-            acknowledged = self.gateway.interactions.send(record)
-            if not self.wait_for_ack:
-                self.gateway.record_in_background(acknowledged, self.interaction_id)
-                return None
-            await self.gateway.interactions.wait(acknowledged, self.interaction_id)
-        except (DeliveryError, SerializationError) as exc:
+            if self.outbox:
+                self.gateway.interactions.enqueue(record)
+            else:
+                await self.gateway.interactions.write(record)
+        except (DeliveryError, SerializationError, OutboxError) as exc:
             log.error("interaction %s not recorded: %s", self.interaction_id, exc)
-            if not self.wait_for_ack:
-                self.gateway.stats.unrecorded += 1
-                return None
+            self.gateway.stats.unrecorded += 1
             return openai_error(503, f"the interaction could not be recorded, so no answer is given: {exc}",
                                 "api_error", "interaction_not_recorded", headers=self.headers)
         return None
@@ -603,21 +657,16 @@ class _Call:
             text, calls = _text(message.get("content")), _tool_calls(message.get("tool_calls"))
         else:
             text, calls = choice.get("text") or "", []
-        record = self.record(text, calls, data.get("usage"), data.get("id"))
-        background = None
-        if self.wait_for_ack:
-            failure = await self.persist(record)
-            if failure is not None:
-                return failure
-        else:
-            background = BackgroundTask(self.persist, record)  # serialized and queued after the answer is sent
+        failure = await self.persist(self.record(text, calls, data.get("usage"), data.get("id")))
+        if failure is not None:
+            return failure
         data["id"] = self.interaction_id
         data["model"] = self.body["model"]
         # What the model server took and what the whole handler took (from the request's arrival in the
         # endpoint to the answer), so that callers (and serving.bench_gateway) can see our own share.
         self.headers["server-timing"] = (f"upstream;dur={upstream_ms:.3f}, "
                                          f"gateway;dur={(time.perf_counter() - self.started) * 1000:.3f}")
-        return JSONResponse(data, headers=self.headers, background=background)
+        return JSONResponse(data, headers=self.headers)
 
     async def stream(self) -> Any:
         wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
@@ -719,7 +768,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/stats")
     async def stats(alias: str | None = None, since_ms: int = 0) -> dict[str, Any]:
-        return gateway.stats.as_dict(alias, since_ms)
+        return gateway.stats.as_dict(alias, since_ms) | gateway.interactions.stats()
 
     @app.get("/health")
     async def health() -> JSONResponse:

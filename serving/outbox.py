@@ -1,0 +1,175 @@
+"""The gateway's outbox: a local append-only log of interactions not yet acknowledged by the broker.
+
+In ``record_mode=outbox`` a call is answered once its interaction is written here (one ``write``
+to an open file, tens of microseconds) instead of once the broker acknowledged it (a round trip
+that, on a busy host, is the larger part of the gateway's own time); the broker's acknowledgement
+comes later and frees the record. A record the broker refuses is retried until it is taken; after a
+crash or a kill of the gateway, the next gateway on the same outbox sends whatever is still in it.
+So an answered call's interaction reaches the log unless the host's disk is lost: records are not
+fsynced one by one (that costs milliseconds), so a power cut may lose the last moments; a killed
+process loses nothing, as its writes are in the page cache.
+
+    outbox = Outbox(Path("~/.cache/adaptloop/gateway-outbox/18080"), max_bytes=256 << 20)
+    for segment, (topic, key, value) in outbox.leftovers():   # at start: sent again
+        ...
+    segment = outbox.append(topic, key, value)                # before the answer; OutboxFull if full
+    outbox.acknowledged(segment)                              # in the delivery callback's loop turn
+
+Files: ``segment-<n>.log``, frames of ``crc32 | topic length | key length | value length`` (4 bytes
+each, big-endian) then the three. A frame cut short by a crash, or one whose checksum fails, ends
+its segment's replay (logged). A segment is deleted once every record in it is acknowledged; the
+current one is emptied instead. So a restart resends only records whose segment still held an
+unacknowledged one: at least once, and consumers de-duplicate by interaction id, as everywhere.
+
+Not thread-safe: one event loop owns it (delivery callbacks hop onto that loop first).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from adaptloop.errors import AdaptloopError
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">IIII")
+#: A segment grows to about this size before the next one starts (older ones go once acknowledged).
+SEGMENT_BYTES = 4 << 20
+
+
+class OutboxError(AdaptloopError):
+    """The outbox cannot be used (another gateway holds it, or the disk refuses a write)."""
+
+
+class OutboxFull(OutboxError):
+    """More unacknowledged bytes than ``max_bytes``: the broker has been away too long."""
+
+
+@dataclass
+class _Segment:
+    number: int
+    path: Path
+    size: int = 0
+    outstanding: int = 0
+
+
+class Outbox:
+    def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.directory = directory.expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self._lock = os.open(self.directory / "outbox.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise OutboxError(f"{self.directory} is in use by another gateway; give each its own "
+                              f"ADAPTLOOP_GATEWAY_OUTBOX_DIR") from None
+        self._segments: dict[int, _Segment] = {}
+        for path in sorted(self.directory.glob("segment-*.log")):
+            number = int(path.stem.split("-", 1)[1])
+            self._segments[number] = _Segment(number, path, size=path.stat().st_size)
+        self._current = self._open(max(self._segments, default=0) + 1)
+
+    def _open(self, number: int) -> _Segment:
+        segment = _Segment(number, self.directory / f"segment-{number:012d}.log")
+        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._segments[number] = segment
+        return segment
+
+    @property
+    def unacknowledged_bytes(self) -> int:
+        return sum(s.size for s in self._segments.values())  # the current one is emptied once all acknowledged
+
+    def leftovers(self) -> Iterator[tuple[int, tuple[str, bytes, bytes]]]:
+        """Every record a previous gateway left (segment, (topic, key, value)); each counts as
+        outstanding until ``acknowledged``. Call once, at start, before ``append``."""
+        for segment in sorted(self._segments.values(), key=lambda s: s.number):
+            if segment is self._current:
+                continue
+            records = 0
+            for record in _read(segment.path):
+                segment.outstanding += 1
+                records += 1
+                yield segment.number, record
+            log.info("outbox %s: %d records left by the previous gateway, sent again", segment.path.name, records)
+            self._retire_if_done(segment)
+
+    def append(self, topic: str, key: bytes, value: bytes) -> int:
+        """Write one record; return its segment (for ``acknowledged``). ``OutboxFull`` past ``max_bytes``."""
+        encoded = topic.encode()
+        frame = _HEADER.pack(zlib.crc32(value, zlib.crc32(key, zlib.crc32(encoded))), len(encoded), len(key),
+                             len(value)) + encoded + key + value
+        if self.unacknowledged_bytes + len(frame) > self.max_bytes:
+            raise OutboxFull(f"{self.unacknowledged_bytes} bytes of interactions wait for the broker "
+                             f"(limit {self.max_bytes}): not taking more")
+        if self._current.size >= self.segment_bytes:
+            os.close(self._fd)
+            sealed = self._current
+            self._current = self._open(sealed.number + 1)
+            self._retire_if_done(sealed)
+        try:
+            written = os.write(self._fd, frame)
+        except OSError as exc:
+            raise OutboxError(f"outbox write failed: {exc}") from exc
+        if written != len(frame):
+            raise OutboxError(f"outbox write was short ({written} of {len(frame)} bytes)")
+        self._current.size += written
+        self._current.outstanding += 1
+        return self._current.number
+
+    def acknowledged(self, number: int) -> None:
+        segment = self._segments.get(number)
+        if segment is None:
+            return
+        segment.outstanding -= 1
+        self._retire_if_done(segment)
+
+    def _retire_if_done(self, segment: _Segment) -> None:
+        if segment.outstanding > 0:
+            return
+        if segment is self._current:
+            if segment.size:
+                os.ftruncate(self._fd, 0)
+                segment.size = 0
+        else:
+            segment.path.unlink(missing_ok=True)
+            del self._segments[segment.number]
+
+    def close(self) -> None:
+        """Release the files; what is unacknowledged stays for the next gateway."""
+        os.close(self._fd)
+        if not self._current.size:
+            self._current.path.unlink(missing_ok=True)
+        os.close(self._lock)
+
+
+def _read(path: Path) -> Iterator[tuple[str, bytes, bytes]]:
+    data = path.read_bytes()
+    position = 0
+    while position < len(data):
+        if len(data) - position < _HEADER.size:
+            log.warning("outbox %s: a frame cut short at byte %d (a crash mid-write), ignored", path.name, position)
+            return
+        crc, topic_len, key_len, value_len = _HEADER.unpack_from(data, position)
+        start = position + _HEADER.size
+        end = start + topic_len + key_len + value_len
+        if end > len(data):
+            log.warning("outbox %s: a frame cut short at byte %d (a crash mid-write), ignored", path.name, position)
+            return
+        topic, key, value = (data[start:start + topic_len], data[start + topic_len:start + topic_len + key_len],
+                             data[start + topic_len + key_len:end])
+        if zlib.crc32(value, zlib.crc32(key, zlib.crc32(topic))) != crc:
+            log.warning("outbox %s: a frame with a bad checksum at byte %d; the rest of the segment is ignored",
+                        path.name, position)
+            return
+        yield topic.decode(), key, value
+        position = end
