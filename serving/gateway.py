@@ -30,22 +30,26 @@ healthy one exists. If vLLM answers 404 for the routed version (lost since the l
 e.g. unloaded during a swap) the call is answered by the incumbent or base instead: swaps never
 fail a call.
 
-Recording, and why the ack stays on the response path by default: every completed call becomes an
-Interaction on the interactions topic, keyed by its id, naming the version that answered. With
-``record_mode=ack`` (default) the response is sent only after the broker acknowledged the record (a
-failure is a 503 in OpenAI's error shape), so an answer the caller received is in the log -- the
-promise the SDK makes too. We kept that promise and made it cheap instead: the producer sends each
-record at once (``linger.ms=0``; the shared default of 5 ms would add 5 ms to every call), so the
-wait is one broker round trip. Measured by ``serving.bench_gateway`` (500 calls per path, 2 shared
-cores, vLLM on the same cores): the handler's own time per call (upstream excluded) was p50 1.5 / p99
-3.9 ms with the ack wait and p50 0.33 / p99 1.3 ms without; gateway minus direct p50 2.3 / 1.7 ms,
-against ~73 ms for the one-token call itself. The ack wait is ~0.2 ms on an idle machine; the rest
-is the broker and our delivery thread waiting for cores vLLM is using. ``record_mode=background`` (or a request header
-``x-adaptloop-record: background``) answers first and records after: lower latency by that round
-trip, but a record lost after the answer is only logged and counted (``/stats``'s
-``unrecorded``) -- the caller cannot know. A caller may ask for ``x-adaptloop-record: ack`` in
-background mode too. With ``"stream": true`` the chunks are relayed as they come and the record is
-written when the stream ends: ``data: [DONE]`` follows only an acknowledged record (ack mode);
+Recording: every completed call becomes an Interaction on the interactions topic, keyed by its id,
+naming the version that answered, and no answer leaves before its record is safe: a record that
+cannot be kept is a 503 in OpenAI's error shape instead of the answer. ``record_mode`` says what
+safe means:
+
+- ``outbox`` (default): the record is written to this gateway's outbox (``serving.outbox``: a local
+  append-only log, one ``write``, no fsync) and produced right after the answer went out; the
+  broker's acknowledgement frees it later, off the response path. A record the broker refuses (down, unreachable) is produced again
+  every ``OUTBOX_RETRY_S`` until taken; a gateway killed with records in its outbox leaves them for
+  the next one on the same folder, which sends them at start. Lost only with the host's disk, or
+  the last moments before a power cut. The outbox is bounded (``outbox_max_mib``): past it, 503s.
+  ``/stats`` shows ``outbox_bytes`` (waiting for the broker) and ``outbox_retries``.
+- ``ack``: the answer waits for the broker's acknowledgement (one round trip: ``linger.ms=0``).
+
+A caller picks per request with ``x-adaptloop-record: ack|outbox``. Why the outbox is the default:
+on a host whose cores the model server also uses, the broker round trip was the larger part of our
+own time per call (``serving.bench_gateway``: handler p50 1.5 / p99 3.9-7.7 ms with the ack wait,
+0.36 / 1.3-3.1 ms without it), and a record the broker cannot take now should delay the record,
+not fail the call. With ``"stream": true`` the chunks are relayed as they come and the record is
+written when the stream ends: ``data: [DONE]`` follows only a kept record;
 otherwise the stream ends with an error event (the ``openai`` client raises it).
 
 Response headers: ``x-adaptloop-interaction-id``, ``x-adaptloop-adapter`` (version or ``base``) and
@@ -329,10 +333,11 @@ class InteractionLog:
 
     def enqueue(self, record: Mapping[str, Any]) -> None:
         """Return once ``record`` is in the outbox (``OutboxError`` if it cannot be); it is produced
-        now and again after each refusal until the broker acknowledges it."""
+        in the loop's next turn, after the answer went out (the producer's threads then compete with
+        nothing on the response path), and again after each refusal until the broker acknowledges it."""
         key, value = self._key_value(record)
         segment = self.outbox.append(self.topic, key, value)
-        self._produce(self.topic, key, value, segment)
+        self._loop.call_soon(self._produce, self.topic, key, value, segment)
 
     def _produce(self, topic: str, key: bytes, value: bytes, segment: int) -> None:
         loop = self._loop

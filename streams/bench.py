@@ -14,7 +14,8 @@ mercy of whatever else the 2 cores do); the medians of the rounds are reported.
 
 Prints events/s (interactions + outcomes) for both, their ratio (target >= 0.5), and the p50/p99
 latency from an outcome's arrival (its broker timestamp) to its curated example's (curation only;
-under this full-speed load the latency includes queueing behind the backlog). Writes JSON to --out.
+under this full-speed load the latency includes queueing behind the backlog), and the CPU time per
+event of the workers and of the broker (from /proc: where the 2 cores went). Writes JSON to --out.
 Timings on a shared 2-core machine are noisy: compare numbers from one run only.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -129,8 +131,17 @@ def _wait_for(kafka: KafkaSettings, topic: str, count: int, timeout_s: float) ->
         time.sleep(0.2)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a live process so far (Linux /proc), 0.0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: int, timeout_s: float,
-            tenants: int = 1) -> dict[str, Any]:
+            tenants: int = 1, broker_pid: int | None = None) -> dict[str, Any]:
     from adaptloop.processes import READY_FILE_ENV, ManagedProcess, adaptloop_command, streams_python
     from adaptloop.stack import free_port, service_env
 
@@ -152,14 +163,20 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
             processes.append(process)
             process.wait_ready(ready.exists, 120)
         time.sleep(8)  # both joined: let the group settle after the second worker's rebalance
+        roles = {"workers": [p.pid for p in processes], "broker": [broker_pid]}
+        cpu_before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
         started = _produce(kafka, topics, pairs, seed=7, tenants=tenants)
         out_topic = topics.prefix + PASSTHROUGH_OUT if kind == "passthrough" else topics.name("curated")
         expected = 2 * pairs if kind == "passthrough" else pairs
         _, messages = _wait_for(kafka, out_topic, expected, timeout_s)
+        # Until the output was all there, give or take the poll: where the 2 cores went.
+        cpu = {role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 2) for role, pids in roles.items()}
         # From the first record produced to the last output record's timestamp (not when we noticed it).
         elapsed = max(m.timestamp()[1] for m in messages) / 1000 - started
         result: dict[str, Any] = {"kind": kind, "workers": workers, "pairs": pairs, "tenants": tenants, "events": 2 * pairs,
-                                  "seconds": round(elapsed, 2), "events_per_s": round(2 * pairs / elapsed, 1)}
+                                  "seconds": round(elapsed, 2), "events_per_s": round(2 * pairs / elapsed, 1),
+                                  "cpu_s": cpu, "cpu_ms_per_event": {role: round(1000 * seconds / (2 * pairs), 3)
+                                                                     for role, seconds in cpu.items()}}
         if kind == "curation":
             arrival = {m.key().decode(): m.timestamp()[1]
                        for m in read_ranges(kafka, topics.name("outcomes"), idle_s=0.5, timeout_s=timeout_s)}
@@ -209,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
                 broker = start_broker(kafka, home)
                 try:
-                    result[kind] = run_one(kind, kafka, home, args.pairs, args.workers, args.timeout, args.tenants)
+                    result[kind] = run_one(kind, kafka, home, args.pairs, args.workers, args.timeout, args.tenants,
+                                           broker_pid=broker.pid)
                 finally:
                     broker.stop()
             baseline, curation = result["passthrough"], result["curation"]
@@ -217,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append({"passthrough": baseline, "curation": curation, "ratio": round(ratio, 3)})
             print(f"round {n + 1}: passthrough {baseline['events_per_s']} events/s ({baseline['seconds']} s), "
                   f"curation {curation['events_per_s']} events/s ({curation['seconds']} s), ratio {ratio:.2f}, "
-                  f"outcome -> curated p99 {curation['latency_ms']['p99']:.0f} ms", flush=True)
+                  f"outcome -> curated p99 {curation['latency_ms']['p99']:.0f} ms; CPU ms per event (workers/broker): "
+                  f"passthrough {baseline['cpu_ms_per_event']['workers']}/{baseline['cpu_ms_per_event']['broker']}, "
+                  f"curation {curation['cpu_ms_per_event']['workers']}/{curation['cpu_ms_per_event']['broker']}",
+                  flush=True)
     median = {kind: statistics.median(r[kind]["events_per_s"] for r in rounds) for kind in ("passthrough", "curation")}
     report = {"rounds": rounds, "median_events_per_s": median,
               "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 3), "target_ratio": 0.5,
