@@ -405,6 +405,17 @@ def test_registry_reader_folds_the_whole_topic_newest_record_wins(kafka, topics,
     assert newest_servable(releases, "t", "a", lambda v: v != older) is None
 
 
+def own_broker_gateway_env(serving: Serving, kafka: KafkaSettings, topics: Topics, home: Path, port: int) -> dict:
+    """A gateway of its own on ``port``, recording to a broker of its own (which a test may kill), on the shared vLLM."""
+    return service_env(kafka, topics, home) | {
+        "ADAPTLOOP_KAFKA_DELIVERY_TIMEOUT_S": str(kafka.delivery_timeout_s),
+        "ADAPTLOOP_GATEWAY_PORT": str(port),
+        "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
+        "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
+        "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({"acme": serving.keys["acme"]}),
+    }
+
+
 def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
     """A gateway whose broker dies answers 503 in OpenAI's shape: no answer leaves without its record."""
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True, delivery_timeout_s=5)
@@ -414,14 +425,7 @@ def test_unrecorded_interaction_is_an_error_not_an_answer(serving, tmp_path):
         topics = Topics(prefix=f"d{uuid.uuid4().hex[:10]}.")
         ensure_topics(kafka, topics)
         port = free_port()
-        env = service_env(kafka, topics, tmp_path) | {
-            "ADAPTLOOP_KAFKA_DELIVERY_TIMEOUT_S": "5",
-            "ADAPTLOOP_GATEWAY_PORT": str(port),
-            "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
-            "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
-            "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({"acme": serving.keys["acme"]}),
-            "ADAPTLOOP_GATEWAY_RECORD_MODE": "ack",
-        }
+        env = own_broker_gateway_env(serving, kafka, topics, tmp_path, port) | {"ADAPTLOOP_GATEWAY_RECORD_MODE": "ack"}
         gateway = start_service("gateway", tmp_path, env, timeout_s=120)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = {"model": BASE, "messages": PROMPT, "max_tokens": 4}
@@ -446,13 +450,7 @@ def test_outbox_answers_while_the_broker_is_away_and_a_killed_gateway_loses_noth
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True, delivery_timeout_s=5)
     topics = Topics(prefix=f"o{uuid.uuid4().hex[:10]}.")
     port = free_port()
-    env = service_env(kafka, topics, tmp_path) | {
-        "ADAPTLOOP_KAFKA_DELIVERY_TIMEOUT_S": "5",
-        "ADAPTLOOP_GATEWAY_PORT": str(port),
-        "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
-        "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url,
-        "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({"acme": serving.keys["acme"]}),
-    }
+    env = own_broker_gateway_env(serving, kafka, topics, tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     body = {"model": BASE, "messages": PROMPT, "max_tokens": 4}
     recorded = Serving(kafka, topics, tmp_path, "", "", url, None, None, 0.0, env)  # .interaction() reads these topics
@@ -461,6 +459,9 @@ def test_outbox_answers_while_the_broker_is_away_and_a_killed_gateway_loses_noth
         response = httpx.post(url + "/v1/chat/completions", json=body, headers=serving.auth("acme"), timeout=60)
         assert response.status_code == 200, response.text
         return response.headers["x-adaptloop-interaction-id"]
+
+    def stats() -> dict:
+        return httpx.get(url + "/stats", timeout=5).json()
 
     def fresh_broker(name: str) -> ManagedProcess:  # memory storage: a restarted broker starts empty
         broker = start_broker(kafka, tmp_path / name)
@@ -473,11 +474,13 @@ def test_outbox_answers_while_the_broker_is_away_and_a_killed_gateway_loses_noth
         assert recorded.interaction(call())["tenant"] == "acme"
         broker.kill()
         away = [call(), call()]  # answered although nothing can take the record now
+        # Away longer than the producer's own retries (delivery timeout 5 s): the outbox's turn.
+        wait_for(lambda: stats()["outbox_retries"] >= 2, 30, "refused records retried from the outbox")
+        assert stats()["outbox_bytes"] > 0
         broker = fresh_broker("broker2")
         for interaction_id in away:
             assert recorded.interaction(interaction_id)["interaction_id"] == interaction_id
-        wait_for(lambda: httpx.get(url + "/stats", timeout=5).json()["outbox_bytes"] == 0, 30, "outbox emptied")
-        assert httpx.get(url + "/stats", timeout=5).json()["outbox_retries"] >= 1
+        wait_for(lambda: stats()["outbox_bytes"] == 0, 30, "outbox emptied")
 
         broker.kill()
         held = call()
@@ -486,7 +489,7 @@ def test_outbox_answers_while_the_broker_is_away_and_a_killed_gateway_loses_noth
         broker = fresh_broker("broker3")
         gateway = start_service("gateway", tmp_path, env, timeout_s=120)
         assert recorded.interaction(held)["interaction_id"] == held
-        wait_for(lambda: httpx.get(url + "/stats", timeout=5).json()["outbox_bytes"] == 0, 30, "outbox emptied")
+        wait_for(lambda: stats()["outbox_bytes"] == 0, 30, "outbox emptied")
     finally:
         assert gateway.stop() in (0, -9)
         broker.stop()
