@@ -288,7 +288,9 @@ class InteractionLog:
         self.retry_s = OUTBOX_RETRY_S
         self.retries = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._retrying: set[asyncio.TimerHandle] = set()
+        self._retrying: dict[int, asyncio.TimerHandle] = {}
+        self._retry_ids = itertools.count()
+        self._closing = False
 
     def start(self) -> "InteractionLog":
         """In the event loop that will own the outbox: opens it and sends what a previous gateway left."""
@@ -354,28 +356,34 @@ class InteractionLog:
         if err is None:
             self.outbox.acknowledged(segment)
             return
-        if self._stop.is_set():
+        if self._closing:
             return  # stays in the outbox for the next gateway
         self.retries += 1
         log.warning("interaction %s not taken by the broker (%s); in the outbox, retried in %.0f s",
                     key.decode(errors="replace"), err, self.retry_s)
-        handle = self._loop.call_later(self.retry_s, self._retry, topic, key, value, segment)
-        self._retrying.add(handle)
+        retry_id = next(self._retry_ids)
+        self._retrying[retry_id] = self._loop.call_later(self.retry_s, self._retry, topic, key, value, segment,
+                                                         retry_id)
 
-    def _retry(self, topic: str, key: bytes, value: bytes, segment: int) -> None:
-        self._retrying = {h for h in self._retrying if not h.cancelled() and h.when() > self._loop.time()}
-        if not self._stop.is_set():
+    def _retry(self, topic: str, key: bytes, value: bytes, segment: int, retry_id: int) -> None:
+        self._retrying.pop(retry_id, None)
+        if not self._closing:
             self._produce(topic, key, value, segment)
 
     def stats(self) -> dict[str, Any]:
         return {"outbox_bytes": self.outbox.unacknowledged_bytes if self.outbox else 0, "outbox_retries": self.retries}
 
+    def begin_close(self) -> None:
+        """In the loop, before ``close``: no more retries; what is refused from now on stays in the outbox."""
+        self._closing = True
+        for handle in self._retrying.values():
+            handle.cancel()
+        self._retrying.clear()
+
     def close(self) -> None:
         """Wait (bounded) for what is in flight; the outbox keeps whatever the broker did not take."""
         remaining = self._producer.flush(self.timeout_s)
         self._stop.set()
-        for handle in self._retrying:
-            handle.cancel()
         self._thread.join(5)
         if remaining:
             log.error("%d interactions not acknowledged at shutdown (those in outbox mode stay in %s)",
@@ -450,6 +458,7 @@ class Gateway:
         for poller in self._pollers:
             poller.cancel()
         self.reader.stop()
+        self.interactions.begin_close()
         await asyncio.to_thread(self.interactions.close)
         await asyncio.sleep(0)  # the acknowledgements close() waited for have hopped onto this loop
         self.interactions.close_outbox()

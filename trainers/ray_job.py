@@ -97,7 +97,7 @@ def recipe_config(settings: TrainerSettings, method: str, *, model_path: str, ou
         lora_rank=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         target_modules=list(settings.target_modules),
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.kto_learning_rate if method == "kto" else settings.learning_rate,
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         max_length=settings.max_length,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -52,12 +53,20 @@ def prose(case) -> str:
     return f"{case.truth['customer']} ordered {case.truth['quantity']} {case.truth['product']} for {case.truth['city']}."
 
 
+_made: Counter = Counter()
+
+
 def curated(case, split: str, *, tenant: str, kind: str = "SUCCESS", task: str = TASK, completion: str | None = None,
             rejected: str | None = None, admitted: bool = True, reject_reason: str | None = None) -> dict:
-    """A CuratedExample (schemas/avro/curated_example.v2.avsc)."""
+    """A CuratedExample (schemas/avro/curated_example.v2.avsc). Its ids follow from its content (and how
+    many alike were made before): the snapshot orders training data by example id, so random ids
+    would train each run on another order, and a small run's result depends on it."""
     system = CITY_PROMPT if task == CITY_TASK else ORDER_SYSTEM_PROMPT
+    name = f"{tenant}/{task}/{split}/{kind}/{case.sentence}/{completion}/{rejected}"
+    _made[name] += 1
+    digest = uuid.uuid5(uuid.NAMESPACE_URL, f"{name}#{_made[name]}").hex
     return {
-        "example_id": f"ex-{uuid.uuid4().hex[:12]}", "tenant": tenant, "task": task, "session_id": f"s-{uuid.uuid4().hex[:6]}",
+        "example_id": f"ex-{digest[:12]}", "tenant": tenant, "task": task, "session_id": f"s-{digest[12:18]}",
         "split": split, "kind": kind, "admitted": admitted, "reject_reason": reject_reason,
         "prompt_messages": [{"role": "system", "content": system}, {"role": "user", "content": case.sentence}],
         "completion": case.answer if completion is None else completion, "rejected": rejected, "score": 1.0,
