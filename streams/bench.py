@@ -164,13 +164,17 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
             process.wait_ready(ready.exists, 120)
         time.sleep(8)  # both joined: let the group settle after the second worker's rebalance
         roles = {"workers": [p.pid for p in processes], "broker": [broker_pid]}
-        cpu_before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+
+        def cpu_now() -> dict[str, float]:
+            return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+
+        cpu_before = cpu_now()
         started = _produce(kafka, topics, pairs, seed=7, tenants=tenants)
         out_topic = topics.prefix + PASSTHROUGH_OUT if kind == "passthrough" else topics.name("curated")
         expected = 2 * pairs if kind == "passthrough" else pairs
         _, messages = _wait_for(kafka, out_topic, expected, timeout_s)
         # Until the output was all there, give or take the poll: where the 2 cores went.
-        cpu = {role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 2) for role, pids in roles.items()}
+        cpu = {role: round(seconds - cpu_before[role], 2) for role, seconds in cpu_now().items()}
         # From the first record produced to the last output record's timestamp (not when we noticed it).
         elapsed = max(m.timestamp()[1] for m in messages) / 1000 - started
         result: dict[str, Any] = {"kind": kind, "workers": workers, "pairs": pairs, "tenants": tenants, "events": 2 * pairs,
