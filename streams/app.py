@@ -4,8 +4,7 @@
     outcomes ─────┘ redact PII -> erasures? -> join table (by interaction id, either order, several outcomes)
                     -> precedence + horizon -> score ──> {app_id}-scored (keyed tenant/task)
     scored ──────── erasures? -> dedupe per (tenant, task): exact hash + MinHash/LSH (tables) -> curated
-                    once the curated record is acknowledged: window table (by tenant/task, same partition),
-                    N admitted TRAIN examples, or T old with >= min -> training requests
+    curated ─────── window table (by tenant/task): N admitted TRAIN examples, or T old with >= min -> training requests
     {app_id}-ticks  one tick per partition per ``tick_s``: grace periods end, age-triggered windows fire
 
 When an example is curated: at once when a human correction joined (nothing outranks it); otherwise
@@ -17,14 +16,11 @@ never re-emitted: consumers see one example per interaction, except for at-least
 Delivery is at least once (Tansu has no transactions): every record this app sends is awaited until
 the broker acknowledged it before the input record counts as processed. After a crash a record may
 be sent twice: the same example (same ``example_id``, same content, same dedupe decision, which is
-kept per example in a table) or the same training request (same ``request_id``). The dedupe stage
-counts an example into its window only once its curated record is acknowledged (the window names the
-record's offset), and the window state keeps the newest scored offset it counted: a scored record
-replayed after a crash is sent and counted again only if its count never reached the table, so
-requests stay exact (a resent example's first copy, never counted, is in the cumulative range; the
-trainer de-duplicates its dataset by ``example_id`` and its queue by ``request_id``). A request is
-written to the window table as ``pending`` (and flushed) before it is sent, so a crash right as a
-window fires resends that same request, never a second one for the window.
+kept per example in a table) or the same training request (same ``request_id``). The window counts
+an example id once (``counted`` table), so requests stay exact; the trainer de-duplicates its dataset
+by ``example_id`` and its queue by ``request_id``. A request is written to the window table as
+``pending`` (and flushed) before it is sent, so a crash right as a window fires resends that same
+request, never a second one for the window.
 
 Metrics (per worker; see ``adaptloop.streams.metrics`` for the JSON shape), on the worker's web port
 (``ADAPTLOOP_STREAMS_WEB_PORT``, default 6066, bound to 127.0.0.1):
@@ -44,11 +40,10 @@ import logging
 import os
 import signal
 import ssl
-from typing import Any, Awaitable
+from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
-from faust.streams import current_event
 from faust.types import EventT
 from mode.supervisors import CrashingSupervisor
 
@@ -171,12 +166,12 @@ class Curation:
         self.seen = table("dedupe_seen")
         # "tenant/task" -> stages.new_window_state() | {"p": partition}
         self.windows = table("windows")
-        # "tenant/task" -> (event, state): the dedupe agent's newest window states in this batch, written
-        # once per batch (one changelog record, not one per example) and before any await, so that no
-        # other task (the tick) ever reads a stale window from the table.
-        self._staged_windows: dict[str, tuple[EventT | None, dict[str, Any]]] = {}
-        # Keys counted since this worker took its partitions (see stages.window_update's ``resumed``).
-        self._counting: set[str] = set()
+        # "tenant/task" -> (event, state): the window agent's newest states in this batch, written once per
+        # batch (one changelog record, not one per example) and before any await, so that no other task
+        # (the tick) ever reads a stale window from the table.
+        self._staged_windows: dict[str, tuple[EventT, dict[str, Any]]] = {}
+        # "tenant/task/example_id" -> curated offset that counted it (a repeat of an example counts once)
+        self.counted = table("window_counted")
         # Joins being sent right now: the table flag is written only after delivery (at least once).
         self._in_flight: set[str] = set()
         self._requests_in_flight: set[str] = set()
@@ -187,15 +182,15 @@ class Curation:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> asyncio.Future:
+    async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
         """Acknowledged before the input record counts as processed (with its batch's, in a batched agent)."""
         self.write_windows()
-        return await send_acknowledged(topic, key, value, timeout_s=self.settings.kafka.delivery_timeout_s)
+        await send_acknowledged(topic, key, value, timeout_s=self.settings.kafka.delivery_timeout_s)
 
     async def run_batched(self, stream: faust.StreamT, stage: str, handle) -> None:
         await run_batched(stream, lambda event: self.guarded(stage, event, handle),
                           max_events=self.settings.batch_max_events, within_s=self.settings.batch_within_s,
-                          timeout_s=self.settings.kafka.delivery_timeout_s, after_batch=self.write_windows)
+                          timeout_s=self.settings.kafka.delivery_timeout_s)
 
     async def send_dead_letter(self, event: EventT, ref: SourceRef, stage: str, error: Exception) -> None:
         record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
@@ -322,7 +317,7 @@ class Curation:
                 self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
                                     reason=_reason(example["reject_reason"]))
 
-        await after_delivery(emitted)
+        after_delivery(emitted)
 
     def _settled(self, interaction_id: str, entry: dict[str, Any]) -> None:
         self._in_flight.discard(interaction_id)
@@ -361,7 +356,6 @@ class Curation:
         """Partitions moved: in-memory indexes may describe partitions this worker no longer (or newly) owns."""
         self._due = None
         self._indexes.clear()
-        self._counting.clear()
 
     # ------------------------------------------------------------------ dedupe per (tenant, task)
 
@@ -377,7 +371,6 @@ class Curation:
         return index
 
     async def on_scored(self, event: EventT) -> None:
-        """One scored example: decide dedupe, send the curated record, count it once it is acknowledged."""
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
         example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
         tenant_task = stages.curated_key(example["tenant"], example["task"])
@@ -385,8 +378,7 @@ class Curation:
             self.metrics.record(stages.STAGE_DEDUPE, ERASED, tenant_task=tenant_task)
             return
         example["content_hash"] = dedupe.content_hash(example)
-        arrived_admitted = example["admitted"]  # else the join stage rejected it (and counted it)
-        if arrived_admitted:
+        if example["admitted"]:
             seen_key = f"{tenant_task}/{example['example_id']}"
             seen = self.seen.get(seen_key)
             if seen is None:  # first time: decide and keep the decision (a replay must decide the same)
@@ -399,42 +391,42 @@ class Curation:
                 if decision["admitted"]:
                     index.add(example["example_id"], signature, example["content_hash"])
             example.update(seen["decision"])
-        if stages.already_counted(self._window(tenant_task), ref):
-            log.info("scored %s/%d@%d: replayed, its curated example is counted already",
-                     ref.topic, ref.partition, ref.offset)
-            return
+            if not example["admitted"]:
+                self.metrics.record(stages.STAGE_DEDUPE, REJECTED, tenant_task=tenant_task,
+                                    reason=_reason(example["reject_reason"]))
+        value = self.curated_serde.serialize(example, SerdeContext(self.curated.get_topic_name()))
+        await self._send(self.curated, tenant_task, value)
         if example["admitted"]:
             self.metrics.record(stages.STAGE_DEDUPE, ADMITTED, tenant_task=tenant_task)
-        elif arrived_admitted:
-            self.metrics.record(stages.STAGE_DEDUPE, REJECTED, tenant_task=tenant_task,
-                                reason=_reason(example["reject_reason"]))
-        value = self.curated_serde.serialize(example, SerdeContext(self.curated.get_topic_name()))
-        delivery = await self._send(self.curated, tenant_task, value)
-        await after_delivery(lambda: self._count(tenant_task, example, ref, delivery.result()))
 
     # ------------------------------------------------------------------ window per (tenant, task)
 
-    def _window(self, key: str) -> dict[str, Any] | None:
+    async def on_curated(self, event: EventT) -> None:
+        """One curated example: count it for its (tenant, task) and fire a training request when due."""
+        ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
+        example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
+        key = stages.curated_key(example["tenant"], example["task"])
+        counted_key = f"{key}/{example['example_id']}"
+        repeat = example["admitted"] and self.counted.get(counted_key) not in (None, ref.offset)
         staged = self._staged_windows.get(key)
-        return staged[1] if staged else self.windows.get(key)
-
-    def _count(self, key: str, example: dict[str, Any], scored: SourceRef, curated: Any) -> Awaitable[None] | None:
-        """The curated record of ``example`` is in the log at ``curated``: count it; fire when due."""
-        state, fire = stages.window_update(self._window(key), example, partition=curated.partition,
-                                           offset=curated.offset, window_size=self.settings.window_size,
-                                           scored=scored, resumed=key not in self._counting)
-        self._counting.add(key)
-        if example["admitted"]:
+        previous = staged[1] if staged else self.windows.get(key)
+        state, fire = stages.window_update(previous, example | {"admitted": example["admitted"] and not repeat},
+                                           partition=ref.partition, offset=ref.offset,
+                                           window_size=self.settings.window_size)
+        if previous is not None and state["newest"] == previous.get("newest"):
+            log.info("curated %s@%d: replayed, already counted", ref.topic, ref.offset)
+            return
+        if example["admitted"] and not repeat:
+            self.counted[counted_key] = ref.offset
             self.metrics.record(stages.STAGE_WINDOW, ADMITTED, tenant_task=key)
-        state["p"] = scored.partition
+        state["p"] = ref.partition
         if fire:
-            return self._fire(key, example["tenant"], example["task"], state,
-                              trigger=f"count>={self.settings.window_size}")
-        self._staged_windows[key] = (current_event(), state)
-        return None
+            await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.settings.window_size}")
+        else:
+            self._staged_windows[key] = (event, state)
 
     def write_windows(self) -> None:
-        """Write the staged window states to the table (each in its scored record's changelog partition)."""
+        """Write the staged window states to the table (each in its own record's changelog partition)."""
         staged, self._staged_windows = self._staged_windows, {}
         for key, (event, state) in staged.items():
             with event_context(event):
@@ -467,7 +459,7 @@ class Curation:
         log.info("training request %s for %s (%s): %d train, %d holdout", request["request_id"][:12], key,
                  request["trigger"], request["train_count"], request["holdout_count"])
         self._crash_point("request_sent")
-        # Re-read: the dedupe agent may have counted more examples while this one was being sent.
+        # Re-read: the window agent may have counted more examples while this one was being sent.
         current = dict(self.windows.get(key) or state)
         if (current.get("pending") or {}).get("request_id") == request["request_id"]:
             self.windows[key] = current | {"pending": None}
@@ -547,8 +539,18 @@ def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None
 
     @app.agent(curation.scored, name="dedupe", supervisor_strategy=CrashingSupervisor)
     async def deduplicate(stream: faust.StreamT) -> None:
-        # Dedupe, then the window: the window's table partition is the scored record's (same key).
         await curation.run_batched(stream, stages.STAGE_DEDUPE, curation.on_scored)
+
+    # Not ``run_batched``: a request must be flushed to the table as pending before it is sent and
+    # marked sent after (see ``_fire``), so its sends are awaited where they happen.
+
+    @app.agent(curation.curated, name="window", supervisor_strategy=CrashingSupervisor)
+    async def windows(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            for event in events:
+                with event_context(event):
+                    await curation.guarded(stages.STAGE_WINDOW, event, curation.on_curated)
+            curation.write_windows()
 
     @app.agent(curation.ticks, name="ticks", supervisor_strategy=CrashingSupervisor)
     async def ticks(stream: faust.StreamT) -> None:

@@ -10,13 +10,10 @@ and awaits all acknowledgements together before Faust acks (and may commit) the 
     async def stage(stream):
         await run_batched(stream, handle, max_events=256, within_s=0.005, timeout_s=30.0)
 
-Inside a batch, ``send_acknowledged`` collects the delivery instead of awaiting it (and returns it:
-once delivered, its result is the record's metadata, offset included), and ``after_delivery(fn)``
-defers what may only happen once the records are in the log (the join table's "emitted" flag: written
-earlier, a crash would leave it set for an example that was never sent; the window count, which
-names the curated record's offset). ``fn`` may return an awaitable (a window that fires sends its
-request); deferred actions run in order, each finished before the next. Outside a batch (timers, the
-tick agent) all of it acts at once. A record the broker does not
+Inside a batch, ``send_acknowledged`` collects the delivery instead of awaiting it, and
+``after_delivery(fn)`` defers what may only happen once the records are in the log (the join table's
+"emitted" flag: written earlier, a crash would leave it set for an example that was never sent).
+Outside a batch (timers, the tick agent) both act at once, as before. A record the broker does not
 acknowledge in time ends the worker at once, uncommitted (``stop_now``, exit status 75).
 
 Faust tables find a key's changelog partition through the *current event* of the task; ``take_events``
@@ -84,10 +81,8 @@ async def _acknowledged(topic_name: str, pending: Awaitable[Any], timeout_s: flo
         stop_now(DeliveryError(f"{topic_name}: not acknowledged within {timeout_s}s: {exc!r}"))
 
 
-async def send_acknowledged(topic: faust.TopicT, key: str | bytes | None, value: bytes, *,
-                            timeout_s: float) -> asyncio.Future:
-    """Send now; inside a batch the acknowledgement is awaited with the batch's, else here. Returns the
-    delivery: its ``result()`` (a ``RecordMetadata``) is there once acknowledged, i.e. in ``after_delivery``.
+async def send_acknowledged(topic: faust.TopicT, key: str | bytes | None, value: bytes, *, timeout_s: float) -> None:
+    """Send now; inside a batch the acknowledgement is awaited with the batch's, else here.
 
     If none comes in time the worker exits at once (``stop_now``) and its restart resumes from the
     last commit.
@@ -102,16 +97,13 @@ async def send_acknowledged(topic: faust.TopicT, key: str | bytes | None, value:
         await _acknowledged(name, pending, timeout_s)
     else:
         batch.pending.append((name, pending))
-    return pending
 
 
-async def after_delivery(action: Callable[[], Awaitable[None] | None]) -> None:
+def after_delivery(action: Callable[[], None]) -> None:
     """Run ``action`` once everything sent so far in this batch is acknowledged (at once outside a batch)."""
     batch = _current_batch.get()
     if batch is None:
-        result = action()
-        if result is not None:
-            await result
+        action()
     else:
         batch.after.append((current_event(), action))
 
@@ -131,15 +123,12 @@ async def _settle(batch: _Batch, timeout_s: float) -> None:
             stop_now(DeliveryError(f"{len(failed)} of {len(names)} records not acknowledged; first ({name}): {first!r}"))
     for event, action in batch.after:
         with event_context(event):
-            result = action()
-            if result is not None:
-                await result
+            action()
 
 
 async def run_batched(stream: faust.StreamT, handle: Callable[[EventT], Awaitable[None]], *, max_events: int,
-                      within_s: float, timeout_s: float, after_batch: Callable[[], None] | None = None) -> None:
-    """Handle every record of ``stream``; a batch is acked only after its deliveries are acknowledged
-    and its deferred actions (then ``after_batch``) ran."""
+                      within_s: float, timeout_s: float) -> None:
+    """Handle every record of ``stream``; a batch is acked only after its deliveries are acknowledged."""
     async for events in stream.take_events(max_events, within=within_s):
         batch = _Batch()
         token = _current_batch.set(batch)
@@ -150,5 +139,3 @@ async def run_batched(stream: faust.StreamT, handle: Callable[[EventT], Awaitabl
         finally:
             _current_batch.reset(token)
         await _settle(batch, timeout_s)
-        if after_batch is not None:
-            after_batch()

@@ -320,30 +320,22 @@ def curated_key(tenant: str, task: str) -> str:
 def new_window_state() -> dict[str, Any]:
     """JSON-safe per-(tenant, task) state kept in a Faust table.
 
-    ``newest``: partition -> newest curated offset counted; ``scored``: partition -> newest offset of
-    the scored record (the dedupe stage's input) whose curated example is counted, so that a scored
-    record replayed after a crash is neither sent nor counted again; ``skipped``: partition -> [start,
-    end) offset ranges left out of the dataset (curated records a crashed worker delivered but whose
-    count never reached the table: their examples are resent and counted at new offsets); ``since_fire``: admitted TRAIN
-    examples since the last request; ``opened_at``: when the first of them was counted (wall clock, for
-    the age trigger); ``pending``: a request decided but not yet acknowledged (resent, same id, after a
-    crash).
+    ``newest``: partition -> newest curated offset counted (idempotence under replay); ``since_fire``:
+    admitted TRAIN examples since the last request; ``opened_at``: when the first of them was counted
+    (wall clock, for the age trigger); ``pending``: a request decided but not yet acknowledged (resent,
+    same id, after a crash).
     """
-    return {"train_count": 0, "holdout_count": 0, "newest": {}, "scored": {}, "skipped": {}, "since_fire": 0,
-            "opened_at": None, "fired": 0, "pending": None}
+    return {"train_count": 0, "holdout_count": 0, "newest": {}, "since_fire": 0, "opened_at": None,
+            "fired": 0, "pending": None}
 
 
 def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *, partition: int,
-                  offset: int, window_size: int, now: int | None = None, scored: SourceRef | None = None,
-                  resumed: bool = False) -> tuple[dict[str, Any], bool]:
+                  offset: int, window_size: int, now: int | None = None) -> tuple[dict[str, Any], bool]:
     """Count one curated example; return the new state and whether a training request is due by count.
 
     Only admitted examples count; the request fires when ``window_size`` admitted TRAIN examples arrived
     since the previous one. A record at or below ``newest`` of its partition (replayed after a crash:
-    the table's changelog is ahead of the committed offsets) changes nothing. ``scored`` is the record
-    the example was curated from (see ``already_counted``). ``resumed``: the first count of this key
-    since this worker took the partition; what lies between the stored ``newest`` and ``offset`` was
-    delivered by a worker whose counts never reached the table, so it is left out of the dataset.
+    the table's changelog is ahead of the committed offsets) changes nothing.
     """
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, not {window_size}")
@@ -353,11 +345,6 @@ def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *
     if offset <= previous:
         return new, False
     new["newest"][str(partition)] = offset
-    if resumed and offset > previous + 1:
-        new["skipped"] = dict(new["skipped"])
-        new["skipped"][str(partition)] = list(new["skipped"].get(str(partition), [])) + [[previous + 1, offset]]
-    if scored is not None:
-        new["scored"] = dict(new["scored"]) | {str(scored.partition): scored.offset}
     fire = False
     if example["admitted"]:
         if example["split"] == TRAIN:
@@ -369,12 +356,6 @@ def window_update(state: Mapping[str, Any] | None, example: Mapping[str, Any], *
         else:
             new["holdout_count"] += 1
     return new, fire
-
-
-def already_counted(state: Mapping[str, Any] | None, scored: SourceRef) -> bool:
-    """Whether the example curated from the scored record ``scored`` was delivered and counted already
-    (a replay after a crash: the window's changelog is ahead of the committed input offsets)."""
-    return scored.offset <= (state or {}).get("scored", {}).get(str(scored.partition), -1)
 
 
 def window_due_by_age(state: Mapping[str, Any], *, now: int, max_age_ms: int, min_examples: int) -> bool:
@@ -391,18 +372,9 @@ def window_fired(state: Mapping[str, Any], request: Mapping[str, Any]) -> dict[s
 
 
 def example_ranges(topic: str, state: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The cumulative dataset: every counted curated record of this key so far, [0, newest + 1) per
-    partition less the ``skipped`` ranges."""
-    ranges = []
-    for p, newest in sorted(state["newest"].items(), key=lambda item: int(item[0])):
-        start = 0
-        for skip_start, skip_end in sorted(state.get("skipped", {}).get(p, [])):
-            if skip_start > start:
-                ranges.append({"topic": topic, "partition": int(p), "start_offset": start, "end_offset": skip_start})
-            start = max(start, skip_end)
-        if int(newest) + 1 > start:
-            ranges.append({"topic": topic, "partition": int(p), "start_offset": start, "end_offset": int(newest) + 1})
-    return ranges
+    """The cumulative dataset: every curated record of this key so far, [0, newest + 1) per partition."""
+    return [{"topic": topic, "partition": int(p), "start_offset": 0, "end_offset": int(o) + 1}
+            for p, o in sorted(state["newest"].items(), key=lambda item: int(item[0]))]
 
 
 def request_id(tenant: str, task: str, ranges: list[Mapping[str, Any]]) -> str:

@@ -196,8 +196,8 @@ def test_window_fires_at_each_multiple_of_admitted_train_examples():
             state = stages.window_fired(state, {"request_id": f"r{offset}"})
         fired.append(fire)
     assert fired == [False, False, False, True, False, True]
-    assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}, "scored": {}, "skipped": {}, "since_fire": 0,
-                     "opened_at": None, "fired": 2, "pending": {"request_id": "r5"}}
+    assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}, "since_fire": 0, "opened_at": None,
+                     "fired": 2, "pending": {"request_id": "r5"}}
 
 
 def test_window_ignores_replayed_offsets():
@@ -209,39 +209,6 @@ def test_window_ignores_replayed_offsets():
         assert (again, fire) == (state, False)
     other, fire = stages.window_update(state, example(), partition=1, offset=0, window_size=1)
     assert fire and other["train_count"] == 2 and other["newest"] == {"0": 7, "1": 0}
-
-
-def test_a_scored_record_counts_once_even_when_its_curated_copy_is_resent():
-    scored = stages.SourceRef("app-scored", 2, 40)
-    assert not stages.already_counted(None, scored)
-    state, _ = stages.window_update(None, example(), partition=2, offset=9, window_size=5, scored=scored)
-    assert state["scored"] == {"2": 40} and state["train_count"] == 1
-    # Replayed after a crash whose window state reached the table: not sent, not counted again.
-    assert stages.already_counted(state, scored)
-    assert stages.already_counted(state, stages.SourceRef("app-scored", 2, 12))
-    # The next record, and the same offset of another partition, are new.
-    assert not stages.already_counted(state, stages.SourceRef("app-scored", 2, 41))
-    assert not stages.already_counted(state, stages.SourceRef("app-scored", 0, 40))
-    # A count that never reached the table: the record is resent (a new curated offset) and counted once.
-    again, _ = stages.window_update(None, example(), partition=2, offset=10, window_size=5, scored=scored)
-    assert again["train_count"] == 1 and again["newest"] == {"2": 10}
-
-
-def test_what_a_crashed_worker_delivered_but_never_counted_is_left_out_of_the_dataset():
-    state = None
-    for offset in (0, 1, 2):
-        state, _ = stages.window_update(state, example(), partition=0, offset=offset, window_size=100,
-                                        resumed=offset == 0)
-    # The next worker's first count is at 6: 3..5 were delivered uncounted (their examples are resent).
-    state, _ = stages.window_update(state, example(), partition=0, offset=6, window_size=100, resumed=True)
-    state, _ = stages.window_update(state, example(), partition=0, offset=9, window_size=100)  # 7, 8: other keys
-    assert state["skipped"] == {"0": [[3, 6]]} and state["train_count"] == 5
-    assert [(r["start_offset"], r["end_offset"]) for r in stages.example_ranges("c", state)] == [(0, 3), (6, 10)]
-    # A resumed count right after the newest skips nothing; one on a fresh key skips what came before it.
-    again, _ = stages.window_update(state, example(), partition=0, offset=10, window_size=100, resumed=True)
-    assert again["skipped"] == state["skipped"]
-    fresh, _ = stages.window_update(None, example(), partition=1, offset=4, window_size=100, resumed=True)
-    assert [(r["start_offset"], r["end_offset"]) for r in stages.example_ranges("c", fresh)] == [(4, 5)]
 
 
 def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
