@@ -280,7 +280,11 @@ class GatewaySettings(BaseSettings):
         "$ADAPTLOOP_HOME/gateway-outbox. Keep it on a disk that survives the gateway's restarts."))
     outbox_max_mib: int = Field(256, ge=1, description=(
         "Unacknowledged interactions the outbox may hold (MiB) before calls are refused with a 503."))
-    sidecar_poll_s: float = Field(0.2, description="How often each replica's sidecar is asked for its loaded set.")
+    sidecar_watch_s: float = Field(10.0, gt=0, le=60, description=(
+        "How long one watch of a replica's sidecar waits for a change of its loaded set before it is "
+        "asked again (a change is heard at once, whatever this is)."))
+    sidecar_poll_s: float = Field(0.2, gt=0, description=(
+        "Pause before a sidecar that did not answer (or cannot be watched) is asked again."))
 
     def replica_list(self) -> list[Replica]:
         return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]

@@ -26,9 +26,10 @@ version newer than the incumbent, loaded on some replica; the canary controller 
 it back). The share is exact per gateway (a deterministic stride, not a coin), so a measured share
 is the configured one. Among several replicas, a call goes only to replicas whose sidecar reports
 the version loaded, round robin; a replica whose sidecar stops answering gets no calls while a
-healthy one exists. If vLLM answers 404 for the routed version (lost since the last sidecar poll,
-e.g. unloaded during a swap) the call is answered by the incumbent or base instead: swaps never
-fail a call.
+healthy one exists. The gateway watches each sidecar's report with a long poll (``serving.server``),
+so it hears of a load, an unload or a vLLM restart as it happens. If vLLM answers 404 for the routed
+version (unloaded since the sidecar last reported, e.g. during a swap) the call is answered by the
+incumbent or base instead: swaps never fail a call.
 
 Recording: every completed call becomes an Interaction on the interactions topic, keyed by its id,
 naming the version that answered, and no answer leaves before its record is safe: a record that
@@ -100,6 +101,8 @@ log = logging.getLogger("adaptloop.gateway")
 DELIVERY_MARGIN_S = 5.0
 #: Pause before an interaction the broker refused is produced again from the outbox.
 OUTBOX_RETRY_S = 2.0
+#: Beyond a watch's own wait, how long a sidecar may take to answer before it counts as down.
+SIDECAR_ANSWER_S = 2.0
 #: What a call to a model server or sidecar may fail with (timeouts are asyncio's in aiohttp).
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 DEFAULT_TASK = "default"
@@ -451,7 +454,7 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=256), auto_decompress=False)
         self.reader.start()
         self.interactions.start()
-        self._pollers = [asyncio.create_task(self._poll_sidecar(r), name=f"sidecar-poll-{r.sidecar_url}")
+        self._pollers = [asyncio.create_task(self._watch_sidecar(r), name=f"sidecar-watch-{r.sidecar_url}")
                          for r in self.router.replicas]
 
     async def stop(self) -> None:
@@ -469,29 +472,46 @@ class Gateway:
     def ready(self) -> bool:
         return self.reader.caught_up.is_set() and self.sidecar_polled.is_set()
 
-    async def _poll_sidecar(self, replica: ReplicaState) -> None:
-        url = replica.sidecar_url + "/adapters"
+    async def _watch_sidecar(self, replica: ReplicaState) -> None:
+        """Keep ``replica``'s loaded set and health current: a long poll on its sidecar's ``/adapters``
+        (answered at once when the report changes, 304 after ``sidecar_watch_s`` when it does not)."""
+        url = f"{replica.sidecar_url}/adapters?wait={self.settings.sidecar_watch_s:g}"
+        timeout = aiohttp.ClientTimeout(total=self.settings.sidecar_watch_s + SIDECAR_ANSWER_S)
+        tag: str | None = None
         while True:
             try:
-                async with self.client.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as response:
-                    response.raise_for_status()
-                    report = await response.json()
-                replica.loaded = frozenset(report["loaded"])
-                vllm_up = bool(report.get("vllm", True))  # False while its sidecar restarts vLLM
-                if vllm_up and not replica.healthy:
-                    log.info("replica %s answers: %d adapters loaded", replica.vllm_url, len(replica.loaded))
-                elif replica.healthy and not vllm_up:
-                    log.warning("replica %s: vLLM is down (its sidecar restarts it)", replica.vllm_url)
-                replica.healthy = vllm_up
+                async with self.client.get(url, headers={"if-none-match": tag} if tag else {},
+                                           timeout=timeout) as response:
+                    if response.status != 304:
+                        response.raise_for_status()
+                        report = await response.json()
+                        tag = response.headers.get("etag")
+                        self._apply_report(replica, report)
+                if tag is None:  # a sidecar that cannot be watched (an older one): ask again after a pause
+                    await asyncio.sleep(self.settings.sidecar_poll_s)
             except (*UPSTREAM_ERRORS, ValueError, KeyError) as exc:
                 # Keep the last known set: vLLM rejects an adapter it lost, and the call falls back.
                 if replica.healthy:
                     log.warning("sidecar at %s does not answer (%s); no calls there while another answers", url, exc)
                 replica.healthy = False
-            self._polled.add(replica.sidecar_url)
-            if len(self._polled) == len(self.router.replicas):
-                self.sidecar_polled.set()  # every replica asked once (answering or not)
-            await asyncio.sleep(self.settings.sidecar_poll_s)
+                tag = None
+                self._mark_polled(replica)
+                await asyncio.sleep(self.settings.sidecar_poll_s)
+
+    def _apply_report(self, replica: ReplicaState, report: dict[str, Any]) -> None:
+        replica.loaded = frozenset(report["loaded"])
+        vllm_up = bool(report.get("vllm", True))  # False while its sidecar restarts vLLM
+        if vllm_up and not replica.healthy:
+            log.info("replica %s answers: %d adapters loaded", replica.vllm_url, len(replica.loaded))
+        elif replica.healthy and not vllm_up:
+            log.warning("replica %s: vLLM is down (its sidecar restarts it)", replica.vllm_url)
+        replica.healthy = vllm_up
+        self._mark_polled(replica)
+
+    def _mark_polled(self, replica: ReplicaState) -> None:
+        self._polled.add(replica.sidecar_url)
+        if len(self._polled) == len(self.router.replicas):
+            self.sidecar_polled.set()  # every replica asked once (answering or not)
 
     def authenticate(self, request: Request) -> str:
         """The caller's tenant; ``AuthError`` without a valid key."""
@@ -625,7 +645,7 @@ class _Call:
         return None
 
     def adapter_gone(self, response: aiohttp.ClientResponse) -> bool:
-        """vLLM no longer knows the routed version (unloaded since the last sidecar poll): use the fallback."""
+        """vLLM no longer knows the routed version (unloaded since its sidecar last reported): use the fallback."""
         if response.status != 404 or self.route.version is None:
             return False
         log.warning("%s is not loaded in vLLM at %s any more; answering %s with %s", self.route.version,

