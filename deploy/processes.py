@@ -160,3 +160,12 @@ def mark_ready() -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(str(os.getpid()))
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a live process so far, all its threads (Linux /proc); 0.0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime

@@ -16,7 +16,10 @@ broker's acknowledgement):
   its ``server-timing`` header): auth, routing, JSON, recording; uvicorn's HTTP framing and the
   loopback hop are not in it;
 - ``own_time_per_call_*``: per call, the caller's time minus the upstream time: the handler plus
-  uvicorn, the extra hop and the caller's own HTTP client (which the direct path pays too).
+  uvicorn, the extra hop and the caller's own HTTP client (which the direct path pays too);
+- ``gateway_cpu_ms_per_call``: the gateway process's CPU time (all its threads: HTTP, the upstream
+  client, the producer) over the whole interleaved run, per gateway call (both modes): what each
+  call costs the cores it shares with vLLM, and far steadier from run to run than any latency.
 
 Target: p99 overhead < 2 ms on loopback.
 
@@ -43,6 +46,7 @@ import httpx
 from adaptloop.artifacts import adapter_version, artifact_digest
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.model import ensure_base_model
+from adaptloop.processes import cpu_seconds
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
@@ -99,7 +103,7 @@ def server_timing(header: str) -> dict[str, float]:
     return timings
 
 
-def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: int) -> dict[str, Any]:
+def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int) -> dict[str, Any]:
     base = ModelSettings().name
     auth = {"authorization": f"Bearer {key}"}
     paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
@@ -107,7 +111,10 @@ def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: i
     caller: dict[str, list[float]] = {name: [] for name in paths}
     caller_own: dict[str, list[float]] = {"outbox": [], "ack": []}
     handler_own: dict[str, list[float]] = {"outbox": [], "ack": []}
+    cpu_before = 0.0
     for i in range(n + 10):
+        if i == 10:
+            cpu_before = cpu_seconds(gateway_pid)
         for name, (url, headers) in paths.items():
             t0 = time.perf_counter()
             response = http.post(url + "/v1/chat/completions", json=BODY | {"model": base}, headers=headers)
@@ -120,7 +127,9 @@ def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: i
                 timing = server_timing(response.headers.get("server-timing", ""))
                 caller_own[name].append(elapsed - timing["upstream"])
                 handler_own[name].append(timing["gateway"] - timing["upstream"])
-    result: dict[str, Any] = {"direct": summary(caller["direct"])}
+    gateway_cpu_s = cpu_seconds(gateway_pid) - cpu_before
+    result: dict[str, Any] = {"direct": summary(caller["direct"]),
+                              "gateway_cpu_ms_per_call": round(1000 * gateway_cpu_s / (2 * n), 3)}
     for mode in ("outbox", "ack"):
         gateway = result[f"gateway_{mode}"] = summary(caller[mode])
         # Everything the caller waited for beyond the upstream call: our handler, uvicorn, the extra
@@ -192,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(start_service("gateway", home, env, timeout_s=120))
         gateway_url = f"http://127.0.0.1:{ports['gateway']}"
         with httpx.Client(timeout=120) as http:
-            result["overhead"] = overhead(http, env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests)
+            result["overhead"] = overhead(http, env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests,
+                                          processes[-1].pid)
             result["publish_to_first_answer_s"] = publish_to_first_answer(http, kafka, topics, gateway_url, key,
                                                                           adapter, args.swaps)
     finally:
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     if "overhead" in result:
         o = result["overhead"]
-        print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms")
+        print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms; "
+              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms")
         for mode in ("outbox", "ack"):
             print(f"{mode:>10}: overhead (gateway - direct) p50 {o[f'overhead_{mode}_ms']['p50']:.2f} / p99 "
                   f"{o[f'overhead_{mode}_ms']['p99']:.2f} ms; handler own time p50 "
