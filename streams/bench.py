@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -81,17 +80,12 @@ def create_passthrough_app(settings: StreamsSettings):
 
 
 def passthrough_main() -> int:
-    import faust
+    from adaptloop.streams.worker import run_worker, use_uvloop
 
+    use_uvloop()  # the same runtime as the curation workers
     settings = StreamsSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust exits 1, silently, without its workdir
-    app = create_passthrough_app(settings)
-    worker = faust.Worker(app, loglevel="warning", workdir=str(settings.data_dir), redirect_stdouts=False)
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exit_:
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
-    return 0
+    return run_worker(create_passthrough_app(settings), settings, "warning")
 
 
 def _produce(kafka: KafkaSettings, topics: Topics, pairs: int, seed: int, tenants: int = 1) -> float:
@@ -131,18 +125,9 @@ def _wait_for(kafka: KafkaSettings, topic: str, count: int, timeout_s: float) ->
         time.sleep(0.2)
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a live process so far (Linux /proc), 0.0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: int, timeout_s: float,
             tenants: int = 1, broker_pid: int | None = None) -> dict[str, Any]:
-    from adaptloop.processes import READY_FILE_ENV, ManagedProcess, adaptloop_command, streams_python
+    from adaptloop.processes import READY_FILE_ENV, ManagedProcess, adaptloop_command, cpu_seconds, streams_python
     from adaptloop.stack import free_port, service_env
 
     topics = Topics(prefix=f"bench{uuid.uuid4().hex[:6]}.")
