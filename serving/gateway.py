@@ -38,10 +38,10 @@ safe means:
 
 - ``outbox`` (default): the record is written to this gateway's outbox (``serving.outbox``: a local
   append-only log, one ``write``, no fsync) and produced right after the answer went out; the
-  broker's acknowledgement frees it later, off the response path. A record the broker refuses (down, unreachable) is produced again
-  every ``OUTBOX_RETRY_S`` until taken; a gateway killed with records in its outbox leaves them for
-  the next one on the same folder, which sends them at start. Lost only with the host's disk, or
-  the last moments before a power cut. The outbox is bounded (``outbox_max_mib``): past it, 503s.
+  broker's acknowledgement frees it later, off the response path. A record the broker refuses
+  (down, unreachable) is produced again every ``OUTBOX_RETRY_S`` until taken; a gateway killed with
+  records in its outbox leaves them for the next one on the same folder, which sends them at start.
+  Lost only with the host's disk, or the last moments before a power cut. The outbox is bounded (``outbox_max_mib``): past it, 503s.
   ``/stats`` shows ``outbox_bytes`` (waiting for the broker) and ``outbox_retries``.
 - ``ack``: the answer waits for the broker's acknowledgement (one round trip: ``linger.ms=0``).
 
@@ -311,8 +311,8 @@ class InteractionLog:
     def _key_value(self, record: Mapping[str, Any]) -> tuple[bytes, bytes]:
         return record["interaction_id"].encode(), self._serialize(record, SerdeContext(self.topic))
 
-    def send(self, record: Mapping[str, Any]) -> asyncio.Future:
-        """Queue ``record``; the returned future settles with the broker's answer."""
+    async def write(self, record: Mapping[str, Any]) -> None:
+        """Return once the broker acknowledged ``record``; ``DeliveryError`` otherwise."""
         loop = asyncio.get_running_loop()
         acknowledged: asyncio.Future[None] = loop.create_future()
 
@@ -324,17 +324,11 @@ class InteractionLog:
             self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
         except (BufferError, KafkaException) as exc:
             raise DeliveryError(f"interaction {record['interaction_id']} not queued: {exc}") from exc
-        return acknowledged
-
-    async def wait(self, acknowledged: asyncio.Future, interaction_id: str) -> None:
         try:
             await asyncio.wait_for(acknowledged, self.timeout_s)
         except TimeoutError as exc:
-            raise DeliveryError(f"interaction {interaction_id} not acknowledged within {self.timeout_s}s") from exc
-
-    async def write(self, record: Mapping[str, Any]) -> None:
-        """Return once the broker acknowledged ``record``; ``DeliveryError`` otherwise."""
-        await self.wait(self.send(record), record["interaction_id"])
+            raise DeliveryError(f"interaction {record['interaction_id']} not acknowledged within "
+                                f"{self.timeout_s}s") from exc
 
     def enqueue(self, record: Mapping[str, Any]) -> None:
         """Return once ``record`` is in the outbox (``OutboxError`` if it cannot be); it is produced
