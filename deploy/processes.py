@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adaptloop.errors import StackError
+from adaptloop.errors import ConfigError, StackError
 
 STOP_GRACE_S = 15.0
 
@@ -169,3 +169,28 @@ def cpu_seconds(pid: int | None) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """CPU ids in the kernel's list format (``taskset -c``, cpusets): ``"1"``, ``"2-3"``, ``"0,2-3"``;
+    ``""`` is none. ``ValueError`` for anything else."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise ValueError(f"{text!r} is not a CPU list such as '1', '2-3' or '0,2-3'")
+        cpus.update(range(int(first), int(last if dash else first) + 1))
+    return frozenset(cpus)
+
+
+def pin_to_cpus(text: str) -> frozenset[int] | None:
+    """Keep this process on the CPUs ``text`` lists (none: leave it where it is). Call it first thing in
+    ``main()``: it binds the calling thread, and only threads started after it inherit the binding."""
+    cpus = parse_cpu_list(text)
+    if not cpus:
+        return None
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ConfigError(f"cannot run on CPUs {text!r} ({exc}); this machine has CPUs 0-{(os.cpu_count() or 1) - 1}") from exc
+    return cpus

@@ -87,7 +87,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptloop.artifacts import alias as make_alias
 from adaptloop.errors import AuthError, DeliveryError, SerializationError
 from adaptloop.kafka import producer_config
-from adaptloop.processes import mark_ready
+from adaptloop.processes import mark_ready, pin_to_cpus
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.canary import canary_and_incumbent
@@ -836,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = GatewaySettings()
+    if pin_to_cpus(settings.cpus):  # before create_app: the producer's and reader's threads inherit it
+        log.info("on CPUs %s only", settings.cpus)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                            access_log=False))

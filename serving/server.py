@@ -50,7 +50,7 @@ from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.kafka import DeliveryTracker
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import ManagedProcess, mark_ready, stop_group
+from adaptloop.processes import ManagedProcess, mark_ready, pin_to_cpus, stop_group
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import ServeSettings
@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings()
+    if pin_to_cpus(settings.cpus):  # first: the threads below and vLLM's processes inherit it
+        log.info("sidecar and vLLM on CPUs %s only", settings.cpus)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
