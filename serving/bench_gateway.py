@@ -11,7 +11,8 @@ the answer waits for the interaction's write to the gateway's outbox) and ack (i
 broker's acknowledgement):
 
 - ``overhead_*_ms``: the difference of the two paths' percentiles (everything, but its p99 is the
-  difference of two ~100 ms vLLM tails on shared cores: mostly noise);
+  difference of two ~100 ms vLLM tails: mostly noise), with a 90% bootstrap interval of that p99
+  difference, which says how far from the true one a single run's figure may be;
 - ``handler_time_per_call_*``: per call, the gateway handler's time minus its upstream call (both from
   its ``server-timing`` header): auth, routing, JSON, recording; uvicorn's HTTP framing and the
   loopback hop are not in it;
@@ -23,6 +24,10 @@ broker's acknowledgement):
 
 Target: p99 overhead < 2 ms on loopback.
 
+``--gateway-cpus 1``: the production shape on one host: the gateway alone on the CPUs listed
+(``ADAPTLOOP_GATEWAY_CPUS``), vLLM, the broker and this caller on the others (``ADAPTLOOP_SERVE_CPUS``),
+so that no call waits for a core vLLM's threads hold. Without it everything shares every core.
+
 Publish -> first answer: a real peft LoRA (random, on the base model) published as a PROMOTED
 release; the clock runs from the broker's acknowledgement of the release record to the first
 gateway answer whose ``x-adaptloop-adapter`` names it (sidecar digest check, vLLM load, warm-up,
@@ -32,11 +37,14 @@ gateway poll, the call itself). Target < 1 s. Several samples, each a new versio
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,7 +54,7 @@ import httpx
 from adaptloop.artifacts import adapter_version, artifact_digest
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import cpu_seconds
+from adaptloop.processes import cpu_seconds, parse_cpu_list
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
@@ -59,6 +67,21 @@ BODY = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 1, 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def difference_interval(slower: list[float], faster: list[float], q: float) -> list[float]:
+    """90% bootstrap interval of ``percentile(slower, q) - percentile(faster, q)``: how far a
+    difference of two tails measured once could be from the true one (scipy.stats.bootstrap)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    def difference(a, b, axis=-1):
+        index = int(q * a.shape[axis])  # the same rank as ``percentile``
+        return np.sort(a, axis=axis)[..., index] - np.sort(b, axis=axis)[..., index]
+
+    result = bootstrap((np.asarray(slower), np.asarray(faster)), difference, n_resamples=2000, confidence_level=0.9,
+                       method="percentile", vectorized=True, random_state=0)
+    return [round(float(result.confidence_interval.low), 3), round(float(result.confidence_interval.high), 3)]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -103,8 +126,34 @@ def server_timing(header: str) -> dict[str, float]:
     return timings
 
 
-def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int) -> dict[str, Any]:
+class KeptAliveCaller:
+    """The calls whose times are compared: the standard library's client on one kept-alive connection
+    per server. The caller's own HTTP work is in every figure below, and it does less of it than httpx."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.connections: dict[str, http.client.HTTPConnection] = {}
+
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> http.client.HTTPResponse:
+        parts = urllib.parse.urlsplit(url)
+        connection = self.connections.get(parts.netloc)
+        if connection is None:
+            connection = self.connections[parts.netloc] = http.client.HTTPConnection(parts.netloc, timeout=self.timeout_s)
+        connection.request("POST", parts.path, body, headers | {"content-type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"POST {url}: {response.status}")
+        return response
+
+    def close(self) -> None:
+        for connection in self.connections.values():
+            connection.close()
+
+
+def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int) -> dict[str, Any]:
     base = ModelSettings().name
+    body = json.dumps(BODY | {"model": base}).encode()
     auth = {"authorization": f"Bearer {key}"}
     paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
              "ack": (gateway_url, auth | {"x-adaptloop-record": "ack"})}
@@ -112,21 +161,24 @@ def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: i
     caller_own: dict[str, list[float]] = {"outbox": [], "ack": []}
     handler_own: dict[str, list[float]] = {"outbox": [], "ack": []}
     cpu_before = 0.0
-    for i in range(n + 10):
-        if i == 10:
-            cpu_before = cpu_seconds(gateway_pid)
-        for name, (url, headers) in paths.items():
-            t0 = time.perf_counter()
-            response = http.post(url + "/v1/chat/completions", json=BODY | {"model": base}, headers=headers)
-            elapsed = (time.perf_counter() - t0) * 1000
-            response.raise_for_status()
-            if i < 10:
-                continue  # warm-up: connections, first-call paths
-            caller[name].append(elapsed)
-            if name != "direct":
-                timing = server_timing(response.headers.get("server-timing", ""))
-                caller_own[name].append(elapsed - timing["upstream"])
-                handler_own[name].append(timing["gateway"] - timing["upstream"])
+    client = KeptAliveCaller(timeout_s=120)
+    try:
+        for i in range(n + 10):
+            if i == 10:
+                cpu_before = cpu_seconds(gateway_pid)
+            for name, (url, headers) in paths.items():
+                t0 = time.perf_counter()
+                response = client.post(url + "/v1/chat/completions", body, headers)
+                elapsed = (time.perf_counter() - t0) * 1000
+                if i < 10:
+                    continue  # warm-up: connections, first-call paths
+                caller[name].append(elapsed)
+                if name != "direct":
+                    timing = server_timing(response.getheader("server-timing", ""))
+                    caller_own[name].append(elapsed - timing["upstream"])
+                    handler_own[name].append(timing["gateway"] - timing["upstream"])
+    finally:
+        client.close()
     gateway_cpu_s = cpu_seconds(gateway_pid) - cpu_before
     result: dict[str, Any] = {"direct": summary(caller["direct"]),
                               "gateway_cpu_ms_per_call": round(1000 * gateway_cpu_s / (2 * n), 3)}
@@ -139,6 +191,7 @@ def overhead(http: httpx.Client, vllm_url: str, gateway_url: str, key: str, n: i
         result[f"handler_time_per_call_{mode}"] = summary(handler_own[mode])
         result[f"overhead_{mode}_ms"] = {q: round(gateway[f"{q}_ms"] - result["direct"][f"{q}_ms"], 3)
                                          for q in ("p50", "p99")}
+        result[f"overhead_{mode}_ms"]["p99_interval_90"] = difference_interval(caller[mode], caller["direct"], 0.99)
         result[f"ratio_{mode}_to_direct"] = {q: round(gateway[f"{q}_ms"] / result["direct"][f"{q}_ms"], 3)
                                              for q in ("p50", "p99")}
     return result
@@ -175,7 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swaps", type=int, default=3, help="publish -> first answer samples (default 3)")
     parser.add_argument("--adapter", type=Path, help="a peft LoRA folder (default: a random one made here)")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--gateway-cpus", default="", help="the gateway alone on these CPUs (e.g. 1), the rest on "
+                        "the others (default: all share every CPU)")
     args = parser.parse_args(argv)
+    try:
+        gateway_cpus = parse_cpu_list(args.gateway_cpus)
+    except ValueError as exc:
+        parser.error(str(exc))
+    other_cpus = frozenset(os.sched_getaffinity(0)) - gateway_cpus
+    if gateway_cpus and not other_cpus:
+        parser.error(f"--gateway-cpus {args.gateway_cpus} leaves no CPU for vLLM and the broker")
 
     home = Path(tempfile.mkdtemp(prefix="adaptloop-bench-gateway-"))
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
@@ -190,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{ports['sidecar']}",
         "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting({TENANT: key}),
     }
+    if gateway_cpus:
+        env |= {"ADAPTLOOP_GATEWAY_CPUS": args.gateway_cpus, "ADAPTLOOP_SERVE_CPUS": ",".join(map(str, sorted(other_cpus)))}
+        os.sched_setaffinity(0, other_cpus)  # this caller, and the broker it starts
     adapter = args.adapter or make_adapter(home / "adapter")
     processes = []
     result: dict[str, Any] = {"requests": args.requests, "home": str(home),
+                              "cpus": {"gateway": env.get("ADAPTLOOP_GATEWAY_CPUS", "all"),
+                                       "vllm_broker_caller": env.get("ADAPTLOOP_SERVE_CPUS", "all")},
                               "targets": {"overhead_p99_ms": 2.0, "publish_to_first_answer_s": 1.0}}
     try:
         processes.append(start_broker(kafka, home))
@@ -201,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(start_service("gateway", home, env, timeout_s=120))
         gateway_url = f"http://127.0.0.1:{ports['gateway']}"
         with httpx.Client(timeout=120) as http:
-            result["overhead"] = overhead(http, env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests,
+            result["overhead"] = overhead(env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests,
                                           processes[-1].pid)
             result["publish_to_first_answer_s"] = publish_to_first_answer(http, kafka, topics, gateway_url, key,
                                                                           adapter, args.swaps)
@@ -214,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms; "
               f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms")
         for mode in ("outbox", "ack"):
+            low, high = o[f"overhead_{mode}_ms"]["p99_interval_90"]
             print(f"{mode:>10}: overhead (gateway - direct) p50 {o[f'overhead_{mode}_ms']['p50']:.2f} / p99 "
-                  f"{o[f'overhead_{mode}_ms']['p99']:.2f} ms; handler own time p50 "
+                  f"{o[f'overhead_{mode}_ms']['p99']:.2f} ms (90% interval {low:.1f} to {high:.1f}); handler own time p50 "
                   f"{o[f'handler_time_per_call_{mode}']['p50_ms']:.2f} / p99 {o[f'handler_time_per_call_{mode}']['p99_ms']:.2f} ms "
                   f"(target p99 < 2 ms)")
         print(f"publish -> first answer: {result.get('publish_to_first_answer_s')} s (target < 1 s)")
