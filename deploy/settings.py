@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adaptloop.errors import ConfigError
@@ -20,10 +20,13 @@ DEFAULT_HOME = Path(os.environ.get("ADAPTLOOP_HOME") or Path.home() / ".cache" /
 DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
 
 
-def cpu_list(value: str) -> str:
-    """A ``cpus`` setting: refused at start unless it is a CPU list (``processes.parse_cpu_list``)."""
+def _cpu_list(value: str) -> str:
     parse_cpu_list(value)
     return value
+
+
+#: A ``cpus`` setting: refused at start unless it is a CPU list (``processes.parse_cpu_list``).
+CpuList = Annotated[str, AfterValidator(_cpu_list)]
 
 
 def _config(prefix: str) -> SettingsConfigDict:
@@ -245,11 +248,9 @@ class ServeSettings(BaseSettings):
     vllm_args: list[str] = Field(default_factory=list, description=(
         "Extra vLLM flags as JSON, e.g. [\"--tensor-parallel-size\", \"2\", \"--gpu-memory-utilization\", \"0.85\"]."))
     status_interval_s: float = Field(10.0, description="Heartbeat period of the status record (also sent on every change).")
-    cpus: str = Field("", description=(
+    cpus: CpuList = Field("", description=(
         "CPUs the sidecar and its vLLM run on, e.g. '0' or '0-5' (taskset's list format; vLLM's CPU build "
         "binds its OpenMP threads within them); empty: any. See ADAPTLOOP_GATEWAY_CPUS."))
-
-    _cpus_valid = field_validator("cpus")(cpu_list)
 
 
 class Replica(BaseSettings):
@@ -297,12 +298,10 @@ class GatewaySettings(BaseSettings):
         "asked again (a change is heard at once, whatever this is)."))
     sidecar_poll_s: float = Field(0.2, gt=0, description=(
         "Pause before a sidecar that did not answer (or cannot be watched) is asked again."))
-    cpus: str = Field("", description=(
+    cpus: CpuList = Field("", description=(
         "CPUs the gateway runs on, e.g. '1' or '2-3' (taskset's list format); empty: any. On a host it "
         "shares with a model server, give each its own (ADAPTLOOP_SERVE_CPUS): calls then never wait "
         "for a core vLLM holds (serving.bench_gateway --gateway-cpus)."))
-
-    _cpus_valid = field_validator("cpus")(cpu_list)
 
     def replica_list(self) -> list[Replica]:
         return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]
