@@ -189,7 +189,7 @@ def adapter_dir(tmp_path_factory) -> Path:
     return make_adapter(tmp_path_factory.mktemp("adapter") / "lora")
 
 
-def test_unknown_model_is_an_openai_404_and_no_key_is_a_401(serving):
+def test_unknown_model_is_an_openai_404_no_key_a_401_and_a_wrong_method_a_405(serving):
     for model in ("no-such-model", "a/b/c", "/task", "globex/extract"):
         response = serving.chat(model, tenant="nobody")
         assert response.status_code == 404, response.text
@@ -203,6 +203,12 @@ def test_unknown_model_is_an_openai_404_and_no_key_is_a_401(serving):
             assert response.status_code == 401, response.text
             assert response.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(serving.gateway_url + "/v1/models", headers=headers, timeout=10).status_code == 401
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        response = httpx.get(serving.gateway_url + path, headers=serving.auth("acme"), timeout=10)
+        assert response.status_code == 405 and response.headers["allow"] == "POST", response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    response = httpx.post(serving.gateway_url + "/v1/no-such-endpoint", json=body, timeout=10)
+    assert response.status_code == 404 and "error" in response.json(), response.text
 
 
 def test_alias_without_release_uses_base_and_is_recorded(serving):
