@@ -6,18 +6,23 @@
 Starts everything for real on loopback (Tansu with memory storage, ``adaptloop serve`` = vLLM +
 sidecar, ``adaptloop gateway`` with a generated key) and always stops it. Both paths send the same
 one-token chat completion of the base model, interleaved call by call so that both see the same
-machine load; the gateway's overhead is reported three ways, for ``record_mode`` outbox (the default:
-the answer waits for the interaction's write to the gateway's outbox) and ack (it waits for the
-broker's acknowledgement):
+machine load, from aiohttp (the gateway's own upstream client, so the caller's client work in the
+direct path is the same code as the gateway's in its upstream call), on kept-alive connections, at
+real-time priority where the kernel permits it (``caller_priority``): a caller that shares a CPU with
+vLLM would otherwise read each answer only when vLLM's threads let it, in both paths, and that wait
+is several milliseconds of noise that is not the gateway's. The gateway's overhead is reported for
+``record_mode`` outbox (the default: the answer waits for the interaction's write to the gateway's
+outbox) and ack (it waits for the broker's acknowledgement), four ways:
 
-- ``overhead_*_ms``: the difference of the two paths' percentiles (everything, but its p99 is the
-  difference of two ~100 ms vLLM tails: mostly noise), with a 90% bootstrap interval of that p99
-  difference, which says how far from the true one a single run's figure may be;
-- ``handler_time_per_call_*``: per call, the gateway handler's time minus its upstream call (both from
-  its ``server-timing`` header): auth, routing, JSON, recording; uvicorn's HTTP framing and the
-  loopback hop are not in it;
-- ``own_time_per_call_*``: per call, the caller's time minus the upstream time: the handler plus
-  uvicorn, the extra hop and the caller's own HTTP client (which the direct path pays too);
+- ``own_time_per_call_*``: per call, the caller's time minus the gateway's upstream call (from its
+  ``server-timing`` header): uvicorn, our handler, the extra loopback hop; the upstream client's
+  work is inside the upstream call, and the caller's same client work stands in for it. The per-call
+  overhead, so its p99 is a p99 of overheads, with no vLLM latency in it;
+- ``overhead_*_ms``: the difference of the two paths' percentiles (no per-call pairing, but its p99
+  is the difference of two ~100 ms vLLM tails: mostly noise), with a 90% bootstrap interval of that
+  p99 difference, which says how far from the true one a single run's figure may be;
+- ``handler_time_per_call_*``: per call, the gateway handler's time minus its upstream call: auth,
+  routing, JSON, recording (uvicorn's HTTP framing and the hop are not in it);
 - ``gateway_cpu_ms_per_call``: the gateway process's CPU time (all its threads: HTTP, the upstream
   client, the producer) over the whole interleaved run, per gateway call (both modes): what each
   call costs the cores it shares with vLLM, and far steadier from run to run than any latency.
@@ -37,19 +42,19 @@ gateway poll, the call itself). Target < 1 s. Several samples, each a new versio
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
+import uvloop
 
 from adaptloop.artifacts import adapter_version, artifact_digest
 from adaptloop.kafka import DeliveryTracker, ensure_topics
@@ -126,29 +131,44 @@ def server_timing(header: str) -> dict[str, float]:
     return timings
 
 
-class KeptAliveCaller:
-    """The calls whose times are compared: the standard library's client on one kept-alive connection
-    per server. The caller's own HTTP work is in every figure below, and it does less of it than httpx."""
+def realtime_priority() -> bool:
+    """Put this thread ahead of every normal one (SCHED_FIFO) where the kernel permits: the caller then
+    reads each answer the moment it arrives, instead of after whatever vLLM's threads are doing on
+    the CPU it shares with them, a wait that would land in the per-call figures. False where not permitted."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO)))
+    except (PermissionError, OSError):
+        return False
+    return True
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.connections: dict[str, http.client.HTTPConnection] = {}
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> http.client.HTTPResponse:
-        parts = urllib.parse.urlsplit(url)
-        connection = self.connections.get(parts.netloc)
-        if connection is None:
-            connection = self.connections[parts.netloc] = http.client.HTTPConnection(parts.netloc, timeout=self.timeout_s)
-        connection.request("POST", parts.path, body, headers | {"content-type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"POST {url}: {response.status}")
-        return response
-
-    def close(self) -> None:
-        for connection in self.connections.values():
-            connection.close()
+async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes, n: int, gateway_pid: int,
+                      timeout_s: float = 120.0) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], float]:
+    """``n`` calls per path (after 10 for warm-up), interleaved path by path, on kept-alive connections
+    with aiohttp, the client the gateway itself calls vLLM with: the caller's own client work in the
+    direct path and the gateway's in its upstream call are then the same code. Returns each path's
+    times (ms), the gateway's ``server-timing`` of each gateway call, and the gateway's CPU seconds."""
+    elapsed: dict[str, list[float]] = {name: [] for name in paths}
+    timings: dict[str, list[dict[str, float]]] = {name: [] for name in paths if name != "direct"}
+    cpu_before = 0.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False) as client:
+        for i in range(n + 10):
+            if i == 10:
+                cpu_before = cpu_seconds(gateway_pid)
+            for name, (url, headers) in paths.items():
+                t0 = time.perf_counter()
+                async with client.post(url + "/v1/chat/completions", data=body,
+                                       headers=headers | {"content-type": "application/json"}) as response:
+                    await response.read()
+                took = (time.perf_counter() - t0) * 1000
+                if response.status != 200:
+                    raise RuntimeError(f"{name}: {response.status}")
+                if i < 10:
+                    continue  # warm-up: connections, first-call paths
+                elapsed[name].append(took)
+                if name != "direct":
+                    timings[name].append(server_timing(response.headers.get("server-timing", "")))
+    return elapsed, timings, cpu_seconds(gateway_pid) - cpu_before
 
 
 def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int) -> dict[str, Any]:
@@ -157,43 +177,33 @@ def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int
     auth = {"authorization": f"Bearer {key}"}
     paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
              "ack": (gateway_url, auth | {"x-adaptloop-record": "ack"})}
-    caller: dict[str, list[float]] = {name: [] for name in paths}
-    caller_own: dict[str, list[float]] = {"outbox": [], "ack": []}
-    handler_own: dict[str, list[float]] = {"outbox": [], "ack": []}
-    cpu_before = 0.0
-    client = KeptAliveCaller(timeout_s=120)
+    realtime = realtime_priority()
     try:
-        for i in range(n + 10):
-            if i == 10:
-                cpu_before = cpu_seconds(gateway_pid)
-            for name, (url, headers) in paths.items():
-                t0 = time.perf_counter()
-                response = client.post(url + "/v1/chat/completions", body, headers)
-                elapsed = (time.perf_counter() - t0) * 1000
-                if i < 10:
-                    continue  # warm-up: connections, first-call paths
-                caller[name].append(elapsed)
-                if name != "direct":
-                    timing = server_timing(response.getheader("server-timing", ""))
-                    caller_own[name].append(elapsed - timing["upstream"])
-                    handler_own[name].append(timing["gateway"] - timing["upstream"])
+        caller, timings, gateway_cpu_s = uvloop.run(timed_calls(paths, body, n, gateway_pid))
     finally:
-        client.close()
-    gateway_cpu_s = cpu_seconds(gateway_pid) - cpu_before
+        if realtime:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     result: dict[str, Any] = {"direct": summary(caller["direct"]),
+                              "caller_priority": "SCHED_FIFO" if realtime else "normal (SCHED_FIFO not permitted)",
                               "gateway_cpu_ms_per_call": round(1000 * gateway_cpu_s / (2 * n), 3)}
+    calls: dict[str, dict[str, list[float]]] = {}
     for mode in ("outbox", "ack"):
         gateway = result[f"gateway_{mode}"] = summary(caller[mode])
-        # Everything the caller waited for beyond the upstream call: our handler, uvicorn, the extra
-        # loopback hop, and the caller's own HTTP client (which the direct path pays too).
-        result[f"own_time_per_call_{mode}"] = summary(caller_own[mode])
+        # Per call, everything the caller waited for beyond the gateway's upstream call: uvicorn, our
+        # handler, the extra loopback hop. The gateway's upstream client work is in ``upstream``; the same
+        # client's work in the caller stands in for it (it is what the direct path pays in its place).
+        own = [took - timing["upstream"] for took, timing in zip(caller[mode], timings[mode])]
+        result[f"own_time_per_call_{mode}"] = summary(own)
         # Our handler alone (auth, routing, JSON, recording; the ack wait in ack mode), upstream excluded.
-        result[f"handler_time_per_call_{mode}"] = summary(handler_own[mode])
+        handler = [timing["gateway"] - timing["upstream"] for timing in timings[mode]]
+        result[f"handler_time_per_call_{mode}"] = summary(handler)
+        calls[mode] = {"own_ms": [round(v, 3) for v in own], "handler_ms": [round(v, 3) for v in handler]}
         result[f"overhead_{mode}_ms"] = {q: round(gateway[f"{q}_ms"] - result["direct"][f"{q}_ms"], 3)
                                          for q in ("p50", "p99")}
         result[f"overhead_{mode}_ms"]["p99_interval_90"] = difference_interval(caller[mode], caller["direct"], 0.99)
         result[f"ratio_{mode}_to_direct"] = {q: round(gateway[f"{q}_ms"] / result["direct"][f"{q}_ms"], 3)
                                              for q in ("p50", "p99")}
+    result["per_call"] = calls  # in call order, for a look at the tail
     return result
 
 
@@ -279,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" in result:
         o = result["overhead"]
         print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms; "
-              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms")
+              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms; caller {o['caller_priority']}")
         for mode in ("outbox", "ack"):
-            low, high = o[f"overhead_{mode}_ms"]["p99_interval_90"]
-            print(f"{mode:>10}: overhead (gateway - direct) p50 {o[f'overhead_{mode}_ms']['p50']:.2f} / p99 "
-                  f"{o[f'overhead_{mode}_ms']['p99']:.2f} ms (90% interval {low:.1f} to {high:.1f}); handler own time p50 "
-                  f"{o[f'handler_time_per_call_{mode}']['p50_ms']:.2f} / p99 {o[f'handler_time_per_call_{mode}']['p99_ms']:.2f} ms "
-                  f"(target p99 < 2 ms)")
+            own, handler = o[f"own_time_per_call_{mode}"], o[f"handler_time_per_call_{mode}"]
+            difference = o[f"overhead_{mode}_ms"]
+            low, high = difference["p99_interval_90"]
+            print(f"{mode:>7}: overhead per call p50 {own['p50_ms']:.2f} / p99 {own['p99_ms']:.2f} ms (target p99 < 2 ms); "
+                  f"percentile difference p50 {difference['p50']:.2f} / p99 {difference['p99']:.2f} ms (90% interval "
+                  f"{low:.1f} to {high:.1f}); handler alone p50 {handler['p50_ms']:.2f} / p99 {handler['p99_ms']:.2f} ms")
         print(f"publish -> first answer: {result.get('publish_to_first_answer_s')} s (target < 1 s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
