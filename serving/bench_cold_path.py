@@ -190,17 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                                        "--port", str(port), "--cpu", str(server_cpu)], logs / f"{kind}.log")
         try:
             server.start().wait_ready(lambda: _ready(url), timeout_s=60, poll_s=0.2)
-            realtime = realtime_priority()
-            try:
+            with realtime_priority() as priority:
                 timed = {"back_to_back": uvloop.run(_with_aiohttp(url, args.calls, 0)),
                          "after_idle": uvloop.run(_with_aiohttp(url, args.calls, idle_s))}
                 if kind == "socket":
                     result["clients"] = {"http.client": summary(uvloop.run(_with_http_client(url, args.calls, idle_s))),
                                          "aiohttp": summary(timed["after_idle"])}
-            finally:
-                if realtime:
-                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            result["caller_priority"] = "SCHED_FIFO" if realtime else "normal (SCHED_FIFO not permitted)"
+            result["caller_priority"] = priority
         finally:
             server.stop()
         result["servers"][kind] = {gap: summary(times) for gap, times in timed.items()}

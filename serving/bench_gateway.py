@@ -33,6 +33,10 @@ Target: p99 overhead < 2 ms on loopback.
 (``ADAPTLOOP_GATEWAY_CPUS``), vLLM, the broker and this caller on the others (``ADAPTLOOP_SERVE_CPUS``),
 so that no call waits for a core vLLM's threads hold. Without it everything shares every core.
 
+``--cpu-wake-latency-us 0``: the gateway holds a PM QoS request (``ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US``)
+so that idle CPUs poll instead of halting. Each proxied call wakes the gateway after ~100 ms of idle
+(vLLM's answer); a halted vCPU wakes slowly and with cold caches. The JSON says what was in force.
+
 Publish -> first answer: a real peft LoRA (random, on the base model) published as a PROMOTED
 release; the clock runs from the broker's acknowledgement of the release record to the first
 gateway answer whose ``x-adaptloop-adapter`` names it (sidecar digest check, vLLM load, warm-up,
@@ -49,8 +53,9 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 import httpx
@@ -59,7 +64,7 @@ import uvloop
 from adaptloop.artifacts import adapter_version, artifact_digest
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import cpu_seconds, parse_cpu_list
+from adaptloop.processes import cpu_seconds, cpu_wake_latency_now, parse_cpu_list, sched_slice_us
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
@@ -131,15 +136,21 @@ def server_timing(header: str) -> dict[str, float]:
     return timings
 
 
-def realtime_priority() -> bool:
-    """Put this thread ahead of every normal one (SCHED_FIFO) where the kernel permits: the caller then
-    reads each answer the moment it arrives, instead of after whatever vLLM's threads are doing on
-    the CPU it shares with them, a wait that would land in the per-call figures. False where not permitted."""
+@contextmanager
+def realtime_priority() -> Iterator[str]:
+    """Put this thread ahead of every normal one (SCHED_FIFO) while inside, where the kernel permits: the
+    caller then reads each answer the moment it arrives, instead of after whatever vLLM's threads are
+    doing on the CPU it shares with them, a wait that would land in the per-call figures. Yields what
+    the thread got, for the report."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO)))
-    except (PermissionError, OSError):
-        return False
-    return True
+    except OSError:
+        yield "normal (SCHED_FIFO not permitted)"
+        return
+    try:
+        yield "SCHED_FIFO"
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes, n: int, gateway_pid: int,
@@ -167,7 +178,9 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
                     continue  # warm-up: connections, first-call paths
                 elapsed[name].append(took)
                 if name != "direct":
-                    timings[name].append(server_timing(response.headers.get("server-timing", "")))
+                    # When it started (CLOCK_MONOTONIC, as `perf record -k mono` stamps events): to find
+                    # a slow call in a trace.
+                    timings[name].append(server_timing(response.headers.get("server-timing", "")) | {"started_s": t0})
     return elapsed, timings, cpu_seconds(gateway_pid) - cpu_before
 
 
@@ -177,14 +190,9 @@ def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int
     auth = {"authorization": f"Bearer {key}"}
     paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
              "ack": (gateway_url, auth | {"x-adaptloop-record": "ack"})}
-    realtime = realtime_priority()
-    try:
+    with realtime_priority() as priority:
         caller, timings, gateway_cpu_s = uvloop.run(timed_calls(paths, body, n, gateway_pid))
-    finally:
-        if realtime:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    result: dict[str, Any] = {"direct": summary(caller["direct"]),
-                              "caller_priority": "SCHED_FIFO" if realtime else "normal (SCHED_FIFO not permitted)",
+    result: dict[str, Any] = {"direct": summary(caller["direct"]), "caller_priority": priority,
                               "gateway_cpu_ms_per_call": round(1000 * gateway_cpu_s / (2 * n), 3)}
     calls: dict[str, dict[str, list[float]]] = {}
     for mode in ("outbox", "ack"):
@@ -197,7 +205,8 @@ def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int
         # Our handler alone (auth, routing, JSON, recording; the ack wait in ack mode), upstream excluded.
         handler = [timing["gateway"] - timing["upstream"] for timing in timings[mode]]
         result[f"handler_time_per_call_{mode}"] = summary(handler)
-        calls[mode] = {"own_ms": [round(v, 3) for v in own], "handler_ms": [round(v, 3) for v in handler]}
+        calls[mode] = {"own_ms": [round(v, 3) for v in own], "handler_ms": [round(v, 3) for v in handler],
+                       "started_s": [round(timing["started_s"], 6) for timing in timings[mode]]}
         result[f"overhead_{mode}_ms"] = {q: round(gateway[f"{q}_ms"] - result["direct"][f"{q}_ms"], 3)
                                          for q in ("p50", "p99")}
         result[f"overhead_{mode}_ms"]["p99_interval_90"] = difference_interval(caller[mode], caller["direct"], 0.99)
@@ -240,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--gateway-cpus", default="", help="the gateway alone on these CPUs (e.g. 1), the rest on "
                         "the others (default: all share every CPU)")
+    parser.add_argument("--cpu-wake-latency-us", type=int, help="the gateway asks the kernel to wake idle CPUs "
+                        "within this many microseconds (ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US; 0: they poll, never "
+                        "halt); default: it asks nothing")
+    parser.add_argument("--loop-slice-us", type=int, help="the gateway's event loop thread gets this scheduler "
+                        "slice (ADAPTLOOP_GATEWAY_LOOP_SLICE_US); default: the kernel's")
     args = parser.parse_args(argv)
     try:
         gateway_cpus = parse_cpu_list(args.gateway_cpus)
@@ -265,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if gateway_cpus:
         env |= {"ADAPTLOOP_GATEWAY_CPUS": args.gateway_cpus, "ADAPTLOOP_SERVE_CPUS": ",".join(map(str, sorted(other_cpus)))}
         os.sched_setaffinity(0, other_cpus)  # this caller, and the broker it starts
+    if args.cpu_wake_latency_us is not None:
+        env["ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US"] = str(args.cpu_wake_latency_us)
+    if args.loop_slice_us is not None:
+        env["ADAPTLOOP_GATEWAY_LOOP_SLICE_US"] = str(args.loop_slice_us)
     adapter = args.adapter or make_adapter(home / "adapter")
     processes = []
     result: dict[str, Any] = {"requests": args.requests, "home": str(home),
@@ -277,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(start_service("serve", home, env, timeout_s=600))
         processes.append(start_service("gateway", home, env, timeout_s=120))
         gateway_url = f"http://127.0.0.1:{ports['gateway']}"
+        # What the kernel enforces during the calls: the gateway's request, or anyone else's, or none.
+        result["cpu_wake_latency_us"] = {"asked": args.cpu_wake_latency_us, "in_force": cpu_wake_latency_now()}
+        result["loop_slice_us"] = {"asked": args.loop_slice_us, "in_force": sched_slice_us(processes[-1].pid)}
         with httpx.Client(timeout=120) as http:
             result["overhead"] = overhead(env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests,
                                           processes[-1].pid)
@@ -289,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" in result:
         o = result["overhead"]
         print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms; "
-              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms; caller {o['caller_priority']}")
+              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms; caller {o['caller_priority']}; "
+              f"CPU wake-up latency in force {result['cpu_wake_latency_us']['in_force']} us; "
+              f"gateway loop's slice {result['loop_slice_us']['in_force']} us")
         for mode in ("outbox", "ack"):
             own, handler = o[f"own_time_per_call_{mode}"], o[f"handler_time_per_call_{mode}"]
             difference = o[f"overhead_{mode}_ms"]
