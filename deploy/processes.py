@@ -251,7 +251,8 @@ _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
 
 
 def set_sched_slice(slice_us: int, thread_id: int = 0) -> None:
-    """Give a thread (0: the calling one) a scheduler slice of its own (Linux >= 6.12, EEVDF). A thread
+    """Give a thread (0: the calling one) a scheduler slice of its own (Linux >= 6.12, EEVDF; 0: back to
+    the kernel's default). A thread
     whose slice is shorter than the running one's preempts it when it wakes, instead of waiting up
     to a tick for that slice to end: a latency-bound event loop then runs at once after a wake-up
     even when a kernel thread or a neighbour holds its CPU. It stays a fair, normal-priority thread.
@@ -267,7 +268,7 @@ def set_sched_slice(slice_us: int, thread_id: int = 0) -> None:
         raise ConfigError(f"cannot set a {slice_us} us scheduler slice: {os.strerror(error)}")
     # Kernels before 6.12 take the call and ignore the slice.
     now = sched_slice_us(thread_id or threading.get_native_id())
-    if now is not None and now != slice_us:
+    if slice_us and now is not None and now != slice_us:
         raise ConfigError(f"the kernel kept a {now:g} us scheduler slice, not {slice_us} us "
                           "(custom slices need Linux 6.12 or later)")
 

@@ -36,6 +36,9 @@ so that no call waits for a core vLLM's threads hold. Without it everything shar
 ``--cpu-wake-latency-us 0``: the gateway holds a PM QoS request (``ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US``)
 so that idle CPUs poll instead of halting. Each proxied call wakes the gateway after ~100 ms of idle
 (vLLM's answer); a halted vCPU wakes slowly and with cold caches. The JSON says what was in force.
+``--loop-slice-us 100``: the gateway's event loop gets a short scheduler slice (``ADAPTLOOP_GATEWAY_LOOP_SLICE_US``).
+``--ab-latency-settings``: both of them on every other iteration of calls, off on the rest, toggled
+from outside the gateway (root): their effect within one run, per arm (``ab_latency_settings``).
 
 Publish -> first answer: a real peft LoRA (random, on the base model) published as a PROMOTED
 release; the clock runs from the broker's acknowledgement of the release record to the first
@@ -53,18 +56,20 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import aiohttp
 import httpx
 import uvloop
 
 from adaptloop.artifacts import adapter_version, artifact_digest
+from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import cpu_seconds, cpu_wake_latency_now, parse_cpu_list, sched_slice_us
+from adaptloop.processes import (cpu_seconds, cpu_wake_latency, cpu_wake_latency_now, parse_cpu_list,
+                                 sched_slice_us, set_sched_slice)
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
@@ -153,8 +158,48 @@ def realtime_priority() -> Iterator[str]:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
+class LatencySettingsAB:
+    """Both gateway latency settings on every other iteration of calls, off on the rest, set from outside
+    the gateway (root): their effect then shows within one run, under the same drift of the machine's
+    speed, which between runs was larger than the effect. Iteration ``i``'s arm is ``ARMS[i % 2]``."""
+
+    ARMS = ("plain", "tuned")
+
+    def __init__(self, gateway_pid: int, slice_us: int = 100, wake_latency_us: int = 0) -> None:
+        self.gateway_pid, self.slice_us, self.wake_latency_us = gateway_pid, slice_us, wake_latency_us
+        self.request = ExitStack()
+        self.cpu_s = {arm: 0.0 for arm in self.ARMS}
+        self._arm: str | None = None
+        self._cpu_mark = 0.0
+
+    def __call__(self, i: int) -> None:
+        now = cpu_seconds(self.gateway_pid)
+        self._count_cpu(now)
+        if i == 10:  # the warm-up's iterations are not counted
+            self.cpu_s = {arm: 0.0 for arm in self.ARMS}
+        self._arm, self._cpu_mark = self.ARMS[i % 2], now
+        tuned = self._arm == "tuned"
+        set_sched_slice(self.slice_us if tuned else 0, self.gateway_pid)
+        if tuned:
+            if not self.request.enter_context(cpu_wake_latency(self.wake_latency_us)):
+                raise ConfigError("--ab-latency-settings: the CPU wake-up latency request is not permitted here")
+        else:
+            self.request.close()
+
+    def _count_cpu(self, now: float) -> None:
+        if self._arm is not None:
+            self.cpu_s[self._arm] += now - self._cpu_mark
+
+    def close(self) -> None:
+        self._count_cpu(cpu_seconds(self.gateway_pid))
+        self._arm = None
+        self.request.close()
+        set_sched_slice(0, self.gateway_pid)
+
+
 async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes, n: int, gateway_pid: int,
-                      timeout_s: float = 120.0) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], float]:
+                      timeout_s: float = 120.0, before_iteration: Callable[[int], None] | None = None,
+                      ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], float]:
     """``n`` calls per path (after 10 for warm-up), interleaved path by path, on kept-alive connections
     with aiohttp, the client the gateway itself calls vLLM with: the caller's own client work in the
     direct path and the gateway's in its upstream call are then the same code. Returns each path's
@@ -166,6 +211,8 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
         for i in range(n + 10):
             if i == 10:
                 cpu_before = cpu_seconds(gateway_pid)
+            if before_iteration is not None:
+                before_iteration(i)
             for name, (url, headers) in paths.items():
                 t0 = time.perf_counter()
                 async with client.post(url + "/v1/chat/completions", data=body,
@@ -184,14 +231,19 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
     return elapsed, timings, cpu_seconds(gateway_pid) - cpu_before
 
 
-def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int) -> dict[str, Any]:
+def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int,
+             ab: LatencySettingsAB | None = None) -> dict[str, Any]:
     base = ModelSettings().name
     body = json.dumps(BODY | {"model": base}).encode()
     auth = {"authorization": f"Bearer {key}"}
     paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
              "ack": (gateway_url, auth | {"x-adaptloop-record": "ack"})}
     with realtime_priority() as priority:
-        caller, timings, gateway_cpu_s = uvloop.run(timed_calls(paths, body, n, gateway_pid))
+        try:
+            caller, timings, gateway_cpu_s = uvloop.run(timed_calls(paths, body, n, gateway_pid, before_iteration=ab))
+        finally:
+            if ab is not None:
+                ab.close()
     result: dict[str, Any] = {"direct": summary(caller["direct"]), "caller_priority": priority,
                               "gateway_cpu_ms_per_call": round(1000 * gateway_cpu_s / (2 * n), 3)}
     calls: dict[str, dict[str, list[float]]] = {}
@@ -213,6 +265,12 @@ def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int
         result[f"ratio_{mode}_to_direct"] = {q: round(gateway[f"{q}_ms"] / result["direct"][f"{q}_ms"], 3)
                                              for q in ("p50", "p99")}
     result["per_call"] = calls  # in call order, for a look at the tail
+    if ab is not None:  # call j (after the warm-up's 10, an even number) ran in arm ARMS[j % 2]
+        result["ab_latency_settings"] = {
+            "slice_us": ab.slice_us, "wake_latency_us": ab.wake_latency_us,
+            "gateway_cpu_ms_per_call": {arm: round(1000 * ab.cpu_s[arm] / n, 3) for arm in ab.ARMS}} | {
+            mode: {arm: {figure: summary(values[k::2]) for figure, values in calls[mode].items() if figure != "started_s"}
+                   for k, arm in enumerate(ab.ARMS)} for mode in ("outbox", "ack")}
     return result
 
 
@@ -254,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                         "halt); default: it asks nothing")
     parser.add_argument("--loop-slice-us", type=int, help="the gateway's event loop thread gets this scheduler "
                         "slice (ADAPTLOOP_GATEWAY_LOOP_SLICE_US); default: the kernel's")
+    parser.add_argument("--ab-latency-settings", action="store_true", help="both latency settings (100 us slice, "
+                        "0 us wake-up latency) on every other iteration of calls, set from outside the gateway "
+                        "(root); per-call figures for each arm")
     args = parser.parse_args(argv)
     try:
         gateway_cpus = parse_cpu_list(args.gateway_cpus)
@@ -299,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         result["cpu_wake_latency_us"] = {"asked": args.cpu_wake_latency_us, "in_force": cpu_wake_latency_now()}
         result["loop_slice_us"] = {"asked": args.loop_slice_us, "in_force": sched_slice_us(processes[-1].pid)}
         with httpx.Client(timeout=120) as http:
+            ab = LatencySettingsAB(processes[-1].pid) if args.ab_latency_settings else None
             result["overhead"] = overhead(env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests,
-                                          processes[-1].pid)
+                                          processes[-1].pid, ab)
             result["publish_to_first_answer_s"] = publish_to_first_answer(http, kafka, topics, gateway_url, key,
                                                                           adapter, args.swaps)
     finally:
@@ -320,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:>7}: overhead per call p50 {own['p50_ms']:.2f} / p99 {own['p99_ms']:.2f} ms (target p99 < 2 ms); "
                   f"percentile difference p50 {difference['p50']:.2f} / p99 {difference['p99']:.2f} ms (90% interval "
                   f"{low:.1f} to {high:.1f}); handler alone p50 {handler['p50_ms']:.2f} / p99 {handler['p99_ms']:.2f} ms")
+        if "ab_latency_settings" in o:
+            for mode in ("outbox", "ack"):
+                arms = o["ab_latency_settings"][mode]
+                print(f"{mode:>7} overhead per call, latency settings off / on, same run: p50 "
+                      f"{arms['plain']['own_ms']['p50_ms']:.2f} / {arms['tuned']['own_ms']['p50_ms']:.2f} ms, p99 "
+                      f"{arms['plain']['own_ms']['p99_ms']:.2f} / {arms['tuned']['own_ms']['p99_ms']:.2f} ms")
+            print(f"gateway CPU per call off / on: {o['ab_latency_settings']['gateway_cpu_ms_per_call']}")
         print(f"publish -> first answer: {result.get('publish_to_first_answer_s')} s (target < 1 s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
