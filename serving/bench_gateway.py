@@ -158,6 +158,10 @@ def realtime_priority() -> Iterator[str]:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
+#: Iterations of calls (every path once) before the timed ones: connections, first-call paths.
+WARM_UP_ITERATIONS = 10
+
+
 class LatencySettingsAB:
     """Both gateway latency settings on every other iteration of calls, off on the rest, set from outside
     the gateway (root): their effect then shows within one run, under the same drift of the machine's
@@ -175,7 +179,7 @@ class LatencySettingsAB:
     def __call__(self, i: int) -> None:
         now = cpu_seconds(self.gateway_pid)
         self._count_cpu(now)
-        if i == 10:  # the warm-up's iterations are not counted
+        if i == WARM_UP_ITERATIONS:  # the warm-up's iterations are not counted
             self.cpu_s = {arm: 0.0 for arm in self.ARMS}
         self._arm, self._cpu_mark = self.ARMS[i % 2], now
         tuned = self._arm == "tuned"
@@ -200,7 +204,7 @@ class LatencySettingsAB:
 async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes, n: int, gateway_pid: int,
                       timeout_s: float = 120.0, before_iteration: Callable[[int], None] | None = None,
                       ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], float]:
-    """``n`` calls per path (after 10 for warm-up), interleaved path by path, on kept-alive connections
+    """``n`` calls per path (after ``WARM_UP_ITERATIONS``), interleaved path by path, on kept-alive connections
     with aiohttp, the client the gateway itself calls vLLM with: the caller's own client work in the
     direct path and the gateway's in its upstream call are then the same code. Returns each path's
     times (ms), the gateway's ``server-timing`` of each gateway call, and the gateway's CPU seconds."""
@@ -208,8 +212,8 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
     timings: dict[str, list[dict[str, float]]] = {name: [] for name in paths if name != "direct"}
     cpu_before = 0.0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False) as client:
-        for i in range(n + 10):
-            if i == 10:
+        for i in range(n + WARM_UP_ITERATIONS):
+            if i == WARM_UP_ITERATIONS:
                 cpu_before = cpu_seconds(gateway_pid)
             if before_iteration is not None:
                 before_iteration(i)
@@ -221,7 +225,7 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
                 took = (time.perf_counter() - t0) * 1000
                 if response.status != 200:
                     raise RuntimeError(f"{name}: {response.status}")
-                if i < 10:
+                if i < WARM_UP_ITERATIONS:
                     continue  # warm-up: connections, first-call paths
                 elapsed[name].append(took)
                 if name != "direct":
@@ -265,7 +269,7 @@ def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int
         result[f"ratio_{mode}_to_direct"] = {q: round(gateway[f"{q}_ms"] / result["direct"][f"{q}_ms"], 3)
                                              for q in ("p50", "p99")}
     result["per_call"] = calls  # in call order, for a look at the tail
-    if ab is not None:  # call j (after the warm-up's 10, an even number) ran in arm ARMS[j % 2]
+    if ab is not None:  # call j (after the warm-up, an even number of iterations) ran in arm ARMS[j % 2]
         result["ab_latency_settings"] = {
             "slice_us": ab.slice_us, "wake_latency_us": ab.wake_latency_us,
             "gateway_cpu_ms_per_call": {arm: round(1000 * ab.cpu_s[arm] / n, 3) for arm in ab.ARMS}} | {
