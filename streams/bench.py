@@ -15,7 +15,9 @@ mercy of whatever else the 2 cores do); the medians of the rounds are reported.
 Prints events/s (interactions + outcomes) for both, their ratio (target >= 0.5), and the p50/p99
 latency from an outcome's arrival (its broker timestamp) to its curated example's (curation only;
 under this full-speed load the latency includes queueing behind the backlog), and the CPU time per
-event of the workers and of the broker (from /proc: where the 2 cores went). Writes JSON to --out.
+event of the workers and of the broker (from /proc: where the 2 cores went), and each worker's busy
+share of one core (with one tenant, dedupe and windows run on one worker, which is then the busier).
+Writes JSON to --out.
 Timings on a shared 2-core machine are noisy: compare numbers from one run only.
 """
 
@@ -150,8 +152,8 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
         time.sleep(8)  # both joined: let the group settle after the second worker's rebalance
         roles = {"workers": [p.pid for p in processes], "broker": [broker_pid]}
 
-        def cpu_now() -> dict[str, float]:
-            return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+        def cpu_now() -> dict[str, list[float]]:
+            return {role: [cpu_seconds(pid) for pid in pids] for role, pids in roles.items()}
 
         cpu_before = cpu_now()
         started = _produce(kafka, topics, pairs, seed=7, tenants=tenants)
@@ -159,11 +161,15 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
         expected = 2 * pairs if kind == "passthrough" else pairs
         _, messages = _wait_for(kafka, out_topic, expected, timeout_s)
         # Until the output was all there, give or take the poll: where the 2 cores went.
-        cpu = {role: round(seconds - cpu_before[role], 2) for role, seconds in cpu_now().items()}
+        per_process = {role: [round(after - before, 2) for after, before in zip(seconds, cpu_before[role])]
+                       for role, seconds in cpu_now().items()}
+        cpu = {role: round(sum(seconds), 2) for role, seconds in per_process.items()}
         # From the first record produced to the last output record's timestamp (not when we noticed it).
         elapsed = max(m.timestamp()[1] for m in messages) / 1000 - started
         result: dict[str, Any] = {"kind": kind, "workers": workers, "pairs": pairs, "tenants": tenants, "events": 2 * pairs,
                                   "seconds": round(elapsed, 2), "events_per_s": round(2 * pairs / elapsed, 1),
+                                  # Busy share of one core per worker: a worker near 1.0 is the bottleneck.
+                                  "worker_busy": [round(seconds / elapsed, 2) for seconds in per_process["workers"]],
                                   "cpu_s": cpu, "cpu_ms_per_event": {role: round(1000 * seconds / (2 * pairs), 3)
                                                                      for role, seconds in cpu.items()}}
         if kind == "curation":
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"curation {curation['events_per_s']} events/s ({curation['seconds']} s), ratio {ratio:.2f}, "
                   f"outcome -> curated p99 {curation['latency_ms']['p99']:.0f} ms; CPU ms per event (workers/broker): "
                   f"passthrough {baseline['cpu_ms_per_event']['workers']}/{baseline['cpu_ms_per_event']['broker']}, "
-                  f"curation {curation['cpu_ms_per_event']['workers']}/{curation['cpu_ms_per_event']['broker']}",
+                  f"curation {curation['cpu_ms_per_event']['workers']}/{curation['cpu_ms_per_event']['broker']}; "
+                  f"workers busy: passthrough {baseline['worker_busy']}, curation {curation['worker_busy']}",
                   flush=True)
     median = {kind: statistics.median(r[kind]["events_per_s"] for r in rounds) for kind in ("passthrough", "curation")}
     report = {"rounds": rounds, "median_events_per_s": median,
