@@ -56,6 +56,7 @@ from adaptloop.settings import KafkaSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
 from adaptloop.streams.delivery import after_delivery, event_context, run_batched, send_acknowledged
 from adaptloop.streams.erasures import ErasureFeed
+from adaptloop.streams.faust_app import App
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
@@ -503,7 +504,7 @@ def _reason(text: str | None) -> str:
 
 def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None) -> faust.App:
     """A Faust app for ``settings``; nothing global, nothing started."""
-    app = faust.App(
+    app = App(
         settings.app_id,
         **_broker_options(settings.kafka),
         # Tansu: a group join waits half the session timeout; 2 s causes rebalance storms.
