@@ -176,7 +176,8 @@ class Curation:
         self.counted = table("window_counted")
         # Joins being sent right now: the table flag is written only after delivery (at least once).
         self._in_flight: set[str] = set()
-        self._requests_in_flight: set[str] = set()
+        # request id -> set once its send is over; a task that finds a request in flight waits for this.
+        self._requests_in_flight: dict[str, asyncio.Event] = {}
         # partition -> {interaction id: due ms}; rebuilt from the join table after a rebalance.
         self._due: dict[int, dict[str, int]] | None = None
         # "tenant/task" -> near-duplicate index; rebuilt lazily from the seen table after a rebalance.
@@ -436,13 +437,17 @@ class Curation:
 
     async def _fire(self, key: str, tenant: str, task: str, state: dict[str, Any], *, trigger: str) -> None:
         """Decide the request, make the decision durable (table + flush), then send it."""
+        if state.get("pending"):
+            # The previous window's request, decided before a crash and not sent yet: it goes out first
+            # (deciding this one replaces it in the table, and that window would have no request).
+            await self._send_request(key, state)
         request = stages.training_request(tenant, task, state, curated_topic=self.curated.get_topic_name(),
                                           trigger=trigger)
         state = stages.window_fired(state, request)
         self._staged_windows.pop(key, None)
         self.write_windows()
         self.windows[key] = state
-        self._requests_in_flight.add(request["request_id"])  # the tick must not resend it meanwhile
+        self._requests_in_flight[request["request_id"]] = asyncio.Event()  # the tick must not resend it meanwhile
         await self.app.producer.flush()  # the pending request is in the changelog before it is sent
         self._crash_point("request_pending")
         await self._send_request(key, state, owned=True)
@@ -450,14 +455,16 @@ class Curation:
     async def _send_request(self, key: str, state: dict[str, Any], *, owned: bool = False) -> None:
         request = state["pending"]
         if not owned:
-            if request["request_id"] in self._requests_in_flight:
+            sending = self._requests_in_flight.get(request["request_id"])
+            if sending is not None:  # another task sends it: done when that send is
+                await sending.wait()
                 return
-            self._requests_in_flight.add(request["request_id"])
+            self._requests_in_flight[request["request_id"]] = asyncio.Event()
         try:
             topic = self.training_requests.get_topic_name()
             await self._send(self.training_requests, key, self.request_serde.serialize(request, SerdeContext(topic)))
         finally:
-            self._requests_in_flight.discard(request["request_id"])
+            self._requests_in_flight.pop(request["request_id"]).set()
         log.info("training request %s for %s (%s): %d train, %d holdout", request["request_id"][:12], key,
                  request["trigger"], request["train_count"], request["holdout_count"])
         self._crash_point("request_sent")

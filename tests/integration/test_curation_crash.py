@@ -93,6 +93,20 @@ def test_kill_at_a_random_point_mid_stream(kafka, topics, tmp_path):
         second.stop()
 
 
+def run_until_crash_point(home, env: dict[str, str], point: str) -> None:
+    """A worker that SIGKILLs itself at ``point``; not waiting for readiness: replaying the previous
+    worker's pending request may reach the crash point before this worker has declared itself ready."""
+    process = start_service("streams", home, env | {"ADAPTLOOP_STREAMS_CRASH_POINT": point}, wait_ready=False)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S + 90
+        while process.alive():
+            assert time.monotonic() < deadline, f"never reached crash point {point}"
+            time.sleep(0.2)
+        assert f"crash point {point} reached" in process.log_path.read_text(), process.tail()
+    finally:
+        process.stop()
+
+
 def test_kill_right_as_a_window_fires(kafka, topics, tmp_path):
     """Worker 1 dies after a request is decided but before it is sent; worker 2 dies right after
     sending one; worker 3 finishes. Still one request per window."""
@@ -100,21 +114,28 @@ def test_kill_right_as_a_window_fires(kafka, topics, tmp_path):
     base = worker_env(kafka, topics, home, window_size=str(WINDOW), holdout_percent="0", window_max_age_s="3600")
     ids = send_pairs(kafka, topics, OrderGenerator(seed=77).cases(3 * WINDOW), "w")
     for point in ("request_pending", "request_sent"):
-        # Not waiting for readiness: replaying the previous worker's pending request may reach the
-        # crash point before this worker has declared itself ready.
-        process = start_service("streams", home, base | {"ADAPTLOOP_STREAMS_CRASH_POINT": point}, wait_ready=False)
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT_S + 90
-            while process.alive():
-                assert time.monotonic() < deadline, f"never reached crash point {point}"
-                time.sleep(0.2)
-            assert f"crash point {point} reached" in process.log_path.read_text(), process.tail()
-        finally:
-            process.stop()
+        run_until_crash_point(home, base, point)
     last = start_service("streams", home, base, timeout_s=READY_TIMEOUT_S)
     try:
         requests = check_exactly_once(kafka, topics, ids)
         assert {r["trigger"] for r in requests} == {f"count>={WINDOW}"}
+        assert last.alive(), last.tail()
+    finally:
+        last.stop()
+
+
+def test_a_request_left_pending_by_a_crash_goes_out_before_the_next_window_fires(kafka, topics, tmp_path):
+    """The tick resends a pending request, but the next worker's window agent may fire the next window
+    first (here always: neither worker ticks, so no tick record, old or new, reaches the tick agent).
+    Deciding that one must not replace the pending one."""
+    home = tmp_path / "home"
+    base = worker_env(kafka, topics, home, window_size=str(WINDOW), holdout_percent="0", window_max_age_s="3600",
+                      tick_s="3600")
+    ids = send_pairs(kafka, topics, OrderGenerator(seed=78).cases(3 * WINDOW), "p")
+    run_until_crash_point(home, base, "request_pending")
+    last = start_service("streams", home, base, timeout_s=READY_TIMEOUT_S)
+    try:
+        check_exactly_once(kafka, topics, ids)
         assert last.alive(), last.tail()
     finally:
         last.stop()
