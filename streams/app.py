@@ -41,10 +41,11 @@ import logging
 import os
 import signal
 import ssl
-from typing import Any
+from typing import Any, Callable
 
 import faust
 from aiokafka.errors import KafkaError
+from faust.streams import current_event
 from faust.types import EventT
 from mode.supervisors import CrashingSupervisor
 
@@ -137,6 +138,10 @@ class Curation:
 
         self.interactions = topic("interactions")
         self.outcomes = topic("outcomes")
+        # One join agent reads both (co-partitioned by interaction id): an interaction and its outcome
+        # that arrive close together then share a batch, and their join state is never written (below).
+        self.join_inputs = app.topic(self.interactions.get_topic_name(), self.outcomes.get_topic_name(),
+                                     key_serializer="raw", value_serializer="raw", partitions=names.partitions)
         self.curated = topic("curated")
         self.dead_letters = topic("dead_letters")
         self.training_requests = topic("training_requests")
@@ -163,6 +168,11 @@ class Curation:
         # interaction id -> {"interaction": side, "outcomes": [side...], "due": ms|None, "p": partition}
         #                   until curated, then {"emitted": kind}; side = {"record", "ref", "redactions", "subjects"}
         self.joins = table("joins")
+        # interaction id -> (event, entry): the join agent's writes in this batch, written to the table once,
+        # at the batch's end (the newest entry per id). A pair completed within the batch writes only its
+        # "emitted" flag: like Kafka Streams' record cache, one changelog record per key and commit. Staged
+        # entries are read through (``_join``) by the tick task too; nothing is acked before they are written.
+        self._staged_joins: dict[str, tuple[EventT, dict[str, Any]]] = {}
         # "tenant/task/example_id" -> {"hash", "sig", "decision"}: dedupe decisions survive replays; the exact
         # and near-duplicate index of the admitted ones is rebuilt from it (at most one admitted per hash)
         self.seen = table("dedupe_seen")
@@ -190,10 +200,11 @@ class Curation:
         self.write_windows()
         await send_acknowledged(topic, key, value, timeout_s=self.settings.kafka.delivery_timeout_s)
 
-    async def run_batched(self, stream: faust.StreamT, stage: str, handle) -> None:
+    async def run_batched(self, stream: faust.StreamT, stage: str, handle, *,
+                          before_settle: Callable[[], None] | None = None) -> None:
         await run_batched(stream, lambda event: self.guarded(stage, event, handle),
                           max_events=self.settings.batch_max_events, within_s=self.settings.batch_within_s,
-                          timeout_s=self.settings.kafka.delivery_timeout_s)
+                          timeout_s=self.settings.kafka.delivery_timeout_s, before_settle=before_settle)
 
     async def send_dead_letter(self, event: EventT, ref: SourceRef, stage: str, error: Exception) -> None:
         record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
@@ -228,6 +239,29 @@ class Curation:
         subjects = sorted({subject_key(record["tenant"], value) for value in found.subjects})
         return {"record": record, "ref": ref.as_dict(), "redactions": dict(found.counts), "subjects": subjects}
 
+    def _join(self, interaction_id: str) -> dict[str, Any] | None:
+        staged = self._staged_joins.get(interaction_id)
+        return staged[1] if staged else self.joins.get(interaction_id)
+
+    def _stage_join(self, interaction_id: str, entry: dict[str, Any]) -> None:
+        self._staged_joins[interaction_id] = (current_event(), entry)
+
+    def _write_join(self, interaction_id: str, entry: dict[str, Any]) -> None:
+        """Write at once (in the current event's changelog partition), superseding a staged entry."""
+        self._staged_joins.pop(interaction_id, None)
+        self.joins[interaction_id] = entry
+
+    def write_joins(self) -> None:
+        """The join batch's staged entries to the table, before its records are acked."""
+        staged, self._staged_joins = self._staged_joins, {}
+        for interaction_id, (event, entry) in staged.items():
+            with event_context(event):
+                self.joins[interaction_id] = entry
+
+    async def on_input(self, event: EventT) -> None:
+        side = INTERACTION if event.message.topic == self.interactions.get_topic_name() else OUTCOME
+        await self.on_side(side, event)
+
     async def on_side(self, side: str, event: EventT) -> None:
         """One interaction or outcome: decode, redact, store; curate once the pair is complete and due."""
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
@@ -241,9 +275,9 @@ class Curation:
         if self._erased(record) is not None:
             self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
             if side == INTERACTION:
-                self.joins[interaction_id] = {"emitted": ERASED_MARK}
+                self._write_join(interaction_id, {"emitted": ERASED_MARK})
             return
-        entry = dict(self.joins.get(interaction_id) or {})
+        entry = dict(self._join(interaction_id) or {})
         if entry.get("emitted") == ERASED_MARK:
             self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
             return
@@ -273,7 +307,7 @@ class Curation:
             if entry.get("due") is None:
                 entry["due"] = stages.now_ms() + int(self.settings.outcome_grace_s * 1000)
                 self._schedule(interaction_id, entry)
-        self.joins[interaction_id] = entry
+        self._stage_join(interaction_id, entry)
 
     def _schedule(self, interaction_id: str, entry: dict[str, Any]) -> None:
         if self._due is not None:
@@ -301,17 +335,19 @@ class Curation:
             tenant_task = stages.curated_key(example["tenant"], example["task"])
             if self._erased(example) is not None:
                 self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
-                self.joins[interaction_id] = {"emitted": ERASED_MARK}
+                self._write_join(interaction_id, {"emitted": ERASED_MARK})
                 self._settled(interaction_id, entry)
                 return
             value = self.curated_serde.serialize(example, SerdeContext(self.scored.get_topic_name()))
             await self._send(self.scored, tenant_task, value)
+            # Sent: until its "emitted" flag (after the acknowledgement), ``_in_flight`` stands for the entry.
+            self._staged_joins.pop(interaction_id, None)
         except BaseException:
             self._settled(interaction_id, entry)
             raise
 
         def emitted() -> None:
-            self.joins[interaction_id] = {"emitted": example["kind"]}
+            self._write_join(interaction_id, {"emitted": example["kind"]})
             self._settled(interaction_id, entry)
             self.metrics.redactions(tenant_task, redactions)
             if example["admitted"]:
@@ -334,13 +370,14 @@ class Curation:
         now = stages.now_ms()
         if self._due is None:  # after a (re)start or rebalance: rebuild from the recovered table
             self._due = {}
-            for interaction_id, entry in list(self.joins.items()):
+            staged = {interaction_id: entry for interaction_id, (_, entry) in self._staged_joins.items()}
+            for interaction_id, entry in list(self.joins.items()) + list(staged.items()):
                 if isinstance(entry, dict) and entry.get("due") is not None and not entry.get("emitted"):
                     self._schedule(interaction_id, entry)
         for interaction_id, due in sorted(self._due.get(partition, {}).items(), key=lambda item: item[1]):
             if due > now or interaction_id in self._in_flight:
                 continue
-            entry = self.joins.get(interaction_id)
+            entry = self._join(interaction_id)
             if not entry or entry.get("emitted"):
                 self._due[partition].pop(interaction_id, None)
                 continue
@@ -538,13 +575,9 @@ def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None
     curation = Curation(app, settings, erasures=erasures)
     app.curation = curation  # for introspection from a worker shell
 
-    @app.agent(curation.interactions, name="interactions", supervisor_strategy=CrashingSupervisor)
-    async def interactions(stream: faust.StreamT) -> None:
-        await curation.run_batched(stream, stages.STAGE_JOIN, lambda e: curation.on_side(INTERACTION, e))
-
-    @app.agent(curation.outcomes, name="outcomes", supervisor_strategy=CrashingSupervisor)
-    async def outcomes(stream: faust.StreamT) -> None:
-        await curation.run_batched(stream, stages.STAGE_JOIN, lambda e: curation.on_side(OUTCOME, e))
+    @app.agent(curation.join_inputs, name="join", supervisor_strategy=CrashingSupervisor)
+    async def join(stream: faust.StreamT) -> None:
+        await curation.run_batched(stream, stages.STAGE_JOIN, curation.on_input, before_settle=curation.write_joins)
 
     @app.agent(curation.scored, name="dedupe", supervisor_strategy=CrashingSupervisor)
     async def deduplicate(stream: faust.StreamT) -> None:

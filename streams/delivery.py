@@ -127,8 +127,11 @@ async def _settle(batch: _Batch, timeout_s: float) -> None:
 
 
 async def run_batched(stream: faust.StreamT, handle: Callable[[EventT], Awaitable[None]], *, max_events: int,
-                      within_s: float, timeout_s: float) -> None:
-    """Handle every record of ``stream``; a batch is acked only after its deliveries are acknowledged."""
+                      within_s: float, timeout_s: float, before_settle: Callable[[], None] | None = None) -> None:
+    """Handle every record of ``stream``; a batch is acked only after its deliveries are acknowledged.
+
+    ``before_settle`` runs once the batch's records are handled, before its deliveries are awaited
+    (to write state the batch kept in memory)."""
     async for events in stream.take_events(max_events, within=within_s):
         batch = _Batch()
         token = _current_batch.set(batch)
@@ -138,4 +141,6 @@ async def run_batched(stream: faust.StreamT, handle: Callable[[EventT], Awaitabl
                     await handle(event)
         finally:
             _current_batch.reset(token)
+        if before_settle is not None:
+            before_settle()
         await _settle(batch, timeout_s)
