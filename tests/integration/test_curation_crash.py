@@ -69,6 +69,17 @@ def check_exactly_once(kafka, topics, ids: list[str], timeout_s: float = 90.0) -
     return list(requests.values())
 
 
+def check_with_a_fresh_worker(kafka, topics, home, env: dict[str, str], ids: list[str]) -> list[dict]:
+    """Start a worker with no crash point and check exactly once; the requests."""
+    worker = start_service("streams", home, env, timeout_s=READY_TIMEOUT_S)
+    try:
+        requests = check_exactly_once(kafka, topics, ids)
+        assert worker.alive(), worker.tail()
+        return requests
+    finally:
+        worker.stop()
+
+
 def test_kill_at_a_random_point_mid_stream(kafka, topics, tmp_path):
     seed = int(os.environ.get("ADAPTLOOP_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
@@ -85,12 +96,7 @@ def test_kill_at_a_random_point_mid_stream(kafka, topics, tmp_path):
         first.kill()
     finally:
         first.stop()
-    second = start_service("streams", home, env, timeout_s=READY_TIMEOUT_S)
-    try:
-        check_exactly_once(kafka, topics, ids)
-        assert second.alive(), second.tail()
-    finally:
-        second.stop()
+    check_with_a_fresh_worker(kafka, topics, home, env, ids)
 
 
 def run_until_crash_point(home, env: dict[str, str], point: str) -> None:
@@ -115,13 +121,8 @@ def test_kill_right_as_a_window_fires(kafka, topics, tmp_path):
     ids = send_pairs(kafka, topics, OrderGenerator(seed=77).cases(3 * WINDOW), "w")
     for point in ("request_pending", "request_sent"):
         run_until_crash_point(home, base, point)
-    last = start_service("streams", home, base, timeout_s=READY_TIMEOUT_S)
-    try:
-        requests = check_exactly_once(kafka, topics, ids)
-        assert {r["trigger"] for r in requests} == {f"count>={WINDOW}"}
-        assert last.alive(), last.tail()
-    finally:
-        last.stop()
+    requests = check_with_a_fresh_worker(kafka, topics, home, base, ids)
+    assert {r["trigger"] for r in requests} == {f"count>={WINDOW}"}
 
 
 def test_a_request_left_pending_by_a_crash_goes_out_before_the_next_window_fires(kafka, topics, tmp_path):
@@ -133,12 +134,7 @@ def test_a_request_left_pending_by_a_crash_goes_out_before_the_next_window_fires
                       tick_s="3600")
     ids = send_pairs(kafka, topics, OrderGenerator(seed=78).cases(3 * WINDOW), "p")
     run_until_crash_point(home, base, "request_pending")
-    last = start_service("streams", home, base, timeout_s=READY_TIMEOUT_S)
-    try:
-        check_exactly_once(kafka, topics, ids)
-        assert last.alive(), last.tail()
-    finally:
-        last.stop()
+    check_with_a_fresh_worker(kafka, topics, home, base, ids)
 
 
 def test_two_workers_split_the_partitions_and_survive_one_dying(kafka, topics, tmp_path):
