@@ -45,7 +45,6 @@ from typing import Any, Callable
 
 import faust
 from aiokafka.errors import KafkaError
-from faust.streams import current_event
 from faust.types import EventT
 from mode.supervisors import CrashingSupervisor
 
@@ -55,7 +54,7 @@ from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
-from adaptloop.streams.delivery import after_delivery, event_context, run_batched, send_acknowledged
+from adaptloop.streams.delivery import StagedWrites, after_delivery, event_context, run_batched, send_acknowledged
 from adaptloop.streams.erasures import ErasureFeed
 from adaptloop.streams.faust_app import App
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
@@ -168,20 +167,18 @@ class Curation:
         # interaction id -> {"interaction": side, "outcomes": [side...], "due": ms|None, "p": partition}
         #                   until curated, then {"emitted": kind}; side = {"record", "ref", "redactions", "subjects"}
         self.joins = table("joins")
-        # interaction id -> (event, entry): the join agent's writes in this batch, written to the table once,
-        # at the batch's end (the newest entry per id). A pair completed within the batch writes only its
-        # "emitted" flag: like Kafka Streams' record cache, one changelog record per key and commit. Staged
-        # entries are read through (``_join``) by the tick task too; nothing is acked before they are written.
-        self._staged_joins: dict[str, tuple[EventT, dict[str, Any]]] = {}
+        # The join agent's writes, written at its batch's end, before the batch is acked: a pair completed
+        # within one batch writes only its "emitted" flag. The tick task reads through them too.
+        self.staged_joins = StagedWrites(self.joins)
         # "tenant/task/example_id" -> {"hash", "sig", "decision"}: dedupe decisions survive replays; the exact
         # and near-duplicate index of the admitted ones is rebuilt from it (at most one admitted per hash)
         self.seen = table("dedupe_seen")
         # "tenant/task" -> stages.new_window_state() | {"p": partition}
         self.windows = table("windows")
-        # "tenant/task" -> (event, state): the window agent's newest states in this batch, written once per
-        # batch (one changelog record, not one per example) and before any await, so that no other task
-        # (the tick) ever reads a stale window from the table.
-        self._staged_windows: dict[str, tuple[EventT, dict[str, Any]]] = {}
+        # The window agent's newest states in this batch, written once per batch (one changelog record,
+        # not one per example) and before any await, so that no other task (the tick) ever reads a
+        # stale window from the table.
+        self.staged_windows = StagedWrites(self.windows)
         # "tenant/task/example_id" -> curated offset that counted it (a repeat of an example counts once)
         self.counted = table("window_counted")
         # Joins being sent right now: the table flag is written only after delivery (at least once).
@@ -197,7 +194,7 @@ class Curation:
 
     async def _send(self, topic: faust.TopicT, key: str | bytes | None, value: bytes) -> None:
         """Acknowledged before the input record counts as processed (with its batch's, in a batched agent)."""
-        self.write_windows()
+        self.staged_windows.write()
         await send_acknowledged(topic, key, value, timeout_s=self.settings.kafka.delivery_timeout_s)
 
     async def run_batched(self, stream: faust.StreamT, stage: str, handle, *,
@@ -239,25 +236,6 @@ class Curation:
         subjects = sorted({subject_key(record["tenant"], value) for value in found.subjects})
         return {"record": record, "ref": ref.as_dict(), "redactions": dict(found.counts), "subjects": subjects}
 
-    def _join(self, interaction_id: str) -> dict[str, Any] | None:
-        staged = self._staged_joins.get(interaction_id)
-        return staged[1] if staged else self.joins.get(interaction_id)
-
-    def _stage_join(self, interaction_id: str, entry: dict[str, Any]) -> None:
-        self._staged_joins[interaction_id] = (current_event(), entry)
-
-    def _write_join(self, interaction_id: str, entry: dict[str, Any]) -> None:
-        """Write at once (in the current event's changelog partition), superseding a staged entry."""
-        self._staged_joins.pop(interaction_id, None)
-        self.joins[interaction_id] = entry
-
-    def write_joins(self) -> None:
-        """The join batch's staged entries to the table, before its records are acked."""
-        staged, self._staged_joins = self._staged_joins, {}
-        for interaction_id, (event, entry) in staged.items():
-            with event_context(event):
-                self.joins[interaction_id] = entry
-
     async def on_input(self, event: EventT) -> None:
         side = INTERACTION if event.message.topic == self.interactions.get_topic_name() else OUTCOME
         await self.on_side(side, event)
@@ -275,9 +253,9 @@ class Curation:
         if self._erased(record) is not None:
             self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
             if side == INTERACTION:
-                self._write_join(interaction_id, {"emitted": ERASED_MARK})
+                self.staged_joins.put(interaction_id, {"emitted": ERASED_MARK})
             return
-        entry = dict(self._join(interaction_id) or {})
+        entry = dict(self.staged_joins.get(interaction_id) or {})
         if entry.get("emitted") == ERASED_MARK:
             self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
             return
@@ -307,7 +285,7 @@ class Curation:
             if entry.get("due") is None:
                 entry["due"] = stages.now_ms() + int(self.settings.outcome_grace_s * 1000)
                 self._schedule(interaction_id, entry)
-        self._stage_join(interaction_id, entry)
+        self.staged_joins.stage(interaction_id, entry)
 
     def _schedule(self, interaction_id: str, entry: dict[str, Any]) -> None:
         if self._due is not None:
@@ -335,19 +313,19 @@ class Curation:
             tenant_task = stages.curated_key(example["tenant"], example["task"])
             if self._erased(example) is not None:
                 self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
-                self._write_join(interaction_id, {"emitted": ERASED_MARK})
+                self.staged_joins.put(interaction_id, {"emitted": ERASED_MARK})
                 self._settled(interaction_id, entry)
                 return
             value = self.curated_serde.serialize(example, SerdeContext(self.scored.get_topic_name()))
             await self._send(self.scored, tenant_task, value)
             # Sent: until its "emitted" flag (after the acknowledgement), ``_in_flight`` stands for the entry.
-            self._staged_joins.pop(interaction_id, None)
+            self.staged_joins.discard(interaction_id)
         except BaseException:
             self._settled(interaction_id, entry)
             raise
 
         def emitted() -> None:
-            self._write_join(interaction_id, {"emitted": example["kind"]})
+            self.staged_joins.put(interaction_id, {"emitted": example["kind"]})
             self._settled(interaction_id, entry)
             self.metrics.redactions(tenant_task, redactions)
             if example["admitted"]:
@@ -370,14 +348,13 @@ class Curation:
         now = stages.now_ms()
         if self._due is None:  # after a (re)start or rebalance: rebuild from the recovered table
             self._due = {}
-            staged = {interaction_id: entry for interaction_id, (_, entry) in self._staged_joins.items()}
-            for interaction_id, entry in list(self.joins.items()) + list(staged.items()):
+            for interaction_id, entry in list(self.joins.items()) + self.staged_joins.staged_items():
                 if isinstance(entry, dict) and entry.get("due") is not None and not entry.get("emitted"):
                     self._schedule(interaction_id, entry)
         for interaction_id, due in sorted(self._due.get(partition, {}).items(), key=lambda item: item[1]):
             if due > now or interaction_id in self._in_flight:
                 continue
-            entry = self._join(interaction_id)
+            entry = self.staged_joins.get(interaction_id)
             if not entry or entry.get("emitted"):
                 self._due[partition].pop(interaction_id, None)
                 continue
@@ -448,8 +425,7 @@ class Curation:
         key = stages.curated_key(example["tenant"], example["task"])
         counted_key = f"{key}/{example['example_id']}"
         repeat = example["admitted"] and self.counted.get(counted_key) not in (None, ref.offset)
-        staged = self._staged_windows.get(key)
-        previous = staged[1] if staged else self.windows.get(key)
+        previous = self.staged_windows.get(key)
         state, fire = stages.window_update(previous, example | {"admitted": example["admitted"] and not repeat},
                                            partition=ref.partition, offset=ref.offset,
                                            window_size=self.settings.window_size)
@@ -463,14 +439,7 @@ class Curation:
         if fire:
             await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.settings.window_size}")
         else:
-            self._staged_windows[key] = (event, state)
-
-    def write_windows(self) -> None:
-        """Write the staged window states to the table (each in its own record's changelog partition)."""
-        staged, self._staged_windows = self._staged_windows, {}
-        for key, (event, state) in staged.items():
-            with event_context(event):
-                self.windows[key] = state
+            self.staged_windows.stage(key, state, event)
 
     async def _fire(self, key: str, tenant: str, task: str, state: dict[str, Any], *, trigger: str) -> None:
         """Decide the request, make the decision durable (table + flush), then send it."""
@@ -481,8 +450,8 @@ class Curation:
         request = stages.training_request(tenant, task, state, curated_topic=self.curated.get_topic_name(),
                                           trigger=trigger)
         state = stages.window_fired(state, request)
-        self._staged_windows.pop(key, None)
-        self.write_windows()
+        self.staged_windows.discard(key)
+        self.staged_windows.write()
         self.windows[key] = state
         self._requests_in_flight[request["request_id"]] = asyncio.Event()  # the tick must not resend it meanwhile
         await self.app.producer.flush()  # the pending request is in the changelog before it is sent
@@ -577,7 +546,7 @@ def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None
 
     @app.agent(curation.join_inputs, name="join", supervisor_strategy=CrashingSupervisor)
     async def join(stream: faust.StreamT) -> None:
-        await curation.run_batched(stream, stages.STAGE_JOIN, curation.on_input, before_settle=curation.write_joins)
+        await curation.run_batched(stream, stages.STAGE_JOIN, curation.on_input, before_settle=curation.staged_joins.write)
 
     @app.agent(curation.scored, name="dedupe", supervisor_strategy=CrashingSupervisor)
     async def deduplicate(stream: faust.StreamT) -> None:
@@ -592,7 +561,7 @@ def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None
             for event in events:
                 with event_context(event):
                     await curation.guarded(stages.STAGE_WINDOW, event, curation.on_curated)
-            curation.write_windows()
+            curation.staged_windows.write()
 
     @app.agent(curation.ticks, name="ticks", supervisor_strategy=CrashingSupervisor)
     async def ticks(stream: faust.StreamT) -> None:

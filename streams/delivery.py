@@ -65,6 +65,41 @@ def event_context(event: EventT | None) -> Iterator[None]:
         _current_event.reset(token)
 
 
+class StagedWrites:
+    """A table's writes kept in memory during a batch, then written once per key (its newest value), each
+    in the changelog partition of the record that staged it: one changelog record per key and batch, as
+    Kafka Streams' record cache does. Reads (``get``) see staged values first."""
+
+    def __init__(self, table: faust.TableT) -> None:
+        self.table = table
+        self._staged: dict[Any, tuple[EventT | None, Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        staged = self._staged.get(key)
+        return staged[1] if staged else self.table.get(key)
+
+    def stage(self, key: Any, value: Any, event: EventT | None = None) -> None:
+        """Keep ``value`` for ``key``, to be written in ``event``'s (default: the current event's) partition."""
+        self._staged[key] = (event if event is not None else current_event(), value)
+
+    def discard(self, key: Any) -> None:
+        self._staged.pop(key, None)
+
+    def put(self, key: Any, value: Any) -> None:
+        """Write at once (in the current event's changelog partition), superseding a staged value."""
+        self.discard(key)
+        self.table[key] = value
+
+    def staged_items(self) -> list[tuple[Any, Any]]:
+        return [(key, value) for key, (_, value) in self._staged.items()]
+
+    def write(self) -> None:
+        staged, self._staged = self._staged, {}
+        for key, (event, value) in staged.items():
+            with event_context(event):
+                self.table[key] = value
+
+
 def stop_now(error: DeliveryError) -> NoReturn:
     """Exit at once, skipping Faust's graceful stop: it commits the offsets of every record already
     acked (a batch's, as ``take_events`` acks in its ``finally``), which would lose the inputs whose
