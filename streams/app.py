@@ -88,11 +88,10 @@ def _broker_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 def _tansu_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Tansu reports a partition's end as its newest *batch's* first offset + 1, and Faust's table
-    recovery stops reading a changelog at that end: records after it in a multi-record batch would
-    be lost from the table on restart. One record per batch keeps the end exact (costs throughput,
-    so only on the embedded broker, the same switch that turns producer idempotence off)."""
-    return {"producer_max_batch_size": 1} if kafka.embedded else {}
+    """Tansu's partition ends count batches, not records: changelogs need one record per batch for table
+    recovery to read them whole (``adaptloop.streams.faust_app``). Only on the embedded broker, the
+    same switch that turns producer idempotence off."""
+    return {"one_record_changelog_batches": True} if kafka.embedded else {}
 
 
 def internal_topics(settings: StreamsSettings) -> dict[str, int]:
@@ -489,8 +488,8 @@ class Curation:
     # ------------------------------------------------------------------ metrics
 
     async def refresh_lag(self) -> None:
-        """Consumer lag of the input topics: partition end minus this worker's position (Tansu's ends are
-        approximate with multi-record batches)."""
+        """Consumer lag of the input topics: partition end minus this worker's position (Tansu's ends
+        count batches: behind a multi-record batch the lag reads low)."""
         consumer = self.app.consumer
         for tp in self.app.assignor.assigned_actives():
             if tp.topic not in (self.interactions.get_topic_name(), self.outcomes.get_topic_name()):
