@@ -88,10 +88,10 @@ def _broker_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 def _tansu_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Tansu's partition ends count batches, not records: changelogs need one record per batch for table
-    recovery to read them whole (``adaptloop.streams.faust_app``). Only on the embedded broker, the
-    same switch that turns producer idempotence off."""
-    return {"one_record_changelog_batches": True} if kafka.embedded else {}
+    """Tansu's partition ends count batches, not records: table recovery reads changelogs' ends from the
+    log (``adaptloop.streams.faust_app``). Only on the embedded broker, the same switch that turns
+    producer idempotence off."""
+    return {"batch_counted_ends": True} if kafka.embedded else {}
 
 
 def internal_topics(settings: StreamsSettings) -> dict[str, int]:

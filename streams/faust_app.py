@@ -1,7 +1,6 @@
-"""``faust.App`` with two fixes to its Kafka clients (aiokafka, the transport adaptloop uses).
+"""``faust.App`` with three fixes to its consumer (aiokafka, the transport adaptloop uses).
 
-**The consumer: a partition never committed to is rewound after a rebalance.**
-
+**A partition never committed to is rewound after a rebalance.**
 Faust drops records it fetched but had not handed to an agent when a rebalance begins (its fetch loop
 stops when the flow is suspended or the generation changes), and relies on the seek that ends every
 rebalance to fetch them again: ``perform_seek`` moves each partition back to its committed offset.
@@ -13,26 +12,136 @@ they are never processed: seen here as a restarted curation worker that read non
 Here such a partition is moved to its first offset instead, which is where ``auto_offset_reset =
 earliest`` starts it: the same at-least-once replay a committed partition gets.
 
-**The producer, on Tansu (``one_record_changelog_batches``): one record per batch for changelogs only.**
+**No offset is committed that no agent acknowledged; a record the stream skipped is read again.**
+Around a rebalance Faust can hand an agent a partition's records with one missing: a record fetched
+before the seek to the committed offset and dropped (the stream skips records that arrive while its
+flow is suspended; the fetch loop drops records below a read offset a stale fetch moved forward;
+faust-streaming #216). Two parts of its commit logic then made the loss permanent, seen here as a
+curated example missing after one of two workers died: a forward jump in offsets is recorded as a
+gap and counted as acknowledged (meant for compacted topics and transaction markers; the topics
+adaptloop's agents read are neither), and a missing offset right at the committed one was committed
+past (``min(acked) - committed > 1`` instead of ``> 0``; faust-streaming #606). Here offsets are
+committed only up to the first one not acknowledged, and a partition whose first unacknowledged offset
+was handed to the stream but has not been taken by an agent for ``SKIPPED_RECORD_GRACE_S`` is sought
+back to it: the skipped record is processed (and the ones after it again: at least once, as after a
+crash).
+
+**On Tansu (``batch_counted_ends=True``), table recovery reads each changelog to its real end.**
 Tansu reports a partition's end as its newest *batch's* first offset + 1, and Faust's table recovery
-stops reading a changelog at that end: records after it in a multi-record batch would be lost from
-the table on restart. So each changelog record gets a batch of its own. Every other topic keeps
-aiokafka's batching: a batch size of 1 for all topics (what this replaces) made each send to a
-partition wait until the previous one had gone out in a request of its own, one broker round trip
-per record, which undid the batched acknowledgement of ``adaptloop.streams.delivery``.
+stops reading a changelog at the end it was told: the records after the first one of a multi-record
+batch would be missing from the table after a restart. The end of each changelog partition is
+therefore read from the log itself: the records of the batch that holds the reported end's offset - 1
+(the newest batch), whose last offset + 1 is the end. Producers then batch every topic, changelogs
+included (the alternative, one record per changelog batch, cost a fifth of curation's throughput).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import asyncio
+import logging
+import time
+from typing import Any, Mapping
 
-import aiokafka
 import faust
-from aiokafka.producer.message_accumulator import MessageAccumulator
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
+from mode import Service
+
+log = logging.getLogger(__name__)
+
+#: How long a partition's first unacknowledged offset may stay handed to the stream but not taken by an
+#: agent before the partition is read again from it (an agent's queue drains in a few seconds even
+#: under full load; a false alarm costs a replay of what followed it, never a loss).
+SKIPPED_RECORD_GRACE_S = 10.0
+
+#: How long reading one changelog partition's newest batch may take (a broker that does not answer
+#: within it fails the recovery, and the worker's restart tries again).
+BATCH_END_TIMEOUT_S = 30.0
 
 
-class RewindingConsumer(aiokafka_driver.Consumer):
+async def batch_counted_end(consumer: AIOKafkaConsumer, tp: TopicPartition, reported_end: int, *,
+                            timeout_s: float = BATCH_END_TIMEOUT_S) -> int:
+    """The real end of ``tp`` on a broker that reports the newest batch's first offset + 1 as its end.
+
+    ``consumer`` is assigned to nothing else; the records fetched at ``reported_end - 1`` are the newest
+    batch (and whatever was appended since), all returned by one fetch."""
+    if reported_end <= 0:
+        return reported_end
+    consumer.assign([tp])
+    consumer.seek(tp, reported_end - 1)
+    records = await consumer.getmany(tp, timeout_ms=int(timeout_s * 1000))
+    offsets = [record.offset for record in records.get(tp, ())]
+    if not offsets:
+        raise TimeoutError(f"{tp.topic}[{tp.partition}]: no record at offset {reported_end - 1} within {timeout_s}s")
+    return max(reported_end, max(offsets) + 1)
+
+
+class Consumer(aiokafka_driver.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._holes_since: dict[TP, tuple[int, float]] = {}  # tp -> (committed offset, first seen)
+        self._rereads: set[asyncio.Task] = set()
+        self._first_offsets: dict[TP, int] = {}  # where never-committed partitions were rewound to
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Not a gap: a skipped record (see above). Nothing is counted as acknowledged."""
+        log.info("%s[%d]: offsets %d..%d arrived out of order; not counted as processed",
+                 tp.topic, tp.partition, offset_from, offset_to)
+
+    def _next_needed(self, tp: TP) -> int | None:
+        """The first offset of ``tp`` no agent has acknowledged yet (None: unknown)."""
+        committed = self._committed_offset.get(tp)
+        return committed if committed is not None else self._first_offsets.get(tp)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        needed, acked = self._next_needed(tp), self._acked.get(tp)
+        if needed is not None and acked and min(acked) > needed:
+            return None  # a hole at the head: nothing past it is committed (_find_skipped_records reads it)
+        return super()._new_offset(tp)
+
+    def _skipped(self, tp: TP) -> int | None:
+        """The offset of ``tp`` that was handed to the stream but neither acknowledged nor being processed."""
+        needed, read = self._next_needed(tp), self._read_offset.get(tp)
+        if needed is None or read is None or read < needed or needed in self._acked_index[tp]:
+            return None
+        if any(m.tp == tp and m.offset == needed for m in list(self._unacked_messages)):
+            return None  # taken by an agent, not acknowledged yet
+        return needed
+
+    @Service.timer(SKIPPED_RECORD_GRACE_S / 4)
+    async def _find_skipped_records(self) -> None:
+        self.read_skipped_records_again(time.monotonic())
+
+    def read_skipped_records_again(self, now: float) -> None:
+        """Seek each partition whose skipped record has waited ``SKIPPED_RECORD_GRACE_S`` back to it."""
+        if not self.app.flow_control.is_active() or self.app.rebalancing:
+            self._holes_since.clear()
+            return
+        changelogs = self.app.tables.changelog_topics
+        for tp in self.assignment():
+            skipped = None if tp.topic in changelogs else self._skipped(tp)
+            since = self._holes_since.get(tp)
+            if skipped is None:
+                self._holes_since.pop(tp, None)
+            elif since is None or since[0] != skipped:
+                self._holes_since[tp] = (skipped, now)
+            elif now - since[1] >= SKIPPED_RECORD_GRACE_S:
+                del self._holes_since[tp]
+                log.warning("%s[%d]: offset %d was handed to the stream %.0fs ago and never processed (a record "
+                            "skipped around a rebalance): reading again from it", tp.topic, tp.partition,
+                            skipped, now - since[1])
+                task = asyncio.get_running_loop().create_task(self._read_again(tp, skipped))
+                self._rereads.add(task)
+                task.add_done_callback(self._rereads.discard)
+
+    async def _read_again(self, tp: TP, offset: int) -> None:
+        try:
+            await self.seek_wait({tp: offset})
+        except Exception as exc:  # revoked meanwhile: the next owner starts from the committed offset anyway
+            log.warning("%s[%d]: could not seek back to %d: %r", tp.topic, tp.partition, offset, exc)
+
     async def perform_seek(self) -> None:
         await super().perform_seek()
         changelogs = self.app.tables.changelog_topics  # table recovery positions these itself
@@ -41,52 +150,42 @@ class RewindingConsumer(aiokafka_driver.Consumer):
                            if tp.topic not in changelogs and not self._committed_offset.get(tp)}
         if never_committed:
             earliest = await self.earliest_offsets(*never_committed)
+            self._first_offsets.update({tp: offset for tp, offset in earliest.items() if offset is not None})
             await self.seek_wait({tp: offset for tp, offset in earliest.items() if offset is not None})
 
-
-class OneRecordBatchesAccumulator(MessageAccumulator):
-    """aiokafka's accumulator, except that a topic ``one_record`` names gets batches of one record each."""
-
-    one_record: Callable[[str], bool] = staticmethod(lambda topic: False)
-
-    def _append_batch(self, builder: Any, tp: Any) -> Any:
-        if builder.record_count() == 0 and self.one_record(tp.topic):
-            # A builder with room for one record; synchronous, so no other task sees the size change.
-            full_size, self._batch_size = self._batch_size, 1
-            try:
-                builder = self.create_builder()
-            finally:
-                self._batch_size = full_size
-        return super()._append_batch(builder, tp)
-
-
-class ChangelogSafeProducer(aiokafka_driver.Producer):
-    def _new_producer(self, transactional_id: str | None = None) -> aiokafka.AIOKafkaProducer:
-        producer = super()._new_producer(transactional_id)
-        if getattr(self.app, "one_record_changelog_batches", False):
-            # aiokafka builds its accumulator inside the producer (and hands it to its sender), so the
-            # instance is given the subclass rather than replaced.
-            accumulator = producer._message_accumulator
-            accumulator.__class__ = OneRecordBatchesAccumulator
-            accumulator.one_record = self._is_changelog
-        return producer
-
-    def _is_changelog(self, topic: str) -> bool:
-        return topic in self.app.tables.changelog_topics
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        """Partition ends; on a broker that counts them by batch, changelogs' are read from the log."""
+        ends = dict(await super().highwaters(*partitions))
+        changelogs = self.app.tables.changelog_topics
+        wanted = {tp: end for tp, end in ends.items() if tp.topic in changelogs and end}
+        if not getattr(self.app, "batch_counted_ends", False) or not wanted:
+            return ends
+        reader = AIOKafkaConsumer(bootstrap_servers=[f"{url.host}:{url.port or 9092}" for url in self.app.conf.broker],
+                                  group_id=None, enable_auto_commit=False, client_id=f"{self.app.conf.id}-changelog-ends",
+                                  request_timeout_ms=int(BATCH_END_TIMEOUT_S * 1000))
+        await reader.start()
+        try:
+            for tp, end in wanted.items():
+                ends[tp] = await batch_counted_end(reader, TopicPartition(tp.topic, tp.partition), end)
+                if ends[tp] != end:
+                    log.info("changelog %s[%d]: the broker reports its end at %d, the log ends at %d",
+                             tp.topic, tp.partition, end, ends[tp])
+        finally:
+            await reader.stop()
+        return ends
 
 
 class _Transport(aiokafka_driver.Transport):
-    Consumer = RewindingConsumer
-    Producer = ChangelogSafeProducer
+    Consumer = Consumer
 
 
 class App(faust.App):
     """Only ``kafka://`` brokers (aiokafka), the transport adaptloop uses.
 
-    ``one_record_changelog_batches=True`` (Tansu): changelog records go one per batch (see above)."""
+    ``batch_counted_ends=True`` (Tansu): the broker's partition ends count batches (see above)."""
 
-    def __init__(self, *args: Any, one_record_changelog_batches: bool = False, **kwargs: Any) -> None:
-        self.one_record_changelog_batches = one_record_changelog_batches
+    def __init__(self, *args: Any, batch_counted_ends: bool = False, **kwargs: Any) -> None:
+        self.batch_counted_ends = batch_counted_ends
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> _Transport:
