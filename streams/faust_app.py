@@ -101,10 +101,17 @@ class Consumer(aiokafka_driver.Consumer):
             return None  # a hole at the head: nothing past it is committed (_find_skipped_records reads it)
         return super()._new_offset(tp)
 
+    def _position(self, tp: TP) -> int | None:
+        """aiokafka's position in ``tp``: the offset after the last record it handed to Faust's fetch loop."""
+        consumer = self._thread._consumer  # the aiokafka consumer (None before it starts)
+        state = consumer._fetcher._subscriptions.subscription.assignment.state_value(
+            TopicPartition(tp.topic, tp.partition)) if consumer is not None and consumer._fetcher else None
+        return state.position if state is not None and state.has_valid_position else None
+
     def _skipped(self, tp: TP) -> int | None:
         """The offset of ``tp`` that was handed to the stream but neither acknowledged nor being processed."""
-        needed, read = self._next_needed(tp), self._read_offset.get(tp)
-        if needed is None or read is None or read < needed or needed in self._acked_index[tp]:
+        needed, position = self._next_needed(tp), self._position(tp)
+        if needed is None or position is None or position <= needed or needed in self._acked_index[tp]:
             return None
         if any(m.tp == tp and m.offset == needed for m in list(self._unacked_messages)):
             return None  # taken by an agent, not acknowledged yet

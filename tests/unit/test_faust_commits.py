@@ -35,10 +35,15 @@ COMMITS = textwrap.dedent("""
         consumer._committed_offset[tp] = 22
         result["hole_at_the_committed_offset"] = consumer._new_offset(tp)
 
-        # 22 was handed to the stream (read offset 24) and is neither acknowledged nor being processed.
+        # 22 was handed to the stream and is neither acknowledged nor being processed.
         app.flow_control.resume()  # as in a running worker outside a rebalance
         consumer.assignment = lambda: {tp}
-        consumer._read_offset[tp] = 24
+        consumer._position = lambda tp: 22  # sought to 22, nothing fetched since: nothing skipped
+        consumer.read_skipped_records_again(now=0.0)
+        consumer.read_skipped_records_again(now=faust_app.SKIPPED_RECORD_GRACE_S + 1)
+        await asyncio.sleep(0)
+        result["sought_when_idle"] = list(sought)
+        consumer._position = lambda tp: 25  # aiokafka handed 22..24 to Faust's fetch loop
         consumer.read_skipped_records_again(now=100.0)
         consumer.read_skipped_records_again(now=100.0 + faust_app.SKIPPED_RECORD_GRACE_S / 2)
         await asyncio.sleep(0)
@@ -69,6 +74,7 @@ def test_commits_stop_at_the_first_unacknowledged_offset_and_a_lasting_hole_is_r
     assert result == {
         "with_a_hole_after_21": 22,  # 21 acknowledged; 22 is not, and 23, 24 wait behind it
         "hole_at_the_committed_offset": None,
+        "sought_when_idle": [],
         "sought_within_grace": [],
         "sought_after_grace": [{"t-scored[2]": 22}],
         "hole_filled": 25,
