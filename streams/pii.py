@@ -46,18 +46,21 @@ SUBJECT_RULES = frozenset({EMAIL, PHONE, CARD, IBAN, IP})
 PLACEHOLDER = {EMAIL: "[EMAIL]", PHONE: "[PHONE]", CARD: "[CARD]", IBAN: "[IBAN]", IP: "[IP]", SECRET: "[SECRET]"}
 
 _EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_SECRET_RES = [re.compile(p) for p in (
-    r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",                        # AWS access key id
-    r"\bgh[pousr]_[A-Za-z0-9]{36,}\b",                        # GitHub tokens
-    r"\bgithub_pat_[A-Za-z0-9_]{40,}\b",
-    r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",                     # Slack
-    r"\b(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,}\b",       # Stripe
-    r"\bAIza[0-9A-Za-z_-]{35}\b",                             # Google API key
-    r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b",              # OpenAI / Anthropic style
-    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",  # JWT
-    r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*",
-    r"(?i)\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)\b\s*[:=]\s*[\"']?[^\s\"',;]{8,}",
+#: Secret shapes, each with the words one of which every match contains (lowercase): a pattern runs only on
+#: a text that holds one of its words, as most texts hold no secret (a substring test costs far less than a scan).
+_SECRET_RES = [(words, re.compile(p)) for words, p in (
+    (("-----begin",), r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z]+ )?PRIVATE KEY-----"),
+    (("akia", "asia"), r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),                        # AWS access key id
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"),  # GitHub tokens
+    (("github_pat_",), r"\bgithub_pat_[A-Za-z0-9_]{40,}\b"),
+    (("xox",), r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"),                             # Slack
+    (("_live_", "_test_"), r"\b(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,}\b"),    # Stripe
+    (("aiza",), r"\bAIza[0-9A-Za-z_-]{35}\b"),                                    # Google API key
+    (("sk-",), r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b"),                      # OpenAI / Anthropic style
+    (("eyj",), r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b"),  # JWT
+    (("bearer",), r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"),
+    (("api", "secret", "access", "auth", "passw"),
+     r"(?i)\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)\b\s*[:=]\s*[\"']?[^\s\"',;]{8,}"),
 )]
 _IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -95,12 +98,18 @@ class Redaction:
 
 
 def _emails(text: str) -> Iterator[Match]:
+    if "@" not in text:
+        return
     for m in _EMAIL_RE.finditer(text):
         yield Match(EMAIL, m.start(), m.end(), m.group().lower())
 
 
 def _secrets(text: str) -> Iterator[Match]:
-    for pattern in _SECRET_RES:
+    # Casefolded, and dotless i as i: what IGNORECASE matches ("ſ" as "s", "K" as "k", "ı" as "i") holds the word.
+    lowered = text.casefold().replace("\u0131", "i")
+    for words, pattern in _SECRET_RES:
+        if not any(word in lowered for word in words):
+            continue
         for m in pattern.finditer(text):
             yield Match(SECRET, m.start(), m.end(), "")
 
@@ -113,6 +122,8 @@ def _ibans(text: str) -> Iterator[Match]:
 
 
 def _cards(text: str) -> Iterator[Match]:
+    if len(_DIGIT.findall(text)) < 13:  # the fewest digits of a card number
+        return
     for m in _CARD_RE.finditer(text):
         digits = re.sub(r"\D", "", m.group())
         if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and _luhn.is_valid(digits):
@@ -120,14 +131,15 @@ def _cards(text: str) -> Iterator[Match]:
 
 
 def _ips(text: str) -> Iterator[Match]:
-    for m in _IPV4_RE.finditer(text):
+    # An IPv4 address has three dots, an IPv6 one at least two colons: counting them costs less than a scan.
+    for m in _IPV4_RE.finditer(text) if text.count(".") >= 3 else ():
         if _VERSION_CUE.search(text[max(0, m.start() - 10):m.start()]):
             continue
         try:
             yield Match(IP, m.start(), m.end(), str(ipaddress.IPv4Address(m.group(1))))
         except ValueError:
             continue
-    for m in _IPV6_RE.finditer(text):
+    for m in _IPV6_RE.finditer(text) if text.count(":") >= 2 else ():
         candidate = m.group(1)
         if candidate.count(":") < 2 or not re.search(r"[0-9A-Fa-f]", candidate):
             continue

@@ -195,3 +195,25 @@ def test_a_cached_redaction_is_the_same_and_still_counted_per_call(redactor):
     redactor.redact(text, total)
     redactor.redact(text, total)
     assert total.counts == {"email": 2, "phone": 2}
+
+
+# One text per secret shape (the corpus above misses some), and what IGNORECASE matches beyond ASCII:
+# each secret pattern runs only on texts holding one of its words, so every shape must still be found.
+EVERY_SECRET_SHAPE = [
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----",
+    "ASIAY34FZKBOKMUTVV7A", "gho_16C7e42F292c6912E7710c838347Ae178B4a", "ghs_16C7e42F292c6912E7710c838347Ae178B4a",
+    "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789",
+    "xoxp-2048-4096-8192-abcdef", "pk_test_TYooMQauvdEDq54NiTphI7jx", "rk_live_51H8abcdefghijklmnop",
+    "sk-ant-api03-abcdefghijklmnopqrstuvwx", "sk-abcdefghijklmnopqrstuvwx1234",
+    "BEARER abcdefghijklmnop1234", "secret_key=abcdefgh12345678", "ACCESS-TOKEN: 'abcdefgh12345678'",
+    "auth_token = abcdefgh12345678", "passwd: correcthorse9", "Secret: hunter2hunter2",
+    "paſſword=abcdefgh12345678", "apı_key=abcdefgh12345678",  # a long s and a dotless i, as IGNORECASE reads them
+]
+
+
+@pytest.mark.parametrize("text", EVERY_SECRET_SHAPE)
+def test_every_secret_shape_is_found_past_the_word_prefilter(redactor, text):
+    from adaptloop.streams.pii import _SECRET_RES
+
+    assert any(pattern.search(text) for _, pattern in _SECRET_RES), "not a secret shape at all"
+    assert redactor.redact(text).counts.get("secret") == 1, text
