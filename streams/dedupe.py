@@ -57,7 +57,7 @@ def _permutations(num_perm: int) -> Any:
 def signature(example: Mapping[str, Any], num_perm: int = DEFAULT_NUM_PERM) -> list[int]:
     minhash = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME, permutations=_permutations(num_perm))
     minhash.update_batch([s.encode() for s in shingles(normalized_text(example))])
-    return [int(v) for v in minhash.hashvalues]
+    return minhash.hashvalues.tolist()  # Python ints, JSON-safe
 
 
 def _minhash(values: list[int], num_perm: int) -> LeanMinHash:

@@ -62,6 +62,7 @@ _SECRET_RES = [(words, re.compile(p)) for words, p in (
     (("api", "secret", "access", "auth", "passw"),
      r"(?i)\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)\b\s*[:=]\s*[\"']?[^\s\"',;]{8,}"),
 )]
+_ANY_SECRET_WORD = re.compile("|".join(re.escape(word) for words, _ in _SECRET_RES for word in words))
 _IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|3[068]|6011|65|64[4-9]|35|62)")
@@ -107,6 +108,8 @@ def _emails(text: str) -> Iterator[Match]:
 def _secrets(text: str) -> Iterator[Match]:
     # Casefolded, and dotless i as i: what IGNORECASE matches ("ſ" as "s", "K" as "k", "ı" as "i") holds the word.
     lowered = text.casefold().replace("\u0131", "i")
+    if not _ANY_SECRET_WORD.search(lowered):
+        return
     for words, pattern in _SECRET_RES:
         if not any(word in lowered for word in words):
             continue
