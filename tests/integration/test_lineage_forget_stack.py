@@ -216,8 +216,10 @@ def test_forget_an_interaction_that_fed_a_promoted_adapter_retrains_without_it(k
     from adaptloop.trainers.service import TrainerService
 
     # The gate is not under test here: a margin of -1 releases any candidate, so the test is about lineage.
+    # Nothing else computes meanwhile, so training uses both cores (as in test_trainer.py).
     settings = TrainerSettings(kafka=kafka, topics=topics, artifact_dir=tmp_path / "artifacts",
-                               group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=48, gate_margin=-1.0)
+                               group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=48, gate_margin=-1.0,
+                               torch_threads=2)
     train, holdout = 12, 2
     examples = write_examples(kafka, topics, train=train, holdout=holdout, seed=23)
     request = request_over(kafka, topics, train, holdout)
