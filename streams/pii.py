@@ -74,6 +74,8 @@ _DIGIT = re.compile(r"\d")
 #: The shortest national number of any region in libphonenumber's metadata (a unit test checks it):
 #: a text with fewer digits holds no valid phone number, and the matcher is most of redaction's cost.
 MIN_PHONE_DIGITS = 4
+#: Payment card numbers are 13 to 19 digits long (ISO/IEC 7812).
+MIN_CARD_DIGITS, MAX_CARD_DIGITS = 13, 19
 #: Texts up to this long are redacted once and then served from a cache: system prompts and tool
 #: definitions repeat on every interaction of an agent.
 CACHED_TEXT_CHARS = 8192
@@ -125,11 +127,11 @@ def _ibans(text: str) -> Iterator[Match]:
 
 
 def _cards(text: str) -> Iterator[Match]:
-    if len(_DIGIT.findall(text)) < 13:  # the fewest digits of a card number
+    if len(_DIGIT.findall(text)) < MIN_CARD_DIGITS:
         return
     for m in _CARD_RE.finditer(text):
         digits = re.sub(r"\D", "", m.group())
-        if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and _luhn.is_valid(digits):
+        if MIN_CARD_DIGITS <= len(digits) <= MAX_CARD_DIGITS and _CARD_PREFIX.match(digits) and _luhn.is_valid(digits):
             yield Match(CARD, m.start(), m.end(), digits)
 
 
