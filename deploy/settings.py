@@ -191,7 +191,9 @@ class TrainerSettings(BaseSettings):
         "candidate answered nothing right (0/12; 0.75 on another order)."))
     epochs: int = Field(1, description="Passes over the training examples (64 order-extract examples: 1 pass, ~0% -> ~95% holdout).")
     batch_size: int = 4
-    torch_threads: int = Field(1, description="torch threads in training and evaluation; 2 threads on 2 busy cores thrash (7x slower).")
+    torch_threads: int = Field(1, description=(
+        "Cores for training (torch threads) and for the gate's evaluations (that many side by side, one thread "
+        "each); 2 threads on 2 busy cores thrash (7x slower)."))
     max_length: int = 256
     seed: int = 1234
     gate_margin: float = Field(0.05, description="A candidate must beat the incumbent's holdout success by this much.")

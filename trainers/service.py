@@ -217,7 +217,7 @@ class TrainerService:
         from adaptloop.artifacts import adapter_version, artifact_digest
         from adaptloop.trainers import evaluate as ev
         from adaptloop.trainers import ray_job
-        from adaptloop.trainers.gate import decide, wilson_interval
+        from adaptloop.trainers.gate import decide, regression_result, wilson_interval
         from adaptloop.trainers.release import ReleaseCheckError, check_adapter
 
         request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
@@ -245,12 +245,17 @@ class TrainerService:
         except ReleaseCheckError as exc:
             return self.reject(request, str(exc), snapshot, plan=plan, version=version, artifact=(adapter_dir, digest),
                                training=training)
-        max_new, threads = self.settings.max_new_tokens, self.settings.torch_threads
-        candidate = ev.evaluate(spec, self.base_model, snapshot.holdout, adapter_dir=adapter_dir, name=version,
-                                max_new_tokens=max_new, threads=threads)
-        current = ev.evaluate(spec, self.base_model, snapshot.holdout, adapter_dir=incumbent.artifact_uri,
-                              name=incumbent.version, max_new_tokens=max_new, threads=threads)
-        suite, skipped = self.regression_suite(releases, tenant, task, adapter_dir, snapshot, erasures)
+        suite_sources, skipped = self.regression_holdouts(releases, tenant, task, snapshot, erasures)
+        candidate, current, *suite_scores = ev.evaluate_many(self.base_model, [
+            ev.EvalJob(spec, snapshot.holdout, version, adapter_dir),
+            ev.EvalJob(spec, snapshot.holdout, incumbent.version, incumbent.artifact_uri),
+            *(ev.EvalJob(source_spec, holdout, f"suite:{release['version']}", adapter_dir)
+              for release, source_spec, holdout in suite_sources),
+        ], max_new_tokens=self.settings.max_new_tokens, threads=self.settings.torch_threads)
+        suite = [regression_result(task=release["task"], source_version=release["version"], holdout_count=scored.count,
+                                   candidate_score=scored.score, bar=float(release["evaluation"]["candidate_score"]),
+                                   tolerance=self.settings.regression_tolerance)
+                 for (release, _, _), scored in zip(suite_sources, suite_scores)]
         margin = self.settings.gate_margin
         decision = decide(candidate=dataclasses.asdict(candidate), incumbent=dataclasses.asdict(current),
                           margin=margin, suite=suite, tolerance=self.settings.regression_tolerance)
@@ -275,17 +280,16 @@ class TrainerService:
                  time.monotonic() - started, reason)
         return release
 
-    def regression_suite(self, releases: list[dict], tenant: str, task: str, adapter_dir: Path, snapshot: Snapshot,
-                         erasures: Any):
-        """The candidate on the holdouts of the tenant's newest earlier live releases (any task, or this
-        task only with ``regression_scope=task``); the bar is the score each release recorded on its holdout."""
+    def regression_holdouts(self, releases: list[dict], tenant: str, task: str, snapshot: Snapshot, erasures: Any):
+        """The regression suite's sources: (release, its task, its holdout) for the tenant's newest earlier live
+        releases (any task, or this task only with ``regression_scope=task``); the candidate's bar on each is
+        the score that release recorded on its holdout. Also the releases skipped, with why."""
         from adaptloop.trainers import evaluate as ev
-        from adaptloop.trainers.gate import regression_result
         from adaptloop.trainers.snapshot import read_snapshot
 
-        results, skipped, seen = [], [], {snapshot.uri}
+        sources, skipped, seen = [], [], {snapshot.uri}
         for release in reversed(ev.live_releases(releases, tenant)):
-            if len(results) >= self.settings.regression_max_suites:
+            if len(sources) >= self.settings.regression_max_suites:
                 break
             uri = release["lineage"].get("dataset_uri") or ""
             if not uri or uri in seen or (self.settings.regression_scope == "task" and release["task"] != task):
@@ -299,16 +303,9 @@ class TrainerService:
                 skipped.append({"source_version": release["version"], "reason": f"{type(exc).__name__}: {exc}"})
                 log.warning("regression suite: skipping %s: %s", release["version"], exc)
                 continue
-            if not holdout:
-                continue
-            scored = ev.evaluate(spec, self.base_model, holdout, adapter_dir=adapter_dir,
-                                 name=f"suite:{release['version']}", max_new_tokens=self.settings.max_new_tokens,
-                                 threads=self.settings.torch_threads)
-            results.append(regression_result(task=release["task"], source_version=release["version"],
-                                             holdout_count=scored.count, candidate_score=scored.score,
-                                             bar=float(release["evaluation"]["candidate_score"]),
-                                             tolerance=self.settings.regression_tolerance))
-        return results, skipped
+            if holdout:
+                sources.append((release, spec, holdout))
+        return sources, skipped
 
     def reject(self, request: Mapping[str, Any], reason: str, snapshot: Snapshot | None, *, plan: Plan | None = None,
                version: str | None = None, artifact: tuple[Path, str] | None = None,

@@ -251,6 +251,21 @@ def test_dpo_from_correction_pairs(kafka, module_topics, settings, service):
     assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
 
 
+def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():
+    from adaptloop.model import ensure_base_model
+    from adaptloop.trainers import evaluate as ev
+
+    model = ensure_base_model(DEFAULT_HOME)
+    jobs = [ev.EvalJob(TASKS[TASK], [{"prompt_messages": [{"role": "user", "content": c.sentence}], "completion": c.answer}
+                                     for c in OrderGenerator(seed=seed).cases(3)], name=f"seed {seed}")
+            for seed in (41, 42, 43)]
+    alone = [ev.evaluate(job.spec, model, job.holdout, name=job.name, max_new_tokens=12, threads=1) for job in jobs]
+    side_by_side = ev.evaluate_many(model, jobs, max_new_tokens=12, threads=TORCH_THREADS)
+    assert [r.name for r in side_by_side] == [job.name for job in jobs]
+    assert [(r.passed, r.mean_score, r.failures) for r in side_by_side] == [(r.passed, r.mean_score, r.failures) for r in alone]
+    assert len({json.dumps(r.failures) for r in alone}) == 3  # three different holdouts: a mix-up would show
+
+
 def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_release(
         kafka, module_topics, settings, service, tmp_path):
     from adaptloop.model import ensure_base_model
