@@ -1,9 +1,11 @@
-"""The whole loop on real components, nothing by hand, several cycles, two tenants, two tasks:
+"""The whole loop on real components, nothing by hand, two tenants, two tasks:
 gateway traffic -> curation -> training request -> Ray job -> gated release -> vLLM hot-load ->
 the gateway serves it, it is better, and the report is written from the topics.
 
-A shorter configuration of the same code path as ``adaptloop demo`` (fewer cycles, fewer final
-cases); the full demo is `adaptloop demo` (see README)."""
+A shorter configuration of the same code path as ``adaptloop demo``: one cycle of 16 TRAIN examples
+per (tenant, task) instead of three, fewer final cases. Later cycles on a growing dataset, and a gate
+that rejects a candidate, are the same code again: `adaptloop demo` (see README) runs the first,
+tests/integration/test_trainer.py the second."""
 
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 PAIRS = (("acme", "order-extract"), ("globex", "ticket-triage"))
 
 
-def test_two_tenants_two_tasks_get_better_cycle_after_cycle(tmp_path):
-    result = run_demo(DemoConfig(home=tmp_path / "stack", pairs=PAIRS, cycles=2, window_size=8, eval_cases=16,
+def test_two_tenants_two_tasks_get_better_through_the_loop(tmp_path):
+    result = run_demo(DemoConfig(home=tmp_path / "stack", pairs=PAIRS, cycles=1, window_size=16, eval_cases=16,
                                  free_ports=True))
     print(f"\nE2E: {summary(result, PAIRS)}\ncounts {result.counts}; stages {result.timings_s}")
     for tenant, task in PAIRS:
         series = result.series(tenant, task)
-        assert len(series) == 3, series  # base, after cycle 1, final adapter
+        assert len(series) == 2, series  # base, then the released adapter on fresh cases
         assert series[-1] > series[0] + 0.3, (tenant, task, series)
     served = [r for r in result.releases if r["state"] == "RELEASED"]
     assert {(r["tenant"], r["task"]) for r in served} == set(PAIRS)

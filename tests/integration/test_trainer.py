@@ -48,6 +48,7 @@ def city_json(response: str, reference: str | None = None) -> Verdict:
 #: Nothing else computes while these tests train (no vLLM, no curation load), so both cores train: LoRA steps
 #: ~1.5x faster than with the stack's default of 1 thread, which is for cores shared with vLLM.
 TORCH_THREADS = 2
+MAX_NEW_TOKENS = 48
 
 TASKS = dict(BUILTIN_TASKS) | {CITY_TASK: TaskSpec(CITY_TASK, "city_json", CITY_PROMPT)}
 
@@ -127,9 +128,11 @@ def summary(release: dict) -> str:
 
 @pytest.fixture(scope="module")
 def settings(kafka, module_topics, tmp_path_factory) -> TrainerSettings:
-    # Order answers are at most ~45 tokens: 64 new tokens judge them fully and bound the base model's rambling.
+    # Order answers are at most 45 tokens (6000 generated cases): 48 new tokens judge them whole, end token
+    # included, and cut the base model's rambling short (its answers run to the limit).
     yield TrainerSettings(kafka=kafka, topics=module_topics, artifact_dir=tmp_path_factory.mktemp("artifacts"),
-                          group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=64, torch_threads=TORCH_THREADS)
+                          group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=MAX_NEW_TOKENS,
+                          torch_threads=TORCH_THREADS)
     from adaptloop.trainers.ray_job import stop_ray
 
     stop_ray()
@@ -283,7 +286,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_
     group = f"trainer-{uuid.uuid4().hex[:8]}"
     env = service_env(kafka, module_topics, tmp_path) | {
         "ADAPTLOOP_TRAINER_ARTIFACT_DIR": str(artifacts), "ADAPTLOOP_TRAINER_GROUP_ID": group,
-        "ADAPTLOOP_TRAINER_CHECKPOINT_STEPS": "2", "ADAPTLOOP_TRAINER_MAX_NEW_TOKENS": "64",
+        "ADAPTLOOP_TRAINER_CHECKPOINT_STEPS": "2", "ADAPTLOOP_TRAINER_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
         "ADAPTLOOP_TRAINER_TORCH_THREADS": str(TORCH_THREADS),
         "ADAPTLOOP_MODEL_PATH": str(ensure_base_model(DEFAULT_HOME))}
     checkpoints = artifacts / request["request_id"] / "checkpoints"
