@@ -30,7 +30,7 @@ def test_two_tenants_two_tasks_get_better_through_the_loop(tmp_path):
     assert {(r["tenant"], r["task"]) for r in served} == set(PAIRS)
     for release in served:
         assert release["digest"].startswith("sha256:") and release["lineage"]["train_example_ids"]
-    assert result.counts["training_requests"] >= 2 * len(PAIRS)
+    assert result.counts["training_requests"] >= len(PAIRS)
     # Every served release has a loop latency with its slowest stage named.
     assert {l["version"] for l in result.loop_latency} == {r["version"] for r in served}
     assert all(l["slowest"] and l["total_s"] > 0 for l in result.loop_latency)
