@@ -63,16 +63,17 @@ class EvalJob:
     adapter_dir: str | Path | None = None
 
 
-#: transformers patches torch's init functions while it builds a model, which is not thread-safe;
-#: loading takes ~1 s of an evaluation's 10-30 s, so loads take turns and generation runs side by side.
+#: transformers' first import (its lazy module resolves names on first access) and its model building
+#: (it patches torch's init functions) are not thread-safe; loading takes ~1 s of an evaluation's
+#: 10-30 s, so loads take turns and generation runs side by side.
 _LOAD_LOCK = threading.Lock()
 
 
 def _load(model_path: str | Path, adapter_dir: str | Path | None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with _LOAD_LOCK:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(model_path), padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
