@@ -13,6 +13,24 @@ from adaptloop.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: The test command runs two pytest workers (``-n 2 --dist loadgroup``). A module's tests share its
+#: fixtures (one Faust worker, one vLLM, one Ray), so a module stays on one worker; the modules that
+#: start Ray jobs share a worker, and so do the two that start vLLM, so the heaviest of each kind never
+#: run at once. Everything else goes to whichever worker is free. On 2 cores one pytest alone left the
+#: CPUs idle while tests waited on group joins, grace periods and process starts.
+XDIST_GROUPS = {
+    "test_trainer.py": "ray", "test_lineage_forget_stack.py": "ray",
+    "test_loop.py": "vllm", "test_serving.py": "vllm",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.path.name
+        if item.path.parent.name == "unit":
+            continue
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+
 
 @pytest.fixture(scope="session")
 def stack_home(tmp_path_factory) -> Path:
