@@ -9,7 +9,11 @@ PII, join, precedence, score, dedupe, window) -- starts 2 workers on fresh topic
 are ready, produces ``--pairs`` interactions with their outcomes (human corrections, so no grace
 period is waited for) as fast as the producer goes, and times until the last output record is there.
 
-Rounds alternate the two apps (one round takes a few seconds per app, so one round alone is at the
+``--hops`` adds a third app, ``hops``: curation's agents, topics and tables with the logic taken out (no
+PII detection, no MinHash signature or duplicate index): what curation's topology alone costs next to
+the pass-through. A diagnostic baseline, never a product setting.
+
+Rounds alternate the apps (one round takes a few seconds per app, so one round alone is at the
 mercy of whatever else the 2 cores do); the medians of the rounds are reported.
 
 Prints events/s (interactions + outcomes) for both, their ratio (target >= 0.5), and the p50/p99
@@ -89,6 +93,30 @@ def passthrough_main() -> int:
     return run_worker(create_passthrough_app(settings), settings, "warning")
 
 
+class _NoIndex:
+    """A duplicate index that finds nothing and keeps nothing (``hops`` only)."""
+
+    def exact_of(self, content_hash: str) -> None:
+        return None
+
+    def query(self, values: list[int], *, exclude: str | None = None) -> list[str]:
+        return []
+
+    def add(self, example_id: str, values: list[int], content_hash: str | None = None) -> None:
+        pass
+
+
+def hops_main() -> int:
+    """A curation worker whose stages move every record as curation does but redact and compare nothing."""
+    from adaptloop.streams import app, pii
+    from adaptloop.streams.worker import main as curation_worker
+
+    app.redact_record = lambda record, redactor, paths: pii.Redaction("")
+    app.dedupe.signature = lambda example: []
+    app.Curation._index = lambda self, tenant_task: _NoIndex()
+    return curation_worker(["--loglevel", "warning"])
+
+
 def _produce(kafka: KafkaSettings, topics: Topics, pairs: int, seed: int, tenants: int = 1) -> float:
     """Produce every pair; return the wall-clock start (epoch seconds, comparable with record timestamps)."""
     from adaptloop.kafka import DeliveryTracker
@@ -143,7 +171,7 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
                 "ADAPTLOOP_STREAMS_APP_ID": app_id, "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
                 "ADAPTLOOP_STREAMS_DATA_DIR": str(wh / "faust"), "ADAPTLOOP_STREAMS_WINDOW_SIZE": "256",
                 "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": "0", READY_FILE_ENV: str(ready)}
-            argv = ([streams_python(), "-m", "adaptloop.streams.bench", "--passthrough-worker"] if kind == "passthrough"
+            argv = ([streams_python(), "-m", "adaptloop.streams.bench", f"--{kind}-worker"] if kind in ("passthrough", "hops")
                     else adaptloop_command("streams", python=streams_python()))
             process = ManagedProcess(f"{kind}{n}", argv, wh / "worker.log", env=env).start()
             processes.append(process)
@@ -171,7 +199,7 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
                                   "worker_busy": [round(seconds / elapsed, 2) for seconds in per_process["workers"]],
                                   "cpu_s": cpu, "cpu_ms_per_event": {role: round(1000 * seconds / (2 * pairs), 3)
                                                                      for role, seconds in cpu.items()}}
-        if kind == "curation":
+        if kind != "passthrough":
             arrival = {m.key().decode(): m.timestamp()[1]
                        for m in read_ranges(kafka, topics.name("outcomes"), idle_s=0.5, timeout_s=timeout_s)}
             from adaptloop.schemas import SerdeContext, serde_for
@@ -200,20 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="spread the pairs over this many tenants (default 1: every example through one "
                              "(tenant, task), so its dedupe and window run on one worker: the worst case)")
     parser.add_argument("--rounds", type=int, default=3, help="pass-through then curation, this many times; medians reported")
+    parser.add_argument("--hops", action="store_true",
+                        help="also run curation's topology without its logic (no PII detection, no duplicate index)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("streams-bench.json"))
     parser.add_argument("--passthrough-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hops-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.passthrough_worker:
         return passthrough_main()
+    if args.hops_worker:
+        return hops_main()
 
     from adaptloop.stack import free_port, start_broker
 
+    kinds = ("passthrough", "curation", "hops") if args.hops else ("passthrough", "curation")
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="adaptloop-bench-") as tmp:
         for n in range(args.rounds):
             result = {}
-            for kind in ("passthrough", "curation"):
+            for kind in kinds:
                 # A fresh broker for each app and round: Tansu's memory storage slows down as it fills,
                 # which would favour whichever app runs first.
                 home = Path(tmp) / f"r{n}-{kind}"
@@ -226,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     broker.stop()
             baseline, curation = result["passthrough"], result["curation"]
             ratio = curation["events_per_s"] / baseline["events_per_s"]
-            rounds.append({"passthrough": baseline, "curation": curation, "ratio": round(ratio, 3)})
+            rounds.append(result | {"ratio": round(ratio, 3)})
             print(f"round {n + 1}: passthrough {baseline['events_per_s']} events/s ({baseline['seconds']} s), "
                   f"curation {curation['events_per_s']} events/s ({curation['seconds']} s), ratio {ratio:.2f}, "
                   f"outcome -> curated p99 {curation['latency_ms']['p99']:.0f} ms; CPU ms per event (workers/broker): "
@@ -234,15 +268,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"curation {curation['cpu_ms_per_event']['workers']}/{curation['cpu_ms_per_event']['broker']}; "
                   f"workers busy: passthrough {baseline['worker_busy']}, curation {curation['worker_busy']}",
                   flush=True)
-    median = {kind: statistics.median(r[kind]["events_per_s"] for r in rounds) for kind in ("passthrough", "curation")}
+            if args.hops:
+                rounds[-1]["hops_ratio"] = round(result["hops"]["events_per_s"] / baseline["events_per_s"], 3)
+                print(f"round {n + 1}: hops {result['hops']['events_per_s']} events/s, ratio {rounds[-1]['hops_ratio']:.2f}; "
+                      f"CPU ms per event (workers/broker) {result['hops']['cpu_ms_per_event']['workers']}/"
+                      f"{result['hops']['cpu_ms_per_event']['broker']}; workers busy {result['hops']['worker_busy']}",
+                      flush=True)
+    median = {kind: statistics.median(r[kind]["events_per_s"] for r in rounds) for kind in kinds}
     report = {"rounds": rounds, "median_events_per_s": median,
               "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 3), "target_ratio": 0.5,
               "median_latency_ms": {q: statistics.median(r["curation"]["latency_ms"][q] for r in rounds)
                                     for q in ("p50", "p99")},
               "note": "2-core shared machine, Tansu memory storage; latency measured under full-speed load"}
+    if args.hops:
+        report["median_hops_ratio"] = round(statistics.median(r["hops_ratio"] for r in rounds), 3)
     print(f"median: passthrough {median['passthrough']} events/s, curation {median['curation']} events/s")
     print(f"median ratio curation/passthrough: {report['median_ratio']:.2f} (target >= 0.5); "
           f"per round: {[r['ratio'] for r in rounds]}")
+    if args.hops:
+        print(f"median ratio hops/passthrough: {report['median_hops_ratio']:.2f} (curation's topology without its logic); "
+              f"per round: {[r['hops_ratio'] for r in rounds]}")
     print(f"outcome arrival -> curated example (median of rounds): p50 {report['median_latency_ms']['p50']:.0f} ms, "
           f"p99 {report['median_latency_ms']['p99']:.0f} ms")
     args.out.write_text(json.dumps(report, indent=2))
