@@ -3,9 +3,9 @@ gateway traffic -> curation -> training request -> Ray job -> gated release -> v
 the gateway serves it, it is better, and the report is written from the topics.
 
 A shorter configuration of the same code path as ``adaptloop demo``: one cycle of 16 TRAIN examples
-per (tenant, task) instead of three, fewer final cases. Later cycles on a growing dataset, and a gate
-that rejects a candidate, are the same code again: `adaptloop demo` (see README) runs the first,
-tests/integration/test_trainer.py the second."""
+per (tenant, task), trained for two passes, instead of three cycles; fewer final cases. Later cycles
+on a growing dataset, and a gate that rejects a candidate, are the same code again: `adaptloop demo`
+(see README) runs the first, tests/integration/test_trainer.py the second."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ PAIRS = (("acme", "order-extract"), ("globex", "ticket-triage"))
 
 
 def test_two_tenants_two_tasks_get_better_through_the_loop(tmp_path):
+    # Two passes over the 16 examples: after one (4 steps) the served adapter's success on fresh
+    # order-extract cases spread from 31% to 94% between runs, the training draw deciding.
     result = run_demo(DemoConfig(home=tmp_path / "stack", pairs=PAIRS, cycles=1, window_size=16, eval_cases=16,
-                                 free_ports=True))
+                                 trainer_epochs=2, free_ports=True))
     print(f"\nE2E: {summary(result, PAIRS)}\ncounts {result.counts}; stages {result.timings_s}")
     for tenant, task in PAIRS:
         series = result.series(tenant, task)
