@@ -39,10 +39,11 @@ safe means:
 - ``outbox`` (default): the record is written to this gateway's outbox (``serving.outbox``: a local
   append-only log, one ``write``, no fsync) and produced right after the answer went out; the
   broker's acknowledgement frees it later, off the response path. A record the broker refuses
-  (down, unreachable) is produced again every ``OUTBOX_RETRY_S`` until taken; a gateway killed with
-  records in its outbox leaves them for the next one on the same folder, which sends them at start.
-  Lost only with the host's disk, or the last moments before a power cut. The outbox is bounded (``outbox_max_mib``): past it, 503s.
-  ``/stats`` shows ``outbox_bytes`` (waiting for the broker) and ``outbox_retries``.
+  (down, unreachable) is produced again every ``OUTBOX_RETRY_S`` (``serving.recording``) until
+  taken; a gateway killed with records in its outbox leaves them for the next one on the same
+  folder, which sends them at start. Lost only with the host's disk, or the last moments before a
+  power cut. The outbox is bounded (``outbox_max_mib``): past it, 503s. ``/stats`` shows
+  ``outbox_bytes`` (waiting for the broker) and ``outbox_retries``.
 - ``ack``: the answer waits for the broker's acknowledgement (one round trip: ``linger.ms=0``).
 
 A caller picks per request with ``x-adaptloop-record: ack|outbox``. Why the outbox is the default:
@@ -68,18 +69,16 @@ import logging
 import math
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
 import uvicorn
 import uvloop
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -87,21 +86,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptloop.artifacts import alias as make_alias
 from adaptloop.errors import AuthError, ConfigError, DeliveryError, SerializationError
-from adaptloop.kafka import producer_config
 from adaptloop.processes import cpu_wake_latency, mark_ready, pin_to_cpus, set_sched_slice
-from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.canary import canary_and_incumbent
 from adaptloop.serving.keys import KeyStore
-from adaptloop.serving.outbox import Outbox, OutboxError
+from adaptloop.serving.outbox import OutboxError
+from adaptloop.serving.recording import InteractionLog
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import GatewaySettings, Replica
 
 log = logging.getLogger("adaptloop.gateway")
 
-DELIVERY_MARGIN_S = 5.0
-#: Pause before an interaction the broker refused is produced again from the outbox.
-OUTBOX_RETRY_S = 2.0
 #: Beyond a watch's own wait, how long a sidecar may take to answer before it counts as down.
 SIDECAR_ANSWER_S = 2.0
 #: What a call to a model server or sidecar may fail with (timeouts are asyncio's in aiohttp).
@@ -266,140 +261,6 @@ class Stats:
             if alias_name is None or name == alias_name:
                 aliases.setdefault(name, {})[served] = self.summary([c for c in calls if c[0] >= since_ms])
         return {"aliases": aliases, "unrecorded": self.unrecorded, "window": self.window}
-
-
-class InteractionLog:
-    """Produces interactions: ``write`` awaits the broker's acknowledgement (ack mode); ``enqueue``
-    returns once the record is in the outbox (outbox mode) and the broker takes it from there.
-
-    A background thread polls the producer; its delivery callbacks hop onto the event loop.
-    ``linger.ms=0``: a record leaves at once, so an awaited ack costs one broker round trip.
-    """
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.topic = settings.topics.name("interactions")
-        # librdkafka reports a failure at delivery.timeout.ms (settings.kafka.delivery_timeout_s); the
-        # margin only guards against a callback that never comes.
-        self.timeout_s = settings.kafka.delivery_timeout_s + DELIVERY_MARGIN_S
-        self._serialize = serde_for("interaction", settings.kafka.schema_registry_url).serialize
-        # Nagle off: a record queued while another is in flight leaves at once, not after its ACK.
-        self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 0, "socket.nagle.disable": True}))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, name="interaction-delivery", daemon=True)
-        self._outbox_dir = settings.outbox_path()
-        self._outbox_max_bytes = settings.outbox_max_mib << 20
-        self.outbox: Outbox | None = None
-        self.retry_s = OUTBOX_RETRY_S
-        self.retries = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._retrying: dict[int, asyncio.TimerHandle] = {}
-        self._retry_ids = itertools.count()
-        self._closing = False
-
-    def start(self) -> "InteractionLog":
-        """In the event loop that will own the outbox: opens it and sends what a previous gateway left."""
-        self._loop = asyncio.get_running_loop()
-        self.outbox = Outbox(self._outbox_dir, max_bytes=self._outbox_max_bytes)
-        self._thread.start()
-        for segment, (topic, key, value) in self.outbox.leftovers():
-            self._produce(topic, key, value, segment)
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.1)
-
-    def _key_value(self, record: Mapping[str, Any]) -> tuple[bytes, bytes]:
-        return record["interaction_id"].encode(), self._serialize(record, SerdeContext(self.topic))
-
-    async def write(self, record: Mapping[str, Any]) -> None:
-        """Return once the broker acknowledged ``record``; ``DeliveryError`` otherwise."""
-        loop = asyncio.get_running_loop()
-        acknowledged: asyncio.Future[None] = loop.create_future()
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, acknowledged, err)
-
-        key, value = self._key_value(record)
-        try:
-            self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
-        except (BufferError, KafkaException) as exc:
-            raise DeliveryError(f"interaction {record['interaction_id']} not queued: {exc}") from exc
-        try:
-            await asyncio.wait_for(acknowledged, self.timeout_s)
-        except TimeoutError as exc:
-            raise DeliveryError(f"interaction {record['interaction_id']} not acknowledged within "
-                                f"{self.timeout_s}s") from exc
-
-    def enqueue(self, record: Mapping[str, Any]) -> None:
-        """Return once ``record`` is in the outbox (``OutboxError`` if it cannot be); it is produced
-        in the loop's next turn, after the answer went out (the producer's threads then compete with
-        nothing on the response path), and again after each refusal until the broker acknowledges it."""
-        key, value = self._key_value(record)
-        segment = self.outbox.append(self.topic, key, value)
-        self._loop.call_soon(self._produce, self.topic, key, value, segment)
-
-    def _produce(self, topic: str, key: bytes, value: bytes, segment: int) -> None:
-        loop = self._loop
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            loop.call_soon_threadsafe(self._delivered, topic, key, value, segment, err)
-
-        try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-        except (BufferError, KafkaException) as exc:
-            self._delivered(topic, key, value, segment, exc)
-
-    def _delivered(self, topic: str, key: bytes, value: bytes, segment: int, err: Any) -> None:
-        if err is None:
-            self.outbox.acknowledged(segment)
-            return
-        if self._closing:
-            return  # stays in the outbox for the next gateway
-        self.retries += 1
-        log.warning("interaction %s not taken by the broker (%s); in the outbox, retried in %.0f s",
-                    key.decode(errors="replace"), err, self.retry_s)
-        retry_id = next(self._retry_ids)
-        self._retrying[retry_id] = self._loop.call_later(self.retry_s, self._retry, topic, key, value, segment,
-                                                         retry_id)
-
-    def _retry(self, topic: str, key: bytes, value: bytes, segment: int, retry_id: int) -> None:
-        self._retrying.pop(retry_id, None)
-        if not self._closing:
-            self._produce(topic, key, value, segment)
-
-    def stats(self) -> dict[str, Any]:
-        return {"outbox_bytes": self.outbox.unacknowledged_bytes if self.outbox else 0, "outbox_retries": self.retries}
-
-    def begin_close(self) -> None:
-        """In the loop, before ``close``: no more retries; what is refused from now on stays in the outbox."""
-        self._closing = True
-        for handle in self._retrying.values():
-            handle.cancel()
-        self._retrying.clear()
-
-    def close(self) -> None:
-        """Wait (bounded) for what is in flight; the outbox keeps whatever the broker did not take."""
-        remaining = self._producer.flush(self.timeout_s)
-        self._stop.set()
-        self._thread.join(5)
-        if remaining:
-            log.error("%d interactions not acknowledged at shutdown (those in outbox mode stay in %s)",
-                      remaining, self._outbox_dir)
-
-    def close_outbox(self) -> None:
-        """In the loop, after ``close``: the delivery callbacks it scheduled have run by now."""
-        if self.outbox is not None:
-            self.outbox.close()
-
-
-def _settle(future: asyncio.Future, err: KafkaError | None) -> None:
-    if future.done():  # the waiter timed out already
-        return
-    if err is None:
-        future.set_result(None)
-    else:
-        future.set_exception(DeliveryError(f"interaction not acknowledged: {err}"))
 
 
 def _text(content: Any) -> str:
