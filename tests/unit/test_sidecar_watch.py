@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from adaptloop.serving.registry import ReleaseReader
-from adaptloop.serving.server import ReportVersion, Sidecar, status_server
+from adaptloop.serving.server import Sidecar
+from adaptloop.serving.sidecar_report import ReportVersion, status_server
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.stack import free_port
 
