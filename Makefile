@@ -16,9 +16,9 @@ demo: install
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
 # -rP prints what passing tests printed: the measured numbers (before/after success, timings).
-# -n 2 --dist loadgroup: two pytest workers; tests/conftest.py keeps each module on one worker.
+# -n 2 --dist loadscope: two pytest workers; tests/conftest.py says which tests run together.
 test: install
-	$(VENV)/bin/python -m pytest tests -n 2 --dist loadgroup -v -rP --durations=15
+	$(VENV)/bin/python -m pytest tests -n 2 --dist loadscope --no-loadscope-reorder -v -rP --durations=15
 
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -v

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from adaptloop.kafka import ensure_topics
 from adaptloop.settings import KafkaSettings, Topics
@@ -13,23 +14,41 @@ from adaptloop.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: The test command runs two pytest workers (``-n 2 --dist loadgroup``). A module's tests share its
-#: fixtures (one Faust worker, one vLLM, one Ray), so a module stays on one worker; the modules that
-#: start Ray jobs share a worker, and so do the two that start vLLM, so the heaviest of each kind never
-#: run at once. Everything else goes to whichever worker is free. On 2 cores one pytest alone left the
-#: CPUs idle while tests waited on group joins, grace periods and process starts.
-XDIST_GROUPS = {
+#: The test command runs two pytest workers (``-n 2 --dist loadscope --no-loadscope-reorder``), and
+#: ``work_unit`` decides what one worker runs together. A module's tests share its fixtures (one Faust
+#: worker, one vLLM, one Ray), so a module is one unit of work; the two modules that start Ray jobs are
+#: one unit, and so are the two that start vLLM, so the heaviest of each kind never run at once and
+#: neither starts twice; each unit test is a unit of its own. Those two units are collected first, so
+#: each worker starts on one of them (the longest paths), and the rest go to whichever worker is free.
+#: Not xdist's ``loadgroup`` marks: with pytest 9.2 they group nothing (pytest-dev/pytest-xdist#1386).
+SHARED_SCOPES = {
     "test_trainer.py": "ray", "test_lineage_forget_stack.py": "ray",
     "test_loop.py": "vllm", "test_serving.py": "vllm",
 }
+FIRST_SCOPES = ("ray", "vllm")
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its shared scope, its module, or (a unit test) itself."""
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/unit/"):
+        return nodeid
+    return SHARED_SCOPES.get(path.rsplit("/", 1)[-1], path)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        module = item.path.name
-        if item.path.parent.name == "unit":
-            continue
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+    order = {scope: n for n, scope in enumerate(FIRST_SCOPES)}
+    items.sort(key=lambda item: order.get(work_unit(item.nodeid), len(order)))
+
+
+class SharedScopeScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+        return work_unit(nodeid)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    return SharedScopeScheduling(config, log) if config.getvalue("dist") == "loadscope" else None
 
 
 @pytest.fixture(scope="session")
