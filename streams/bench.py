@@ -117,6 +117,10 @@ def hops_main() -> int:
     return curation_worker(["--loglevel", "warning"])
 
 
+#: The apps this module runs as workers itself (``--worker KIND``); curation's worker is ``adaptloop streams``.
+BENCH_WORKERS = {"passthrough": passthrough_main, "hops": hops_main}
+
+
 def _produce(kafka: KafkaSettings, topics: Topics, pairs: int, seed: int, tenants: int = 1) -> float:
     """Produce every pair; return the wall-clock start (epoch seconds, comparable with record timestamps)."""
     from adaptloop.kafka import DeliveryTracker
@@ -171,7 +175,7 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
                 "ADAPTLOOP_STREAMS_APP_ID": app_id, "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
                 "ADAPTLOOP_STREAMS_DATA_DIR": str(wh / "faust"), "ADAPTLOOP_STREAMS_WINDOW_SIZE": "256",
                 "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": "0", READY_FILE_ENV: str(ready)}
-            argv = ([streams_python(), "-m", "adaptloop.streams.bench", f"--{kind}-worker"] if kind in ("passthrough", "hops")
+            argv = ([streams_python(), "-m", "adaptloop.streams.bench", "--worker", kind] if kind in BENCH_WORKERS
                     else adaptloop_command("streams", python=streams_python()))
             process = ManagedProcess(f"{kind}{n}", argv, wh / "worker.log", env=env).start()
             processes.append(process)
@@ -232,13 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run curation's topology without its logic (no PII detection, no duplicate index)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("streams-bench.json"))
-    parser.add_argument("--passthrough-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--hops-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=BENCH_WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.passthrough_worker:
-        return passthrough_main()
-    if args.hops_worker:
-        return hops_main()
+    if args.worker:
+        return BENCH_WORKERS[args.worker]()
 
     from adaptloop.stack import free_port, start_broker
 
