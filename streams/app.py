@@ -40,7 +40,6 @@ import gc
 import logging
 import os
 import signal
-import ssl
 from typing import Any, Callable
 
 import faust
@@ -52,11 +51,11 @@ from adaptloop.erasure import subject_key
 from adaptloop.errors import AdaptloopError, ContractError, DeliveryError, DeserializationError
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.settings import KafkaSettings, StreamsSettings
+from adaptloop.settings import StreamsSettings
 from adaptloop.streams import dedupe, stages
 from adaptloop.streams.delivery import StagedWrites, after_delivery, event_context, run_batched, send_acknowledged
 from adaptloop.streams.erasures import ErasureFeed
-from adaptloop.streams.faust_app import App
+from adaptloop.streams.faust_app import new_app
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
@@ -69,29 +68,6 @@ log = logging.getLogger(__name__)
 INTERACTION, OUTCOME = "interaction", "outcome"
 #: Join-table marker of an interaction an erasure matched.
 ERASED_MARK = "ERASED"
-
-
-def _broker_options(kafka: KafkaSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "broker": [f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
-    }
-    context = None
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(kafka.ssl_ca_location) if kafka.ssl_ca_location else None)
-    if kafka.security_protocol.startswith("SASL"):
-        options["broker_credentials"] = faust.SASLCredentials(
-            username=kafka.sasl_username, password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
-            mechanism=kafka.sasl_mechanism, ssl_context=context)
-    elif context is not None:
-        options["broker_credentials"] = faust.SSLCredentials(context)
-    return options
-
-
-def _tansu_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Tansu's partition ends count batches, not records: table recovery reads changelogs' ends from the
-    log (``adaptloop.streams.faust_app``). Only on the embedded broker, the same switch that turns
-    producer idempotence off."""
-    return {"batch_counted_ends": True} if kafka.embedded else {}
 
 
 def internal_topics(settings: StreamsSettings) -> dict[str, int]:
@@ -516,30 +492,7 @@ def _reason(text: str | None) -> str:
 
 def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None) -> faust.App:
     """A Faust app for ``settings``; nothing global, nothing started."""
-    app = App(
-        settings.app_id,
-        **_broker_options(settings.kafka),
-        # Tansu: a group join waits half the session timeout; 2 s causes rebalance storms.
-        broker_session_timeout=6,
-        # Tansu has no transactions: at least once, consumers de-duplicate by id.
-        processing_guarantee="at_least_once",
-        producer_acks=-1,
-        producer_request_timeout=settings.kafka.delivery_timeout_s,
-        **_tansu_options(settings.kafka),
-        topic_partitions=settings.topics.partitions,
-        topic_replication_factor=1,
-        topic_disable_leader=True,
-        # Timers and in-memory indexes scan only active partitions' state; standbys would be stale copies.
-        table_standby_replicas=0,
-        key_serializer="raw",
-        value_serializer="raw",
-        store="memory://",
-        datadir=str(settings.data_dir),
-        web_port=settings.web_port,
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
-        autodiscover=False,
-    )
+    app = new_app(settings)
     curation = Curation(app, settings, erasures=erasures)
     app.curation = curation  # for introspection from a worker shell
 

@@ -46,16 +46,10 @@ PASSTHROUGH_OUT = "bench.passthrough"
 def create_passthrough_app(settings: StreamsSettings):
     """The baseline: decode each input record with our serde and re-encode it to one output topic."""
     from adaptloop.schemas import SerdeContext, serde_for
-    from adaptloop.streams.app import _broker_options, _tansu_options
     from adaptloop.streams.delivery import run_batched, send_acknowledged
-    from adaptloop.streams.faust_app import App
+    from adaptloop.streams.faust_app import new_app
 
-    app = App(settings.app_id, **_broker_options(settings.kafka), broker_session_timeout=6,
-                    processing_guarantee="at_least_once", producer_acks=-1, **_tansu_options(settings.kafka),
-                    topic_partitions=settings.topics.partitions, topic_replication_factor=1,
-                    topic_disable_leader=True, key_serializer="raw", value_serializer="raw", store="memory://",
-                    datadir=str(settings.data_dir), web_port=settings.web_port, web_bind="127.0.0.1",
-                    web_host="127.0.0.1", autodiscover=False)
+    app = new_app(settings)
     out = app.topic(settings.topics.prefix + PASSTHROUGH_OUT, key_serializer="raw", value_serializer="raw",
                     partitions=settings.topics.partitions)
     from adaptloop.processes import mark_ready

@@ -1,4 +1,5 @@
-"""``faust.App`` with three fixes to its consumer (aiokafka, the transport adaptloop uses).
+"""``faust.App`` with three fixes to its consumer (aiokafka, the transport adaptloop uses), and
+``new_app``: such an app configured for adaptloop's brokers (TLS/SASL, Tansu), as every worker starts it.
 
 **A partition never committed to is rewound after a rebalance.**
 Faust drops records it fetched but had not handed to an agent when a rebalance begins (its fetch loop
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any, Mapping
 
@@ -48,6 +50,8 @@ from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode import Service
+
+from adaptloop.settings import KafkaSettings, StreamsSettings
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +201,54 @@ class App(faust.App):
 
     def _new_transport(self) -> _Transport:
         return _Transport(self.conf.broker_consumer, self)
+
+
+def _broker_options(kafka: KafkaSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "broker": [f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
+    }
+    context = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(kafka.ssl_ca_location) if kafka.ssl_ca_location else None)
+    if kafka.security_protocol.startswith("SASL"):
+        options["broker_credentials"] = faust.SASLCredentials(
+            username=kafka.sasl_username, password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            mechanism=kafka.sasl_mechanism, ssl_context=context)
+    elif context is not None:
+        options["broker_credentials"] = faust.SSLCredentials(context)
+    return options
+
+
+def _tansu_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Tansu's partition ends count batches, not records: table recovery reads changelogs' ends from the
+    log (``App`` above). Only on the embedded broker, the same switch that turns producer idempotence off."""
+    return {"batch_counted_ends": True} if kafka.embedded else {}
+
+
+def new_app(settings: StreamsSettings) -> App:
+    """A Faust app for ``settings`` on adaptloop's brokers; nothing global, nothing started. The curation
+    app and the streams bench's pass-through both start from it, so the baseline runs as curation does."""
+    return App(
+        settings.app_id,
+        **_broker_options(settings.kafka),
+        # Tansu: a group join waits half the session timeout; 2 s causes rebalance storms.
+        broker_session_timeout=6,
+        # Tansu has no transactions: at least once, consumers de-duplicate by id.
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        producer_request_timeout=settings.kafka.delivery_timeout_s,
+        **_tansu_options(settings.kafka),
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=1,
+        topic_disable_leader=True,
+        # Timers and in-memory indexes scan only active partitions' state; standbys would be stale copies.
+        table_standby_replicas=0,
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        datadir=str(settings.data_dir),
+        web_port=settings.web_port,
+        web_bind="127.0.0.1",
+        web_host="127.0.0.1",
+        autodiscover=False,
+    )
