@@ -12,6 +12,7 @@
     adaptloop canary      # the canary controller (promote / roll back on outcomes)
     adaptloop release     # manual promote / rollback of a release
     adaptloop keys        # gateway API keys (stored hashed)
+    adaptloop tasks check FILE [--answers FILE]   # validate a task catalogue, judge sample answers
 
     adaptloop status      # live view: processes, topics and lag, counts by stage, releases, routing
     adaptloop lineage     # adapter -> dataset -> source offsets; interaction -> every adapter that used it
@@ -38,6 +39,7 @@ COMMANDS = {
     "canary": ("adaptloop.serving.canary:main", "Run the canary controller."),
     "release": ("adaptloop.serving.canary:release_main", "Promote or roll back a release by hand."),
     "keys": ("adaptloop.serving.keys:main", "Create gateway API keys."),
+    "tasks": ("adaptloop.tasks:check_main", "Check a task catalogue and judge sample answers with it."),
 
     "status": ("adaptloop.status:main", "Show the stack: processes, topics, lag, counts by stage, releases."),
     "lineage": ("adaptloop.lineage:main", "Trace an adapter to its data, or an interaction to its adapters."),

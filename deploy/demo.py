@@ -41,12 +41,11 @@ from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.stack import LocalStack, StackPorts, free_port
-from adaptloop.tasks import case_generator, task_spec
+from adaptloop.demo_tasks import case_generator
+from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
 
 #: (tenant, task) pairs the demo drives; each is one alias ``tenant/task`` at the gateway.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("acme", "order-extract"), ("globex", "ticket-triage"))
-#: Answer length per task: an order's JSON is ~45 tokens, a triage ~15.
-MAX_TOKENS = {"order-extract": 64, "ticket-triage": 32}
 #: Top-up calls when a window has not fired (an example was dropped, e.g. as a near-duplicate).
 TOP_UP_CALLS = 4
 #: No new training request this long after the last outcome: top up.
@@ -127,7 +126,7 @@ class Agent:
 
     async def ask(self, tenant: str, task: str, sentence: str, session_id: str, agent: str) -> tuple[str, str, str]:
         """(interaction id, adapter that served, answer)."""
-        spec = task_spec(task)
+        spec = example_catalogue().get(task)
         async with self.limit:
             response = await self.client.post("/v1/chat/completions", headers=self.tenant_headers.get(tenant, {}) | {
                 "x-adaptloop-session": session_id, "x-adaptloop-agent": agent,
@@ -135,7 +134,7 @@ class Agent:
                 "model": alias(tenant, task),
                 "messages": [{"role": "system", "content": spec.system_prompt},
                              {"role": "user", "content": sentence}],
-                "max_tokens": MAX_TOKENS.get(task, 64), "temperature": 0.0,
+                "max_tokens": spec.max_new_tokens or 64, "temperature": 0.0,
             })
         if response.status_code != 200:
             raise StackError(f"gateway answered {response.status_code}: {response.text[:300]}")
@@ -164,7 +163,7 @@ class PairLoop:
 
         self.config, self.agent, self.recorder, self.kafka, self.topics = config, agent, recorder, kafka, topics
         self.tenant, self.task = tenant, task
-        self.spec = task_spec(task)
+        self.spec = example_catalogue().get(task)
         self.cases = case_generator(task, config.traffic_seed + sum(map(ord, tenant + task)))
         self.split = split
         self.predicted_train = 0
@@ -297,7 +296,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "ADAPTLOOP_STREAMS_WINDOW_SIZE": str(config.window_size),
         "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(config.holdout_percent),
         "ADAPTLOOP_TRAINER_EPOCHS": str(config.trainer_epochs),
-        "ADAPTLOOP_TRAINER_MAX_NEW_TOKENS": str(max(MAX_TOKENS.get(task, 64) for _, task in config.pairs)),
+        # The demo's tasks are the example catalogue's, whatever catalogue this shell names.
+        FILE_ENV: str(EXAMPLE_CATALOGUE),
     })
     with stack.start(progress=_say):
         timings["stack_start"] = round(time.monotonic() - started, 1)

@@ -14,7 +14,8 @@
     │   └── ReleaseCheckError  an adapter (or the plan for one) breaks a rule of vLLM's LoRA loading
     ├── ArtifactError          an adapter artifact is missing or its digest does not match
     └── ServingError           vLLM refused an adapter, or no replica can serve an alias
-        └── AuthError          a gateway request without a valid API key, or for another tenant
+        ├── AuthError          a gateway request without a valid API key, or for another tenant
+        └── FeedbackError      the gateway did not take a feedback (its status and message)
 """
 
 from __future__ import annotations
@@ -91,3 +92,12 @@ class ServingError(AdaptloopError):
 
 class AuthError(ServingError):
     """A gateway request without a valid API key, or for an alias of another tenant."""
+
+
+class FeedbackError(ServingError):
+    """The gateway did not take a feedback: ``status`` and ``message`` say why (nothing was recorded)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"feedback refused ({status}): {message}")
+        self.status = status
+        self.message = message

@@ -1,5 +1,13 @@
 """The agent SDK: record interactions and outcomes; every failure reaches the caller.
 
+Over HTTP, for agents that reach only the gateway (the id is the completion's ``id``):
+
+    from adaptloop.sdk import FeedbackClient
+    feedback = FeedbackClient("http://127.0.0.1:18080", api_key="alk_...")
+    feedback.feedback(reply.id, source="HUMAN", success=False, correction="refund", reason="it asked for its money")
+
+Over Kafka, for agents that record their own calls (the Python SDK beside a broker):
+
     from adaptloop.sdk import Recorder
     with Recorder(KafkaSettings(), Topics()) as rec:
         iid = rec.interaction(tenant="acme", agent="bot", task="order-extract", session_id="s1",
@@ -16,6 +24,9 @@ import time
 import uuid
 from typing import Any, Iterable, Mapping
 
+import httpx
+
+from adaptloop.errors import FeedbackError
 from adaptloop.kafka import DeliveryTracker
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
@@ -119,3 +130,39 @@ class Recorder:
 
     def __exit__(self, *exc_info: object) -> None:
         self.flush()
+
+
+class FeedbackClient:
+    """``POST /v1/feedback`` at the gateway with the tenant's key; returns the outcome id once the gateway
+    has it safe (202), raises ``FeedbackError`` with the gateway's status and message otherwise."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 30.0) -> None:
+        self._client = httpx.Client(base_url=base_url.rstrip("/").removesuffix("/v1"), timeout=timeout_s,
+                                    headers={"authorization": f"Bearer {api_key}"})
+
+    def feedback(self, interaction_id: str, *, source: str, success: bool | None = None, score: float | None = None,
+                 correction: str | Mapping[str, Any] | None = None, labeler: str | None = None,
+                 reason: str | None = None, outcome_id: str | None = None, event_time: int | None = None) -> str:
+        body = {"interaction_id": interaction_id, "source": source, "success": success, "score": score,
+                "correction": correction, "labeler": labeler, "reason": reason, "outcome_id": outcome_id,
+                "event_time": event_time}
+        try:
+            response = self._client.post("/v1/feedback", json={k: v for k, v in body.items() if v is not None})
+        except httpx.HTTPError as exc:
+            raise FeedbackError(0, f"the gateway did not answer: {exc}") from exc
+        if response.status_code != 202:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:500]
+            raise FeedbackError(response.status_code, message)
+        return response.json()["id"]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "FeedbackClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -141,7 +141,8 @@ class StreamsSettings(BaseSettings):
     app_id: str = "adaptloop-curation"
     data_dir: Path = DEFAULT_HOME / "faust"
     web_port: int = 6066
-    window_size: int = Field(64, description="A training request fires per N new admitted training examples of a (tenant, task).")
+    window_size: int = Field(64, description="A training request fires per N new admitted training examples of a (tenant, task) "
+                             "(a task's own window_size in the task catalogue wins).")
     window_max_age_s: float = Field(3600.0, gt=0, description="... or when the window's first example is this old (wall clock) ...")
     window_min_examples: int = Field(8, ge=1, description="... and it holds at least this many admitted training examples.")
     holdout_percent: int = Field(20, ge=0, lt=100)
@@ -162,8 +163,6 @@ class StreamsSettings(BaseSettings):
     max_future_s: float = Field(300.0, ge=0, description="Event times further ahead of the worker's clock are contract violations.")
     pii_patterns: dict[str, str] = Field(default_factory=dict, description="Extra PII rules as JSON {name: regex}; they fire "
                                          "as custom:NAME and count as identifiers of people (erasure keys).")
-    tasks: dict[str, dict] = Field(default_factory=dict, description="Tasks beside the built-in ones, as JSON {name: "
-                                   "{validator: json_schema|regex|exact|<registered name>, ...}} (adaptloop.streams.validators).")
     phone_region: str = Field("US", description="Region for phone numbers written without a country code.")
     crash_point: Literal["", "request_pending", "request_sent"] = Field(
         "", description="Crash drills and tests only: the worker SIGKILLs itself the first time it reaches this point "
@@ -295,6 +294,12 @@ class GatewaySettings(BaseSettings):
         "$ADAPTLOOP_HOME/gateway-outbox. Keep it on a disk that survives the gateway's restarts."))
     outbox_max_mib: int = Field(256, ge=1, description=(
         "Unacknowledged interactions the outbox may hold (MiB) before calls are refused with a 503."))
+    id_secret: SecretStr | None = Field(None, description=(
+        "The key that tags every interaction id with its tenant (POST /v1/feedback verifies it): the same "
+        "on every gateway of a deployment. Unset: read from id_secret_file, created there if missing."))
+    id_secret_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-id-secret (0600).")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Request bodies larger than this are refused (413).")
+    max_correction_chars: int = Field(32_768, ge=1, description="The longest correction POST /v1/feedback takes.")
     sidecar_watch_s: float = Field(10.0, gt=0, le=60, description=(
         "How long one watch of a replica's sidecar waits for a change of its loaded set before it is "
         "asked again (a change is heard at once, whatever this is)."))
@@ -317,6 +322,9 @@ class GatewaySettings(BaseSettings):
 
     def replica_list(self) -> list[Replica]:
         return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]
+
+    def id_secret_path(self) -> Path:
+        return self.id_secret_file or DEFAULT_HOME / "gateway-id-secret"
 
     def outbox_path(self) -> Path:
         return (self.outbox_dir or DEFAULT_HOME / "gateway-outbox") / str(self.port)

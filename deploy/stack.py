@@ -106,6 +106,7 @@ def service_env(kafka: KafkaSettings, topics: Topics, home: Path) -> dict[str, s
         "ADAPTLOOP_SERVE_HOME": str(home),
         "ADAPTLOOP_STREAMS_DATA_DIR": str(home / "faust"),
         "ADAPTLOOP_GATEWAY_OUTBOX_DIR": str(home / "gateway-outbox"),
+        "ADAPTLOOP_GATEWAY_ID_SECRET_FILE": str(home / "gateway-id-secret"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",

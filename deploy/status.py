@@ -35,10 +35,11 @@ from typing import Any, Iterable, Mapping
 import httpx
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 
-from adaptloop.errors import AdaptloopError
+from adaptloop.errors import AdaptloopError, ConfigError
 from adaptloop.kafka import admin
 from adaptloop.lineage import decode_all, read_topics
 from adaptloop.settings import StatusSettings
+from adaptloop.tasks import load_catalogue
 
 STATE_FILE = "stack.json"
 #: Topic (attribute of Topics) -> record stem, for the topics whose records status decodes.
@@ -255,6 +256,13 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
         snapshot["problems"].append(f"broker: {exc}")
         partitions, raw = {}, {t: [] for t in all_topics}
     snapshot["topics"] = topic_rows(raw, partitions)
+    try:
+        catalogue = load_catalogue()
+        snapshot["tasks"] = {"source": catalogue.source, "tasks": {
+            name: {"kind": spec.kind, "version": spec.version, "digest": spec.digest} for name, spec in catalogue.tasks.items()}}
+    except ConfigError as exc:
+        snapshot["tasks"] = {"source": None, "tasks": {}}
+        snapshot["problems"].append(f"task catalogue: {exc}")
     records: dict[str, list[Mapping[str, Any]]] = {}
     snapshot["undecodable"] = {}
     for which, stem in DECODED.items():

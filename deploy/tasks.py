@@ -1,31 +1,57 @@
-"""Tasks and their validators.
+"""The task catalogue: one YAML file that every process judging, training or routing reads the same way.
 
-A validator judges one answer: ``validator(response, reference=None) -> Verdict``. Without a
-reference it checks the answer's form (what the stream can know); with one it also checks the
-content (what evaluation on holdout examples knows). Validators are registered by name and
-tasks name their validator, so a user adds a task without touching the pipeline.
+    ADAPTLOOP_TASKS_FILE=my-tasks.yaml adaptloop up       # every process: curation, trainer, gateway ...
+    adaptloop tasks check my-tasks.yaml --answers answers.yaml
 
-Built-in tasks, each with a generator of cases with their truth (for the demo and the tests):
+A catalogue names each task with its system prompt and its validator, and optionally its own loop
+settings (unset ones fall back to the process's settings)::
 
-- ``order-extract``: an order sentence -> exact JSON with five fields (``OrderGenerator``);
-- ``ticket-triage``: a support ticket -> ``{"category", "priority"}`` from closed sets
-  (``TicketGenerator``). Each ticket names its area and its priority somewhere in free text, among
-  other words; the 135M base model answers in prose (0% measured on 16 tickets), a LoRA trained on
-  a few dozen corrected tickets learns to pick the two labels out into the exact JSON. (Tickets
-  whose labels must be inferred from meaning alone -- "charged twice" -> billing -- were tried
-  first: 32 examples taught the format but not the labels, 12% success.)
+    tasks:
+      intent:
+        system_prompt: Label the customer's message with one word: refund, cancel or other.
+        validator: {kind: regex, pattern: "(refund|cancel|other)"}
+        window_size: 24          # a training request per 24 new admitted TRAIN examples
+        min_examples: 8          # ... and never on fewer (curation's age trigger, the trainer)
+        gate_margin: 0.05        # the candidate beats the incumbent's holdout success by this much
+        max_new_tokens: 8        # evaluation's answer length
+        method: auto             # auto | sft | kto | dpo
+        version: "2"             # yours to bump; the content digest changes with any edit anyway
 
-``case_generator(task, seed)`` returns the generator of a built-in task.
+Validator kinds: ``json_schema`` (``schema``: the answer is JSON valid under it; with a reference,
+equal to it), ``regex`` (``pattern``: the whole answer matches; with a reference, the same answer,
+normalized), ``exact`` (``expected``: one of these, normalized; with a reference, that one) and
+``python`` (``function: "module:function"``, importable in every environment that runs a process,
+called as ``function(response, reference=None)`` and returning a ``Verdict`` or a bool).
+Normalized: casefolded, whitespace collapsed, surrounding quotes and a final period dropped.
+
+Without ``ADAPTLOOP_TASKS_FILE`` (or ``ADAPTLOOP_TASKS_INLINE``, the same YAML as text, for tests)
+processes read the example catalogue shipped in ``deploy/tasks.yaml``. Unknown keys, bad patterns,
+bad schemas and unimportable functions stop a process at start with the file, the line and the task.
+Every task has a content ``digest``: a training request carries curation's, and the trainer refuses
+a request whose task its own catalogue defines differently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
-import random
-from dataclasses import dataclass
-from typing import Callable, Protocol
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Literal, Mapping, Protocol, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptloop.errors import ConfigError
+
+FILE_ENV = "ADAPTLOOP_TASKS_FILE"
+INLINE_ENV = "ADAPTLOOP_TASKS_INLINE"
+EXAMPLE_CATALOGUE = Path(__file__).with_name("tasks.yaml")
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+METHODS = ("auto", "sft", "kto", "dpo")
 
 
 @dataclass(frozen=True)
@@ -39,258 +65,363 @@ class Validator(Protocol):
     def __call__(self, response: str, reference: str | None = None) -> Verdict: ...
 
 
-_VALIDATORS: dict[str, Validator] = {}
-
-
-def register_validator(name: str) -> Callable[[Validator], Validator]:
-    def decorate(fn: Validator) -> Validator:
-        _VALIDATORS[name] = fn
-        return fn
-    return decorate
-
-
-def validator(name: str) -> Validator:
-    try:
-        return _VALIDATORS[name]
-    except KeyError:
-        raise ConfigError(f"no validator {name!r}; registered: {sorted(_VALIDATORS)}") from None
-
-
 @dataclass(frozen=True)
 class TaskSpec:
-    """What the loop needs to know of a task: how to judge it and how to ask for it."""
+    """What the loop knows of one task: how to ask for it, how to judge it, and its own loop settings."""
 
     name: str
-    validator: str
     system_prompt: str
+    validator: Validator
+    kind: str
     version: str = "1"
+    digest: str = ""
+    window_size: int | None = None
+    min_examples: int | None = None
+    gate_margin: float | None = None
+    max_new_tokens: int | None = None
+    method: str | None = None
 
     def judge(self, response: str, reference: str | None = None) -> Verdict:
-        return validator(self.validator)(response, reference)
+        """The validator's verdict. A validator that fails on hostile content (a ``RecursionError`` on deep
+        nesting, a user function's bug) gives a failed verdict naming the error: one answer never stops a
+        stream or an evaluation."""
+        try:
+            verdict = self.validator(response, reference)
+        except (RecursionError, MemoryError) as exc:
+            return Verdict(False, 0.0, f"validator failed: {type(exc).__name__}")
+        except Exception as exc:  # noqa: BLE001 -- a user's function may raise anything; the answer fails, with why
+            return Verdict(False, 0.0, f"validator failed: {type(exc).__name__}: {str(exc)[:200]}")
+        if isinstance(verdict, bool):
+            return Verdict(verdict, float(verdict), "accepted" if verdict else "rejected")
+        if not isinstance(verdict, Verdict):
+            return Verdict(False, 0.0, f"validator returned {type(verdict).__name__}, not a Verdict or a bool")
+        return verdict
 
     @property
     def scorer(self) -> str:
-        return f"{self.validator}@{self.version}"
-
-
-ORDER_FIELDS = ("customer", "product", "quantity", "city", "deadline")
-
-ORDER_SYSTEM_PROMPT = (
-    "Extract the order from the user's sentence. Answer with JSON only, exactly these keys: "
-    '"customer" (string), "product" (string), "quantity" (integer), "city" (string), '
-    '"deadline" (string).'
-)
-
-
-def _json_object(text: str, keys: tuple[str, ...]) -> dict | str:
-    """The answer as a JSON object with exactly ``keys``, or why it is not one."""
-    try:
-        value = json.loads(text.strip())
-    except ValueError as exc:
-        return f"not JSON: {exc.msg}"
-    if not isinstance(value, dict):
-        return "not a JSON object"
-    if sorted(value) != sorted(keys):
-        return f"keys {sorted(value)} != {sorted(keys)}"
-    return value
-
-
-def _judge(parse: Callable[[str], dict | str], fields: tuple[str, ...], response: str, reference: str | None, *,
-           what: str, normalize: Callable[[dict], dict] = dict) -> Verdict:
-    """Form first (``parse``); with a reference, the share of ``fields`` whose values match."""
-    parsed = parse(response)
-    if isinstance(parsed, str):
-        return Verdict(False, 0.0, parsed)
-    if reference is None:
-        return Verdict(True, 1.0, "well-formed")
-    expected = parse(reference)
-    if isinstance(expected, str):
-        raise ConfigError(f"reference answer is not a valid {what}: {expected}")
-    got, want = normalize(parsed), normalize(expected)
-    wrong = [k for k in fields if got[k] != want[k]]
-    if wrong:
-        return Verdict(False, 1 - len(wrong) / len(fields), f"wrong fields: {wrong}")
-    return Verdict(True, 1.0, "exact match")
-
-
-def _parse_order(text: str) -> dict | str:
-    value = _json_object(text, ORDER_FIELDS)
-    if isinstance(value, str):
-        return value
-    if not isinstance(value["quantity"], int) or isinstance(value["quantity"], bool):
-        return "quantity is not an integer"
-    if not all(isinstance(value[k], str) and value[k].strip() for k in ORDER_FIELDS if k != "quantity"):
-        return "a text field is empty or not a string"
-    return value
-
-
-def _normalized(order: dict) -> dict:
-    return {k: (v.strip().casefold() if isinstance(v, str) else v) for k, v in order.items()}
-
-
-@register_validator("order_json")
-def order_json(response: str, reference: str | None = None) -> Verdict:
-    """Exact JSON with the five order fields; with a reference, the same values (case-insensitive)."""
-    return _judge(_parse_order, ORDER_FIELDS, response, reference, what="order", normalize=_normalized)
-
-
-TICKET_CATEGORIES = ("billing", "technical", "account", "shipping")
-TICKET_PRIORITIES = ("low", "medium", "high")
-
-TICKET_SYSTEM_PROMPT = (
-    "Triage the support ticket. Answer with JSON only, exactly these keys: "
-    '"category" (one of "billing", "technical", "account", "shipping") and '
-    '"priority" (one of "low", "medium", "high").'
-)
-
-
-TICKET_FIELDS = ("category", "priority")
-
-
-def _parse_ticket(text: str) -> dict | str:
-    value = _json_object(text, TICKET_FIELDS)
-    if isinstance(value, str):
-        return value
-    if value["category"] not in TICKET_CATEGORIES:
-        return f"category {value['category']!r} not in {list(TICKET_CATEGORIES)}"
-    if value["priority"] not in TICKET_PRIORITIES:
-        return f"priority {value['priority']!r} not in {list(TICKET_PRIORITIES)}"
-    return value
-
-
-@register_validator("ticket_json")
-def ticket_json(response: str, reference: str | None = None) -> Verdict:
-    """JSON with exactly category and priority from their closed sets; with a reference, the same labels."""
-    return _judge(_parse_ticket, TICKET_FIELDS, response, reference, what="triage")
-
-
-BUILTIN_TASKS = {
-    "order-extract": TaskSpec("order-extract", "order_json", ORDER_SYSTEM_PROMPT),
-    "ticket-triage": TaskSpec("ticket-triage", "ticket_json", TICKET_SYSTEM_PROMPT),
-}
-
-
-def task_spec(name: str, tasks: dict[str, TaskSpec] | None = None) -> TaskSpec:
-    catalogue = tasks or BUILTIN_TASKS
-    try:
-        return catalogue[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}; known: {sorted(catalogue)}") from None
-
-
-_FIRST = ["Alice", "Omar", "Mei", "Lars", "Priya", "Diego", "Hana", "Tomas", "Aisha", "Jonas",
-          "Sofia", "Kenji", "Nora", "Mateo", "Leila", "Ivan", "Chloe", "Ravi", "Elena", "Samuel"]
-_LAST = ["Martin", "Haddad", "Chen", "Berg", "Sharma", "Lopez", "Sato", "Novak", "Okafor", "Weber",
-         "Rossi", "Tanaka", "Dubois", "Silva", "Karimi", "Petrov", "Moreau", "Iyer", "Costa", "Klein"]
-_PRODUCTS = ["desk lamp", "coffee mug", "USB cable", "office chair", "notebook", "water bottle",
-             "wireless mouse", "standing desk", "phone case", "backpack", "monitor arm", "table fan",
-             "yoga mat", "travel adapter", "bike helmet", "tea kettle"]
-_CITIES = ["Lyon", "Oslo", "Porto", "Kyoto", "Austin", "Nairobi", "Gdansk", "Seville", "Leeds",
-           "Turin", "Quebec", "Bergen", "Malaga", "Denver", "Hamburg", "Perth"]
-_DEADLINES = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "next week",
-              "end of month", "tomorrow", "March 3", "June 18", "October 9"]
-_TEMPLATES = [
-    "{customer} wants {quantity} x {product} delivered to {city} by {deadline}.",
-    "Please ship {quantity} units of {product} to {city} for {customer}, due {deadline}.",
-    "New order from {customer}: {product}, quantity {quantity}, destination {city}, deadline {deadline}.",
-    "Can you send {quantity} pieces of {product} to {customer} in {city}? Needed by {deadline}.",
-    "Deliver to {city} by {deadline}: {quantity} x {product}, ordered by {customer}.",
-    "{customer} from {city} ordered {quantity} of the {product}; it must arrive {deadline}.",
-]
+        """Names the judge in curated examples and release records: kind, version and content digest."""
+        return f"{self.kind}:{self.name}@{self.version}#{self.digest.partition(':')[2][:12]}"
 
 
 @dataclass(frozen=True)
-class Case:
-    """One generated input (``sentence``) with its truth; ``answer`` is the exact JSON expected."""
+class Catalogue:
+    """The tasks of one catalogue file, by name."""
 
-    sentence: str
-    truth: dict
+    tasks: Mapping[str, TaskSpec]
+    source: str
 
-    @property
-    def answer(self) -> str:
-        return json.dumps(self.truth)
+    def get(self, name: str) -> TaskSpec:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise ConfigError(f"unknown task {name!r}; the catalogue {self.source} defines {sorted(self.tasks)}") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.tasks
 
-OrderCase = TicketCase = Case
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tasks)
 
+    def __len__(self) -> int:
+        return len(self.tasks)
 
-class CaseGenerator:
-    """Cases reproducible from a seed; a task's generator says how to make one (``case``)."""
+    def digests(self) -> dict[str, str]:
+        return {name: spec.digest for name, spec in self.tasks.items()}
 
-    def __init__(self, seed: int) -> None:
-        self.random = random.Random(seed)
-
-    def case(self) -> Case:
-        raise NotImplementedError
-
-    def cases(self, n: int) -> list[Case]:
-        return [self.case() for _ in range(n)]
-
-
-class OrderGenerator(CaseGenerator):
-    """Order sentences with their exact JSON."""
-
-    def case(self) -> OrderCase:
-        r = self.random
-        truth = {
-            "customer": f"{r.choice(_FIRST)} {r.choice(_LAST)}",
-            "product": r.choice(_PRODUCTS),
-            "quantity": r.randint(1, 40),
-            "city": r.choice(_CITIES),
-            "deadline": r.choice(_DEADLINES),
-        }
-        return OrderCase(r.choice(_TEMPLATES).format(**truth), truth)
+    def disagreement(self, task: str, digest: str, *, theirs: str = "the request") -> str | None:
+        """Why ``task`` as another process defined it (its ``digest``) is not this catalogue's, or None."""
+        if not digest:
+            return None  # a request from before catalogues carried digests: nothing to compare
+        ours = self.tasks.get(task)
+        if ours is None:
+            return f"task {task!r} is in {theirs}'s catalogue but not in this one ({self.source})"
+        if ours.digest != digest:
+            return (f"task {task!r} differs between {theirs}'s catalogue (digest {digest[:19]}) and this one "
+                    f"({self.source}: version {ours.version}, digest {ours.digest[:19]})")
+        return None
 
 
-# -- ticket-triage cases ------------------------------------------------------------------------
+# -- the file's shape ----------------------------------------------------------------------------
 
-_TICKET_ISSUES = {
-    "billing": ["a billing question: I was charged twice for invoice {ref}", "billing: my refund for order {ref} never arrived",
-                "the billing team sent invoice {ref} with the wrong VAT amount", "my card was billed after I cancelled, a billing error",
-                "billing issue, the price on invoice {ref} does not match the quote", "for billing: I need a corrected receipt for payment {ref}"],
-    "technical": ["a technical problem: the app crashes when I open the {thing} screen", "technical issue, error 500 when I upload to {thing}",
-                  "the {thing} sync stopped working after the update (technical)", "technical: the export to CSV hangs at 99% in {thing}",
-                  "a technical fault: the API times out for every request to {thing}", "technical trouble, the {thing} dashboard is blank"],
-    "account": ["account access: I cannot reset my password for {thing}", "please change the e-mail address on my account",
-                "my account is locked after too many login attempts", "account setup: I want to add a second admin to {thing}",
-                "account security: two-factor codes stopped arriving", "please close the old account of {name}"],
-    "shipping": ["shipping: parcel {ref} is stuck in transit since last week", "a shipping mistake, order {ref} went to the wrong address",
-                 "shipping damage: package {ref} arrived broken", "shipping status for {ref} has not updated",
-                 "order {ref} was marked delivered but the shipping never came", "shipping address change needed for order {ref}"],
-}
-_TICKET_URGENCY = {
-    "high": ["High priority, please fix it today.", "This is high priority: our whole team is blocked!",
-             "Priority high, we lose money every hour.", "High priority please, a customer demo starts in one hour."],
-    "medium": ["Medium priority, please look into it this week.", "I would say medium priority, we can work around it.",
-               "Could you check it in the next few days? Medium priority.", "Priority: medium. Let me know what you find."],
-    "low": ["Low priority, whenever you have time.", "Just letting you know, low priority.",
-            "Low priority, a small thing really.", "No rush at all, priority low. Thanks."],
-}
-_TICKET_OPENERS = ["Hello,", "Hi support,", "Dear team,", "Hey,", "Good morning,", ""]
-_TICKET_THINGS = ["Reports", "Billing", "Projects", "Inbox", "Calendar", "Analytics", "Mobile", "Admin"]
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class TicketGenerator(CaseGenerator):
-    """Support tickets with their category and priority."""
-
-    def case(self) -> TicketCase:
-        r = self.random
-        category, priority = r.choice(TICKET_CATEGORIES), r.choice(TICKET_PRIORITIES)
-        issue = r.choice(_TICKET_ISSUES[category]).format(
-            ref=f"{r.choice('ABCDEFGHJK')}{r.randint(10000, 99999)}", thing=r.choice(_TICKET_THINGS),
-            name=f"{r.choice(_FIRST)} {r.choice(_LAST)}")
-        signature = f"-- {r.choice(_FIRST)} {r.choice(_LAST)}"
-        text = " ".join(part for part in (r.choice(_TICKET_OPENERS), issue[0].upper() + issue[1:] + ".",
-                                          r.choice(_TICKET_URGENCY[priority]), signature) if part)
-        return TicketCase(text, {"category": category, "priority": priority})
+class JsonSchemaValidator(_Strict):
+    kind: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
 
 
-GENERATORS = {"order-extract": OrderGenerator, "ticket-triage": TicketGenerator}
+class RegexValidator(_Strict):
+    kind: Literal["regex"]
+    pattern: str = Field(min_length=1)
 
 
-def case_generator(task: str, seed: int) -> CaseGenerator:
-    """The case generator of a built-in task (cases have ``.sentence`` and ``.answer``)."""
+class ExactValidator(_Strict):
+    kind: Literal["exact"]
+    expected: list[str] = Field(default_factory=list)
+
+
+class PythonValidator(_Strict):
+    kind: Literal["python"]
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+ValidatorEntry = Annotated[Union[JsonSchemaValidator, RegexValidator, ExactValidator, PythonValidator],
+                           Field(discriminator="kind")]
+
+
+class TaskEntry(_Strict):
+    system_prompt: str = ""
+    validator: ValidatorEntry
+    version: str = "1"
+    window_size: int | None = Field(None, ge=1)
+    min_examples: int | None = Field(None, ge=1)
+    gate_margin: float | None = Field(None, ge=0.0, le=1.0)
+    max_new_tokens: int | None = Field(None, ge=1, le=8192)
+    method: Literal["auto", "sft", "kto", "dpo"] | None = None
+
+
+class CatalogueFile(_Strict):
+    tasks: dict[str, TaskEntry] = Field(min_length=1)
+
+
+# -- validators of the declarative kinds ---------------------------------------------------------
+
+def normalize(text: str) -> str:
+    text = " ".join(text.split()).casefold().strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text.rstrip(".").strip()
+
+
+def json_schema_validator(schema: Mapping[str, Any]) -> Validator:
+    import jsonschema
+
     try:
-        return GENERATORS[task](seed)
-    except KeyError:
-        raise ConfigError(f"no case generator for task {task!r}; built in: {sorted(GENERATORS)}") from None
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"not a JSON schema: {exc.message}") from exc
+    checker = jsonschema.Draft202012Validator(schema)
+
+    def judge(response: str, reference: str | None = None) -> Verdict:
+        try:
+            value = json.loads(response)
+        except ValueError as exc:
+            return Verdict(False, 0.0, f"not JSON: {exc}")
+        errors = sorted(checker.iter_errors(value), key=lambda e: list(e.path))
+        if errors:
+            return Verdict(False, 0.0, f"schema: {errors[0].message}")
+        if reference is not None and value != json.loads(reference):
+            return Verdict(False, 0.0, "valid, but not the reference")
+        return Verdict(True, 1.0, "valid")
+    return judge
+
+
+def regex_validator(pattern: str) -> Validator:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"not a regex: {pattern!r}: {exc}") from exc
+
+    def judge(response: str, reference: str | None = None) -> Verdict:
+        if not compiled.fullmatch(response.strip()):
+            return Verdict(False, 0.0, f"does not match {pattern!r}")
+        if reference is not None and normalize(response) != normalize(reference):
+            return Verdict(False, 0.0, "matches, but not the reference")
+        return Verdict(True, 1.0, "matches")
+    return judge
+
+
+def exact_validator(expected: list[str]) -> Validator:
+    allowed = {normalize(e) for e in expected}
+
+    def judge(response: str, reference: str | None = None) -> Verdict:
+        answer = normalize(response)
+        if not answer:
+            return Verdict(False, 0.0, "empty answer")
+        if allowed and answer not in allowed:
+            return Verdict(False, 0.0, f"{answer[:80]!r} is none of the expected answers")
+        if reference is not None and answer != normalize(reference):
+            return Verdict(False, 0.0, "not the reference")
+        return Verdict(True, 1.0, "exact match" if reference is not None or allowed else "non-empty")
+    return judge
+
+
+def python_validator(path: str) -> Validator:
+    module_name, _, attribute = path.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for validator {path!r}: {exc}") from exc
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no {attribute!r} (validator {path!r})") from None
+    if not callable(function):
+        raise ConfigError(f"validator {path!r} is not callable")
+    return function
+
+
+def _validator(entry: ValidatorEntry) -> Validator:
+    if isinstance(entry, JsonSchemaValidator):
+        return json_schema_validator(entry.schema_)
+    if isinstance(entry, RegexValidator):
+        return regex_validator(entry.pattern)
+    if isinstance(entry, ExactValidator):
+        return exact_validator(entry.expected)
+    return python_validator(entry.function)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """(key path) -> 1-based line of every mapping key and sequence item in a composed YAML document."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            here = path + (key.value,)
+            out[here] = key.start_mark.line + 1
+            _lines(value, here, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            out[path + (i,)] = value.start_mark.line + 1
+            _lines(value, path + (i,), out)
+    return out
+
+
+def _line_of(lines: Mapping[tuple, int], loc: tuple) -> int | None:
+    """The line of the deepest part of ``loc`` (pydantic's error location) that the file holds."""
+    keys = tuple(part for part in loc if part not in ("json_schema", "regex", "exact", "python"))
+    for n in range(len(keys), 0, -1):
+        if keys[:n] in lines:
+            return lines[keys[:n]]
+    return None
+
+
+def _digest(name: str, entry: TaskEntry) -> str:
+    canonical = json.dumps({"name": name, **entry.model_dump(by_alias=True)}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def parse_catalogue(text: str, source: str) -> Catalogue:
+    """The catalogue in ``text`` (YAML or JSON); ``ConfigError`` naming ``source``, the line and the task."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    lines = _lines(node) if node is not None else {}
+    try:
+        parsed = CatalogueFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            line = _line_of(lines, loc)
+            task = f" task {loc[1]!r}" if len(loc) > 1 and loc[0] == "tasks" else ""
+            field_ = ".".join(str(p) for p in loc[2:]) or ".".join(str(p) for p in loc)
+            problems.append(f"{source}:{line or 1}:{task} {field_}: {error['msg']}")
+        raise ConfigError("bad task catalogue:\n  " + "\n  ".join(problems)) from None
+    tasks: dict[str, TaskSpec] = {}
+    for name, entry in parsed.tasks.items():
+        where = f"{source}:{lines.get(('tasks', name), 1)}: task {name!r}"
+        if not TASK_NAME.match(name):
+            raise ConfigError(f"{where}: a task name is 1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit")
+        try:
+            validator = _validator(entry.validator)
+        except ConfigError as exc:
+            line = lines.get(("tasks", name, "validator"), lines.get(("tasks", name), 1))
+            raise ConfigError(f"{source}:{line}: task {name!r}: {exc}") from exc
+        tasks[name] = TaskSpec(name=name, system_prompt=entry.system_prompt, validator=validator,
+                               kind=entry.validator.kind, version=entry.version, digest=_digest(name, entry),
+                               window_size=entry.window_size, min_examples=entry.min_examples,
+                               gate_margin=entry.gate_margin, max_new_tokens=entry.max_new_tokens,
+                               method=entry.method)
+    return Catalogue(tasks, source)
+
+
+def read_catalogue(path: str | Path) -> Catalogue:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the task catalogue {path}: {exc}") from exc
+    return parse_catalogue(text, str(path))
+
+
+def load_catalogue(environ: Mapping[str, str] | None = None) -> Catalogue:
+    """The catalogue this process runs with: ``ADAPTLOOP_TASKS_INLINE`` (YAML text), else the file named by
+    ``ADAPTLOOP_TASKS_FILE``, else the example catalogue shipped with adaptloop. Every process calls this."""
+    environ = os.environ if environ is None else environ
+    inline, path = environ.get(INLINE_ENV), environ.get(FILE_ENV)
+    if inline and path:
+        raise ConfigError(f"set {FILE_ENV} or {INLINE_ENV}, not both")
+    if inline:
+        return parse_catalogue(inline, f"${INLINE_ENV}")
+    return read_catalogue(path or EXAMPLE_CATALOGUE)
+
+
+def example_catalogue() -> Catalogue:
+    """The catalogue shipped with adaptloop (the demo's tasks), whatever the environment says."""
+    return read_catalogue(EXAMPLE_CATALOGUE)
+
+
+@dataclass
+class Answers:
+    """Sample answers per task for ``adaptloop tasks check --answers``: [{answer, reference?}, ...]."""
+
+    by_task: dict[str, list[dict[str, str | None]]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> "Answers":
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: answers are a mapping of task -> list of answers")
+        by_task: dict[str, list[dict[str, str | None]]] = {}
+        for task, items in raw.items():
+            if not isinstance(items, list):
+                raise ConfigError(f"{path}: answers of {task!r} are not a list")
+            by_task[str(task)] = [{"answer": str(i), "reference": None} if not isinstance(i, dict) else
+                                  {"answer": str(i.get("answer", "")),
+                                   "reference": None if i.get("reference") is None else str(i["reference"])}
+                                  for i in items]
+        return cls(by_task)
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    """``adaptloop tasks check FILE [--answers FILE]``: validate a catalogue and judge sample answers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="adaptloop tasks", description="Check a task catalogue.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a catalogue; with --answers, judge sample answers")
+    check.add_argument("file", type=Path)
+    check.add_argument("--answers", type=Path, help="YAML/JSON: {task: [answer | {answer, reference}, ...]}")
+    args = parser.parse_args(argv)
+    try:
+        catalogue = read_catalogue(args.file)
+        answers = Answers.read(args.answers) if args.answers else Answers()
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 1
+    for name, spec in catalogue.tasks.items():
+        extras = {k: getattr(spec, k) for k in ("window_size", "min_examples", "gate_margin", "max_new_tokens", "method")
+                  if getattr(spec, k) is not None}
+        print(f"task {name}: {spec.kind} validator, version {spec.version}, digest {spec.digest[:19]}"
+              + (f", {extras}" if extras else ""))
+    unknown = sorted(set(answers.by_task) - set(catalogue.tasks))
+    for task, items in answers.by_task.items():
+        if task not in catalogue:
+            continue
+        for item in items:
+            verdict = catalogue.get(task).judge(item["answer"], item["reference"])
+            against = f" (reference {item['reference']!r})" if item["reference"] is not None else ""
+            print(f"  {task}: {'PASS' if verdict.ok else 'FAIL'} {verdict.score:.2f} {item['answer'][:60]!r}{against}: "
+                  f"{verdict.reason}")
+    if unknown:
+        print(f"error: answers name tasks the catalogue does not define: {unknown}")
+        return 1
+    print(f"ok: {len(catalogue)} tasks in {args.file}")
+    return 0
+

@@ -40,12 +40,13 @@ from typing import Any, Callable, Iterable, Mapping
 import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from adaptloop.errors import AdaptloopError, BrokerError, DeserializationError, ServingError
+from adaptloop.errors import AdaptloopError, BrokerError, ConfigError, DeserializationError, ServingError
 from adaptloop.kafka import DeliveryTracker, consumer_config, partitions_of
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import CanarySettings
+from adaptloop.tasks import load_catalogue
 
 log = logging.getLogger("adaptloop.canary")
 
@@ -326,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = CanarySettings()
+    try:
+        # A broken catalogue stops the controller at start, as it stops every process of the stack.
+        catalogue = load_catalogue()
+    except ConfigError as exc:
+        print(f"adaptloop canary: {exc}", file=sys.stderr)
+        return 2
+    log.info("tasks of %s: %s", catalogue.source, sorted(catalogue))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

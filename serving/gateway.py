@@ -11,14 +11,16 @@
     EOF
 
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (both with ``"stream": true``),
-``/v1/models``; errors in OpenAI's shape. ``/health`` and ``/stats`` (requests, upstream errors and
+``/v1/models``, ``/v1/feedback`` (an outcome for a call: ``serving.feedback``); errors in OpenAI's
+shape. A body over ``max_body_bytes`` is a 413; one that is not JSON, or nested too deep, a 400. ``/health`` and ``/stats`` (requests, upstream errors and
 p95 latency per alias and served version, read by the canary controller) are for the internal
 network and need no key.
 
 Keys: ``Authorization: Bearer <key>``; no key or an unknown one is a 401. A key reaches only its
 tenant's aliases (``tenant/task``; another tenant's alias is a 404, as if it did not exist) and the
 base model by name, recorded under the key's tenant (task from ``x-adaptloop-task``, default
-``default``). See ``serving.keys``.
+``default``). Tasks are the catalogue's (``adaptloop.tasks``): an alias or a task header naming
+another is refused. See ``serving.keys``.
 
 Routing: an alias goes to its incumbent (newest PROMOTED version loaded on some replica, else the
 base model), except for ``canary_share`` of its calls, which go to its canary (the newest RELEASED
@@ -55,7 +57,8 @@ written when the stream ends: ``data: [DONE]`` follows only a kept record;
 otherwise the stream ends with an error event (the ``openai`` client raises it).
 
 Response headers: ``x-adaptloop-interaction-id``, ``x-adaptloop-adapter`` (version or ``base``) and
-``x-adaptloop-role`` (``canary``, ``incumbent`` or ``base``); the response's ``id`` is the interaction id.
+``x-adaptloop-role`` (``canary``, ``incumbent`` or ``base``); the response's ``id`` is the interaction id,
+tagged with its tenant (``serving.feedback.InteractionIds``) so that feedback on it can be verified.
 """
 
 from __future__ import annotations
@@ -89,11 +92,13 @@ from adaptloop.errors import AuthError, ConfigError, DeliveryError, Serializatio
 from adaptloop.processes import cpu_wake_latency, mark_ready, pin_to_cpus, set_sched_slice
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.canary import canary_and_incumbent
+from adaptloop.serving.feedback import InteractionIds, RequestRefused, outcome_of, parse_json, read_body
 from adaptloop.serving.keys import KeyStore
 from adaptloop.serving.outbox import OutboxError
 from adaptloop.serving.recording import InteractionLog
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import GatewaySettings, Replica
+from adaptloop.tasks import Catalogue, load_catalogue
 
 log = logging.getLogger("adaptloop.gateway")
 
@@ -136,7 +141,11 @@ class Route:
 
 
 class UnknownModel(LookupError):
-    """A ``model`` that is neither ``tenant/task`` of the caller's tenant nor the base model's name."""
+    """A ``model`` that is neither ``tenant/task`` of the caller's tenant (a task of the catalogue) nor the base model."""
+
+
+class UnknownTask(LookupError):
+    """An ``x-adaptloop-task`` that names no task of the catalogue."""
 
 
 @dataclass
@@ -157,8 +166,10 @@ def take_canary(count: int, share: float) -> bool:
 class Router:
     """Alias -> canary share to the newest RELEASED version, the rest to the incumbent (PROMOTED, else base)."""
 
-    def __init__(self, reader: ReleaseReader, base_model: str, replicas: list[Replica], canary_share: float) -> None:
+    def __init__(self, reader: ReleaseReader, base_model: str, replicas: list[Replica], canary_share: float,
+                 tasks: frozenset[str]) -> None:
         self.reader = reader
+        self.tasks = tasks
         self.base_model = base_model
         self.replicas = [ReplicaState(r.vllm_url.rstrip("/"), r.sidecar_url.rstrip("/")) for r in replicas]
         self.canary_share = canary_share
@@ -194,10 +205,12 @@ class Router:
 
     def route(self, model: str, tenant: str, headers: Mapping[str, str]) -> Route:
         if model == self.base_model:
-            return Route(tenant, headers.get(TASK_HEADER, DEFAULT_TASK), self.base_model, None, None,
-                         self.replica_for(None))
+            task = headers.get(TASK_HEADER, DEFAULT_TASK)
+            if task != DEFAULT_TASK and task not in self.tasks:
+                raise UnknownTask(task)
+            return Route(tenant, task, self.base_model, None, None, self.replica_for(None))
         parsed = self.parse_alias(model)
-        if parsed is None or parsed[0] != tenant:
+        if parsed is None or parsed[0] != tenant or parsed[1] not in self.tasks:
             raise UnknownModel(model)
         task = parsed[1]
         canary, incumbent = self.live(tenant, task)
@@ -221,10 +234,9 @@ class Router:
         return Route(route.tenant, route.task, self.base_model, None, None, self.replica_for(None))
 
     def models(self, tenant: str) -> list[dict[str, Any]]:
-        """The base and every alias of ``tenant`` with a servable release, with what it routes to now."""
+        """The base and an alias of ``tenant`` per catalogue task, with what it routes to now."""
         entries = [{"id": self.base_model, "object": "model", "created": 0, "owned_by": "adaptloop", "adapter": None}]
-        releases = self.reader.releases()
-        for task in sorted({r.task for r in releases.values() if r.servable and r.tenant == tenant}):
+        for task in sorted(self.tasks):
             canary, incumbent = self.live(tenant, task)
             entries.append({"id": make_alias(tenant, task), "object": "model", "created": 0, "owned_by": tenant,
                             "adapter": incumbent.version if incumbent else (canary.version if canary else None),
@@ -287,14 +299,18 @@ def bearer(headers: Mapping[str, str]) -> str | None:
 class Gateway:
     """Everything one gateway process holds: settings, keys, registry reader, router, interaction log, HTTP client."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, catalogue: Catalogue | None = None) -> None:
         self.settings = settings
+        self.catalogue = catalogue if catalogue is not None else load_catalogue()
+        self.ids = (InteractionIds(settings.id_secret.get_secret_value().encode()) if settings.id_secret
+                    else InteractionIds.from_file(settings.id_secret_path()))
         self.keys = KeyStore.load(settings.api_keys_file,
                                   settings.api_keys.get_secret_value() if settings.api_keys else None)
         if not len(self.keys):
             log.warning("no API keys configured: every request will be refused (see `adaptloop keys add`)")
         self.reader = ReleaseReader(settings.kafka, settings.topics, name="gateway-registry")
-        self.router = Router(self.reader, settings.model.name, settings.replica_list(), settings.canary_share)
+        self.router = Router(self.reader, settings.model.name, settings.replica_list(), settings.canary_share,
+                             frozenset(self.catalogue))
         self.interactions = InteractionLog(settings)
         self.stats = Stats()
         self.client: aiohttp.ClientSession | None = None
@@ -382,9 +398,10 @@ class Gateway:
         except AuthError as exc:
             return openai_error(401, str(exc), "invalid_request_error", "invalid_api_key")
         try:
-            body = await request.json()
-        except ValueError:
-            return openai_error(400, "the request body is not JSON", "invalid_request_error")
+            body = parse_json(await read_body(request.stream(), self.settings.max_body_bytes,
+                                              request.headers.get("content-length")))
+        except RequestRefused as exc:
+            return openai_error(exc.status, exc.message, "invalid_request_error", exc.code)
         if kind == "chat":
             valid = isinstance(body, dict) and isinstance(body.get("messages"), list) and bool(body["messages"])
             need = "'model' (a string) and 'messages' (a non-empty list)"
@@ -397,9 +414,13 @@ class Gateway:
         try:
             route = self.router.route(body["model"], tenant, request.headers)
         except UnknownModel:
-            return openai_error(404, f"The model `{body['model']}` does not exist or you do not have access to it: "
-                                     f"use '{tenant}/<task>' or '{self.settings.model.name}'",
+            return openai_error(404, f"The model `{body['model'][:200]}` does not exist or you do not have access to "
+                                     f"it: use '{tenant}/<task>' with a task of the catalogue "
+                                     f"({', '.join(sorted(self.catalogue))}) or '{self.settings.model.name}'",
                                 "invalid_request_error", "model_not_found")
+        except UnknownTask as exc:
+            return openai_error(400, f"{TASK_HEADER} {str(exc)[:200]!r} is no task of the catalogue "
+                                     f"({', '.join(sorted(self.catalogue))})", "invalid_request_error", "unknown_task")
         if route.replica is None:
             return openai_error(503, "no model server replica is configured", "api_error", "no_replica")
         record_mode = request.headers.get(RECORD_HEADER) or self.settings.record_mode
@@ -410,6 +431,32 @@ class Gateway:
         if body.get("stream"):
             return await call.stream()
         return await call.complete()
+
+    async def feedback(self, request: Request) -> JSONResponse:
+        """``POST /v1/feedback`` (``serving.feedback``): 202 once the outcome is as safe as an interaction."""
+        try:
+            tenant = self.authenticate(request)
+        except AuthError as exc:
+            return openai_error(401, str(exc), "invalid_request_error", "invalid_api_key")
+        record_mode = request.headers.get(RECORD_HEADER) or self.settings.record_mode
+        if record_mode not in RECORD_MODES:
+            return openai_error(400, f"{RECORD_HEADER} must be one of {', '.join(RECORD_MODES)}", "invalid_request_error")
+        try:
+            raw = await read_body(request.stream(), self.settings.max_body_bytes, request.headers.get("content-length"))
+            outcome = outcome_of(raw, tenant, self.ids, max_correction_chars=self.settings.max_correction_chars)
+        except RequestRefused as exc:
+            return JSONResponse({"error": {"message": exc.message, "type": "invalid_request_error",
+                                           "param": exc.param, "code": exc.code}}, status_code=exc.status)
+        try:
+            if record_mode == "outbox":
+                self.interactions.enqueue(outcome, "outcome")
+            else:
+                await self.interactions.write(outcome, "outcome")
+        except (DeliveryError, SerializationError, OutboxError) as exc:
+            log.error("feedback on %s not recorded: %s", outcome["interaction_id"], exc)
+            return openai_error(503, f"the feedback could not be recorded: {exc}", "api_error", "feedback_not_recorded")
+        return JSONResponse({"object": "feedback", "id": outcome["outcome_id"], "interaction_id": outcome["interaction_id"],
+                             "status": "accepted"}, status_code=202)
 
 
 class _Call:
@@ -422,7 +469,7 @@ class _Call:
         self.body = body
         self.kind = kind
         self.outbox = outbox
-        self.interaction_id = str(uuid.uuid4())
+        self.interaction_id = gateway.ids.new(route.tenant)
         self.agent = headers.get(AGENT_HEADER) or gateway.settings.agent_name
         self.session_id = headers.get(SESSION_HEADER) or str(uuid.uuid4())
         self.started = received
@@ -650,9 +697,9 @@ class GatewayApp:
         await response(scope, receive, send)
 
 
-def create_app(settings: GatewaySettings) -> GatewayApp:
+def create_app(settings: GatewaySettings, catalogue: Catalogue | None = None) -> GatewayApp:
     """The gateway's ASGI app; everything it holds is built here, nothing at import."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, catalogue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -679,6 +726,10 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
         except AuthError as exc:
             return openai_error(401, str(exc), "invalid_request_error", "invalid_api_key")
         return {"object": "list", "data": gateway.router.models(tenant)}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        return await gateway.feedback(request)
 
     @app.get("/stats")
     async def stats(alias: str | None = None, since_ms: int = 0) -> dict[str, Any]:
@@ -734,7 +785,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings()
     if pin_to_cpus(settings.cpus):  # before create_app: the producer's and reader's threads inherit it
         log.info("on CPUs %s only", settings.cpus)
-    app = create_app(settings)
+    try:
+        app = create_app(settings, load_catalogue())
+    except ConfigError as exc:
+        print(f"adaptloop gateway: {exc}", file=sys.stderr)
+        return 2
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                            access_log=False))
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with these

@@ -1,4 +1,5 @@
-"""The gateway's interaction records, produced to the interactions topic in ``ack`` or ``outbox`` mode.
+"""The gateway's records, produced in ``ack`` or ``outbox`` mode: interactions (every call) and outcomes
+(``POST /v1/feedback``), each keyed by its interaction id.
 
 ``serving.gateway`` says what each mode promises a caller, ``serving.outbox`` how the outbox keeps
 records across a kill; ``InteractionLog`` below is where the two meet the producer.
@@ -28,7 +29,7 @@ OUTBOX_RETRY_S = 2.0
 
 
 class InteractionLog:
-    """Produces interactions: ``write`` awaits the broker's acknowledgement (ack mode); ``enqueue``
+    """Produces interactions and outcomes (``stem``): ``write`` awaits the broker's acknowledgement (ack mode); ``enqueue``
     returns once the record is in the outbox (outbox mode) and the broker takes it from there.
 
     A background thread polls the producer; its delivery callbacks hop onto the event loop.
@@ -37,10 +38,13 @@ class InteractionLog:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.topic = settings.topics.name("interactions")
+        registry = settings.kafka.schema_registry_url
+        #: stem -> (topic, serializer)
+        self._targets = {"interaction": (self.topic, serde_for("interaction", registry).serialize),
+                         "outcome": (settings.topics.name("outcomes"), serde_for("outcome", registry).serialize)}
         # librdkafka reports a failure at delivery.timeout.ms (settings.kafka.delivery_timeout_s); the
         # margin only guards against a callback that never comes.
         self.timeout_s = settings.kafka.delivery_timeout_s + DELIVERY_MARGIN_S
-        self._serialize = serde_for("interaction", settings.kafka.schema_registry_url).serialize
         # Nagle off: a record queued while another is in flight leaves at once, not after its ACK.
         self._producer = Producer(producer_config(settings.kafka, **{"linger.ms": 0, "socket.nagle.disable": True}))
         self._stop = threading.Event()
@@ -68,35 +72,36 @@ class InteractionLog:
         while not self._stop.is_set():
             self._producer.poll(0.1)
 
-    def _key_value(self, record: Mapping[str, Any]) -> tuple[bytes, bytes]:
-        return record["interaction_id"].encode(), self._serialize(record, SerdeContext(self.topic))
+    def _encoded(self, record: Mapping[str, Any], stem: str) -> tuple[str, bytes, bytes]:
+        topic, serialize = self._targets[stem]
+        return topic, record["interaction_id"].encode(), serialize(record, SerdeContext(topic))
 
-    async def write(self, record: Mapping[str, Any]) -> None:
-        """Return once the broker acknowledged ``record``; ``DeliveryError`` otherwise."""
+    async def write(self, record: Mapping[str, Any], stem: str = "interaction") -> None:
+        """Return once the broker acknowledged ``record`` (an interaction or an outcome); ``DeliveryError`` otherwise."""
         loop = asyncio.get_running_loop()
         acknowledged: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             loop.call_soon_threadsafe(_settle, acknowledged, err)
 
-        key, value = self._key_value(record)
+        topic, key, value = self._encoded(record, stem)
         try:
-            self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
+            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
         except (BufferError, KafkaException) as exc:
-            raise DeliveryError(f"interaction {record['interaction_id']} not queued: {exc}") from exc
+            raise DeliveryError(f"{stem} of {record['interaction_id']} not queued: {exc}") from exc
         try:
             await asyncio.wait_for(acknowledged, self.timeout_s)
         except TimeoutError as exc:
-            raise DeliveryError(f"interaction {record['interaction_id']} not acknowledged within "
+            raise DeliveryError(f"{stem} of {record['interaction_id']} not acknowledged within "
                                 f"{self.timeout_s}s") from exc
 
-    def enqueue(self, record: Mapping[str, Any]) -> None:
+    def enqueue(self, record: Mapping[str, Any], stem: str = "interaction") -> None:
         """Return once ``record`` is in the outbox (``OutboxError`` if it cannot be); it is produced
         in the loop's next turn, after the answer went out (the producer's threads then compete with
         nothing on the response path), and again after each refusal until the broker acknowledges it."""
-        key, value = self._key_value(record)
-        segment = self.outbox.append(self.topic, key, value)
-        self._loop.call_soon(self._produce, self.topic, key, value, segment)
+        topic, key, value = self._encoded(record, stem)
+        segment = self.outbox.append(topic, key, value)
+        self._loop.call_soon(self._produce, topic, key, value, segment)
 
     def _produce(self, topic: str, key: bytes, value: bytes, segment: int) -> None:
         loop = self._loop

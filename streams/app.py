@@ -59,8 +59,7 @@ from adaptloop.streams.faust_app import new_app
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
-from adaptloop.streams.validators import task_specs
-from adaptloop.tasks import task_spec
+from adaptloop.tasks import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +95,15 @@ def ensure_internal_topics(settings: StreamsSettings) -> None:
 class Curation:
     """The agents' bodies: decode, redact, join, score, dedupe, window; everything they send is awaited."""
 
-    def __init__(self, app: faust.App, settings: StreamsSettings, *, erasures: ErasureFeed | None = None) -> None:
+    def __init__(self, app: faust.App, settings: StreamsSettings, *, erasures: ErasureFeed | None = None,
+                 catalogue: Catalogue | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.catalogue = catalogue if catalogue is not None else load_catalogue()
         names = settings.topics
         layout = names.layout()
         registry = settings.kafka.schema_registry_url
-        contract = stages.Contract(tasks=task_specs(settings.tasks), max_record_bytes=settings.max_record_bytes,
+        contract = stages.Contract(tasks=dict(self.catalogue.tasks), max_record_bytes=settings.max_record_bytes,
                                    tenants=frozenset(settings.tenants),
                                    max_future_ms=int(settings.max_future_s * 1000))
 
@@ -282,7 +283,7 @@ class Curation:
                     redactions[rule] = redactions.get(rule, 0) + n
             example = stages.curate(
                 interaction, outcomes, interaction_ref=SourceRef.from_dict(side["ref"]),
-                spec=task_spec(interaction["task"], dict(self.contract.tasks)),
+                spec=self.catalogue.get(interaction["task"]),
                 holdout_percent=self.settings.holdout_percent, horizon_ms=self.horizon_ms,
                 redactions=redactions, subjects=subjects)
             tenant_task = stages.curated_key(example["tenant"], example["task"])
@@ -340,7 +341,7 @@ class Curation:
             if state.get("pending"):
                 await self._send_request(key, dict(state))
             elif stages.window_due_by_age(state, now=now, max_age_ms=int(self.settings.window_max_age_s * 1000),
-                                          min_examples=self.settings.window_min_examples):
+                                          min_examples=self.min_examples(key.split("/", 1)[1])):
                 tenant, task = key.split("/", 1)
                 await self._fire(key, tenant, task, dict(state), trigger=f"age>={self.settings.window_max_age_s:g}s")
 
@@ -393,6 +394,15 @@ class Curation:
 
     # ------------------------------------------------------------------ window per (tenant, task)
 
+    def window_size(self, task: str) -> int:
+        """The task's own window (its catalogue entry), else the worker's."""
+        spec = self.catalogue.tasks.get(task)
+        return (spec.window_size if spec else None) or self.settings.window_size
+
+    def min_examples(self, task: str) -> int:
+        spec = self.catalogue.tasks.get(task)
+        return (spec.min_examples if spec else None) or self.settings.window_min_examples
+
     async def on_curated(self, event: EventT) -> None:
         """One curated example: count it for its (tenant, task) and fire a training request when due."""
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
@@ -403,7 +413,7 @@ class Curation:
         previous = self.staged_windows.get(key)
         state, fire = stages.window_update(previous, example | {"admitted": example["admitted"] and not repeat},
                                            partition=ref.partition, offset=ref.offset,
-                                           window_size=self.settings.window_size)
+                                           window_size=self.window_size(example["task"]))
         if previous is not None and state["newest"] == previous.get("newest"):
             log.info("curated %s@%d: replayed, already counted", ref.topic, ref.offset)
             return
@@ -412,7 +422,7 @@ class Curation:
             self.metrics.record(stages.STAGE_WINDOW, ADMITTED, tenant_task=key)
         state["p"] = ref.partition
         if fire:
-            await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.settings.window_size}")
+            await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.window_size(example['task'])}")
         else:
             self.staged_windows.stage(key, state, event)
 
@@ -423,7 +433,7 @@ class Curation:
             # (deciding this one replaces it in the table, and that window would have no request).
             await self._send_request(key, state)
         request = stages.training_request(tenant, task, state, curated_topic=self.curated.get_topic_name(),
-                                          trigger=trigger)
+                                          trigger=trigger, task_digest=self.catalogue.get(task).digest)
         state = stages.window_fired(state, request)
         self.staged_windows.discard(key)
         self.staged_windows.write()
@@ -490,10 +500,12 @@ def _reason(text: str | None) -> str:
     return text
 
 
-def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None) -> faust.App:
-    """A Faust app for ``settings``; nothing global, nothing started."""
+def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None,
+               catalogue: Catalogue | None = None) -> faust.App:
+    """A Faust app for ``settings`` and the task catalogue (default: ``load_catalogue()``); nothing global,
+    nothing started."""
     app = new_app(settings)
-    curation = Curation(app, settings, erasures=erasures)
+    curation = Curation(app, settings, erasures=erasures, catalogue=catalogue)
     app.curation = curation  # for introspection from a worker shell
 
     @app.agent(curation.join_inputs, name="join", supervisor_strategy=CrashingSupervisor)

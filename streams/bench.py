@@ -120,9 +120,10 @@ def _produce(kafka: KafkaSettings, topics: Topics, pairs: int, seed: int, tenant
     from adaptloop.kafka import DeliveryTracker
     from adaptloop.schemas import SerdeContext, serde_for
     from adaptloop.sdk import build_interaction, build_outcome
-    from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
+    from adaptloop.demo_tasks import OrderGenerator
+    from adaptloop.tasks import example_catalogue
 
-    system = {"role": "system", "content": BUILTIN_TASKS["order-extract"].system_prompt}
+    system = {"role": "system", "content": example_catalogue().get("order-extract").system_prompt}
     iser, oser = serde_for("interaction").serialize, serde_for("outcome").serialize
     producer = DeliveryTracker(kafka)
     itopic, otopic = topics.name("interactions"), topics.name("outcomes")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.tasks import BUILTIN_TASKS, TaskSpec
+from adaptloop.tasks import TaskSpec, example_catalogue
 
 #: Which code made a record: written into every example's and request's lineage.
 CODE_VERSION = f"adaptloop=={metadata.version('adaptloop')}"
@@ -66,7 +66,7 @@ class SourceRef:
 class Contract:
     """What a decoded record must satisfy beyond its schema."""
 
-    tasks: Mapping[str, TaskSpec] = field(default_factory=lambda: dict(BUILTIN_TASKS))
+    tasks: Mapping[str, TaskSpec] = field(default_factory=lambda: dict(example_catalogue().tasks))
     max_record_bytes: int = 1_000_000
     #: Tenants allowed on the input topics; empty means any tenant.
     tenants: frozenset[str] = frozenset()
@@ -386,8 +386,9 @@ def request_id(tenant: str, task: str, ranges: list[Mapping[str, Any]]) -> str:
 
 def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curated_topic: str,
                      trigger: str | None = None, code_version: str = CODE_VERSION,
-                     created_at: int | None = None) -> dict[str, Any]:
-    """A TrainingRequest (schemas/avro/training_request.v1.avsc) for the state that just fired."""
+                     created_at: int | None = None, task_digest: str | None = None) -> dict[str, Any]:
+    """A TrainingRequest (schemas/avro/training_request.v2.avsc) for the state that just fired; ``task_digest``
+    is the task as this worker's catalogue defines it (the trainer checks its own against it)."""
     ranges = example_ranges(curated_topic, state)
     return {
         "request_id": request_id(tenant, task, ranges),
@@ -399,4 +400,5 @@ def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curate
         "train_count": int(state["train_count"]),
         "holdout_count": int(state["holdout_count"]),
         "code_version": code_version,
+        "task_digest": task_digest,
     }

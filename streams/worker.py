@@ -12,7 +12,9 @@ import argparse
 import sys
 from typing import Any
 
+from adaptloop.errors import ConfigError
 from adaptloop.settings import StreamsSettings
+from adaptloop.tasks import load_catalogue
 
 
 def run_worker(app: Any, settings: StreamsSettings, loglevel: str) -> int:
@@ -47,13 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     from adaptloop.streams.erasures import ErasureFeed
 
     settings = StreamsSettings()
+    try:
+        catalogue = load_catalogue()
+    except ConfigError as exc:
+        print(f"adaptloop streams: {exc}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_internal_topics(settings)
     # Every erasure so far is known before the first record is curated; the app's timer follows new ones.
     erasures = ErasureFeed(settings.kafka, settings.topics)
     erasures.catch_up()
     try:
-        return run_worker(create_app(settings, erasures=erasures), settings, args.loglevel)
+        return run_worker(create_app(settings, erasures=erasures, catalogue=catalogue), settings, args.loglevel)
     finally:
         erasures.close()
 

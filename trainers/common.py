@@ -55,12 +55,12 @@ def assistant(text: str) -> list[dict[str, str]]:
 
 
 def task_system_prompt(system_prompt: str, task: str) -> str:
-    """The explicit system prompt, else the built-in task's (empty when neither is given)."""
+    """The explicit system prompt, else the task's in this process's catalogue (empty when neither is given)."""
     if system_prompt or not task:
         return system_prompt
-    from adaptloop.tasks import task_spec
+    from adaptloop.tasks import load_catalogue
 
-    return task_spec(task).system_prompt
+    return load_catalogue().get(task).system_prompt
 
 
 def seed_everything(seed: int) -> None:

@@ -84,7 +84,7 @@ def to_pair(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
 
 
 def generated_examples(n: int, seed: int) -> list[dict]:
-    from adaptloop.tasks import OrderGenerator
+    from adaptloop.demo_tasks import OrderGenerator
 
     return [{"prompt_messages": [{"role": "user", "content": c.sentence}], "chosen": c.answer,
              "rejected": f"{c.truth['customer']} ordered {c.truth['quantity']} {c.truth['product']}."}

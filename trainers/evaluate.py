@@ -197,7 +197,8 @@ def live_releases(releases: Sequence[Mapping[str, Any]], tenant: str) -> list[Ma
 def cli(argv: list[str] | None = None) -> int:
     from adaptloop.model import ensure_base_model
     from adaptloop.settings import DEFAULT_HOME
-    from adaptloop.tasks import OrderGenerator, task_spec
+    from adaptloop.demo_tasks import OrderGenerator
+    from adaptloop.tasks import example_catalogue
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", help="PEFT adapter folder; omit for the base model")
@@ -208,7 +209,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = task_spec("order-extract")
+    spec = example_catalogue().get("order-extract")
     holdout = [{"prompt_messages": [{"role": "user", "content": c.sentence}], "completion": c.answer}
                for c in OrderGenerator(args.seed).cases(args.cases)]
     model = args.model or ensure_base_model(DEFAULT_HOME)

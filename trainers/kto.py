@@ -98,7 +98,7 @@ def to_unpaired(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any
 
 
 def generated_examples(n: int, seed: int) -> list[dict]:
-    from adaptloop.tasks import OrderGenerator
+    from adaptloop.demo_tasks import OrderGenerator
 
     rows = []
     for i, case in enumerate(OrderGenerator(seed).cases(n)):

@@ -43,7 +43,7 @@ from adaptloop.kafka import DeliveryTracker, Range, consumer_config, read_ranges
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import TrainerSettings
-from adaptloop.tasks import TaskSpec, task_spec
+from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
 from adaptloop.trainers.snapshot import Plan, Snapshot, build_snapshot, canonical_json, choose_method, write_snapshot
 
 log = logging.getLogger("adaptloop.trainer")
@@ -76,12 +76,12 @@ def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str, eras
 class TrainerService:
     """What one ``adaptloop trainer`` process holds: settings, serdes, a producer, the base model path."""
 
-    def __init__(self, settings: TrainerSettings, *, tasks: Mapping[str, TaskSpec] | None = None) -> None:
+    def __init__(self, settings: TrainerSettings, *, catalogue: Catalogue | None = None) -> None:
         from adaptloop.artifacts import base_model_digest
         from adaptloop.model import ensure_base_model
 
         self.settings = settings
-        self.tasks = dict(tasks) if tasks else None
+        self.catalogue = catalogue if catalogue is not None else load_catalogue()
         registry = settings.kafka.schema_registry_url
         self.requests_serde = serde_for("training_request", registry)
         self.curated_serde = serde_for("curated_example", registry)
@@ -153,29 +153,31 @@ class TrainerService:
         if not self.resolve_base_model(ensure_base_model, base_model_digest):
             return self.reject(request, f"base model unavailable: {self.base_error}", None)
         try:
-            spec = task_spec(task, self.tasks)
+            spec = self.catalogue.get(task)
         except ConfigError as exc:
             return self.reject(request, str(exc), None)
+        disagreement = self.catalogue.disagreement(task, request.get("task_digest") or "", theirs="curation")
+        if disagreement:
+            return self.reject(request, disagreement, None)
         erasures = self.erasures()
         try:
             snapshot = self.snapshot(request, erasures)
         except ContractViolation as exc:
             return self.reject(request, str(exc), None)
-        plan = choose_method(snapshot.train, self.settings.method)
+        plan = choose_method(snapshot.train, spec.method or self.settings.method)
         log.info("request %s: %s/%s snapshot %s at %s: %d train, %d holdout, %s; method %s (%s)", short, tenant, task,
                  snapshot.digest[:19], snapshot.uri, len(snapshot.train), len(snapshot.holdout),
                  snapshot.manifest["counts"], plan.method, plan.reason)
-        problem = self.plan_problem(plan, snapshot)
+        problem = self.plan_problem(plan, snapshot, spec.min_examples or self.settings.min_train_examples)
         if problem:
             return self.reject(request, problem, snapshot, plan=plan)
         return self.train_and_gate(request, spec, snapshot, plan, releases, erasures)
 
-    def plan_problem(self, plan: Plan, snapshot: Snapshot) -> str | None:
-        """Why this plan cannot give an adapter, or None."""
+    def plan_problem(self, plan: Plan, snapshot: Snapshot, minimum: int) -> str | None:
+        """Why this plan cannot give an adapter (``minimum``: the task's fewest TRAIN examples), or None."""
         from adaptloop.trainers.kto import class_weights
         from adaptloop.trainers.release import ReleaseCheckError, check_plan
 
-        minimum = self.settings.min_train_examples
         if len(plan.examples) < minimum:
             return (f"too few training examples: {len(plan.examples)} usable TRAIN examples for "
                     f"{snapshot.manifest['tenant']}/{snapshot.manifest['task']} in the named ranges, need {minimum} "
@@ -251,12 +253,12 @@ class TrainerService:
             ev.EvalJob(spec, snapshot.holdout, incumbent.version, incumbent.artifact_uri),
             *(ev.EvalJob(source_spec, holdout, f"suite:{release['version']}", adapter_dir)
               for release, source_spec, holdout in suite_sources),
-        ], max_new_tokens=self.settings.max_new_tokens, threads=self.settings.torch_threads)
+        ], max_new_tokens=spec.max_new_tokens or self.settings.max_new_tokens, threads=self.settings.torch_threads)
         suite = [regression_result(task=release["task"], source_version=release["version"], holdout_count=scored.count,
                                    candidate_score=scored.score, bar=float(release["evaluation"]["candidate_score"]),
                                    tolerance=self.settings.regression_tolerance)
                  for (release, _, _), scored in zip(suite_sources, suite_scores)]
-        margin = self.settings.gate_margin
+        margin = spec.gate_margin if spec.gate_margin is not None else self.settings.gate_margin
         decision = decide(candidate=dataclasses.asdict(candidate), incumbent=dataclasses.asdict(current),
                           margin=margin, suite=suite, tolerance=self.settings.regression_tolerance)
         reason = (f"{decision.reason}; {plan.method} ({plan.reason}), {result.steps} steps in "
@@ -296,7 +298,7 @@ class TrainerService:
                 continue
             seen.add(uri)
             try:
-                spec = task_spec(release["task"], self.tasks)
+                spec = self.catalogue.get(release["task"])
                 holdout = [h for h in read_snapshot(uri, splits=("holdout",)).holdout if erasures.match(h) is None]
             except (ConfigError, OSError, ValueError, KeyError) as exc:
                 # On record, not fatal: an unknown task or an unreadable store must not block every release.
@@ -407,7 +409,8 @@ class _Stopping(BaseException):
     Exception`` on the way -- Ray's, ours -- turns a stop into a failed request)."""
 
 
-def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: float = 1.0) -> int:
+def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: float = 1.0,
+        catalogue: Catalogue | None = None) -> int:
     """Consume training requests until SIGTERM/SIGINT (or ``max_requests`` handled); return how many."""
     from adaptloop.trainers import ray_job
 
@@ -419,7 +422,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         if state["busy"]:
             raise _Stopping()
 
-    service = TrainerService(settings)
+    service = TrainerService(settings, catalogue=catalogue)
     topic = settings.topics.name("training_requests")
     consumer = Consumer(consumer_config(settings.kafka, settings.group_id,
                                         **{"max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
@@ -469,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = TrainerSettings()
-    run(settings, max_requests=args.max_requests)
+    try:
+        catalogue = load_catalogue()
+    except ConfigError as exc:
+        print(f"adaptloop trainer: {exc}", file=sys.stderr)
+        return 2
+    run(settings, max_requests=args.max_requests, catalogue=catalogue)
     return 0
 
 

@@ -101,7 +101,7 @@ def load_examples(cfg: SFTRecipeConfig) -> list[dict]:
         with open(cfg.train_file) as f:
             return [json.loads(line) for line in f if line.strip()]
     if cfg.generate_examples:
-        from adaptloop.tasks import OrderGenerator
+        from adaptloop.demo_tasks import OrderGenerator
 
         return [{"prompt_messages": [{"role": "user", "content": c.sentence}], "completion": c.answer}
                 for c in OrderGenerator(cfg.generate_seed).cases(cfg.generate_examples)]

@@ -13,17 +13,24 @@ from adaptloop.kafka import Range, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.stack import free_port, service_env
-from adaptloop.tasks import BUILTIN_TASKS
+from adaptloop.tasks import EXAMPLE_CATALOGUE, example_catalogue
 
 TASK = "order-extract"
-SYSTEM = {"role": "system", "content": BUILTIN_TASKS[TASK].system_prompt}
+SYSTEM = {"role": "system", "content": example_catalogue().get(TASK).system_prompt}
 READY_TIMEOUT_S = 90.0
 RESULT_TIMEOUT_S = 60.0
 
 
-def worker_env(kafka: KafkaSettings, topics: Topics, home: Path, app_id: str | None = None, **settings: object) -> dict[str, str]:
-    """A curation worker's environment on ``topics``; ``settings`` are ADAPTLOOP_STREAMS_* overrides (lower case)."""
+def worker_env(kafka: KafkaSettings, topics: Topics, home: Path, app_id: str | None = None, *,
+               extra_tasks: str = "", **settings: object) -> dict[str, str]:
+    """A curation worker's environment on ``topics``; ``settings`` are ADAPTLOOP_STREAMS_* overrides (lower case).
+    ``extra_tasks``: catalogue entries (YAML, indented under ``tasks:``) beside the example catalogue's,
+    written to a catalogue file the worker reads as a user's would (``ADAPTLOOP_TASKS_FILE``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    catalogue = home / "tasks.yaml"
+    catalogue.write_text(EXAMPLE_CATALOGUE.read_text() + extra_tasks)
     env = service_env(kafka, topics, home) | {
+        "ADAPTLOOP_TASKS_FILE": str(catalogue),
         "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
         "ADAPTLOOP_STREAMS_APP_ID": app_id or f"curation-{uuid.uuid4().hex[:8]}",
         "ADAPTLOOP_STREAMS_DATA_DIR": str(home / "faust"),

@@ -26,16 +26,23 @@ from adaptloop.sdk import Recorder, build_interaction, build_outcome
 from adaptloop.settings import Topics
 from adaptloop.stack import start_service
 from adaptloop.streams import stages
-from adaptloop.tasks import OrderGenerator
+from adaptloop.demo_tasks import OrderGenerator
 from curation_helpers import (READY_TIMEOUT_S, TASK, dataset_of, get_json, get_text, messages, read_all,
                               wait_until, worker_env)
 
 pytestmark = pytest.mark.integration
 
 TENANTS = ["acme", "pii", "dup", "ta", "tb", "er", "dlq", "val"]
-TASKS = {"intent": {"validator": "regex", "pattern": "(refund|cancel|other)"},
-         "ticket": {"validator": "json_schema", "schema": {"type": "object", "required": ["id"],
-                                                            "properties": {"id": {"type": "integer"}}}}}
+#: Two tasks of a user's catalogue, beside the example's (validator kinds, by task).
+TASKS = {"intent": "regex", "ticket": "json_schema"}
+EXTRA_TASKS = """
+  intent:
+    validator: {kind: regex, pattern: "(refund|cancel|other)"}
+  ticket:
+    validator:
+      kind: json_schema
+      schema: {type: object, required: [id], properties: {id: {type: integer}}}
+"""
 WINDOW_SIZE, MAX_AGE_S, MIN_EXAMPLES, HOLDOUT = 3, 4, 2, 30
 MAX_BYTES = 20_000
 
@@ -46,7 +53,7 @@ def env(kafka, module_topics, tmp_path_factory):
     return home, worker_env(kafka, module_topics, home, tenants=TENANTS, window_size=str(WINDOW_SIZE),
                             window_max_age_s=str(MAX_AGE_S), window_min_examples=str(MIN_EXAMPLES),
                             holdout_percent=str(HOLDOUT), max_record_bytes=str(MAX_BYTES),
-                            pii_patterns={"employee": r"\bEMP-\d{6}\b"}, tasks=TASKS)
+                            pii_patterns={"employee": r"\bEMP-\d{6}\b"}, extra_tasks=EXTRA_TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +117,7 @@ def malformed_corpus(topics: Topics) -> list[tuple[str, str, bytes | None, bytes
     curated = serde_for("curated_example").serialize(stages.curate(
         inter("m-cur", response=json.dumps({"a": 1})), [(build_outcome("m-cur", tenant="dlq", source="HUMAN", success=True),
                                                         stages.SourceRef("o", 0, 0))],
-        interaction_ref=stages.SourceRef("i", 0, 0), spec=stages.BUILTIN_TASKS[TASK], holdout_percent=0,
+        interaction_ref=stages.SourceRef("i", 0, 0), spec=example_catalogue().get(TASK), holdout_percent=0,
         horizon_ms=1000), SerdeContext(o_topic))
     future = stages.now_ms() + 3_600_000
     return [
@@ -374,7 +381,7 @@ def test_validators_configured_per_task(kafka, module_topics, worker):
     for iid, (task, _, ok, reason) in zip(ids, cases):
         example = got[iid]
         assert (example["task"], example["admitted"]) == (task, ok), example["reject_reason"]
-        assert example["scorer"] == f"{TASKS[task]['validator']}:{task}@1"
+        assert example["scorer"].startswith(f"{TASKS[task]}:{task}@1#")
         if reason:
             assert reason in example["reject_reason"], example["reject_reason"]
 

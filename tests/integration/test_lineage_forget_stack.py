@@ -28,7 +28,8 @@ from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder
 from adaptloop.settings import KafkaSettings, Topics, TrainerSettings
 from adaptloop.stack import StackPorts, service_env, start_service
-from adaptloop.tasks import ORDER_SYSTEM_PROMPT, OrderGenerator, task_spec
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.tasks import example_catalogue
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +42,8 @@ def curated(case, example_id: str, split: str, *, session: str, offset: int) -> 
     return {
         "example_id": example_id, "tenant": TENANT, "task": TASK, "session_id": session, "split": split,
         "kind": "CORRECTION", "admitted": True, "reject_reason": None,
-        "prompt_messages": [{"role": "system", "content": ORDER_SYSTEM_PROMPT}, {"role": "user", "content": case.sentence}],
-        "completion": case.answer, "rejected": "{}", "score": 0.0, "scorer": task_spec(TASK).scorer,
+        "prompt_messages": [{"role": "system", "content": example_catalogue().get("order-extract").system_prompt}, {"role": "user", "content": case.sentence}],
+        "completion": case.answer, "rejected": "{}", "score": 0.0, "scorer": example_catalogue().get(TASK).scorer,
         "curated_at": int(time.time() * 1000),
         "lineage": {"interaction": {"topic": "agent.interactions", "partition": 0, "offset": offset},
                     "outcomes": [], "outcome_ids": [], "code_version": "test", "winning_outcome_id": None},

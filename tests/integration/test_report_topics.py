@@ -12,7 +12,8 @@ from adaptloop.report import build_report
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction, build_outcome
 from adaptloop.streams import stages
-from adaptloop.tasks import case_generator, task_spec
+from adaptloop.demo_tasks import case_generator
+from adaptloop.tasks import example_catalogue
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ def test_report_renders_from_real_topics(kafka, topics, tmp_path):
     producer = DeliveryTracker(kafka)
     t0 = 1_800_000_000_000
     for tenant, task in PAIRS:
-        spec = task_spec(task)
+        spec = example_catalogue().get(task)
         version = f"{tenant}--{task}--0123456789ab"
         for i, case in enumerate(case_generator(task, 1).cases(12)):
             served = version if i >= 6 else None

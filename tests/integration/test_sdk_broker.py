@@ -13,7 +13,7 @@ from adaptloop.kafka import producer_config, read_ranges
 from adaptloop.schemas import AvroDeserializer, AvroSerializer, SchemaStore, SerdeContext, bundled_store
 from adaptloop.sdk import Recorder, build_outcome
 from adaptloop.settings import KafkaSettings
-from adaptloop.tasks import OrderGenerator
+from adaptloop.demo_tasks import OrderGenerator
 
 pytestmark = pytest.mark.integration
 

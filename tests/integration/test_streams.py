@@ -19,7 +19,8 @@ from adaptloop.sdk import Recorder, build_interaction
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.stack import free_port, service_env, start_service
 from adaptloop.streams import stages
-from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.tasks import example_catalogue
 from curation_helpers import read_all, wait_until
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def test_worker_curates_joins_dead_letters_and_requests_training(kafka, topics, 
     with Recorder(kafka, topics) as recorder:
         for i, (case, session) in enumerate(zip(cases, sessions)):
             iid = f"i-{i}-{uuid.uuid4().hex[:6]}"
-            messages = [{"role": "system", "content": BUILTIN_TASKS[TASK].system_prompt},
+            messages = [{"role": "system", "content": example_catalogue().get(TASK).system_prompt},
                         {"role": "user", "content": case.sentence}]
             if i % 3 == 0:
                 response, outcome = case.answer, {"success": True}

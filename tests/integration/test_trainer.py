@@ -21,7 +21,8 @@ from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.kafka import DeliveryTracker, consumer_config, producer_config, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
-from adaptloop.tasks import BUILTIN_TASKS, ORDER_SYSTEM_PROMPT, OrderGenerator, TaskSpec, Verdict, register_validator
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.tasks import example_catalogue, parse_catalogue
 
 pytestmark = pytest.mark.integration
 
@@ -30,19 +31,18 @@ CITY_TASK = "order-city"
 CITY_PROMPT = 'Answer with JSON only: {"city": <the delivery city>}.'
 VERDICT = "outcome is not a success and carries no correction"
 
-
-@register_validator("city_json")
-def city_json(response: str, reference: str | None = None) -> Verdict:
-    """Task B of the regression test: {"city": ...} and, with a reference, the same city."""
-    try:
-        value = json.loads(response.strip())
-    except ValueError:
-        return Verdict(False, 0.0, "not JSON")
-    if not isinstance(value, dict) or set(value) != {"city"}:
-        return Verdict(False, 0.0, "not {city}")
-    if reference is not None and value["city"].casefold() != json.loads(reference)["city"].casefold():
-        return Verdict(False, 0.0, "wrong city")
-    return Verdict(True, 1.0, "ok")
+#: The trainer's catalogue: the example's order task, and task B of the regression test ({"city": ...}).
+CATALOGUE = parse_catalogue(f"""
+tasks:
+  {TASK}:
+    system_prompt: {json.dumps(example_catalogue().get(TASK).system_prompt)}
+    validator: {{kind: python, function: "adaptloop.demo_tasks:order_json"}}
+  {CITY_TASK}:
+    system_prompt: {json.dumps(CITY_PROMPT)}
+    validator:
+      kind: json_schema
+      schema: {{type: object, required: [city], additionalProperties: false, properties: {{city: {{type: string}}}}}}
+""", "test_trainer.CATALOGUE")
 
 
 #: Nothing else computes while these tests train (no vLLM, no curation load), so both cores train: LoRA steps
@@ -50,7 +50,7 @@ def city_json(response: str, reference: str | None = None) -> Verdict:
 TORCH_THREADS = 2
 MAX_NEW_TOKENS = 48
 
-TASKS = dict(BUILTIN_TASKS) | {CITY_TASK: TaskSpec(CITY_TASK, "city_json", CITY_PROMPT)}
+TASKS = CATALOGUE.tasks
 
 
 def prose(case) -> str:
@@ -66,7 +66,7 @@ def curated(case, split: str, *, tenant: str, kind: str = "SUCCESS", task: str =
     """A CuratedExample (schemas/avro/curated_example.v2.avsc). Its ids follow from its content (and how
     many alike were made before): the snapshot orders training data by example id, so random ids
     would train each run on another order, and a small run's result depends on it."""
-    system = CITY_PROMPT if task == CITY_TASK else ORDER_SYSTEM_PROMPT
+    system = TASKS[task].system_prompt
     name = f"{tenant}/{task}/{split}/{kind}/{case.sentence}/{completion}/{rejected}"
     _made[name] += 1
     digest = uuid.uuid5(uuid.NAMESPACE_URL, f"{name}#{_made[name]}").hex
@@ -142,7 +142,7 @@ def settings(kafka, module_topics, tmp_path_factory) -> TrainerSettings:
 def service(settings):
     from adaptloop.trainers.service import TrainerService
 
-    return TrainerService(settings, tasks=TASKS)
+    return TrainerService(settings, catalogue=CATALOGUE)
 
 
 def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_topics, settings, service):
@@ -390,7 +390,7 @@ def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_t
         print(f"[{name}] {rejected['state']}: {rejected['reason'][:140]}")
         assert rejected["state"] == "REJECTED" and reason in rejected["reason"] and rejected["artifact_uri"] is None
     # ... and the service itself still trains the same request.
-    assert service.plan_problem(*_plan(service, good)) is None
+    assert service.plan_problem(*_plan(service, good), service.settings.min_train_examples) is None
 
 
 def _plan(service, request):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adaptloop.streams import dedupe
-from adaptloop.tasks import OrderGenerator
+from adaptloop.demo_tasks import OrderGenerator
 
 
 def ex(user: str, completion: str = "{}", example_id: str = "e", system: str = "sys") -> dict:

@@ -114,7 +114,8 @@ class Registry:
 
 def test_router_splits_by_share_keeps_tenants_apart_and_uses_replicas_that_have_the_version():
     replicas = [Replica(vllm_url="http://a", sidecar_url="http://a-s"), Replica(vllm_url="http://b", sidecar_url="http://b-s")]
-    router = Router(Registry([release("v1", "PROMOTED", 10), release("v2", "RELEASED", 20)]), "base", replicas, 0.25)
+    router = Router(Registry([release("v1", "PROMOTED", 10), release("v2", "RELEASED", 20)]), "base", replicas, 0.25,
+                    frozenset({"extract", "chat"}))
     router.replicas[0].loaded, router.replicas[0].healthy = frozenset({"v1", "v2"}), True
     router.replicas[1].loaded, router.replicas[1].healthy = frozenset({"v1"}), True
     routes = [router.route("acme/extract", "acme", {}) for _ in range(40)]
@@ -127,8 +128,15 @@ def test_router_splits_by_share_keeps_tenants_apart_and_uses_replicas_that_have_
         router.route("acme/extract", "globex", {})
     base = router.route("base", "globex", {"x-adaptloop-task": "chat"})
     assert (base.tenant, base.task, base.version) == ("globex", "chat", None)
-    assert [m["id"] for m in router.models("globex")] == ["base"]
-    assert [m["id"] for m in router.models("acme")] == ["base", "acme/extract"]
+    # Every task of the catalogue is an alias of every tenant (the base answers it until a release does);
+    # a task outside the catalogue is no alias, and no task header either.
+    assert [m["id"] for m in router.models("globex")] == ["base", "globex/chat", "globex/extract"]
+    assert [(m["id"], m["adapter"]) for m in router.models("acme")] == [
+        ("base", None), ("acme/chat", None), ("acme/extract", "v1")]
+    with pytest.raises(LookupError):
+        router.route("acme/other", "acme", {})
+    with pytest.raises(LookupError):
+        router.route("base", "acme", {"x-adaptloop-task": "x" * 10_000})
     # A replica whose sidecar stops answering gets no calls while another has the version; the
     # canary, loaded only there, still goes there (its last known set) rather than nowhere.
     router.replicas[0].healthy = False

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from adaptloop.artifacts import adapter_version, artifact_digest, lora_int_id, verify_digest
 from adaptloop.errors import ArtifactError, ConfigError
 from adaptloop.settings import DEFAULT_BOOTSTRAP, KafkaSettings, StreamsSettings, Topics
-from adaptloop.tasks import OrderGenerator, task_spec
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.tasks import example_catalogue
 
 
 def test_unknown_settings_are_refused():
@@ -39,7 +40,7 @@ def test_topic_layout_is_explicit_and_prefixed():
 
 
 def test_order_validator_form_and_content():
-    spec = task_spec("order-extract")
+    spec = example_catalogue().get("order-extract")
     case = OrderGenerator(seed=1).case()
     assert spec.judge(case.answer).ok
     assert spec.judge(case.answer, case.answer).ok
@@ -49,7 +50,7 @@ def test_order_validator_form_and_content():
     assert not spec.judge("Sure! Here is the JSON: {").ok
     assert not spec.judge(json.dumps({"customer": "x"})).ok
     with pytest.raises(ConfigError):
-        task_spec("nope")
+        example_catalogue().get("nope")
 
 
 def test_generator_is_reproducible():
@@ -70,9 +71,9 @@ def test_digest_names_content_and_ids_are_stable(tmp_path):
 
 
 def test_ticket_validator_form_and_content():
-    from adaptloop.tasks import TicketGenerator
+    from adaptloop.demo_tasks import TicketGenerator
 
-    spec = task_spec("ticket-triage")
+    spec = example_catalogue().get("ticket-triage")
     case = TicketGenerator(seed=3).case()
     assert spec.judge(case.answer).ok and spec.judge(case.answer, case.answer).ok
     other = "low" if case.truth["priority"] != "low" else "high"
@@ -84,7 +85,7 @@ def test_ticket_validator_form_and_content():
 
 
 def test_ticket_generator_is_reproducible_varied_and_covers_every_label():
-    from adaptloop.tasks import TICKET_CATEGORIES, TICKET_PRIORITIES, TicketGenerator, case_generator
+    from adaptloop.demo_tasks import TICKET_CATEGORIES, TICKET_PRIORITIES, TicketGenerator, case_generator
 
     cases = TicketGenerator(5).cases(200)
     assert cases[:5] == TicketGenerator(5).cases(5) and cases[:5] != TicketGenerator(6).cases(5)

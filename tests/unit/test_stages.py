@@ -12,10 +12,11 @@ from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction, build_outcome
 from adaptloop.streams import stages
 from adaptloop.streams.stages import Contract, Decoder, SourceRef
-from adaptloop.tasks import BUILTIN_TASKS, OrderGenerator
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.tasks import example_catalogue
 
 TASK = "order-extract"
-SPEC = BUILTIN_TASKS[TASK]
+SPEC = example_catalogue().get(TASK)
 CASE = OrderGenerator(seed=3).case()
 IREF = SourceRef("agent.interactions", 2, 41)
 OREF = SourceRef("agent.outcomes", 2, 17)

@@ -1,0 +1,190 @@
+"""Feedback over HTTP: ``POST /v1/feedback`` at the gateway turns a verdict on a call into an Outcome record.
+
+    curl -s http://127.0.0.1:18080/v1/feedback -H "authorization: Bearer $KEY" -H 'content-type: application/json' \
+         -d '{"interaction_id": "<the id of the completion>", "source": "HUMAN", "success": false,
+              "correction": "refund", "labeler": "agent-7", "reason": "it was a refund request"}'
+    # 202 {"object": "feedback", "id": "<outcome id>", "interaction_id": "...", "status": "accepted"}
+
+The body (``FeedbackBody``): ``interaction_id`` (the ``id`` the gateway gave the completion), ``source``
+(HUMAN, VALIDATOR, HEURISTIC or BUSINESS), ``success`` and/or ``score`` (0..1), an optional
+``correction`` (the answer it should have been: text, or an OpenAI assistant message with text
+content), ``labeler``, ``reason``, an optional ``outcome_id`` (your idempotency key: curation counts an
+outcome id once) and ``event_time`` (epoch ms; default now). Anything else is refused.
+
+A tenant gives feedback only on its own calls: every interaction id the gateway hands out carries a
+keyed tag of its tenant (HMAC-SHA256 under the gateways' shared ``id_secret``), so an id from another
+tenant, or one made up, is a 404 before anything is recorded. A bad body is a 4xx in OpenAI's error
+shape and nothing is recorded; 202 comes only once the outcome is as safe as an interaction
+(the gateway's record mode: in its outbox, or acknowledged by the broker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adaptloop.errors import ConfigError
+from adaptloop.sdk import OUTCOME_SOURCES, build_outcome
+
+#: Hex digits of the tenant tag at the end of an interaction id.
+TAG_HEX = 20
+#: An outcome's event time may lie this far ahead of the gateway's clock (clock skew).
+MAX_FUTURE_MS = 5 * 60 * 1000
+
+
+class RequestRefused(Exception):
+    """A request body the gateway refuses: the HTTP status, the message and the offending field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class InteractionIds:
+    """Interaction ids that name their tenant verifiably: ``<32 hex>-<tag>``, tag = HMAC(secret, tenant, id)."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ConfigError("the gateway's id secret must be at least 16 bytes")
+        self._secret = secret
+
+    def _tag(self, tenant: str, nonce: str) -> str:
+        return hmac.new(self._secret, f"{tenant}\0{nonce}".encode(), hashlib.sha256).hexdigest()[:TAG_HEX]
+
+    def new(self, tenant: str) -> str:
+        nonce = uuid.uuid4().hex
+        return f"{nonce}-{self._tag(tenant, nonce)}"
+
+    def belongs_to(self, tenant: str, interaction_id: str) -> bool:
+        nonce, sep, tag = interaction_id.partition("-")
+        if not sep or len(nonce) != 32 or len(tag) != TAG_HEX:
+            return False
+        return hmac.compare_digest(tag, self._tag(tenant, nonce))
+
+    @classmethod
+    def from_file(cls, path: Path) -> "InteractionIds":
+        """The secret in ``path``, created (0600, 32 random bytes as hex) if there is none yet."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        secret = path.read_text().strip()
+        if not secret:
+            raise ConfigError(f"the gateway's id secret file {path} is empty")
+        return cls(secret.encode())
+
+
+class AssistantCorrection(BaseModel):
+    """The OpenAI assistant message it should have answered with (text content)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["assistant"]
+    content: str
+
+
+class FeedbackBody(BaseModel):
+    """What ``POST /v1/feedback`` takes; strict types, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    interaction_id: str = Field(min_length=1, max_length=200)
+    source: str
+    success: bool | None = None
+    score: float | None = Field(None, ge=0.0, le=1.0)
+    correction: str | AssistantCorrection | None = None
+    labeler: str | None = Field(None, max_length=200)
+    reason: str | None = Field(None, max_length=4000)
+    outcome_id: str | None = Field(None, min_length=1, max_length=128)
+    event_time: int | None = Field(None, gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value.upper() not in OUTCOME_SOURCES:
+            raise ValueError(f"must be one of {', '.join(OUTCOME_SOURCES)}")
+        return value.upper()
+
+    @field_validator("score")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _a_verdict(self) -> "FeedbackBody":
+        if self.success is None and self.score is None and self.correction is None:
+            raise ValueError("feedback needs success, score or a correction")
+        return self
+
+    @property
+    def correction_text(self) -> str | None:
+        return self.correction.content if isinstance(self.correction, AssistantCorrection) else self.correction
+
+
+async def read_body(receive_chunks: Any, limit: int, declared_length: str | None) -> bytes:
+    """The whole body from an async iterator of chunks, or ``RequestRefused`` (413) past ``limit`` bytes
+    (refused from the content-length header before reading, or as soon as the bytes read pass it)."""
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        raise RequestRefused(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in receive_chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestRefused(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or ``RequestRefused`` (400): not UTF-8, not JSON, or nested too deep to parse."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestRefused(400, "the request body is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise RequestRefused(400, f"the request body is not JSON: {exc}") from None
+
+
+def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_chars: int,
+               now_ms: int | None = None) -> dict[str, Any]:
+    """The Outcome record a feedback body stands for; ``RequestRefused`` when it cannot stand for one."""
+    body = parse_json(raw)
+    if isinstance(body, dict) and "episode_id" in body:
+        raise RequestRefused(400, "feedback on a whole episode is not taken yet: name the interaction_id of "
+                                   "each call it concerns", "episode_id", "unsupported_parameter")
+    try:
+        feedback = FeedbackBody.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise RequestRefused(400, f"invalid feedback: {field or 'body'}: {first['msg']}", field) from None
+    correction = feedback.correction_text
+    if correction is not None and len(correction) > max_correction_chars:
+        raise RequestRefused(400, f"invalid feedback: correction: longer than {max_correction_chars} characters",
+                              "correction")
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    if feedback.event_time is not None and feedback.event_time > now + MAX_FUTURE_MS:
+        raise RequestRefused(400, "invalid feedback: event_time: in the future", "event_time")
+    if not ids.belongs_to(tenant, feedback.interaction_id):
+        raise RequestRefused(404, f"no interaction {feedback.interaction_id[:80]!r} for this key",
+                              "interaction_id", "interaction_not_found")
+    return build_outcome(feedback.interaction_id, tenant=tenant, source=feedback.source, success=feedback.success,
+                         score=feedback.score, correction=correction, labeler=feedback.labeler,
+                         reason=feedback.reason, event_time=feedback.event_time or now,
+                         outcome_id=feedback.outcome_id)
