@@ -7,9 +7,10 @@
 Two simulated agents call the gateway: tenant ``acme`` extracts order sentences into exact JSON
 (task ``order-extract``), tenant ``globex`` triages support tickets into ``{category, priority}``
 (task ``ticket-triage``). A simulated reviewer judges every answer against the truth and sends an
-outcome, with the correct answer when it was wrong. The stack does the rest, per (tenant, task),
-cycle after cycle: curation, a training request every ``window_size`` admitted training examples,
-a Ray LoRA job on everything curated so far, the gate, a release, hot-loading into vLLM, routing.
+outcome over HTTP (``POST /v1/feedback``, as any agent would), with the correct answer when it was
+wrong. The stack does the rest, per (tenant, task), cycle after cycle: curation, a training request
+every ``window_size`` admitted training examples, a Ray LoRA job on everything curated so far, the
+gate, a release, hot-loading into vLLM, routing.
 
 Each cycle's traffic is answered by whatever the gateway serves at that moment, so its validator
 success (judged against the truth, on cases the adapters never saw) is the served agent's success
@@ -38,7 +39,6 @@ from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.kafka import count_messages, read_ranges
 from adaptloop.model import ensure_base_model
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.sdk import Recorder
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.stack import LocalStack, StackPorts, free_port
 from adaptloop.demo_tasks import case_generator
@@ -142,6 +142,14 @@ class Agent:
         return (response.headers["x-adaptloop-interaction-id"], response.headers["x-adaptloop-adapter"],
                 body["choices"][0]["message"]["content"] or "")
 
+    async def feedback(self, tenant: str, **body: Any) -> None:
+        """A verdict on a call, as any agent sends it: ``POST /v1/feedback`` with the tenant's key (202: it is safe)."""
+        async with self.limit:
+            response = await self.client.post("/v1/feedback", headers=self.tenant_headers.get(tenant, {}),
+                                              json={k: v for k, v in body.items() if v is not None})
+        if response.status_code != 202:
+            raise StackError(f"the gateway refused the feedback: {response.status_code} {response.text[:300]}")
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -157,11 +165,11 @@ def read_topic(kafka: KafkaSettings, topics: Topics, which: str, stem: str) -> l
 class PairLoop:
     """One (tenant, task): traffic -> wait for its training request -> its decision -> hot-load, per cycle."""
 
-    def __init__(self, config: DemoConfig, agent: Agent, recorder: Recorder, kafka: KafkaSettings,
+    def __init__(self, config: DemoConfig, agent: Agent, kafka: KafkaSettings,
                  topics: Topics, tenant: str, task: str) -> None:
         from adaptloop.streams.stages import split  # the streams' own (pure) split: the demo predicts it
 
-        self.config, self.agent, self.recorder, self.kafka, self.topics = config, agent, recorder, kafka, topics
+        self.config, self.agent, self.kafka, self.topics = config, agent, kafka, topics
         self.tenant, self.task = tenant, task
         self.spec = example_catalogue().get(task)
         self.cases = case_generator(task, config.traffic_seed + sum(map(ord, tenant + task)))
@@ -185,9 +193,9 @@ class PairLoop:
     async def _call(self, case, session: str) -> tuple[bool, str]:
         iid, adapter, answer = await self.agent.ask(self.tenant, self.task, case.sentence, session, "demo-agent")
         verdict = self.spec.judge(answer, case.answer)
-        self.recorder.outcome(iid, tenant=self.tenant, source="HUMAN", success=verdict.ok, score=verdict.score,
-                              correction=None if verdict.ok else case.answer, labeler="demo-reviewer",
-                              reason=verdict.reason)
+        await self.agent.feedback(self.tenant, interaction_id=iid, source="HUMAN", success=verdict.ok,
+                                  score=verdict.score, correction=None if verdict.ok else case.answer,
+                                  labeler="demo-reviewer", reason=verdict.reason[:4000])
         return verdict.ok, adapter
 
     async def traffic(self, train_target: int) -> list[tuple[bool, str]]:
@@ -197,9 +205,7 @@ class PairLoop:
             session, is_train = self._next_session()
             self.predicted_train += is_train
             calls.append(self._call(self.cases.case(), session))
-        results = await asyncio.gather(*calls)
-        await asyncio.to_thread(self.recorder.flush)
-        return results
+        return await asyncio.gather(*calls)
 
     def measure(self, cycle: int, results: list[tuple[bool, str]]) -> Measurement:
         m = Measurement(self.tenant, self.task, cycle, now_ms(), len(results), sum(ok for ok, _ in results),
@@ -314,9 +320,8 @@ async def _loop(config: DemoConfig, stack: LocalStack, kafka: KafkaSettings, top
     agent = Agent(ports.gateway_url, config.concurrency,
                   tenant_headers={tenant: {"authorization": f"Bearer {key}"} for tenant, key in stack.dev_keys.items()})
     try:
-        with Recorder(kafka, topics) as recorder:
-            loops = [PairLoop(config, agent, recorder, kafka, topics, tenant, task) for tenant, task in config.pairs]
-            await asyncio.gather(*(loop.run() for loop in loops))
+        loops = [PairLoop(config, agent, kafka, topics, tenant, task) for tenant, task in config.pairs]
+        await asyncio.gather(*(loop.run() for loop in loops))
     finally:
         await agent.close()
     return DemoResult(measurements=[m for loop in loops for m in loop.measurements],

@@ -209,8 +209,10 @@ class TrainerSettings(BaseSettings):
                                             description="Base-model modules that get a LoRA pair; each must exist in the base.")
     regression_tolerance: float = Field(0.05, ge=0, description="A candidate may score this much below an earlier "
                                          "release on that release's holdout; lower is a regression.")
-    regression_scope: Literal["tenant", "task"] = Field("tenant", description="Holdouts of earlier releases of any "
-                                                        "task of the tenant (no forgetting), or of this task only.")
+    regression_scope: Literal["tenant", "task"] = Field("task", description=(
+        "Holdouts of earlier releases of this task only (default: the gateway routes each task to its own "
+        "adapter, so an adapter never answers another task), or of any task of the tenant (for one adapter "
+        "meant to answer all of a tenant's tasks)."))
     regression_max_suites: int = Field(4, ge=0, description="Newest earlier live releases whose holdouts form the suite.")
     use_gpu: bool = Field(False, description="Ray Train workers ask for a GPU (ScalingConfig.use_gpu).")
 

@@ -20,7 +20,8 @@ Keys: ``Authorization: Bearer <key>``; no key or an unknown one is a 401. A key 
 tenant's aliases (``tenant/task``; another tenant's alias is a 404, as if it did not exist) and the
 base model by name, recorded under the key's tenant (task from ``x-adaptloop-task``, default
 ``default``). Tasks are the catalogue's (``adaptloop.tasks``): an alias or a task header naming
-another is refused. See ``serving.keys``.
+another is refused, and a chat call without a system message gets its task's system prompt (as
+training and evaluation give it). See ``serving.keys``.
 
 Routing: an alias goes to its incumbent (newest PROMOTED version loaded on some replica, else the
 base model), except for ``canary_share`` of its calls, which go to its canary (the newest RELEASED
@@ -302,7 +303,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, catalogue: Catalogue | None = None) -> None:
         self.settings = settings
         self.catalogue = catalogue if catalogue is not None else load_catalogue()
-        self.ids = (InteractionIds(settings.id_secret.get_secret_value().encode()) if settings.id_secret
+        self.ids = (InteractionIds(settings.id_secret.get_secret_value().encode()) if settings.id_secret is not None
                     else InteractionIds.from_file(settings.id_secret_path()))
         self.keys = KeyStore.load(settings.api_keys_file,
                                   settings.api_keys.get_secret_value() if settings.api_keys else None)
@@ -427,10 +428,20 @@ class Gateway:
         if record_mode not in RECORD_MODES:
             return openai_error(400, f"{RECORD_HEADER} must be one of {', '.join(RECORD_MODES)}",
                                 "invalid_request_error")
-        call = _Call(self, route, body, request.headers, kind, record_mode == "outbox", received)
+        call = _Call(self, route, self.with_system_prompt(body, route.task) if kind == "chat" else body,
+                     request.headers, kind, record_mode == "outbox", received)
         if body.get("stream"):
             return await call.stream()
         return await call.complete()
+
+    def with_system_prompt(self, body: dict[str, Any], task: str) -> dict[str, Any]:
+        """The chat body with its task's system prompt first when the agent sent none: what the model sees at
+        serving is then what training and evaluation give it (they add the same prompt), and the record keeps it."""
+        spec = self.catalogue.tasks.get(task)
+        messages = body["messages"]
+        if spec is None or not spec.system_prompt or (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+            return body
+        return dict(body, messages=[{"role": "system", "content": spec.system_prompt}, *messages])
 
     async def feedback(self, request: Request) -> JSONResponse:
         """``POST /v1/feedback`` (``serving.feedback``): 202 once the outcome is as safe as an interaction."""

@@ -17,7 +17,8 @@ hashes) for free text. So each kind uses the best small library there is:
 - IBANs: ``stdnum.iban`` (country length + mod-97 check); payment cards: ``stdnum.luhn`` plus the
   issuer prefixes of the card networks (a random 16-digit id passes Luhn one time in ten);
 - IP addresses: the stdlib ``ipaddress`` validates what a regex finds; a dotted quad preceded by
-  "v"/"version" is a version string, not an address;
+  "v"/"version" is a version string, not an address; loopback and unspecified addresses (127.0.0.1,
+  ::1, 0.0.0.0) identify no one and stay (every gateway record names its replica's URL);
 - e-mail addresses and secrets/API keys: regexes for the documented key shapes (AWS, GitHub, Slack,
   Stripe, Google, OpenAI-style ``sk-``, JWTs, PEM private keys, ``password=...`` assignments);
 - user patterns: named regexes from settings (``ADAPTLOOP_STREAMS_PII_PATTERNS``).
@@ -141,17 +142,21 @@ def _ips(text: str) -> Iterator[Match]:
         if _VERSION_CUE.search(text[max(0, m.start() - 10):m.start()]):
             continue
         try:
-            yield Match(IP, m.start(), m.end(), str(ipaddress.IPv4Address(m.group(1))))
+            address = ipaddress.IPv4Address(m.group(1))
         except ValueError:
             continue
+        if not (address.is_loopback or address.is_unspecified):
+            yield Match(IP, m.start(), m.end(), str(address))
     for m in _IPV6_RE.finditer(text) if text.count(":") >= 2 else ():
         candidate = m.group(1)
         if candidate.count(":") < 2 or not re.search(r"[0-9A-Fa-f]", candidate):
             continue
         try:
-            yield Match(IP, m.start(), m.end(), str(ipaddress.IPv6Address(candidate)))
+            address = ipaddress.IPv6Address(candidate)
         except ValueError:
             continue
+        if not (address.is_loopback or address.is_unspecified):
+            yield Match(IP, m.start(), m.end(), str(address))
 
 
 def _phones(region: str) -> Callable[[str], Iterator[Match]]:

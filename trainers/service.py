@@ -284,7 +284,7 @@ class TrainerService:
 
     def regression_holdouts(self, releases: list[dict], tenant: str, task: str, snapshot: Snapshot, erasures: Any):
         """The regression suite's sources: (release, its task, its holdout) for the tenant's newest earlier live
-        releases (any task, or this task only with ``regression_scope=task``); the candidate's bar on each is
+        releases (this task only, or any task with ``regression_scope=tenant``); the candidate's bar on each is
         the score that release recorded on its holdout. Also the releases skipped, with why."""
         from adaptloop.trainers import evaluate as ev
         from adaptloop.trainers.snapshot import read_snapshot

@@ -132,7 +132,7 @@ def settings(kafka, module_topics, tmp_path_factory) -> TrainerSettings:
     # included, and cut the base model's rambling short (its answers run to the limit).
     yield TrainerSettings(kafka=kafka, topics=module_topics, artifact_dir=tmp_path_factory.mktemp("artifacts"),
                           group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=MAX_NEW_TOKENS,
-                          torch_threads=TORCH_THREADS)
+                          torch_threads=TORCH_THREADS, regression_scope="tenant")  # task B's test needs task A's suite
     from adaptloop.trainers.ray_job import stop_ray
 
     stop_ray()
@@ -389,6 +389,15 @@ def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_t
         rejected = TrainerService(variant).process(good | {"request_id": f"req-{name}-{uuid.uuid4().hex[:8]}"})
         print(f"[{name}] {rejected['state']}: {rejected['reason'][:140]}")
         assert rejected["state"] == "REJECTED" and reason in rejected["reason"] and rejected["artifact_uri"] is None
+    # Curation's catalogue defines the task otherwise than the trainer's (an edit deployed to one of them),
+    # or not at all in the trainer's: refused before training, the difference on record.
+    for task_digest, task, reason in (("sha256:" + "0" * 64, TASK, "differs between curation's catalogue"),
+                                      (None, "not-in-this-catalogue", "unknown task 'not-in-this-catalogue'")):
+        rejected = service.process(good | {"request_id": f"req-catalogue-{uuid.uuid4().hex[:8]}", "task": task,
+                                           "task_digest": task_digest})
+        print(f"[catalogue] {rejected['state']}: {rejected['reason'][:160]}")
+        assert rejected["state"] == "REJECTED" and reason in rejected["reason"] and rejected["artifact_uri"] is None
+    assert service.catalogue.disagreement(TASK, TASKS[TASK].digest) is None
     # ... and the service itself still trains the same request.
     assert service.plan_problem(*_plan(service, good), service.settings.min_train_examples) is None
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from adaptloop.errors import ConfigError
+from adaptloop.tasks import FILE_ENV, INLINE_ENV, parse_catalogue
 from adaptloop.settings import (GatewaySettings, KafkaSettings, ModelSettings, ServeSettings, StreamsSettings, Topics,
                                 TrainerSettings)
 
@@ -23,6 +24,9 @@ SETTINGS_BY_PREFIX = {"ADAPTLOOP_KAFKA_": KafkaSettings, "ADAPTLOOP_TOPICS_": To
                       "ADAPTLOOP_SERVE_": ServeSettings, "ADAPTLOOP_GATEWAY_": GatewaySettings}
 SETTINGS_BY_COMMAND = {"streams": StreamsSettings, "trainer": TrainerSettings, "serve": ServeSettings,
                        "gateway": GatewaySettings}
+#: Read by adaptloop.tasks.load_catalogue, not a settings class: every process that judges, trains or routes.
+CATALOGUE_VARIABLES = {FILE_ENV, INLINE_ENV}
+CATALOGUE_READERS = {"streams", "trainer", "gateway"}
 
 
 def manifest_files() -> list[Path]:
@@ -154,7 +158,7 @@ def test_every_adaptloop_variable_is_a_setting_and_each_process_accepts_its_pod_
         for container in containers(doc):
             env = container_env(container, config_maps, filled)
             for name in env:
-                if name.startswith("ADAPTLOOP_"):
+                if name.startswith("ADAPTLOOP_") and name not in CATALOGUE_VARIABLES:
                     prefix = next((p for p in SETTINGS_BY_PREFIX if name.startswith(p)), None)
                     assert prefix, f"{name}: no settings class reads it"
                     assert name[len(prefix):].lower() in SETTINGS_BY_PREFIX[prefix].model_fields, name
@@ -167,6 +171,10 @@ def test_every_adaptloop_variable_is_a_setting_and_each_process_accepts_its_pod_
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for t in pod_templates(doc) for v in t["spec"]["volumes"]}
             assert volumes[mounts[str(ca.parent)]]["secret"]["secretName"] == "adaptloop-kafka-ca"
+            if command[3] in CATALOGUE_READERS:  # the catalogue file is the mounted ConfigMap, and it parses
+                catalogue = Path(env[FILE_ENV])
+                config_map = volumes[mounts[str(catalogue.parent)]]["configMap"]["name"]
+                parse_catalogue(config_maps[config_map][catalogue.name], f"{config_map}/{catalogue.name}")
             with monkeypatch.context() as m:
                 for name in [n for n in os.environ if n.startswith("ADAPTLOOP_") and n != "ADAPTLOOP_HOME"]:
                     m.delenv(name)

@@ -67,6 +67,8 @@ POSITIVES = [  # (text, rule, the substring that must disappear)
 ]
 
 NEGATIVES = [
+    "replica http://127.0.0.1:18000 answered",
+    "the server listens on 0.0.0.0:8080 and [::1]:8443",
     "Order #4815162342 ships Monday",
     "order number 100045678 is confirmed",
     "invoice INV-2024-000123",
