@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -130,3 +131,25 @@ def test_tasks_check_prints_verdicts_and_exits_nonzero_on_errors(tmp_path):
     assert failed.returncode == 1 and "bad.yaml:3: task 'x'" in failed.stdout and "not a regex" in failed.stdout
     shipped = subprocess.run(run + [str(EXAMPLE_CATALOGUE)], capture_output=True, text=True, timeout=60)
     assert shipped.returncode == 0 and "ok: 2 tasks" in shipped.stdout
+
+
+@pytest.mark.parametrize("process", ["streams", "trainer", "gateway", "canary"])
+@pytest.mark.parametrize("broken, message", [
+    ("tasks:\n  intent:\n    validator: {kind: regex, pattern: a}\n    windw: 3\n", "windw"),
+    ("tasks:\n  intent:\n    validator: {kind: regex, pattern: \"(\"}\n", "not a regex"),
+    ("tasks:\n  intent:\n    validator:\n      kind: json_schema\n      schema: {type: 5}\n", "not a JSON schema"),
+    ("tasks:\n  intent:\n    validator: {kind: python, function: \"my_missing_module:check\"}\n", "cannot import"),
+])
+def test_a_catalogue_error_stops_every_process_at_start(tmp_path, process, broken, message):
+    from adaptloop.processes import adaptloop_command, streams_python
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text(broken)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTLOOP_")} | {
+        "ADAPTLOOP_TASKS_FILE": str(path), "ADAPTLOOP_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+        # Nothing listens here: a process that got past its catalogue would hang or fail on the broker instead.
+        "ADAPTLOOP_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "ADAPTLOOP_KAFKA_EMBEDDED": "true"}
+    command = adaptloop_command(process, python=streams_python() if process == "streams" else None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert f"{path}:" in done.stderr and "task 'intent'" in done.stderr and message in done.stderr, done.stderr[-2000:]
