@@ -20,6 +20,8 @@ Over Kafka, for agents that record their own calls (the Python SDK beside a brok
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from typing import Any, Iterable, Mapping
@@ -32,35 +34,82 @@ from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
 
 OUTCOME_SOURCES = ("VALIDATOR", "HUMAN", "HEURISTIC", "BUSINESS")
+#: Hex digits of an episode key (``episode_key``).
+EPISODE_KEY_HEX = 16
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def episode_key(tenant: str, episode_id: str) -> str:
+    """The partition key of every record of one episode of one tenant (its calls and its outcomes), so that
+    curation sees a whole episode on one partition; tenant-scoped: two tenants' episode "e1" never meet."""
+    return hashlib.sha256(f"{tenant}\0{episode_id}".encode()).hexdigest()[:EPISODE_KEY_HEX]
+
+
+def partition_key(interaction_id: str) -> str:
+    """The key a call and its outcomes are produced under: the episode key an id starts with
+    (``<episode key>.<rest>``, as the gateway and ``Recorder`` make ids of calls in a named episode),
+    else the id itself (a call on its own)."""
+    head, sep, _ = interaction_id.partition(".")
+    if sep and len(head) == EPISODE_KEY_HEX and all(c in "0123456789abcdef" for c in head):
+        return head
+    return interaction_id
+
+
+def outcome_key(outcome: Mapping[str, Any]) -> str:
+    """An outcome goes where what it judges is: its episode's key, or its call's."""
+    if outcome.get("episode_id"):
+        return episode_key(outcome["tenant"], outcome["episode_id"])
+    return partition_key(outcome["interaction_id"])
+
+
+def message_record(message: Mapping[str, Any]) -> dict[str, Any]:
+    """One request message as the contract keeps it (role, text, an assistant's tool calls, a tool result's id)."""
+    return {"role": str(message["role"]), "content": message.get("content") or "",
+            "tool_calls": [tool_call_record(c) for c in message.get("tool_calls") or ()],
+            "tool_call_id": message.get("tool_call_id"), "name": message.get("name")}
+
+
+def tool_call_record(call: Mapping[str, Any]) -> dict[str, str]:
+    """A tool call as the contract keeps it: id, name, arguments (JSON text). Takes OpenAI's nested shape
+    (``{"id", "type", "function": {"name", "arguments"}}``) or the flat one."""
+    function = call.get("function") if isinstance(call.get("function"), Mapping) else call
+    arguments = function.get("arguments")
+    return {"id": str(call.get("id") or ""), "name": str(function.get("name") or ""),
+            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {})}
+
+
 def build_interaction(*, tenant: str, agent: str, task: str, session_id: str,
-                      messages: Iterable[Mapping[str, str]], response: str | None,
+                      messages: Iterable[Mapping[str, Any]], response: str | None,
                       base_model: str, adapter: tuple[str, str] | None = None,
                       interaction_id: str | None = None, trace_id: str | None = None,
                       event_time: int | None = None, tools_json: str | None = None,
                       tool_calls: Iterable[Mapping[str, str]] = (), latency_ms: float = 0.0,
                       prompt_tokens: int = 0, completion_tokens: int = 0,
-                      attributes: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """An Interaction record (schemas/avro/interaction.v1.avsc) as a dict."""
+                      attributes: Mapping[str, str] | None = None, episode_id: str = "", turn: int | None = None,
+                      episode_end: bool = False) -> dict[str, Any]:
+    """An Interaction record (schemas/avro/interaction.v2.avsc) as a dict; ``turn`` defaults to 1 + the
+    assistant messages in ``messages`` (the gateway's numbering)."""
+    messages = [message_record(m) for m in messages]
     return {
         "interaction_id": interaction_id or str(uuid.uuid4()),
         "tenant": tenant,
         "agent": agent,
         "task": task,
         "session_id": session_id,
+        "episode_id": episode_id,
+        "turn": turn if turn is not None else 1 + sum(m["role"] == "assistant" for m in messages),
         "trace_id": trace_id,
         "event_time": event_time if event_time is not None else now_ms(),
         "base_model": base_model,
         "adapter": {"name": adapter[0], "version": adapter[1]} if adapter else None,
-        "request_messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "request_messages": messages,
         "tools_json": tools_json,
         "response": response,
-        "tool_calls": [dict(c) for c in tool_calls],
+        "tool_calls": [tool_call_record(c) for c in tool_calls],
+        "episode_end": bool(episode_end),
         "latency_ms": float(latency_ms),
         "prompt_tokens": int(prompt_tokens),
         "completion_tokens": int(completion_tokens),
@@ -70,20 +119,24 @@ def build_interaction(*, tenant: str, agent: str, task: str, session_id: str,
 
 def build_outcome(interaction_id: str, *, tenant: str, source: str, success: bool | None = None,
                   score: float | None = None, correction: str | None = None, labeler: str | None = None,
-                  reason: str | None = None, event_time: int | None = None,
-                  outcome_id: str | None = None) -> dict[str, Any]:
-    """An Outcome record (schemas/avro/outcome.v1.avsc) as a dict."""
+                  reason: str | None = None, event_time: int | None = None, outcome_id: str | None = None,
+                  episode_id: str | None = None,
+                  correction_tool_calls: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """An Outcome record (schemas/avro/outcome.v2.avsc) as a dict: of one call (``interaction_id``), or of a
+    whole episode (``episode_id``, with ``interaction_id`` empty)."""
     if source not in OUTCOME_SOURCES:
         raise ValueError(f"outcome source must be one of {OUTCOME_SOURCES}, not {source!r}")
     return {
         "outcome_id": outcome_id or str(uuid.uuid4()),
         "interaction_id": interaction_id,
+        "episode_id": episode_id,
         "tenant": tenant,
         "event_time": event_time if event_time is not None else now_ms(),
         "source": source,
         "success": success,
         "score": score,
         "correction": correction,
+        "correction_tool_calls": [tool_call_record(c) for c in correction_tool_calls],
         "labeler": labeler,
         "reason": reason,
     }
@@ -102,21 +155,26 @@ class Recorder:
     def send_interaction(self, record: Mapping[str, Any], *, wait: bool = False) -> str:
         topic = self.topics.name("interactions")
         value = self._interactions.serialize(record, SerdeContext(topic))
-        self._producer.send(topic, value, key=record["interaction_id"])
+        self._producer.send(topic, value, key=partition_key(record["interaction_id"]))
         if wait:
             self._producer.flush()
         return record["interaction_id"]
 
     def interaction(self, *, wait: bool = False, **fields: Any) -> str:
-        """Record one interaction; returns its id. See ``build_interaction`` for the fields."""
+        """Record one interaction; returns its id. See ``build_interaction`` for the fields. A call of a named
+        episode (``episode_id``) gets an id that starts with its episode's key, so it and its outcomes meet
+        the episode's other calls on one partition."""
         fields.setdefault("base_model", self.base_model)
+        if fields.get("episode_id") and not fields.get("interaction_id"):
+            fields["interaction_id"] = f"{episode_key(fields['tenant'], fields['episode_id'])}.{uuid.uuid4().hex}"
         return self.send_interaction(build_interaction(**fields), wait=wait)
 
     def outcome(self, interaction_id: str, *, wait: bool = False, **fields: Any) -> str:
-        """Record one outcome of ``interaction_id``; returns the outcome id."""
+        """Record one outcome of ``interaction_id`` (or, with ``interaction_id=""`` and ``episode_id``, of a
+        whole episode); returns the outcome id."""
         record = build_outcome(interaction_id, **fields)
         topic = self.topics.name("outcomes")
-        self._producer.send(topic, self._outcomes.serialize(record, SerdeContext(topic)), key=interaction_id)
+        self._producer.send(topic, self._outcomes.serialize(record, SerdeContext(topic)), key=outcome_key(record))
         if wait:
             self._producer.flush()
         return record["outcome_id"]

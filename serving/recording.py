@@ -1,5 +1,5 @@
 """The gateway's records, produced in ``ack`` or ``outbox`` mode: interactions (every call) and outcomes
-(``POST /v1/feedback``), each keyed by its interaction id.
+(``POST /v1/feedback``), each keyed by its episode (``adaptloop.sdk.partition_key``, ``outcome_key``).
 
 ``serving.gateway`` says what each mode promises a caller, ``serving.outbox`` how the outbox keeps
 records across a kill; ``InteractionLog`` below is where the two meet the producer.
@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from adaptloop.errors import DeliveryError
 from adaptloop.kafka import producer_config
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.sdk import outcome_key, partition_key
 from adaptloop.serving.outbox import Outbox
 from adaptloop.settings import GatewaySettings
 
@@ -74,7 +75,8 @@ class InteractionLog:
 
     def _encoded(self, record: Mapping[str, Any], stem: str) -> tuple[str, bytes, bytes]:
         topic, serialize = self._targets[stem]
-        return topic, record["interaction_id"].encode(), serialize(record, SerdeContext(topic))
+        key = outcome_key(record) if stem == "outcome" else partition_key(record["interaction_id"])
+        return topic, key.encode(), serialize(record, SerdeContext(topic))
 
     async def write(self, record: Mapping[str, Any], stem: str = "interaction") -> None:
         """Return once the broker acknowledged ``record`` (an interaction or an outcome); ``DeliveryError`` otherwise."""

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.sdk import episode_key, outcome_key, partition_key
 from adaptloop.tasks import TaskSpec, example_catalogue
 
 #: Which code made a record: written into every example's and request's lineage.
@@ -75,8 +76,8 @@ class Contract:
 
 
 def _check_common(record: Mapping[str, Any], contract: Contract, now: int) -> None:
-    if not record["interaction_id"]:
-        raise ContractError("empty interaction_id")
+    if not record["interaction_id"] and not record.get("episode_id"):
+        raise ContractError("empty interaction_id (and no episode_id)")
     if not record["tenant"]:
         raise ContractError("empty tenant")
     if contract.tenants and record["tenant"] not in contract.tenants:
@@ -101,6 +102,9 @@ def check_interaction(record: Mapping[str, Any], contract: Contract, now: int | 
         raise ContractError(f"negative token count ({record['prompt_tokens']}, {record['completion_tokens']})")
     if not record["request_messages"]:
         raise ContractError("no request messages")
+    if record.get("episode_id") and partition_key(record["interaction_id"]) != record["interaction_id"] and \
+            partition_key(record["interaction_id"]) != episode_key(record["tenant"], record["episode_id"]):
+        raise ContractError(f"interaction_id {record['interaction_id']!r} names another episode than {record['episode_id']!r}")
 
 
 def check_outcome(record: Mapping[str, Any], contract: Contract, now: int | None = None) -> None:
@@ -110,8 +114,11 @@ def check_outcome(record: Mapping[str, Any], contract: Contract, now: int | None
         raise ContractError("empty outcome_id")
     if record["score"] is not None and not math.isfinite(record["score"]):
         raise ContractError(f"score {record['score']} is not a finite number")
-    if record["success"] is None and record["score"] is None and record["correction"] is None:
+    if record["success"] is None and record["score"] is None and record["correction"] is None \
+            and not record.get("correction_tool_calls"):
         raise ContractError("outcome carries no verdict: no success, score or correction")
+    if record["interaction_id"] and record.get("episode_id"):
+        raise ContractError("an outcome judges one call (interaction_id) or one episode (episode_id), not both")
 
 
 _CHECKS = {"interaction": check_interaction, "outcome": check_outcome}
@@ -150,13 +157,14 @@ class Decoder:
             raise ContractError(f"record of {len(value)} bytes exceeds max_record_bytes={self.contract.max_record_bytes}")
         record = _plain(self._deserialize(value, SerdeContext(ref.topic, ref.partition, ref.offset)))
         self._check(record, self.contract)
-        # Interactions and outcomes meet on one partition only if both are keyed by the interaction id.
+        # An episode's calls and outcomes meet on one partition only if each is keyed by its episode.
         try:
             text_key = key.decode("utf-8") if key is not None else None
         except UnicodeDecodeError:
             raise ContractError(f"key {key!r} is not UTF-8") from None
-        if text_key != record["interaction_id"]:
-            raise ContractError(f"key {key!r} is not the interaction_id {record['interaction_id']!r}")
+        expected = outcome_key(record) if self.stem == "outcome" else partition_key(record["interaction_id"])
+        if text_key != expected:
+            raise ContractError(f"key {key!r} is not {expected!r}, the key of what the record is about")
         return record
 
 

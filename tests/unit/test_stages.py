@@ -9,7 +9,7 @@ import pytest
 
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.sdk import build_interaction, build_outcome
+from adaptloop.sdk import build_interaction, build_outcome, episode_key
 from adaptloop.streams import stages
 from adaptloop.streams.stages import Contract, Decoder, SourceRef
 from adaptloop.demo_tasks import OrderGenerator
@@ -68,12 +68,22 @@ def test_outcome_without_a_verdict_is_a_contract_violation():
         Decoder("outcome")(b"i-1", encode("outcome", outcome()), OREF)
 
 
-def test_key_must_be_the_interaction_id():
+def test_key_must_be_the_key_of_what_the_record_is_about():
     value = encode("interaction", interaction())
-    with pytest.raises(ContractError, match="not the interaction_id"):
+    with pytest.raises(ContractError, match="is not 'i-1'"):
         Decoder("interaction")(b"other", value, IREF)
-    with pytest.raises(ContractError, match="not the interaction_id"):
+    with pytest.raises(ContractError, match="is not 'i-1'"):
         Decoder("interaction")(None, value, IREF)
+    # A call of a named episode is keyed by its episode, and so is an outcome on the whole episode.
+    key = episode_key("acme", "run-7")
+    in_episode = interaction() | {"interaction_id": f"{key}.{'0' * 32}", "episode_id": "run-7"}
+    assert Decoder("interaction")(key.encode(), encode("interaction", in_episode), IREF)["episode_id"] == "run-7"
+    with pytest.raises(ContractError, match="names another episode"):
+        Decoder("interaction")(key.encode(), encode("interaction", in_episode | {"episode_id": "run-8"}), IREF)
+    on_episode = outcome(success=True) | {"interaction_id": "", "episode_id": "run-7"}
+    assert Decoder("outcome")(key.encode(), encode("outcome", on_episode), OREF)["episode_id"] == "run-7"
+    with pytest.raises(ContractError, match="not both"):
+        Decoder("outcome")(key.encode(), encode("outcome", on_episode | {"interaction_id": "i-1"}), OREF)
 
 
 def test_oversized_record_is_refused_before_decoding():
