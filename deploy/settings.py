@@ -234,7 +234,12 @@ class ServeSettings(BaseSettings):
     sidecar_port: int = 18001
     max_lora_rank: int = 16
     max_loras: int = 4
-    max_model_len: int = 1024
+    max_model_len: int = Field(2048, description="Prompt + answer tokens per call (tools and an episode's history count).")
+    chat_template: Path | None = Field(None, description=(
+        "vLLM's --chat-template; unset: adaptloop's (deploy/chat_template.jinja, ChatML with tools), which the "
+        "trainer renders with too. Set both (ADAPTLOOP_TRAINER_CHAT_TEMPLATE) for a model of another family."))
+    tool_call_parser: str = Field("hermes", description=(
+        "vLLM's --tool-call-parser, matching the template's tool-call blocks; empty: no tool calling."))
     kv_cache_gib: int = 1
     dtype: str = Field("float32", description="vLLM --dtype. Its 'auto' downcasts fp32 models to bf16, which CPUs "
                        "without AVX-512 BF16 emulate (~10 tokens/s here instead of hundreds); use bfloat16 on GPUs.")

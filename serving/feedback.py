@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptloop.errors import ConfigError
-from adaptloop.sdk import OUTCOME_SOURCES, build_outcome
+from adaptloop.sdk import OUTCOME_SOURCES, build_outcome, partition_key
 
 #: Hex digits of the tenant tag at the end of an interaction id.
 TAG_HEX = 20
@@ -51,25 +51,26 @@ class RequestRefused(Exception):
 
 
 class InteractionIds:
-    """Interaction ids that name their tenant verifiably: ``<32 hex>-<tag>``, tag = HMAC(secret, tenant, id)."""
+    """Interaction ids that name their episode's partition key and their tenant verifiably:
+    ``<episode key>.<32 hex>-<tag>``, tag = HMAC(secret, tenant, the rest)."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ConfigError("the gateway's id secret must be at least 16 bytes")
         self._secret = secret
 
-    def _tag(self, tenant: str, nonce: str) -> str:
-        return hmac.new(self._secret, f"{tenant}\0{nonce}".encode(), hashlib.sha256).hexdigest()[:TAG_HEX]
+    def _tag(self, tenant: str, body: str) -> str:
+        return hmac.new(self._secret, f"{tenant}\0{body}".encode(), hashlib.sha256).hexdigest()[:TAG_HEX]
 
-    def new(self, tenant: str) -> str:
-        nonce = uuid.uuid4().hex
-        return f"{nonce}-{self._tag(tenant, nonce)}"
+    def new(self, tenant: str, episode_key: str) -> str:
+        body = f"{episode_key}.{uuid.uuid4().hex}"
+        return f"{body}-{self._tag(tenant, body)}"
 
     def belongs_to(self, tenant: str, interaction_id: str) -> bool:
-        nonce, sep, tag = interaction_id.partition("-")
-        if not sep or len(nonce) != 32 or len(tag) != TAG_HEX:
+        body, sep, tag = interaction_id.rpartition("-")
+        if not sep or len(tag) != TAG_HEX or partition_key(body) == body:
             return False
-        return hmac.compare_digest(tag, self._tag(tenant, nonce))
+        return hmac.compare_digest(tag, self._tag(tenant, body))
 
     @classmethod
     def from_file(cls, path: Path) -> "InteractionIds":

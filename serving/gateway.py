@@ -57,8 +57,13 @@ not fail the call. With ``"stream": true`` the chunks are relayed as they come a
 written when the stream ends: ``data: [DONE]`` follows only a kept record;
 otherwise the stream ends with an error event (the ``openai`` client raises it).
 
-Response headers: ``x-adaptloop-interaction-id``, ``x-adaptloop-adapter`` (version or ``base``) and
-``x-adaptloop-role`` (``canary``, ``incumbent`` or ``base``); the response's ``id`` is the interaction id,
+Tools: ``tools``, ``tool_choice`` (none, auto, required, named) and ``parallel_tool_calls`` go to vLLM as
+they are (it serves with tool calling on: ``adaptloop.chat``); streamed tool-call deltas are reassembled
+for the record, which keeps every message of the request (an assistant's tool calls, a tool's result) and
+the episode and turn of the call (``serving.episodes``).
+
+Response headers: ``x-adaptloop-interaction-id``, ``x-adaptloop-episode``, ``x-adaptloop-adapter`` (version or
+``base``) and ``x-adaptloop-role`` (``canary``, ``incumbent`` or ``base``); the response's ``id`` is the interaction id,
 tagged with its tenant (``serving.feedback.InteractionIds``) so that feedback on it can be verified.
 """
 
@@ -74,7 +79,6 @@ import math
 import signal
 import sys
 import time
-import uuid
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -91,8 +95,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptloop.artifacts import alias as make_alias
 from adaptloop.errors import AuthError, ConfigError, DeliveryError, SerializationError
 from adaptloop.processes import cpu_wake_latency, mark_ready, pin_to_cpus, set_sched_slice
-from adaptloop.sdk import build_interaction
+from adaptloop.sdk import build_interaction, tool_call_record
 from adaptloop.serving.canary import canary_and_incumbent
+from adaptloop.serving.episodes import (EPISODE_HEADER, BadEpisode, Episode, ToolCallAssembler, content_text, episode_of,
+                                        request_messages, upstream_body)
 from adaptloop.serving.feedback import InteractionIds, RequestRefused, outcome_of, parse_json, read_body
 from adaptloop.serving.keys import KeyStore
 from adaptloop.serving.outbox import OutboxError
@@ -276,22 +282,6 @@ class Stats:
         return {"aliases": aliases, "unrecorded": self.unrecorded, "window": self.window}
 
 
-def _text(content: Any) -> str:
-    """Message content as text: a string, a list of parts (their text joined), or nothing."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return json.dumps(content)
-
-
-def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, str]]:
-    return [{"id": c.get("id") or "", "name": (c.get("function") or {}).get("name") or "",
-             "arguments": (c.get("function") or {}).get("arguments") or ""} for c in calls or []]
-
-
 def bearer(headers: Mapping[str, str]) -> str | None:
     scheme, _, token = (headers.get("authorization") or "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -428,8 +418,12 @@ class Gateway:
         if record_mode not in RECORD_MODES:
             return openai_error(400, f"{RECORD_HEADER} must be one of {', '.join(RECORD_MODES)}",
                                 "invalid_request_error")
+        try:
+            episode = episode_of(tenant, request.headers, body)
+        except BadEpisode as exc:
+            return openai_error(400, str(exc), "invalid_request_error", "invalid_episode")
         call = _Call(self, route, self.with_system_prompt(body, route.task) if kind == "chat" else body,
-                     request.headers, kind, record_mode == "outbox", received)
+                     request.headers, kind, record_mode == "outbox", received, episode)
         if body.get("stream"):
             return await call.stream()
         return await call.complete()
@@ -474,17 +468,18 @@ class _Call:
     """One (chat) completion through the gateway: forward, record, answer."""
 
     def __init__(self, gateway: Gateway, route: Route, body: dict[str, Any], headers: Mapping[str, str],
-                 kind: str, outbox: bool, received: float) -> None:
+                 kind: str, outbox: bool, received: float, episode: Episode) -> None:
         self.gateway = gateway
         self.route = route
         self.body = body
         self.kind = kind
         self.outbox = outbox
-        self.interaction_id = gateway.ids.new(route.tenant)
+        self.episode = episode
+        self.interaction_id = gateway.ids.new(route.tenant, episode.key)
         self.agent = headers.get(AGENT_HEADER) or gateway.settings.agent_name
-        self.session_id = headers.get(SESSION_HEADER) or str(uuid.uuid4())
+        self.session_id = headers.get(SESSION_HEADER) or episode.episode_id
         self.started = received
-        self.headers = {INTERACTION_HEADER: self.interaction_id}
+        self.headers = {INTERACTION_HEADER: self.interaction_id, EPISODE_HEADER: episode.episode_id}
         self._set_route(route)
 
     def _set_route(self, route: Route) -> None:
@@ -498,12 +493,11 @@ class _Call:
         return self.route.replica.vllm_url + path
 
     def upstream_body(self, **extra: Any) -> dict[str, Any]:
-        return dict(self.body, model=self.route.served_model, **extra)
+        return dict(upstream_body(self.body), model=self.route.served_model, **extra)
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
         if self.kind == "chat":
-            return [{"role": str(m.get("role", "")), "content": _text(m.get("content"))}
-                    for m in self.body["messages"] if isinstance(m, dict)]
+            return request_messages(self.body["messages"])
         return [{"role": "user", "content": self.body["prompt"]}]
 
     def record(self, response: str, tool_calls: list[dict[str, str]], usage: Mapping[str, Any] | None,
@@ -514,7 +508,8 @@ class _Call:
         self.gateway.stats.add(self.route, latency_ms)
         return build_interaction(
             interaction_id=self.interaction_id, tenant=self.route.tenant, agent=self.agent, task=self.route.task,
-            session_id=self.session_id, base_model=self.gateway.settings.model.name,
+            session_id=self.session_id, episode_id=self.episode.episode_id, episode_end=self.episode.ended,
+            base_model=self.gateway.settings.model.name,
             adapter=(self.route.adapter_name, self.route.version) if self.route.version else None,
             messages=self.messages(), tools_json=json.dumps(tools) if tools else None, response=response,
             tool_calls=tool_calls, latency_ms=latency_ms,
@@ -602,7 +597,8 @@ class _Call:
         choice = (data.get("choices") or [{}])[0]
         if self.kind == "chat":
             message = choice.get("message") or {}
-            text, calls = _text(message.get("content")), _tool_calls(message.get("tool_calls"))
+            text = content_text(message.get("content"))
+            calls = [tool_call_record(c) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
         else:
             text, calls = choice.get("text") or "", []
         failure = await self.persist(self.record(text, calls, data.get("usage"), data.get("id")))
@@ -636,6 +632,7 @@ class _Call:
 
     async def _relay(self, response: aiohttp.ClientResponse, wants_usage: bool) -> AsyncIterator[str]:
         parts: list[str] = []
+        tool_calls = ToolCallAssembler()
         usage: dict[str, Any] | None = None
         upstream_id: str | None = None
         try:
@@ -650,8 +647,10 @@ class _Call:
                 upstream_id = upstream_id or chunk.get("id")
                 for choice in chunk.get("choices") or []:
                     if choice.get("index", 0) == 0:
-                        parts.append(_text((choice.get("delta") or {}).get("content")) if self.kind == "chat"
+                        delta = choice.get("delta") or {}
+                        parts.append(content_text(delta.get("content")) if self.kind == "chat"
                                      else choice.get("text") or "")
+                        tool_calls.add(delta.get("tool_calls"))
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                     if not wants_usage:
@@ -667,8 +666,7 @@ class _Call:
             return
         finally:
             response.release()
-        # Tool calls are not reassembled from stream deltas; the text is.
-        failure = await self.persist(self.record("".join(parts), [], usage, upstream_id))
+        failure = await self.persist(self.record("".join(parts), tool_calls.calls(), usage, upstream_id))
         if failure is not None:
             yield f"data: {failure.body.decode()}\n\n"
             return

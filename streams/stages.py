@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Iterable, Mapping
 
+from adaptloop.chat import assistant_text
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import episode_key, outcome_key, partition_key
@@ -198,27 +199,35 @@ def split(tenant: str, task: str, session_id: str, holdout_percent: int) -> str:
 def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interaction_ref: SourceRef,
           outcome_ref: SourceRef, spec: TaskSpec, holdout_percent: int,
           code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
-    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v2.avsc).
+    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v3.avsc).
 
     SUCCESS     the outcome says success and the task's validator accepts the response;
     CORRECTION  the outcome carries a correction the validator accepts (it becomes the completion,
                 the original response becomes ``rejected``);
     FAILURE     anything else: kept for the record, ``admitted=False`` with the reason.
+
+    A turn that calls tools is judged as the model wrote it (``adaptloop.chat.assistant_text``: its text and
+    its ``<tool_call>`` blocks), and so is a correction that names the tool calls it should have made. The
+    prompt keeps the whole history the turn was asked with (earlier turns' tool calls, tools' results) and
+    the tool definitions, so that training renders what serving rendered.
     """
-    response = interaction["response"]
-    kind, completion, rejected, reject_reason = FAILURE, response or "", None, None
+    response, response_calls = interaction["response"], list(interaction.get("tool_calls") or [])
+    correction, correction_calls = outcome["correction"], list(outcome.get("correction_tool_calls") or [])
+    kind, completion, calls, rejected, rejected_calls, reject_reason = FAILURE, response or "", response_calls, None, [], None
     value: float = outcome["score"] if outcome["score"] is not None else 0.0
     if outcome["tenant"] != interaction["tenant"]:
         reject_reason = f"outcome tenant {outcome['tenant']!r} is not the interaction's {interaction['tenant']!r}"
     else:
-        response_verdict = spec.judge(response) if response is not None else None
+        answered = response is not None or bool(response_calls)
+        response_verdict = spec.judge(assistant_text(response, response_calls)) if answered else None
         if outcome["success"] is True and response_verdict is not None and response_verdict.ok:
-            kind, completion = SUCCESS, response
+            kind, completion = SUCCESS, response or ""
             value = outcome["score"] if outcome["score"] is not None else response_verdict.score
-        elif outcome["correction"] is not None:
-            verdict = spec.judge(outcome["correction"])
+        elif correction is not None or correction_calls:
+            verdict = spec.judge(assistant_text(correction, correction_calls))
             if verdict.ok:
-                kind, completion, rejected, value = CORRECTION, outcome["correction"], response, verdict.score
+                kind, value = CORRECTION, verdict.score
+                completion, calls, rejected, rejected_calls = correction or "", correction_calls, response, response_calls
             else:
                 reject_reason = f"correction rejected by {spec.scorer}: {verdict.reason}"
         elif outcome["success"] is True:
@@ -235,9 +244,15 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
         "kind": kind,
         "admitted": kind != FAILURE,
         "reject_reason": reject_reason,
-        "prompt_messages": [{"role": m["role"], "content": m["content"]} for m in interaction["request_messages"]],
+        "episode_id": interaction.get("episode_id") or "",
+        "turn": int(interaction.get("turn") or 0),
+        "scope": "CALL",
+        "prompt_messages": [example_message(m) for m in interaction["request_messages"]],
+        "tools_json": interaction.get("tools_json"),
         "completion": completion,
+        "completion_tool_calls": [_call(c) for c in calls],
         "rejected": rejected,
+        "rejected_tool_calls": [_call(c) for c in rejected_calls],
         "score": float(value),
         "scorer": spec.scorer,
         "curated_at": curated_at if curated_at is not None else now_ms(),
@@ -252,6 +267,17 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
             "winning_outcome_id": outcome["outcome_id"],
         },
     }
+
+
+def _call(call: Mapping[str, Any]) -> dict[str, str]:
+    return {"id": call["id"], "name": call["name"], "arguments": call["arguments"]}
+
+
+def example_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A request message as a curated example keeps it (the contract's shape, v1 records included)."""
+    return {"role": message["role"], "content": message["content"],
+            "tool_calls": [_call(c) for c in message.get("tool_calls") or ()],
+            "tool_call_id": message.get("tool_call_id"), "name": message.get("name")}
 
 
 #: Outcome precedence, strongest first: a human's correction, a human's verdict, a validator, a heuristic,

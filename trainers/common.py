@@ -41,17 +41,17 @@ class RecipeResult:
     peak_rss_mb: float = 0.0
 
 
-def chat_prompt(prompt_messages: Sequence[Mapping[str, str]], system_prompt: str) -> list[dict[str, str]]:
-    """The prompt as the model sees it: the example's messages, with the task's system prompt first
-    unless the agent already sent one. Training and evaluation both use this."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt_messages]
+def chat_prompt(prompt_messages: Sequence[Mapping[str, Any]], system_prompt: str) -> list[dict[str, Any]]:
+    """The prompt as the model sees it: the example's messages (with their tool calls and tool results), with
+    the task's system prompt first unless the agent already sent one. Training and evaluation both use this."""
+    messages = [dict(m) for m in prompt_messages]
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 
 
-def assistant(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
+def assistant(text: str, tool_calls: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    return [{"role": "assistant", "content": text} | ({"tool_calls": [dict(c) for c in tool_calls]} if tool_calls else {})]
 
 
 def task_system_prompt(system_prompt: str, task: str) -> str:
@@ -90,7 +90,11 @@ def load_base(model_path: str, threads: int):
 
     if threads:
         torch.set_num_threads(threads)
+    from adaptloop.chat import chat_template
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # The template vLLM serves with: what trl renders (KTO, DPO) is what serving renders.
+    tokenizer.chat_template = chat_template()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

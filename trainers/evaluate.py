@@ -87,16 +87,22 @@ def _load(model_path: str | Path, adapter_dir: str | Path | None):
     return model, tokenizer
 
 
-def generate(model_path: str | Path, prompts: Sequence[list[dict[str, str]]], *, adapter_dir: str | Path | None = None,
-             max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0) -> list[str]:
-    """Greedy completions of chat ``prompts``, batched with left padding (``threads``: torch threads, 0 = default)."""
+def generate(model_path: str | Path, prompts: Sequence[list[dict[str, Any]]], *, adapter_dir: str | Path | None = None,
+             max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0,
+             tools: Sequence[list | None] | None = None) -> list[str]:
+    """Greedy completions of chat ``prompts`` (each with its ``tools``), rendered as vLLM renders them
+    (``adaptloop.chat``), batched with left padding (``threads``: torch threads, 0 = default). A completion that
+    calls tools is its text as the model wrote it, ``<tool_call>`` blocks included."""
     import torch
+
+    from adaptloop.chat import render
 
     if threads:
         torch.set_num_threads(threads)
 
     model, tokenizer = _load(model_path, adapter_dir)
-    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    tools = list(tools) if tools is not None else [None] * len(prompts)
+    texts = [render(tokenizer, list(p), t, add_generation_prompt=True) for p, t in zip(prompts, tools)]
     # Shortest first: less padding per batch.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outputs: dict[int, str] = {}
@@ -116,6 +122,7 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
              adapter_dir: str | Path | None = None, name: str = BASE, max_new_tokens: int = 96,
              batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0) -> EvalResult:
     """Success rate of the base model (or ``adapter_dir`` on it) on ``holdout`` examples."""
+    from adaptloop.chat import assistant_text, tools_of
     from adaptloop.trainers.sft import chat_prompt
 
     started = time.monotonic()
@@ -123,10 +130,11 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
         return EvalResult(name, 0.0, 0, 0, 0.0)
     prompts = [chat_prompt(e["prompt_messages"], spec.system_prompt) for e in holdout]
     responses = generate(model_path, prompts, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, threads=threads)
+                         batch_size=batch_size, threads=threads, tools=[tools_of(e.get("tools_json")) for e in holdout])
     passed, failures, partial = 0, [], 0.0
     for example, response in zip(holdout, responses):
-        verdict = spec.judge(response, reference=example["completion"])
+        reference = assistant_text(example["completion"], example.get("completion_tool_calls") or ())
+        verdict = spec.judge(response, reference=reference)
         partial += verdict.score
         if verdict.ok:
             passed += 1

@@ -1,9 +1,11 @@
-"""SFT recipe: a LoRA adapter trained with trl's ``SFTTrainer`` on prompt-completion examples.
+"""SFT recipe: a LoRA adapter trained with trl's ``SFTTrainer`` on conversations.
 
-The loss is on the completion only (trl's prompt-completion conversational format): the
-prompt is the task's system prompt plus the user's message, the completion is the answer the
-agent should have given. The output folder is a plain PEFT adapter (no ``modules_to_save``,
-no DoRA) that vLLM can load at run time.
+Each example is a trajectory: the prompt the target turn was asked with (the task's system prompt, the
+user's messages, earlier assistant turns with their tool calls, the tools' results) and the turn the agent
+should have taken (text and/or tool calls). It is rendered through the chat template vLLM serves with,
+the tool definitions included (``adaptloop.chat``), and the loss falls on the assistant's turns only:
+system, user and tool-result tokens are masked. The output folder is a plain PEFT adapter (no
+``modules_to_save``, no DoRA) that vLLM can load at run time.
 
 Ready-to-paste (trains on 64 generated order-extract examples, writes /tmp/adaptloop-sft)::
 
@@ -24,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
-                                       common_args, count_tokens, load_base, lora_config, progress_callback,
+                                       common_args, load_base, lora_config, progress_callback,
                                        read_yaml_config, recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
                                        config_from_mapping, public_config)
 
@@ -88,10 +90,20 @@ class SFTRecipeConfig:
         return public_config(self)
 
 
-def to_prompt_completion(example: Mapping[str, Any], system_prompt: str) -> dict[str, list[dict[str, str]]]:
-    """trl's conversational prompt-completion row: the loss falls on the completion only."""
+def to_prompt_completion(example: Mapping[str, Any], system_prompt: str) -> dict[str, list[dict[str, Any]]]:
+    """The conversation of one example: its prompt (the trajectory so far) and the target turn."""
     return {"prompt": chat_prompt(example["prompt_messages"], system_prompt),
-            "completion": assistant(example["completion"])}
+            "completion": assistant(example["completion"], example.get("completion_tool_calls") or ())}
+
+
+def tokenized(tokenizer: Any, example: Mapping[str, Any], system_prompt: str, max_length: int) -> dict[str, list[int]]:
+    """The example through the chat template vLLM serves with (``adaptloop.chat.tokens``), tools included; the
+    loss on every assistant turn (the target turn and the trajectory's earlier turns), nothing else."""
+    from adaptloop.chat import tokens, tools_of
+
+    row = to_prompt_completion(example, system_prompt)
+    rendered = tokens(tokenizer, row["prompt"] + row["completion"], tools_of(example.get("tools_json")))
+    return {"input_ids": rendered.input_ids[:max_length], "labels": rendered.labels[:max_length]}
 
 
 def load_examples(cfg: SFTRecipeConfig) -> list[dict]:
@@ -126,9 +138,9 @@ def main(cfg: SFTRecipeConfig, callbacks: Sequence[Any] = (),
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
 
     system_prompt = cfg.resolved_system_prompt()
-    rows = [to_prompt_completion(e, system_prompt) for e in examples]
+    rows = [tokenized(tokenizer, e, system_prompt, cfg.max_length) for e in examples]
     dataset = Dataset.from_list(rows)
-    tokens_per_epoch = count_tokens(tokenizer, [r["prompt"] + r["completion"] for r in rows], cfg.max_length)
+    tokens_per_epoch = sum(len(r["input_ids"]) for r in rows)
     work = cfg.work_dir or cfg.output_dir + ".work"
     args = SFTConfig(**common_args(output_dir=work, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                    learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,

@@ -40,14 +40,33 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _call(call: Mapping[str, Any]) -> dict[str, str]:
+    return {"id": call["id"], "name": call["name"], "arguments": call["arguments"]}
+
+
+def _message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A prompt message as a snapshot keeps it: text, an assistant's tool calls, a tool result's call id."""
+    out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_call(c) for c in message["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if message.get(key):
+            out[key] = message[key]
+    return out
+
+
 def _row(record: Mapping[str, Any], partition: int, offset: int) -> dict:
     """The part of a CuratedExample a snapshot keeps (and its digest covers)."""
     return {
         "example_id": record["example_id"], "tenant": record["tenant"], "task": record["task"],
         "session_id": record.get("session_id", ""), "split": record["split"], "kind": record["kind"],
         "admitted": bool(record["admitted"]), "reject_reason": record.get("reject_reason"),
-        "prompt_messages": [{"role": m["role"], "content": m["content"]} for m in record["prompt_messages"]],
+        "prompt_messages": [_message(m) for m in record["prompt_messages"]],
         "completion": record["completion"], "rejected": record.get("rejected"),
+        "completion_tool_calls": [_call(c) for c in record.get("completion_tool_calls") or ()],
+        "rejected_tool_calls": [_call(c) for c in record.get("rejected_tool_calls") or ()],
+        "tools_json": record.get("tools_json"), "episode_id": record.get("episode_id") or "",
+        "turn": int(record.get("turn") or 0), "scope": record.get("scope") or "CALL",
         "score": float(record.get("score") or 0.0), "scorer": record.get("scorer", ""),
         "subjects": list(record.get("subjects") or []),
         "served_by": record.get("served_by"),
@@ -240,6 +259,12 @@ def _prompt(row: Mapping[str, Any]) -> list[dict]:
     return row["prompt_messages"]
 
 
+def _sft(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An SFT example: the trajectory up to the target turn (its tools, its earlier turns) and the target turn."""
+    return {"prompt_messages": _prompt(row), "completion": row["completion"],
+            "completion_tool_calls": list(row.get("completion_tool_calls") or []), "tools_json": row.get("tools_json")}
+
+
 def choose_method(train: Sequence[Mapping[str, Any]], method: str = "auto") -> Plan:
     """The method follows the signal:
 
@@ -258,7 +283,7 @@ def choose_method(train: Sequence[Mapping[str, Any]], method: str = "auto") -> P
     pairs = [r for r in desirable if is_pair(r)]
     counts = {"desirable": len(desirable), "undesirable": len(undesirable), "pairs": len(pairs)}
     if method == "sft" or (method == "auto" and desirable and not undesirable and not pairs):
-        return Plan("sft", [{"prompt_messages": _prompt(r), "completion": r["completion"]} for r in desirable],
+        return Plan("sft", [_sft(r) for r in desirable],
                     f"{len(desirable)} right answers (successes and corrections)"
                     + (" (method forced)" if method == "sft" else ", no pairs, no failures"), counts)
     if method == "dpo" or (method == "auto" and pairs and len(pairs) == len(desirable) and not undesirable):

@@ -7,6 +7,7 @@ everything here is decided before a call would go upstream).
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from adaptloop.errors import FeedbackError
 from adaptloop.kafka import read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.sdk import FeedbackClient
+from adaptloop.sdk import FeedbackClient, episode_key
 from adaptloop.serving.feedback import InteractionIds
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.stack import free_port, service_env, start_service
@@ -62,7 +63,7 @@ def post(url: str, key: str | None, body, **headers) -> httpx.Response:
 def test_bad_feedback_gets_a_clear_4xx_and_records_nothing(kafka, gateway):
     url, keys, topics = gateway
     ids = InteractionIds(SECRET.encode())
-    mine, theirs = ids.new("acme"), ids.new("globex")
+    mine, theirs = ids.new("acme", episode_key("acme", uuid.uuid4().hex)), ids.new("globex", episode_key("globex", uuid.uuid4().hex))
     good = {"interaction_id": mine, "source": "HUMAN", "success": True}
     bad = {
         "no key": (None, good, 401),
@@ -102,7 +103,7 @@ def test_bad_feedback_gets_a_clear_4xx_and_records_nothing(kafka, gateway):
 def test_feedback_is_recorded_once_safe_in_either_mode_and_through_the_sdk(kafka, gateway):
     url, keys, topics = gateway
     ids = InteractionIds(SECRET.encode())
-    first, second, third = ids.new("acme"), ids.new("acme"), ids.new("acme")
+    first, second, third = ids.new("acme", episode_key("acme", uuid.uuid4().hex)), ids.new("acme", episode_key("acme", uuid.uuid4().hex)), ids.new("acme", episode_key("acme", uuid.uuid4().hex))
     outbox = post(url, keys["acme"], {"interaction_id": first, "source": "human", "success": False,
                                       "correction": {"role": "assistant", "content": "refund"},
                                       "labeler": "agent-7", "reason": "it asked for its money back"})
@@ -113,7 +114,7 @@ def test_feedback_is_recorded_once_safe_in_either_mode_and_through_the_sdk(kafka
     with FeedbackClient(url + "/v1", keys["acme"]) as client:
         sdk_id = client.feedback(third, source="VALIDATOR", success=True, reason="schema ok")
         with pytest.raises(FeedbackError) as refused:
-            client.feedback(ids.new("globex"), source="HUMAN", success=True)
+            client.feedback(ids.new("globex", episode_key("globex", uuid.uuid4().hex)), source="HUMAN", success=True)
     assert refused.value.status == 404
     got = {o["interaction_id"]: o for o in outcomes(kafka, topics)}
     assert set(got) == {first, second, third}

@@ -32,6 +32,7 @@ from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.sdk import message_record, partition_key
 from adaptloop.serving.bench_gateway import server_timing
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
@@ -44,6 +45,9 @@ SERVE_READY_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 120.0
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 CANARY_SHARE = 0.3
+#: The tasks these tests route (the gateway takes only the catalogue's); nothing here judges answers.
+CATALOGUE = "tasks:\n" + "".join(f"  {task}:\n    validator: {{kind: regex, pattern: '(?s).*'}}\n" for task in (
+    "extract", "summarize", "a", "bad", "crash", "gone", "live", "rebased"))
 TENANTS = ("nobody", "acme", "globex", "mallory", "oldco", "fickle", "phoenix", "goodco", "worseco", "swapco", "default")
 
 
@@ -114,7 +118,7 @@ class Serving:
         for msg in read_ranges(self.kafka, topic, idle_s=1.5, timeout_s=60):
             record = decode(msg.value(), SerdeContext(topic, msg.partition(), msg.offset()))
             if record["interaction_id"] == interaction_id:
-                assert msg.key() == interaction_id.encode()
+                assert msg.key() == partition_key(interaction_id).encode()
                 return record
         raise AssertionError(f"interaction {interaction_id} is not on {topic}")
 
@@ -153,6 +157,7 @@ def serving(kafka, tmp_path_factory) -> Serving:
     keys = dev_keys(TENANTS)
     env = service_env(kafka, topics, home) | {
         "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting(keys),
+        "ADAPTLOOP_TASKS_INLINE": CATALOGUE,
         "ADAPTLOOP_GATEWAY_CANARY_SHARE": str(CANARY_SHARE),
         "ADAPTLOOP_CANARY_GATEWAY_URLS": json.dumps([f"http://127.0.0.1:{ports['gateway']}"]),
         "ADAPTLOOP_CANARY_MIN_SAMPLES": "10",
@@ -222,7 +227,7 @@ def test_alias_without_release_uses_base_and_is_recorded(serving):
     record = serving.interaction(interaction_id)
     assert (record["tenant"], record["task"], record["agent"]) == ("nobody", "summarize", "gateway")
     assert record["adapter"] is None and record["base_model"] == BASE
-    assert record["request_messages"] == PROMPT
+    assert record["request_messages"] == [message_record(m) for m in PROMPT]
     assert record["response"] == body["choices"][0]["message"]["content"]
     assert record["prompt_tokens"] == body["usage"]["prompt_tokens"] > 0
     assert record["completion_tokens"] == body["usage"]["completion_tokens"] > 0

@@ -138,7 +138,8 @@ def test_success_when_the_outcome_says_so_and_the_validator_accepts():
     example = scored(interaction(), outcome(success=True))
     assert (example["kind"], example["admitted"], example["reject_reason"]) == ("SUCCESS", True, None)
     assert example["completion"] == CASE.answer and example["rejected"] is None
-    assert example["prompt_messages"][1] == {"role": "user", "content": CASE.sentence}
+    assert example["prompt_messages"][1] == {"role": "user", "content": CASE.sentence, "tool_calls": [], "tool_call_id": None,
+                                             "name": None}
     assert example["scorer"] == SPEC.scorer and example["score"] == 1.0
     assert example["lineage"] == {"interaction": IREF.as_dict(), "outcomes": [OREF.as_dict()],
                                   "outcome_ids": [example["lineage"]["outcome_ids"][0]],

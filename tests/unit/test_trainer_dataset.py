@@ -86,7 +86,7 @@ def test_the_method_follows_the_signal():
     pairs = [record(f"p{i}", kind="CORRECTION", completion="right", rejected="wrong") for i in range(3)]
     failures = [failure(f"f{i}") for i in range(2)]
     sft = choose_method(rows(successes + [record("c", kind="CORRECTION", rejected=None)]))
-    assert sft.method == "sft" and len(sft.examples) == 5 and set(sft.examples[0]) == {"prompt_messages", "completion"}
+    assert sft.method == "sft" and len(sft.examples) == 5 and set(sft.examples[0]) == {"prompt_messages", "completion", "completion_tool_calls", "tools_json"}
     dpo = choose_method(rows(pairs))
     assert dpo.method == "dpo" and dpo.examples[0]["chosen"] == "right" and dpo.examples[0]["rejected"] == "wrong"
     kto = choose_method(rows(successes + failures))

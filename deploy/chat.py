@@ -1,0 +1,148 @@
+"""One rendering of a conversation for serving and training: the chat template vLLM serves with, and the
+token ids (with the assistant's tokens marked) the trainer computes its loss on.
+
+    vLLM:     --chat-template deploy/chat_template.jinja --enable-auto-tool-choice --tool-call-parser hermes
+    trainer:  tokens(tokenizer, messages, tools) -> Tokens(input_ids, assistant_mask)
+
+The template (``chat_template.jinja``) is ChatML, as the bundled SmolLM2's own, plus tools in the system
+message and tool calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, the format
+vLLM's hermes parser reads back from what the model generates. Without tools it renders exactly what
+SmolLM2's template renders. A model with a template of its own that renders tools can keep it
+(``ADAPTLOOP_SERVE_CHAT_TEMPLATE``, and the same file for the trainer).
+
+Messages here are in the contract's shape (``adaptloop.sdk.message_record``: tool calls as {id, name,
+arguments as JSON text}) or OpenAI's; ``template_messages`` turns either into what the template reads,
+with arguments as objects, which is what vLLM hands its template too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from adaptloop.errors import TrainingError
+
+CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
+#: vLLM's tool-call parser that reads what the template's tool-call blocks look like.
+TOOL_CALL_PARSER = "hermes"
+
+
+def chat_template(path: str | Path | None = None) -> str:
+    return Path(path or CHAT_TEMPLATE).read_text(encoding="utf-8")
+
+
+def _arguments(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # not JSON: the template writes it as it is, as the model produced it
+    return value
+
+
+def assistant_text(content: str | None, tool_calls: Iterable[Mapping[str, Any]] = ()) -> str:
+    """An assistant turn as the model writes it: its text, then one ``<tool_call>`` block per call, exactly as the
+    template renders it. What a task's validator judges (and compares with a reference) for a turn that calls
+    tools; for a turn without calls, just its text."""
+    parts = [content] if content else []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call.get("function"), Mapping) else call
+        arguments = _arguments(function.get("arguments"))
+        rendered = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        parts.append(f'<tool_call>\n{{"name": {json.dumps(function["name"], ensure_ascii=False)}, "arguments": {rendered}}}'
+                     "\n</tool_call>")
+    return "\n".join(parts)
+
+
+def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
+    calls = message.get("tool_calls") or []
+    if calls:
+        out["tool_calls"] = []
+        for call in calls:
+            function = call.get("function") if isinstance(call.get("function"), Mapping) else call
+            out["tool_calls"].append({"id": call.get("id") or "", "type": "function",
+                                      "function": {"name": function["name"],
+                                                   "arguments": _arguments(function.get("arguments"))}})
+    if message.get("tool_call_id"):
+        out["tool_call_id"] = message["tool_call_id"]
+    if message.get("name"):
+        out["name"] = message["name"]
+    return out
+
+
+def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [template_message(m) for m in messages]
+
+
+def tools_of(tools_json: str | None) -> list[dict[str, Any]] | None:
+    """The request's tool definitions (the interaction's ``tools_json``), or None."""
+    if not tools_json:
+        return None
+    tools = json.loads(tools_json)
+    return tools if isinstance(tools, list) and tools else None
+
+
+def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: list | None = None, *,
+           add_generation_prompt: bool = False, template: str | None = None) -> str:
+    return tokenizer.apply_chat_template(template_messages(messages), tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         chat_template=template or chat_template())
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A conversation's token ids and, per token, whether it is the assistant's (the loss falls there only)."""
+
+    input_ids: list[int]
+    assistant_mask: list[int]
+
+    @property
+    def labels(self) -> list[int]:
+        return [t if m else -100 for t, m in zip(self.input_ids, self.assistant_mask)]
+
+
+def tokens(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: list | None = None, *,
+           template: str | None = None) -> Tokens:
+    """Every message rendered through the template; the assistant's turns (their text, their tool-call blocks
+    and the end-of-turn token) marked. Each span is tokenized on its own, so the tokens before an assistant
+    turn are exactly the prompt vLLM tokenizes when it serves that turn, and the turn's tokens are what the
+    model generates there."""
+    template = template or chat_template()
+    whole = render(tokenizer, messages, tools, template=template)
+    cuts: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], tools, add_generation_prompt=True, template=template))
+        end = len(render(tokenizer, messages[:i + 1], tools, template=template))
+        if not whole.startswith(render(tokenizer, messages[:i + 1], tools, template=template)):
+            raise TrainingError("the chat template does not render a conversation as its prefixes' continuation")
+        if whole[end - 1:end] == "\n":
+            end -= 1  # the newline after the end-of-turn token is the next turn's, not generated
+        cuts.append((start, end))
+    ids: list[int] = []
+    mask: list[int] = []
+    position = 0
+    for start, end in cuts:
+        for text, marked in ((whole[position:start], 0), (whole[start:end], 1)):
+            if text:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                mask += [marked] * len(piece)
+        position = end
+    rest = whole[position:]
+    if rest:
+        piece = tokenizer(rest, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [0] * len(piece)
+    return Tokens(ids, mask)
+
+
+def prompt_tokens(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: list | None = None, *,
+                  template: str | None = None) -> list[int]:
+    """The ids vLLM tokenizes for a request of ``messages`` (with the generation prompt)."""
+    text = render(tokenizer, messages, tools, add_generation_prompt=True, template=template)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,218 @@
+"""Tool calling through the gateway on the real vLLM server (CPU, the bundled base model), with the official
+OpenAI client: tool_choice none / auto / required / named, streamed and not, parallel_tool_calls, a
+multi-turn episode with a tool's result, and what the interactions topic keeps of it all. The rendering
+test checks that the tokens the trainer computes its loss on are the tokens vLLM renders.
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/integration/test_tools.py -v -s
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from adaptloop.chat import prompt_tokens, tokens
+from adaptloop.kafka import ensure_topics, read_ranges
+from adaptloop.model import ensure_base_model
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.serving.keys import dev_keys, plain_setting
+from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics
+from adaptloop.stack import free_port, service_env, start_service
+
+pytestmark = pytest.mark.integration
+
+BASE = ModelSettings().name
+TENANT = "toolco"
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "lookup_order", "description": "Look up an order by its id.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string", "maxLength": 12}},
+                       "required": ["order_id"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "refund", "description": "Refund an order.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string", "maxLength": 12},
+                                                        "amount": {"type": "number"}},
+                       "required": ["order_id", "amount"], "additionalProperties": False}}},
+]
+USER = [{"role": "user", "content": "Where is my order A1234?"}]
+CATALOGUE = "tasks:\n  support:\n    system_prompt: You are a support agent.\n    validator: {kind: regex, pattern: '(?s).*'}\n"
+
+
+@pytest.fixture(scope="module")
+def stack(kafka, tmp_path_factory):
+    home = tmp_path_factory.mktemp("tools")
+    topics = Topics(prefix=f"tools{uuid.uuid4().hex[:8]}.")
+    ensure_topics(kafka, topics)
+    ports = {name: free_port() for name in ("vllm", "sidecar", "gateway")}
+    keys = dev_keys([TENANT])
+    env = service_env(kafka, topics, home) | {
+        "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting(keys), "ADAPTLOOP_TASKS_INLINE": CATALOGUE,
+        "ADAPTLOOP_MODEL_PATH": str(ensure_base_model(DEFAULT_HOME)),
+        "ADAPTLOOP_SERVE_PORT": str(ports["vllm"]), "ADAPTLOOP_SERVE_SIDECAR_PORT": str(ports["sidecar"]),
+        "ADAPTLOOP_GATEWAY_PORT": str(ports["gateway"]),
+        "ADAPTLOOP_GATEWAY_VLLM_URL": f"http://127.0.0.1:{ports['vllm']}",
+        "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{ports['sidecar']}",
+    }
+    serve = start_service("serve", home, env, timeout_s=600)
+    try:
+        gateway = start_service("gateway", home, env, timeout_s=120)
+    except BaseException:
+        serve.stop()
+        raise
+    try:
+        yield {"kafka": kafka, "topics": topics, "vllm": env["ADAPTLOOP_GATEWAY_VLLM_URL"],
+               "gateway": f"http://127.0.0.1:{ports['gateway']}", "key": keys[TENANT]}
+    finally:
+        gateway.stop()
+        serve.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from openai import OpenAI
+
+    return OpenAI(base_url=stack["gateway"] + "/v1", api_key=stack["key"], max_retries=0, timeout=120)
+
+
+def interactions(stack, ids: set[str], timeout_s: float = 30) -> dict[str, dict]:
+    topic = stack["topics"].name("interactions")
+    decode = serde_for("interaction").deserialize
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = {r["interaction_id"]: r for r in (decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
+                                                for m in read_ranges(stack["kafka"], topic, idle_s=1.0))}
+        if ids <= set(got) or time.monotonic() > deadline:
+            return {i: got[i] for i in ids if i in got}
+        time.sleep(0.5)
+
+
+def ask(client, *, stream: bool, **extra):
+    """(interaction id, text, tool calls as [(id, name, arguments)], finish reason) through the gateway."""
+    # Strict tool schemas (no extra keys, short ids) and room for a whole call: under required and named, vLLM's
+    # grammar forces the call's shape, but the base model fills the values as it likes.
+    body = dict(model=f"{TENANT}/support", messages=USER, tools=TOOLS, max_tokens=120, temperature=0) | extra
+    if not stream:
+        reply = client.chat.completions.create(**body)
+        message = reply.choices[0].message
+        calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        return reply.id, message.content or "", calls, reply.choices[0].finish_reason
+    text, calls, finish, reply_id = "", {}, None, None
+    for chunk in client.chat.completions.create(stream=True, **body):
+        reply_id = chunk.id
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                entry = calls.setdefault(delta.index, ["", "", ""])
+                entry[0] = delta.id or entry[0]
+                entry[1] += (delta.function.name or "") if delta.function else ""
+                entry[2] += (delta.function.arguments or "") if delta.function else ""
+            finish = choice.finish_reason or finish
+    return reply_id, text, [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_every_tool_choice_through_the_gateway_and_what_is_recorded(stack, client, stream):
+    named = {"type": "function", "function": {"name": "refund"}}
+    results = {choice: ask(client, stream=stream, tool_choice=choice)
+               for choice in ("none", "auto", "required")}
+    results["named"] = ask(client, stream=stream, tool_choice=named)
+    results["single"] = ask(client, stream=stream, tool_choice="required", parallel_tool_calls=False)
+    for choice, (iid, text, calls, finish) in results.items():
+        print(f"[{'streamed' if stream else 'whole'}] {choice}: finish={finish} text={text[:60]!r} calls={calls}")
+    assert results["none"][2] == [] and results["none"][1]
+    for choice in ("required", "named", "single"):
+        calls = results[choice][2]
+        assert calls and all(json.loads(arguments) is not None for _, _, arguments in calls), (choice, calls)
+        assert all(call_id for call_id, _, _ in calls)
+    assert {name for _, name, _ in results["named"][2]} == {"refund"}
+    assert set(json.loads(results["named"][2][0][2])) >= {"order_id", "amount"}
+    assert len(results["single"][2]) == 1
+    assert {name for _, name, _ in results["required"][2]} <= {"lookup_order", "refund"}
+    # The record holds the tools, the request and the calls exactly as the client assembled them.
+    records = interactions(stack, {iid for iid, *_ in results.values()})
+    for choice, (iid, text, calls, _) in results.items():
+        record = records[iid]
+        assert json.loads(record["tools_json"]) == TOOLS
+        assert [(c["id"], c["name"], c["arguments"]) for c in record["tool_calls"]] == calls, choice
+        assert (record["response"] or "") == text
+        assert record["turn"] == 1 and record["episode_id"].startswith("ep-") and record["session_id"] == record["episode_id"]
+        assert record["attributes"]["stream"] == str(stream).lower()
+
+
+def test_a_multi_turn_episode_with_tool_results_is_recorded_turn_by_turn(stack, client):
+    episode = f"run-{uuid.uuid4().hex[:8]}"
+    headers = {"x-adaptloop-episode": episode}
+    first = client.chat.completions.with_raw_response.create(
+        model=f"{TENANT}/support", messages=USER, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0,
+        extra_headers=headers)
+    assert first.headers["x-adaptloop-episode"] == episode
+    reply = first.parse()
+    call = reply.choices[0].message.tool_calls[0]
+    history = USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"status": "shipped", "eta": "Friday"})}]
+    # The second turn names its episode in the body's metadata instead, streams, and ends the episode.
+    second_id, text, calls, _ = ask(client, stream=True, messages=history, tool_choice="none",
+                                    metadata={"episode_id": episode, "episode_end": "true"})
+    assert text and not calls
+    records = interactions(stack, {reply.id, second_id})
+    one, two = records[reply.id], records[second_id]
+    assert (one["episode_id"], one["turn"], one["episode_end"]) == (episode, 1, False)
+    assert (two["episode_id"], two["turn"], two["episode_end"]) == (episode, 2, True)
+    assert one["session_id"] == two["session_id"] == episode
+    # Both calls of the episode share a partition key: curation sees the episode on one partition.
+    assert reply.id.split(".")[0] == second_id.split(".")[0]
+    assistant, tool = two["request_messages"][-2:]
+    assert [(c["id"], c["name"], c["arguments"]) for c in assistant["tool_calls"]] == [
+        (call.id, call.function.name, call.function.arguments)]
+    assert (tool["role"], tool["tool_call_id"]) == ("tool", call.id) and "shipped" in tool["content"]
+    assert two["request_messages"][0] == {"role": "system", "content": "You are a support agent.", "tool_calls": [],
+                                          "tool_call_id": None, "name": None}  # the task's prompt, added
+
+
+def test_a_bad_episode_id_is_a_400(stack):
+    response = httpx.post(stack["gateway"] + "/v1/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {stack['key']}", "x-adaptloop-episode": "x" * 500},
+                          json={"model": f"{TENANT}/support", "messages": USER, "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_episode"
+
+
+def test_the_trainer_renders_the_tokens_vllm_renders(stack):
+    """Token for token: the prompt vLLM tokenizes for each assistant turn is the trainer's prefix before that
+    turn, and the whole conversation is the trainer's ids; the loss mask covers the assistant's tokens only."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_base_model(DEFAULT_HOME)))
+    conversation = [
+        {"role": "system", "content": "You are a support agent."}, *USER,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "name": "lookup_order", "arguments": json.dumps({"order_id": "A1234"})},
+            {"id": "call_2", "name": "refund", "arguments": json.dumps({"order_id": "A1234", "amount": 12.5})}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "lost"}'},
+        {"role": "tool", "tool_call_id": "call_2", "content": '{"refunded": 12.5}'},
+        {"role": "assistant", "content": "Your parcel was lost, so I refunded 12.50."},
+    ]
+    ours = tokens(tokenizer, conversation, TOOLS)
+
+    def vllm_tokens(messages, generation_prompt):
+        wire = [dict(m, tool_calls=[{"id": c["id"], "type": "function", "function": {
+            "name": c["name"], "arguments": c["arguments"]}} for c in m["tool_calls"]]) if m.get("tool_calls") else m
+            for m in messages]
+        response = httpx.post(stack["vllm"] + "/tokenize", timeout=30, json={
+            "model": BASE, "messages": wire, "tools": TOOLS, "add_generation_prompt": generation_prompt})
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    assert vllm_tokens(conversation, False) == ours.input_ids
+    for turn in (2, 5):  # each assistant turn: vLLM's prompt there is our prefix, and our loss starts right after
+        prompt = vllm_tokens(conversation[:turn], True)
+        assert prompt == prompt_tokens(tokenizer, conversation[:turn], TOOLS) == ours.input_ids[:len(prompt)]
+        assert ours.assistant_mask[len(prompt) - 1] == 0 and ours.assistant_mask[len(prompt)] == 1
+    marked = tokenizer.decode([t for t, m in zip(ours.input_ids, ours.assistant_mask) if m])
+    assert marked == ('<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A1234"}}\n</tool_call>\n'
+                      '<tool_call>\n{"name": "refund", "arguments": {"order_id": "A1234", "amount": 12.5}}\n</tool_call>'
+                      '<|im_end|>Your parcel was lost, so I refunded 12.50.<|im_end|>')
