@@ -198,10 +198,13 @@ class FeedbackClient:
         self._client = httpx.Client(base_url=base_url.rstrip("/").removesuffix("/v1"), timeout=timeout_s,
                                     headers={"authorization": f"Bearer {api_key}"})
 
-    def feedback(self, interaction_id: str, *, source: str, success: bool | None = None, score: float | None = None,
+    def feedback(self, interaction_id: str | None = None, *, source: str, episode_id: str | None = None,
+                 success: bool | None = None, score: float | None = None,
                  correction: str | Mapping[str, Any] | None = None, labeler: str | None = None,
                  reason: str | None = None, outcome_id: str | None = None, event_time: int | None = None) -> str:
-        body = {"interaction_id": interaction_id, "source": source, "success": success, "score": score,
+        """A verdict on one call (``interaction_id``, the completion's ``id``) or a whole episode (``episode_id``)."""
+        body = {"interaction_id": interaction_id, "episode_id": episode_id, "source": source, "success": success,
+                "score": score,
                 "correction": correction, "labeler": labeler, "reason": reason, "outcome_id": outcome_id,
                 "event_time": event_time}
         try:

@@ -5,10 +5,10 @@
               "correction": "refund", "labeler": "agent-7", "reason": "it was a refund request"}'
     # 202 {"object": "feedback", "id": "<outcome id>", "interaction_id": "...", "status": "accepted"}
 
-The body (``FeedbackBody``): ``interaction_id`` (the ``id`` the gateway gave the completion), ``source``
-(HUMAN, VALIDATOR, HEURISTIC or BUSINESS), ``success`` and/or ``score`` (0..1), an optional
-``correction`` (the answer it should have been: text, or an OpenAI assistant message with text
-content), ``labeler``, ``reason``, an optional ``outcome_id`` (your idempotency key: curation counts an
+The body (``FeedbackBody``): ``interaction_id`` (the ``id`` the gateway gave the completion) or
+``episode_id`` (the whole episode: ``streams.trajectories``), ``source`` (HUMAN, VALIDATOR, HEURISTIC or
+BUSINESS), ``success`` and/or ``score`` (0..1), an optional ``correction`` (the answer it should have
+been: text, or an OpenAI assistant message with content and/or ``tool_calls``), ``labeler``, ``reason``, an optional ``outcome_id`` (your idempotency key: curation counts an
 outcome id once) and ``event_time`` (epoch ms; default now). Anything else is refused.
 
 A tenant gives feedback only on its own calls: every interaction id the gateway hands out carries a
@@ -89,13 +89,35 @@ class InteractionIds:
         return cls(secret.encode())
 
 
+class CorrectionFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    arguments: str | dict[str, Any]
+
+
+class CorrectionToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field("", max_length=200)
+    type: Literal["function"] = "function"
+    function: CorrectionFunction
+
+
 class AssistantCorrection(BaseModel):
-    """The OpenAI assistant message it should have answered with (text content)."""
+    """The OpenAI assistant message it should have answered with: text, tool calls, or both."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["assistant"]
-    content: str
+    content: str | None = None
+    tool_calls: list[CorrectionToolCall] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "AssistantCorrection":
+        if not self.content and not self.tool_calls:
+            raise ValueError("a corrected assistant message needs content or tool_calls")
+        return self
 
 
 class FeedbackBody(BaseModel):
@@ -103,7 +125,8 @@ class FeedbackBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    interaction_id: str = Field(min_length=1, max_length=200)
+    interaction_id: str | None = Field(None, min_length=1, max_length=200)
+    episode_id: str | None = Field(None, min_length=1, max_length=200)
     source: str
     success: bool | None = None
     score: float | None = Field(None, ge=0.0, le=1.0)
@@ -129,6 +152,8 @@ class FeedbackBody(BaseModel):
 
     @model_validator(mode="after")
     def _a_verdict(self) -> "FeedbackBody":
+        if (self.interaction_id is None) == (self.episode_id is None):
+            raise ValueError("feedback names one interaction_id or one episode_id")
         if self.success is None and self.score is None and self.correction is None:
             raise ValueError("feedback needs success, score or a correction")
         return self
@@ -136,6 +161,13 @@ class FeedbackBody(BaseModel):
     @property
     def correction_text(self) -> str | None:
         return self.correction.content if isinstance(self.correction, AssistantCorrection) else self.correction
+
+    @property
+    def correction_tool_calls(self) -> list[dict[str, Any]]:
+        if not isinstance(self.correction, AssistantCorrection):
+            return []
+        return [{"id": c.id, "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in self.correction.tool_calls]
 
 
 async def read_body(receive_chunks: Any, limit: int, declared_length: str | None) -> bytes:
@@ -166,9 +198,6 @@ def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_c
                now_ms: int | None = None) -> dict[str, Any]:
     """The Outcome record a feedback body stands for; ``RequestRefused`` when it cannot stand for one."""
     body = parse_json(raw)
-    if isinstance(body, dict) and "episode_id" in body:
-        raise RequestRefused(400, "feedback on a whole episode is not taken yet: name the interaction_id of "
-                                   "each call it concerns", "episode_id", "unsupported_parameter")
     try:
         feedback = FeedbackBody.model_validate(body)
     except ValidationError as exc:
@@ -176,16 +205,20 @@ def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_c
         field = ".".join(str(p) for p in first["loc"]) or None
         raise RequestRefused(400, f"invalid feedback: {field or 'body'}: {first['msg']}", field) from None
     correction = feedback.correction_text
-    if correction is not None and len(correction) > max_correction_chars:
+    calls = feedback.correction_tool_calls
+    if len(correction or "") + sum(len(json.dumps(c)) for c in calls) > max_correction_chars:
         raise RequestRefused(400, f"invalid feedback: correction: longer than {max_correction_chars} characters",
                               "correction")
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     if feedback.event_time is not None and feedback.event_time > now + MAX_FUTURE_MS:
         raise RequestRefused(400, "invalid feedback: event_time: in the future", "event_time")
-    if not ids.belongs_to(tenant, feedback.interaction_id):
+    # An episode id needs no check: it is the caller's tenant's episode by construction (episodes are keyed
+    # by tenant and id), so naming another tenant's episode id names an episode of one's own, empty.
+    if feedback.interaction_id is not None and not ids.belongs_to(tenant, feedback.interaction_id):
         raise RequestRefused(404, f"no interaction {feedback.interaction_id[:80]!r} for this key",
                               "interaction_id", "interaction_not_found")
-    return build_outcome(feedback.interaction_id, tenant=tenant, source=feedback.source, success=feedback.success,
-                         score=feedback.score, correction=correction, labeler=feedback.labeler,
-                         reason=feedback.reason, event_time=feedback.event_time or now,
-                         outcome_id=feedback.outcome_id)
+    return build_outcome(feedback.interaction_id or "", tenant=tenant, source=feedback.source,
+                         success=feedback.success, score=feedback.score, correction=correction,
+                         correction_tool_calls=calls, labeler=feedback.labeler, reason=feedback.reason,
+                         event_time=feedback.event_time or now, outcome_id=feedback.outcome_id,
+                         episode_id=feedback.episode_id)

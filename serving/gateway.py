@@ -458,9 +458,10 @@ class Gateway:
             else:
                 await self.interactions.write(outcome, "outcome")
         except (DeliveryError, SerializationError, OutboxError) as exc:
-            log.error("feedback on %s not recorded: %s", outcome["interaction_id"], exc)
+            log.error("feedback on %s not recorded: %s", outcome["interaction_id"] or outcome["episode_id"], exc)
             return openai_error(503, f"the feedback could not be recorded: {exc}", "api_error", "feedback_not_recorded")
-        return JSONResponse({"object": "feedback", "id": outcome["outcome_id"], "interaction_id": outcome["interaction_id"],
+        return JSONResponse({"object": "feedback", "id": outcome["outcome_id"],
+                             "interaction_id": outcome["interaction_id"] or None, "episode_id": outcome["episode_id"],
                              "status": "accepted"}, status_code=202)
 
 

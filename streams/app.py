@@ -40,7 +40,7 @@ import gc
 import logging
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import faust
 from aiokafka.errors import KafkaError
@@ -59,6 +59,7 @@ from adaptloop.streams.faust_app import new_app
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
+from adaptloop.streams.trajectories import Episodes
 from adaptloop.tasks import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class Curation:
         self.staged_windows = StagedWrites(self.windows)
         # "tenant/task/example_id" -> curated offset that counted it (a repeat of an example counts once)
         self.counted = table("window_counted")
+        # "tenant/episode_id" -> the episode's newest turn and its episode-level outcomes (streams.trajectories)
+        self.episodes = Episodes(self, table("episodes"))
         # Joins being sent right now: the table flag is written only after delivery (at least once).
         self._in_flight: set[str] = set()
         # request id -> set once its send is over; a task that finds a request in flight waits for this.
@@ -201,8 +204,13 @@ class Curation:
             log.exception("%s stage failed on %s/%d@%d", stage, ref.topic, ref.partition, ref.offset)
             await self.send_dead_letter(event, ref, stage, exc)
 
-    def _erased(self, record: dict[str, Any]) -> dict[str, Any] | None:
+    def erased(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
         return self.erasures.erasures.match(record) if self.erasures is not None else None
+
+    async def send_scored(self, example: Mapping[str, Any]) -> None:
+        """A curated example to the dedupe stage (keyed by its tenant/task), acknowledged with its batch."""
+        value = self.curated_serde.serialize(example, SerdeContext(self.scored.get_topic_name()))
+        await self._send(self.scored, stages.curated_key(example["tenant"], example["task"]), value)
 
     # ------------------------------------------------------------------ decode + redact + join
 
@@ -226,7 +234,11 @@ class Curation:
             return
         interaction_id = record["interaction_id"]
         tenant_task = stages.curated_key(record["tenant"], record.get("task", "-"))
-        if self._erased(record) is not None:
+        if side == OUTCOME and record.get("episode_id"):
+            if self.erased(record) is None:
+                await self.episodes.on_outcome(record, self._side(side, record, ref), ref.partition)
+            return
+        if self.erased(record) is not None:
             self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
             if side == INTERACTION:
                 self.staged_joins.put(interaction_id, {"emitted": ERASED_MARK})
@@ -247,6 +259,8 @@ class Curation:
                 log.info("interaction %s: duplicate, ignored (%s)", interaction_id, ref)
                 return
             entry[INTERACTION] = wrapped
+            if record.get("episode_id"):
+                self.episodes.note_turn(record, wrapped, ref.partition)
         else:
             outcomes = list(entry.get("outcomes") or [])
             if any(o["record"]["outcome_id"] == record["outcome_id"] for o in outcomes):
@@ -287,7 +301,7 @@ class Curation:
                 holdout_percent=self.settings.holdout_percent, horizon_ms=self.horizon_ms,
                 redactions=redactions, subjects=subjects)
             tenant_task = stages.curated_key(example["tenant"], example["task"])
-            if self._erased(example) is not None:
+            if self.erased(example) is not None:
                 self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
                 self.staged_joins.put(interaction_id, {"emitted": ERASED_MARK})
                 self._settled(interaction_id, entry)
@@ -335,6 +349,7 @@ class Curation:
                 self._due[partition].pop(interaction_id, None)
                 continue
             await self.emit(interaction_id, dict(entry))
+        await self.episodes.tick(partition, now)
         for key, state in list(self.windows.items()):
             if not isinstance(state, dict) or state.get("p") != partition:
                 continue
@@ -349,6 +364,7 @@ class Curation:
         """Partitions moved: in-memory indexes may describe partitions this worker no longer (or newly) owns."""
         self._due = None
         self._indexes.clear()
+        self.episodes.on_rebalance()
 
     # ------------------------------------------------------------------ dedupe per (tenant, task)
 
@@ -367,7 +383,7 @@ class Curation:
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
         example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
         tenant_task = stages.curated_key(example["tenant"], example["task"])
-        if self._erased(example) is not None:
+        if self.erased(example) is not None:
             self.metrics.record(stages.STAGE_DEDUPE, ERASED, tenant_task=tenant_task)
             return
         example["content_hash"] = dedupe.content_hash(example)

@@ -27,17 +27,20 @@ from adaptloop.settings import Topics
 from adaptloop.stack import start_service
 from adaptloop.streams import stages
 from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.tasks import example_catalogue
 from curation_helpers import (READY_TIMEOUT_S, TASK, dataset_of, get_json, get_text, messages, read_all,
                               wait_until, worker_env)
 
 pytestmark = pytest.mark.integration
 
-TENANTS = ["acme", "pii", "dup", "ta", "tb", "er", "dlq", "val"]
+TENANTS = ["acme", "pii", "dup", "ta", "tb", "er", "dlq", "val", "ep"]
 #: Two tasks of a user's catalogue, beside the example's (validator kinds, by task).
-TASKS = {"intent": "regex", "ticket": "json_schema"}
+TASKS = {"intent": "regex", "ticket": "json_schema", "support": "regex"}
 EXTRA_TASKS = """
   intent:
     validator: {kind: regex, pattern: "(refund|cancel|other)"}
+  support:
+    validator: {kind: regex, pattern: "(?s).+"}
   ticket:
     validator:
       kind: json_schema
@@ -136,8 +139,8 @@ def malformed_corpus(topics: Topics) -> list[tuple[str, str, bytes | None, bytes
         ("a curated example on the outcomes topic", o_topic, b"m-cur", curated, "wrong record type"),
         ("oversized", i_topic, b"m6", enc(inter("m6", messages=messages("x" * (MAX_BYTES + 10)))), "exceeds max_record_bytes"),
         ("key not UTF-8", i_topic, b"\xff\xfe", good, "not UTF-8"),
-        ("key is not the id", i_topic, b"other", good, "not the interaction_id"),
-        ("no key", i_topic, None, good, "not the interaction_id"),
+        ("key is not the id", i_topic, b"other", good, "the key of what the record is about"),
+        ("no key", i_topic, None, good, "the key of what the record is about"),
         ("negative latency", i_topic, b"m7", enc(inter("m7", latency_ms=-5.0)), "negative latency_ms"),
         ("NaN latency", i_topic, b"m8", enc(inter("m8", latency_ms=math.nan)), "not a finite number"),
         ("negative tokens", i_topic, b"m9", enc(inter("m9", prompt_tokens=-1)), "negative token count"),
@@ -384,6 +387,35 @@ def test_validators_configured_per_task(kafka, module_topics, worker):
         assert example["scorer"].startswith(f"{TASKS[task]}:{task}@1#")
         if reason:
             assert reason in example["reject_reason"], example["reject_reason"]
+
+
+def test_an_episode_outcome_credits_the_trajectory_and_a_turn_correction_its_turn(kafka, module_topics, worker):
+    tenant, episode = "ep", f"run-{uuid.uuid4().hex[:8]}"
+    tools = json.dumps([{"type": "function", "function": {"name": "lookup_order", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string"}}}}}])
+    user = {"role": "user", "content": "Where is order A1?"}
+    call = {"id": "c1", "name": "lookup_order", "arguments": '{"order_id": "A1"}'}
+    better = {"id": "c1", "name": "lookup_order", "arguments": '{"order_id": "A1", "with_eta": true}'}
+    history = [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": '{"status": "shipped"}'}]
+    with Recorder(kafka, module_topics) as rec:
+        turn = dict(tenant=tenant, agent="bot", task="support", session_id=episode, episode_id=episode, tools_json=tools)
+        first = rec.interaction(**turn, messages=[user], response="", tool_calls=[call])
+        # The episode's outcome comes before its last call (they travel separately): it still credits the last.
+        rec.outcome("", tenant=tenant, episode_id=episode, source="BUSINESS", success=True, reason="resolved")
+        second = rec.interaction(**turn, messages=history, response="It shipped on Monday.", episode_end=True)
+        rec.outcome(first, tenant=tenant, source="HUMAN", success=False, correction_tool_calls=[better])
+    assert first.split(".")[0] == second.split(".")[0]  # one partition key for the whole episode
+    got = curated_by_id(kafka, module_topics, [first, second + "#episode"])
+    whole, corrected = got[second + "#episode"], got[first]
+    assert (whole["scope"], whole["kind"], whole["admitted"], whole["turn"]) == ("EPISODE", "SUCCESS", True, 2)
+    assert whole["episode_id"] == episode and whole["completion"] == "It shipped on Monday."
+    assert [m["role"] for m in whole["prompt_messages"]] == ["user", "assistant", "tool"]
+    assert whole["prompt_messages"][1]["tool_calls"] == [call] and whole["prompt_messages"][2]["tool_call_id"] == "c1"
+    assert json.loads(whole["tools_json"]) == json.loads(tools)
+    assert (corrected["scope"], corrected["kind"], corrected["turn"]) == ("CALL", "CORRECTION", 1)
+    assert corrected["completion_tool_calls"] == [better] and corrected["rejected_tool_calls"] == [call]
+    assert whole["split"] == corrected["split"]  # an episode is never split between train and holdout
 
 
 def test_metrics_as_prometheus_text_and_json(env, worker):

@@ -15,7 +15,7 @@ import pytest
 from adaptloop.errors import FeedbackError
 from adaptloop.kafka import read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.sdk import FeedbackClient, episode_key
+from adaptloop.sdk import FeedbackClient, episode_key, outcome_key
 from adaptloop.serving.feedback import InteractionIds
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.stack import free_port, service_env, start_service
@@ -85,7 +85,10 @@ def test_bad_feedback_gets_a_clear_4xx_and_records_nothing(kafka, gateway):
         "oversized correction": (keys["acme"], {**good, "correction": "x" * 2001}, 400),
         "correction of the wrong role": (keys["acme"], {**good, "correction": {"role": "user", "content": "x"}}, 400),
         "event time in the future": (keys["acme"], {**good, "event_time": 9_999_999_999_999}, 400),
-        "an episode (not taken yet)": (keys["acme"], {"episode_id": "e1", "source": "HUMAN", "success": True}, 400),
+        "an interaction and an episode": (keys["acme"], {**good, "episode_id": "e1"}, 400),
+        "an empty corrected message": (keys["acme"], {**good, "correction": {"role": "assistant", "content": None}}, 400),
+        "a corrected tool call without a name": (keys["acme"], {**good, "correction": {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"arguments": "{}"}}]}}, 400),
         "another tenant's interaction": (keys["acme"], {**good, "interaction_id": theirs}, 404),
         "a made-up id": (keys["acme"], {**good, "interaction_id": "0" * 32 + "-" + "0" * 20}, 404),
         "an id without a tag": (keys["acme"], {**good, "interaction_id": "3f2c9a77-1b2d-4c1e-9d3f-0a1b2c3d4e5f"}, 404),
@@ -103,25 +106,40 @@ def test_bad_feedback_gets_a_clear_4xx_and_records_nothing(kafka, gateway):
 def test_feedback_is_recorded_once_safe_in_either_mode_and_through_the_sdk(kafka, gateway):
     url, keys, topics = gateway
     ids = InteractionIds(SECRET.encode())
-    first, second, third = ids.new("acme", episode_key("acme", uuid.uuid4().hex)), ids.new("acme", episode_key("acme", uuid.uuid4().hex)), ids.new("acme", episode_key("acme", uuid.uuid4().hex))
+    first, second, third, fourth = (ids.new("acme", episode_key("acme", uuid.uuid4().hex)) for _ in range(4))
     outbox = post(url, keys["acme"], {"interaction_id": first, "source": "human", "success": False,
                                       "correction": {"role": "assistant", "content": "refund"},
                                       "labeler": "agent-7", "reason": "it asked for its money back"})
     ack = post(url, keys["acme"], {"interaction_id": second, "source": "BUSINESS", "score": 0.25, "outcome_id": "o-2"},
                **{"x-adaptloop-record": "ack"})
     assert (outbox.status_code, ack.status_code) == (202, 202), (outbox.text, ack.text)
-    assert ack.json() == {"object": "feedback", "id": "o-2", "interaction_id": second, "status": "accepted"}
+    assert ack.json() == {"object": "feedback", "id": "o-2", "interaction_id": second, "episode_id": None,
+                          "status": "accepted"}
+    corrected_call = post(url, keys["acme"], {"interaction_id": fourth, "source": "HUMAN", "success": False,
+                                              "correction": {"role": "assistant", "content": None, "tool_calls": [
+                                                  {"id": "c1", "type": "function", "function": {
+                                                      "name": "refund", "arguments": {"order_id": "A1"}}}]}})
+    assert corrected_call.status_code == 202, corrected_call.text
     with FeedbackClient(url + "/v1", keys["acme"]) as client:
         sdk_id = client.feedback(third, source="VALIDATOR", success=True, reason="schema ok")
+        episode_outcome = client.feedback(episode_id="run-9", source="BUSINESS", success=True, reason="order completed")
         with pytest.raises(FeedbackError) as refused:
             client.feedback(ids.new("globex", episode_key("globex", uuid.uuid4().hex)), source="HUMAN", success=True)
     assert refused.value.status == 404
-    got = {o["interaction_id"]: o for o in outcomes(kafka, topics)}
-    assert set(got) == {first, second, third}
+    recorded = outcomes(kafka, topics)
+    got = {o["interaction_id"] or o["episode_id"]: o for o in recorded}
+    assert set(got) == {first, second, third, fourth, "run-9"}
+    assert got["run-9"]["outcome_id"] == episode_outcome and got["run-9"]["interaction_id"] == ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in got[fourth]["correction_tool_calls"]] == [
+        ("refund", {"order_id": "A1"})] and got[fourth]["correction"] is None
     assert got[first]["correction"] == "refund" and got[first]["source"] == "HUMAN" and got[first]["success"] is False
     assert (got[first]["labeler"], got[first]["reason"]) == ("agent-7", "it asked for its money back")
     assert got[second]["score"] == 0.25 and got[second]["success"] is None and got[second]["outcome_id"] == "o-2"
     assert got[third]["outcome_id"] == sdk_id and all(o["tenant"] == "acme" for o in got.values())
+    # Each outcome is keyed where what it judges is: its call's episode, or the episode it names.
+    topic = topics.name("outcomes")
+    keys_of = {m.key().decode() for m in read_ranges(kafka, topic, idle_s=1.0)}
+    assert keys_of == {outcome_key(o) for o in recorded} and episode_key("acme", "run-9") in keys_of
 
 
 def test_hostile_completion_bodies_are_4xx_not_500(gateway):
