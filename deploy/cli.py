@@ -5,6 +5,7 @@
     adaptloop topics      # topics with message counts
     adaptloop report      # HTML + PNG report per (tenant, task) from the topics
     adaptloop loop-bench  # loop latency by stage, N-th admitted example -> adapter serving
+    adaptloop tool-bench  # the tool-using task through the loop: episode success by cycle, loop latency
     adaptloop streams     # a Faust curation worker
     adaptloop trainer     # the training service (Ray jobs)
     adaptloop serve       # vLLM with its registry sidecar
@@ -32,6 +33,7 @@ COMMANDS = {
     "topics": ("adaptloop.stack:topics_main", "List topics with message counts."),
     "report": ("adaptloop.report:main", "Write the HTML/PNG report per (tenant, task) from the topics."),
     "loop-bench": ("adaptloop.loop_bench:main", "Measure loop latency by stage (N-th example -> adapter serving)."),
+    "tool-bench": ("adaptloop.tool_loop:main", "The tool-using task through the loop: episode success by cycle (JSON)."),
     "streams": ("adaptloop.streams.worker:main", "Run a Faust curation worker."),
     "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),

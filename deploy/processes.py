@@ -171,6 +171,16 @@ def mark_ready() -> None:
         Path(path).write_text(str(os.getpid()))
 
 
+def cpu_name() -> str:
+    """This machine's CPU as benchmark JSON names it: model, core count, and whether it has AVX-512."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"unknown CPU, {os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    return f"{model}, {os.cpu_count()} cores, {'with' if ' avx512f' in info else 'without'} AVX-512"
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of a live process so far, all its threads (Linux /proc); 0.0 if it is gone."""
     try:

@@ -193,7 +193,7 @@ class TrainerSettings(BaseSettings):
     torch_threads: int = Field(1, description=(
         "Cores for training (torch threads) and for the gate's evaluations (that many side by side, one thread "
         "each); 2 threads on 2 busy cores thrash (7x slower)."))
-    max_length: int = 256
+    max_length: int = Field(1024, description="Tokens per training example after the chat template (an episode's turns with their tools run to several hundred); longer ones are truncated.")
     seed: int = 1234
     gate_margin: float = Field(0.05, description="A candidate must beat the incumbent's holdout success by this much.")
     max_new_tokens: int = 96

@@ -16,6 +16,8 @@ settings (unset ones fall back to the process's settings)::
         max_new_tokens: 8        # evaluation's answer length
         method: auto             # auto | sft | kto | dpo
         version: "2"             # yours to bump; the content digest changes with any edit anyway
+        tools: my_agent:TOOLS    # a tool-using task: its tool definitions, and its judge of a whole episode
+        episode_judge: my_agent:judge_episode
 
 Validator kinds: ``json_schema`` (``schema``: the answer is JSON valid under it; with a reference,
 equal to it), ``regex`` (``pattern``: the whole answer matches; with a reference, the same answer,
@@ -40,7 +42,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Mapping, Protocol, Union
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, Protocol, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -80,6 +82,9 @@ class TaskSpec:
     gate_margin: float | None = None
     max_new_tokens: int | None = None
     method: str | None = None
+    #: A tool-using task's tool definitions (OpenAI's shape) and its judge of a whole episode, if it has them.
+    tools: tuple = ()
+    episode_judge: Callable[..., Any] | None = None
 
     def judge(self, response: str, reference: str | None = None) -> Verdict:
         """The validator's verdict. A validator that fails on hostile content (a ``RecursionError`` on deep
@@ -180,6 +185,8 @@ class TaskEntry(_Strict):
     gate_margin: float | None = Field(None, ge=0.0, le=1.0)
     max_new_tokens: int | None = Field(None, ge=1, le=8192)
     method: Literal["auto", "sft", "kto", "dpo"] | None = None
+    tools: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    episode_judge: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class CatalogueFile(_Strict):
@@ -248,17 +255,30 @@ def exact_validator(expected: list[str]) -> Validator:
     return judge
 
 
-def python_validator(path: str) -> Validator:
+def imported(path: str, what: str = "validator") -> Any:
+    """The object at ``module:attribute``; ``ConfigError`` naming ``what`` it was for."""
     module_name, _, attribute = path.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), attribute)
+        return getattr(importlib.import_module(module_name), attribute)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for validator {path!r}: {exc}") from exc
+        raise ConfigError(f"cannot import {module_name!r} for {what} {path!r}: {exc}") from exc
     except AttributeError:
-        raise ConfigError(f"module {module_name!r} has no {attribute!r} (validator {path!r})") from None
+        raise ConfigError(f"module {module_name!r} has no {attribute!r} ({what} {path!r})") from None
+
+
+def python_validator(path: str) -> Validator:
+    function = imported(path)
     if not callable(function):
         raise ConfigError(f"validator {path!r} is not callable")
     return function
+
+
+def _tools(path: str) -> tuple:
+    tools = imported(path, "tools")
+    tools = tools() if callable(tools) else tools
+    if not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) and "function" in t for t in tools):
+        raise ConfigError(f"tools {path!r} are not a list of OpenAI tool definitions")
+    return tuple(tools)
 
 
 def _validator(entry: ValidatorEntry) -> Validator:
@@ -330,6 +350,8 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
             raise ConfigError(f"{where}: a task name is 1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit")
         try:
             validator = _validator(entry.validator)
+            tools = _tools(entry.tools) if entry.tools else ()
+            episode_judge = imported(entry.episode_judge, "episode judge") if entry.episode_judge else None
         except ConfigError as exc:
             line = lines.get(("tasks", name, "validator"), lines.get(("tasks", name), 1))
             raise ConfigError(f"{source}:{line}: task {name!r}: {exc}") from exc
@@ -337,7 +359,7 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
                                kind=entry.validator.kind, version=entry.version, digest=_digest(name, entry),
                                window_size=entry.window_size, min_examples=entry.min_examples,
                                gate_margin=entry.gate_margin, max_new_tokens=entry.max_new_tokens,
-                               method=entry.method)
+                               method=entry.method, tools=tools, episode_judge=episode_judge)
     return Catalogue(tasks, source)
 
 

@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: The test command runs two pytest workers (``-n 2 --dist loadscope --no-loadscope-reorder``), and
 #: ``work_unit`` decides what one worker runs together. A module's tests share its fixtures (one Faust
-#: worker, one vLLM, one Ray), so a module is one unit of work; the two modules that start Ray jobs are
-#: one unit, and so are the three that start vLLM, so the heaviest of each kind never run at once and
-#: neither starts twice; each unit test is a unit of its own. Those two units are collected first, so
-#: each worker starts on one of them (the longest paths), and the rest go to whichever worker is free.
+#: worker, one vLLM, one Ray), so a module is one unit of work; the modules that only train (Ray) are one
+#: unit, the modules that start vLLM (some of which train too) another, so that neither kind starts twice
+#: at once; each unit test is a unit of its own. The heavy units are collected first, so each worker
+#: starts on one of them (the longest paths), and the rest go to whichever worker is free.
 #: Not xdist's ``loadgroup`` marks: with pytest 9.2 they group nothing (pytest-dev/pytest-xdist#1386).
 SHARED_SCOPES = {
     "test_trainer.py": "ray", "test_lineage_forget_stack.py": "ray",
-    "test_loop.py": "vllm", "test_serving.py": "vllm", "test_your_task.py": "vllm",
+    "test_loop.py": "vllm", "test_serving.py": "vllm", "test_your_task.py": "vllm", "test_tools.py": "vllm",
 }
 FIRST_SCOPES = ("ray", "vllm")
 

@@ -1,0 +1,172 @@
+"""``adaptloop tool-bench``: the tool-using task through the whole loop, cycle by cycle, as JSON.
+
+    adaptloop tool-bench                                   # 1 cycle of initech/support-agent on a fresh stack
+    adaptloop tool-bench --cycles 2 --out bench-tool-task.json
+
+Per cycle: episodes with a reviewer on every turn (``support_task.run_episode``: the right tool calls when
+a turn was wrong, then the episode's verdict, all over HTTP) until the task's window of TRAIN examples
+fires a training request; the trainer's decision; the gateway routing the release; then the served
+agent's episode success on held-out episodes (another world: other customers, order ids, items, wording),
+and the loop latency of the release by stage (``loop_bench.latencies``). Cycle 0 is the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adaptloop.demo import read_topic
+from adaptloop.errors import StackError
+from adaptloop.processes import cpu_name
+from adaptloop.sdk import FeedbackClient
+from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
+from adaptloop.stack import LocalStack, StackPorts, free_port
+from adaptloop.streams.stages import split
+from adaptloop.support_task import SupportWorld, run_episode
+from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
+
+TENANT, TASK = "initech", "support-agent"
+HOLDOUT_PERCENT = 25
+
+
+@dataclass
+class ToolLoop:
+    """One tenant's tool task on a running stack: measure the served agent, run a cycle of the loop."""
+
+    stack: LocalStack
+    tenant: str = TENANT
+    task: str = TASK
+    held_out_episodes: int = 20
+    concurrency: int = 4
+    timeout_s: float = 1800.0
+    world: SupportWorld = field(default_factory=lambda: SupportWorld(7))
+    held_world: SupportWorld = field(default_factory=lambda: SupportWorld(99, held_out=True))
+    episodes: int = 0
+    decisions: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from openai import OpenAI
+
+        self.key = self.stack.dev_keys[self.tenant]
+        self.model = f"{self.tenant}/{self.task}"
+        self.client = OpenAI(base_url=self.stack.ports.gateway_url + "/v1", api_key=self.key, max_retries=0, timeout=180)
+        self.held = [self.held_world.case() for _ in range(self.held_out_episodes)]
+        self.window = example_catalogue().get(self.task).window_size or 36
+
+    def measure(self) -> dict[str, Any]:
+        """Episode success of what the gateway serves now, on the held-out episodes (no reviewer, no feedback)."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            results = list(pool.map(lambda case: run_episode(self.client, case, self.held_world, model=self.model,
+                                                             episode_id=f"eval-{uuid.uuid4().hex}"), self.held))
+        failures = [v.reason for v, _ in results if not v.ok]
+        return {"episodes": len(results), "success": sum(v.ok for v, _ in results) / len(results),
+                "failures": failures[:5]}
+
+    def _requests(self) -> list[dict]:
+        return [q for q in read_topic(self.stack.kafka, self.stack.topics, "training_requests", "training_request")
+                if (q["tenant"], q["task"]) == (self.tenant, self.task)]
+
+    def cycle(self) -> dict[str, Any]:
+        """Reviewed episodes until a new training request fires; its decision; the release routed."""
+        started = time.monotonic()
+        seen = len(self._requests())
+        feedback = FeedbackClient(self.stack.ports.gateway_url, self.key)
+        train_turns, first = 0, self.episodes
+        while len(self._requests()) <= seen:
+            if time.monotonic() - started > self.timeout_s:
+                raise StackError(f"no training request for {self.model} within {self.timeout_s:.0f}s")
+            if train_turns >= self.window:
+                time.sleep(3)  # curation may still be on its way to the window: wait before topping up
+            batch = []
+            for _ in range(self.concurrency):
+                self.episodes += 1
+                episode = f"{self.task}-e{self.episodes}"
+                case = self.world.case()
+                train_turns += (split(self.tenant, self.task, episode, HOLDOUT_PERCENT) == "TRAIN") * len(case.expected_turns())
+                batch.append((case, episode))
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                list(pool.map(lambda item: run_episode(self.client, item[0], self.world, model=self.model,
+                                                       episode_id=item[1], feedback=feedback), batch))
+        request = self._requests()[seen]
+        traffic_s = time.monotonic() - started
+        release = self._decision(request)
+        self.decisions.append(release)
+        if release["state"] == "RELEASED":
+            self._wait_routed(release["version"])
+        return {"episodes": self.episodes - first, "traffic_s": round(traffic_s, 1),
+                "request": {"train_count": request["train_count"], "holdout_count": request["holdout_count"]},
+                "decision": release["state"], "version": release["version"], "reason": release["reason"],
+                "cycle_s": round(time.monotonic() - started, 1)}
+
+    def _decision(self, request: dict) -> dict:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            for release in read_topic(self.stack.kafka, self.stack.topics, "releases", "adapter_release"):
+                if release["lineage"]["request_id"] == request["request_id"]:
+                    return release
+            time.sleep(3)
+        raise StackError(f"no decision on {request['request_id'][:12]} within {self.timeout_s:.0f}s")
+
+    def _wait_routed(self, version: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            models = httpx.get(self.stack.ports.gateway_url + "/v1/models", timeout=10,
+                               headers={"authorization": f"Bearer {self.key}"}).json()["data"]
+            if any(m["id"] == self.model and m["adapter"] == version for m in models):
+                return
+            time.sleep(1)
+        raise StackError(f"the gateway did not route {self.model} to {version} within {timeout_s:.0f}s")
+
+
+def tool_stack(home: Path, *, epochs: int = 2, torch_threads: int = 2) -> LocalStack:
+    """A fresh local stack for the tool task (free ports, its own topics, the example catalogue)."""
+    return LocalStack(home=home, kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True),
+                      topics=Topics(prefix=f"tool{uuid.uuid4().hex[:6]}."), ports=StackPorts.free(),
+                      services=("streams", "trainer", "serve", "gateway"), dev_tenants=(TENANT,),
+                      extra_env={"ADAPTLOOP_GATEWAY_CANARY_SHARE": "1.0", FILE_ENV: str(EXAMPLE_CATALOGUE),
+                                 "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(HOLDOUT_PERCENT),
+                                 "ADAPTLOOP_TRAINER_EPOCHS": str(epochs),
+                                 # Nothing else computes while the trainer trains (the agents wait for it).
+                                 "ADAPTLOOP_TRAINER_TORCH_THREADS": str(torch_threads)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adaptloop import loop_bench
+
+    parser = argparse.ArgumentParser(prog="adaptloop tool-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=1)
+    parser.add_argument("--held-out", type=int, default=20, help="held-out episodes measured per cycle")
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME / "tool-bench")
+    parser.add_argument("--out", type=Path, default=Path("bench-tool-task.json"))
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    with tool_stack(args.home).start(progress=print) as stack:
+        loop = ToolLoop(stack, held_out_episodes=args.held_out)
+        cycles = [{"cycle": 0, "served": "base", **loop.measure()}]
+        print(f"cycle 0 (base): episode success {cycles[0]['success']:.0%}")
+        for n in range(1, args.cycles + 1):
+            step = loop.cycle()
+            cycles.append({"cycle": n, **step, **loop.measure()})
+            print(f"cycle {n}: {step['decision']} {step['version']}; episode success {cycles[-1]['success']:.0%}")
+        latency = loop_bench.latencies(stack.kafka, stack.topics, sidecar_url=f"http://127.0.0.1:{stack.ports.sidecar}",
+                                       trainer_log=stack.home / "logs" / "trainer.log")
+    result = {"command": "adaptloop tool-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": cpu_name(), "date": dt.date.today().isoformat(), "task": f"{TENANT}/{TASK}",
+              "cycles": cycles, "loop_latency": latency, "wall_s": round(time.monotonic() - started, 1)}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""A tool-using agent learns through the whole loop: the example catalogue's ``support-agent`` task (four
+tools, a generated world of customers and orders), driven with the official OpenAI client through the
+gateway as an agent loop (call, run the tools, send their results back), a reviewer's verdict on every
+turn over HTTP (the right tool calls when a turn was wrong, then the episode's verdict), curation of the
+turns and episodes, SFT on the trajectories, the gate judging held-out turns, hot-loading, routing.
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/e2e/test_tool_task.py -v -s
+
+Held out by construction: the episodes the served agent is measured on come from a world with other
+customers, other order-id letters, other items and addresses, and other sentence templates.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from adaptloop.demo import read_topic
+from adaptloop.sdk import FeedbackClient
+from adaptloop.support_task import TOOLS, SupportWorld
+from adaptloop.tool_loop import TASK, TENANT, ToolLoop, tool_stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
+
+HELD_OUT_EPISODES = 20
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The stack; the base's held-out episode success; one cycle of the loop until the adapter serves; after."""
+    with tool_stack(tmp_path_factory.mktemp("tool-task") / "stack").start(progress=print) as stack:
+        loop = ToolLoop(stack, tenant=TENANT, task=TASK, held_out_episodes=HELD_OUT_EPISODES)
+        before = loop.measure()
+        print(f"\nbase on {HELD_OUT_EPISODES} held-out episodes: {before['success']:.0%} episode success, "
+              f"e.g. {before['failures'][:2]}")
+        cycle = loop.cycle()
+        print(f"{cycle['episodes']} reviewed episodes in {cycle['traffic_s']:.0f}s -> {cycle['request']}; "
+              f"{cycle['decision']} {cycle['version']}: {cycle['reason'][:300]}")
+        assert cycle["decision"] == "RELEASED", cycle["reason"]
+        after = loop.measure()
+        print(f"released adapter on the same held-out episodes: {after['success']:.0%} episode success "
+              f"(base {before['success']:.0%}), e.g. {after['failures'][:2]}")
+        yield {"stack": stack, "key": loop.key, "before": before["success"], "after": after["success"]}
+
+
+def test_a_tool_using_agent_learns_its_episodes_through_the_loop(trained):
+    assert trained["before"] <= 0.1 and trained["after"] >= 0.9, (trained["before"], trained["after"])
+
+
+def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode_is_curated(trained):
+    """LangGraph's ReAct agent (its own loop, streaming) on ChatOpenAI pointed at the gateway: its tool calls reach
+    its tools, every turn is recorded in one episode, and an episode-level verdict over HTTP curates it."""
+    from langchain_core.tools import StructuredTool
+    from langchain_openai import ChatOpenAI
+    from langgraph.prebuilt import create_react_agent
+
+    stack, key = trained["stack"], trained["key"]
+    world = SupportWorld(1234, held_out=True)
+    case = next(c for c in iter(world.case, None) if c.intent == "refund")
+    episode = f"langgraph-{uuid.uuid4().hex[:8]}"
+    ran: list[tuple[str, dict]] = []
+
+    def tool(definition: dict) -> StructuredTool:
+        name = definition["function"]["name"]
+
+        def run(**arguments):
+            ran.append((name, arguments))
+            return json.dumps(world.execute(name, arguments))
+        return StructuredTool.from_function(func=run, name=name, description=definition["function"]["description"],
+                                            args_schema=definition["function"]["parameters"])
+
+    llm = ChatOpenAI(base_url=stack.ports.gateway_url + "/v1", api_key=key, model=f"{TENANT}/{TASK}", temperature=0,
+                     max_tokens=64, streaming=True, max_retries=0, timeout=180,
+                     default_headers={"x-adaptloop-episode": episode}).bind_tools(TOOLS)
+    agent = create_react_agent(llm, [tool(t) for t in TOOLS])
+    result = agent.invoke({"messages": [("user", case.request)]}, {"recursion_limit": 12})
+    answer = result["messages"][-1].content
+    print(f"LangGraph: {case.request!r} -> tools {[n for n, _ in ran]} -> {answer!r}")
+    assert [n for n, _ in ran] == ["lookup_order", "refund"] and ran[1][1]["order_id"] == case.order.order_id
+    assert case.order.order_id in answer
+
+    records = [r for r in read_topic(stack.kafka, stack.topics, "interactions", "interaction") if r["episode_id"] == episode]
+    assert sorted(r["turn"] for r in records) == [1, 2, 3]
+    assert [c["name"] for r in sorted(records, key=lambda r: r["turn"]) for c in r["tool_calls"]] == ["lookup_order", "refund"]
+    with FeedbackClient(stack.ports.gateway_url, key) as feedback:
+        feedback.feedback(episode_id=episode, source="BUSINESS", success=True, reason="the customer got the refund")
+    deadline = time.monotonic() + 120
+    while True:
+        curated = [e for e in read_topic(stack.kafka, stack.topics, "curated", "curated_example")
+                   if e["episode_id"] == episode and e["scope"] == "EPISODE"]
+        if curated or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert curated and curated[0]["turn"] == 3 and [m["role"] for m in curated[0]["prompt_messages"]][-4:] == [
+        "assistant", "tool", "assistant", "tool"], curated
