@@ -37,6 +37,10 @@ from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
 
 TENANT, TASK = "initech", "support-agent"
 HOLDOUT_PERCENT = 25
+#: The stack's outcome grace: the reviewer's verdict is the only one coming, so the grace is short.
+OUTCOME_GRACE_S = 5
+#: Enough turns sent and still no training request this long after: some were dropped (duplicates), top up.
+TOP_UP_AFTER_S = 30.0
 
 
 @dataclass
@@ -81,12 +85,13 @@ class ToolLoop:
         started = time.monotonic()
         seen = len(self._requests())
         feedback = FeedbackClient(self.stack.ports.gateway_url, self.key)
-        train_turns, first = 0, self.episodes
+        train_turns, first, last_batch = 0, self.episodes, 0.0
         while len(self._requests()) <= seen:
             if time.monotonic() - started > self.timeout_s:
                 raise StackError(f"no training request for {self.model} within {self.timeout_s:.0f}s")
-            if train_turns >= self.window:
-                time.sleep(3)  # curation may still be on its way to the window: wait before topping up
+            if train_turns >= self.window and time.monotonic() - last_batch < TOP_UP_AFTER_S:
+                time.sleep(2)  # enough turns sent: curation (its grace, dedupe) is on its way to the window
+                continue
             batch = []
             for _ in range(self.concurrency):
                 self.episodes += 1
@@ -97,6 +102,7 @@ class ToolLoop:
             with ThreadPoolExecutor(self.concurrency) as pool:
                 list(pool.map(lambda item: run_episode(self.client, item[0], self.world, model=self.model,
                                                        episode_id=item[1], feedback=feedback), batch))
+            last_batch = time.monotonic()
         request = self._requests()[seen]
         traffic_s = time.monotonic() - started
         release = self._decision(request)
@@ -135,6 +141,7 @@ def tool_stack(home: Path, *, epochs: int = 2, torch_threads: int = 2) -> LocalS
                       services=("streams", "trainer", "serve", "gateway"), dev_tenants=(TENANT,),
                       extra_env={"ADAPTLOOP_GATEWAY_CANARY_SHARE": "1.0", FILE_ENV: str(EXAMPLE_CATALOGUE),
                                  "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(HOLDOUT_PERCENT),
+                                 "ADAPTLOOP_STREAMS_OUTCOME_GRACE_S": str(OUTCOME_GRACE_S),
                                  "ADAPTLOOP_TRAINER_EPOCHS": str(epochs),
                                  # Nothing else computes while the trainer trains (the agents wait for it).
                                  "ADAPTLOOP_TRAINER_TORCH_THREADS": str(torch_threads)})

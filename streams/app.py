@@ -277,6 +277,23 @@ class Curation:
                 self._schedule(interaction_id, entry)
         self.staged_joins.stage(interaction_id, entry)
 
+    def curate_sides(self, side: Mapping[str, Any], outcome_sides: list[Mapping[str, Any]]) -> tuple[dict, dict[str, int]]:
+        """The curated example of a stored interaction side and its outcome sides (``_side``), with the PII
+        rules that fired on any of them."""
+        interaction = side["record"]
+        outcomes = [(o["record"], SourceRef.from_dict(o["ref"])) for o in outcome_sides]
+        redactions: dict[str, int] = dict(side["redactions"])
+        subjects = set(side["subjects"])
+        for o in outcome_sides:
+            subjects.update(o["subjects"])
+            for rule, n in o["redactions"].items():
+                redactions[rule] = redactions.get(rule, 0) + n
+        example = stages.curate(interaction, outcomes, interaction_ref=SourceRef.from_dict(side["ref"]),
+                                spec=self.catalogue.get(interaction["task"]),
+                                holdout_percent=self.settings.holdout_percent, horizon_ms=self.horizon_ms,
+                                redactions=redactions, subjects=subjects)
+        return example, redactions
+
     def _schedule(self, interaction_id: str, entry: dict[str, Any]) -> None:
         if self._due is not None:
             self._due.setdefault(int(entry["p"]), {})[interaction_id] = int(entry["due"])
@@ -286,20 +303,7 @@ class Curation:
         acknowledged it, mark it emitted (until then ``_in_flight`` keeps the other side and ticks off it)."""
         self._in_flight.add(interaction_id)
         try:
-            side = entry[INTERACTION]
-            interaction = side["record"]
-            outcomes = [(o["record"], SourceRef.from_dict(o["ref"])) for o in entry["outcomes"]]
-            redactions: dict[str, int] = dict(side["redactions"])
-            subjects = set(side["subjects"])
-            for o in entry["outcomes"]:
-                subjects.update(o["subjects"])
-                for rule, n in o["redactions"].items():
-                    redactions[rule] = redactions.get(rule, 0) + n
-            example = stages.curate(
-                interaction, outcomes, interaction_ref=SourceRef.from_dict(side["ref"]),
-                spec=self.catalogue.get(interaction["task"]),
-                holdout_percent=self.settings.holdout_percent, horizon_ms=self.horizon_ms,
-                redactions=redactions, subjects=subjects)
+            example, redactions = self.curate_sides(entry[INTERACTION], entry["outcomes"])
             tenant_task = stages.curated_key(example["tenant"], example["task"])
             if self.erased(example) is not None:
                 self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)

@@ -23,7 +23,6 @@ from typing import Any, Mapping
 from adaptloop.streams import stages
 from adaptloop.streams.delivery import after_delivery
 from adaptloop.streams.metrics import REJECTED
-from adaptloop.streams.stages import SourceRef
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +124,7 @@ class Episodes:
         interaction = side["record"]
         self._in_flight.add(key)
         try:
-            outcomes = [(o["record"], SourceRef.from_dict(o["ref"])) for o in entry["outcomes"]]
-            redactions: dict[str, int] = dict(side["redactions"])
-            subjects = set(side["subjects"])
-            for o in entry["outcomes"]:
-                subjects.update(o["subjects"])
-                for rule, n in o["redactions"].items():
-                    redactions[rule] = redactions.get(rule, 0) + n
-            example = as_episode_example(stages.curate(
-                interaction, outcomes, interaction_ref=SourceRef.from_dict(side["ref"]),
-                spec=curation.catalogue.get(interaction["task"]), holdout_percent=curation.settings.holdout_percent,
-                horizon_ms=curation.horizon_ms, redactions=redactions, subjects=subjects))
+            example = as_episode_example(curation.curate_sides(side, entry["outcomes"])[0])
             if curation.erased(example) is not None:
                 self.table[key] = {"emitted": "ERASED", "p": entry.get("p")}
                 self._in_flight.discard(key)
