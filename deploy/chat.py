@@ -2,13 +2,15 @@
 token ids (with the assistant's tokens marked) the trainer computes its loss on.
 
     vLLM:     --chat-template deploy/chat_template.jinja --enable-auto-tool-choice --tool-call-parser hermes
+              (adaptloop serve passes these; ServeSettings.tool_call_parser)
     trainer:  tokens(tokenizer, messages, tools) -> Tokens(input_ids, assistant_mask)
 
 The template (``chat_template.jinja``) is ChatML, as the bundled SmolLM2's own, plus tools in the system
 message and tool calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, the format
 vLLM's hermes parser reads back from what the model generates. Without tools it renders exactly what
-SmolLM2's template renders. A model with a template of its own that renders tools can keep it
-(``ADAPTLOOP_SERVE_CHAT_TEMPLATE``, and the same file for the trainer).
+SmolLM2's template renders. A model of another family takes its own template (``ADAPTLOOP_CHAT_TEMPLATE``,
+read by vLLM's server and the trainer alike) and the vLLM tool parser that reads what it renders
+(``ADAPTLOOP_SERVE_TOOL_CALL_PARSER``).
 
 Messages here are in the contract's shape (``adaptloop.sdk.message_record``: tool calls as {id, name,
 arguments as JSON text}) or OpenAI's; ``template_messages`` turns either into what the template reads,
@@ -18,6 +20,7 @@ with arguments as objects, which is what vLLM hands its template too.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -25,12 +28,16 @@ from typing import Any, Iterable, Mapping, Sequence
 from adaptloop.errors import TrainingError
 
 CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
-#: vLLM's tool-call parser that reads what the template's tool-call blocks look like.
-TOOL_CALL_PARSER = "hermes"
+#: Another template for every process (vLLM's --chat-template and the trainer's rendering alike).
+TEMPLATE_ENV = "ADAPTLOOP_CHAT_TEMPLATE"
+
+
+def template_path() -> Path:
+    return Path(os.environ.get(TEMPLATE_ENV) or CHAT_TEMPLATE)
 
 
 def chat_template(path: str | Path | None = None) -> str:
-    return Path(path or CHAT_TEMPLATE).read_text(encoding="utf-8")
+    return Path(path or template_path()).read_text(encoding="utf-8")
 
 
 def _arguments(value: Any) -> Any:

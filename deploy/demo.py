@@ -36,13 +36,15 @@ import httpx
 
 from adaptloop.artifacts import alias
 from adaptloop.errors import AdaptloopError, StackError
-from adaptloop.kafka import count_messages, read_ranges
+from adaptloop.kafka import count_messages
+from adaptloop.records import read_topic
 from adaptloop.model import ensure_base_model
-from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.stack import LocalStack, StackPorts, free_port
 from adaptloop.demo_tasks import case_generator
 from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
+from adaptloop.tool_loop import TENANT as TOOL_TENANT
+from adaptloop.tool_loop import ToolLoop
 
 #: (tenant, task) pairs the demo drives; each is one alias ``tenant/task`` at the gateway.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("acme", "order-extract"), ("globex", "ticket-triage"))
@@ -68,6 +70,7 @@ class DemoConfig:
     report_dir: Path | None = None  # default: <home>/report
     free_ports: bool = False       # pick unused loopback ports (tests); else the documented defaults
     topics_prefix: str = ""
+    tool_cycles: int = 1           # cycles of the tool-using task (initech/support-agent, adaptloop.tool_loop); 0: none
 
 
 @dataclass
@@ -152,14 +155,6 @@ class Agent:
 
     async def close(self) -> None:
         await self.client.aclose()
-
-
-def read_topic(kafka: KafkaSettings, topics: Topics, which: str, stem: str) -> list[dict]:
-    """Every record of one (small) topic, decoded, in order."""
-    topic = topics.name(which)
-    decode = serde_for(stem, kafka.schema_registry_url).deserialize
-    return [decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
-            for m in read_ranges(kafka, topic, idle_s=0.5)]
 
 
 class PairLoop:
@@ -295,7 +290,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     # reviewer always sends the right answer, so the corrected answers are the signal; in auto mode these
     # correction pairs would go to DPO, ~3x the cost per step, which the 15-minute demo cannot afford
     # (DPO and KTO are shown by tests/integration/test_trainer.py).
-    tenants = tuple(sorted({tenant for tenant, _ in config.pairs}))
+    tenants = tuple(sorted({tenant for tenant, _ in config.pairs} | ({TOOL_TENANT} if config.tool_cycles else set())))
     stack = LocalStack(home=config.home, kafka=kafka, topics=topics, ports=ports, dev_tenants=tenants, extra_env={
         "ADAPTLOOP_GATEWAY_CANARY_SHARE": "1.0",
         "ADAPTLOOP_TRAINER_METHOD": "sft",
@@ -319,13 +314,31 @@ async def _loop(config: DemoConfig, stack: LocalStack, kafka: KafkaSettings, top
                 ports: StackPorts) -> DemoResult:
     agent = Agent(ports.gateway_url, config.concurrency,
                   tenant_headers={tenant: {"authorization": f"Bearer {key}"} for tenant, key in stack.dev_keys.items()})
+    tool = ToolLoop(stack, held_out_episodes=config.eval_cases) if config.tool_cycles else None
     try:
         loops = [PairLoop(config, agent, kafka, topics, tenant, task) for tenant, task in config.pairs]
-        await asyncio.gather(*(loop.run() for loop in loops))
+        tool_measurements = await asyncio.gather(*(loop.run() for loop in loops),
+                                                 *([asyncio.to_thread(_tool_cycles, tool, config.tool_cycles)] if tool else []))
     finally:
         await agent.close()
-    return DemoResult(measurements=[m for loop in loops for m in loop.measurements],
-                      releases=[r for loop in loops for r in loop.decisions])
+    return DemoResult(measurements=[m for loop in loops for m in loop.measurements]
+                      + (tool_measurements[-1] if tool else []),
+                      releases=[r for loop in loops for r in loop.decisions] + (tool.decisions if tool else []))
+
+
+def _tool_cycles(tool: ToolLoop, cycles: int) -> list[Measurement]:
+    """The tool-using task beside the others: held-out episode success of the base, then after each cycle."""
+    measurements = []
+    for cycle in range(cycles + 1):
+        if cycle:
+            step = tool.cycle()
+            _say(f"{tool.model}: {step['episodes']} reviewed episodes -> {step['decision']} {step['version']}")
+        measured = tool.measure()
+        served = tool.decisions[-1]["version"] if tool.decisions and tool.decisions[-1]["state"] == "RELEASED" else "base"
+        measurements.append(Measurement(tool.tenant, tool.task, cycle, now_ms(), measured["episodes"],
+                                        round(measured["success"] * measured["episodes"]), [served]))
+        _say(f"{tool.model} cycle {cycle}: held-out episode success {measured['success']:.0%}")
+    return measurements
 
 
 def _finish(config: DemoConfig, stack: LocalStack, kafka: KafkaSettings, topics: Topics, ports: StackPorts,
@@ -376,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-dir", type=Path, help="default: HOME/report")
     parser.add_argument("--free-ports", action="store_true", help="use unused loopback ports")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--tool-cycles", type=int, default=defaults.tool_cycles,
+                        help="cycles of the tool-using task (initech/support-agent) beside the pairs; 0: none")
     args = parser.parse_args(argv)
     pairs = tuple(tuple(p.split("/", 1)) for p in args.pair) if args.pair else defaults.pairs
     config = DemoConfig(home=args.home, pairs=pairs, cycles=args.cycles, window_size=args.window_size,
-                        eval_cases=args.eval_cases, report_dir=args.report_dir, free_ports=args.free_ports)
+                        eval_cases=args.eval_cases, report_dir=args.report_dir, free_ports=args.free_ports,
+                        tool_cycles=args.tool_cycles)
     started = time.monotonic()
     try:
         result = run_demo(config)
@@ -387,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adaptloop demo failed: {exc}", file=sys.stderr)
         return 1
     wall = time.monotonic() - started
-    print(f"\n{summary(result, pairs)}\nwall time {wall / 60:.1f} min; stages {result.timings_s}; report {result.report}")
+    shown = pairs + (((TOOL_TENANT, "support-agent"),) if config.tool_cycles else ())
+    print(f"\n{summary(result, shown)}\nwall time {wall / 60:.1f} min; stages {result.timings_s}; report {result.report}")
     if args.json:
         args.json.write_text(json.dumps(result.as_json() | {"wall_s": round(wall, 1)}, indent=2, default=str))
-    return 0 if rising(result, pairs) else 1
+    return 0 if rising(result, shown) else 1
 
 
 if __name__ == "__main__":

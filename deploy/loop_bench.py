@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tenant, task = args.pair.split("/", 1)
     config = DemoConfig(home=args.home, pairs=((tenant, task),), cycles=1, window_size=args.window_size,
-                        eval_cases=4, free_ports=True)
+                        eval_cases=4, free_ports=True, tool_cycles=0)
     started = time.monotonic()
     try:
         result = run_demo(config)

@@ -235,9 +235,6 @@ class ServeSettings(BaseSettings):
     max_lora_rank: int = 16
     max_loras: int = 4
     max_model_len: int = Field(2048, description="Prompt + answer tokens per call (tools and an episode's history count).")
-    chat_template: Path | None = Field(None, description=(
-        "vLLM's --chat-template; unset: adaptloop's (deploy/chat_template.jinja, ChatML with tools), which the "
-        "trainer renders with too. Set both (ADAPTLOOP_TRAINER_CHAT_TEMPLATE) for a model of another family."))
     tool_call_parser: str = Field("hermes", description=(
         "vLLM's --tool-call-parser, matching the template's tool-call blocks; empty: no tool calling."))
     kv_cache_gib: int = 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from adaptloop.demo import read_topic
+from adaptloop.records import read_topic
 from adaptloop.errors import StackError
 from adaptloop.processes import cpu_name
 from adaptloop.sdk import FeedbackClient

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import httpx
 
 from adaptloop.artifacts import base_model_digest, verify_digest
-from adaptloop.chat import CHAT_TEMPLATE
+from adaptloop.chat import template_path
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess, mark_ready, pin_to_cpus, stop_group
@@ -64,7 +64,7 @@ def vllm_command(settings: ServeSettings, model_dir: Path) -> list[str]:
             "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
             "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
             "--host", settings.host, "--port", str(settings.port), "--disable-uvicorn-access-log",
-            "--chat-template", str(settings.chat_template or CHAT_TEMPLATE),
+            "--chat-template", str(template_path()),
             *(["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
               if settings.tool_call_parser else []),
             *(["--enforce-eager"] if settings.enforce_eager else []), *settings.vllm_args]

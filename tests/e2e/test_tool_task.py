@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from adaptloop.demo import read_topic
+from adaptloop.records import read_topic
 from adaptloop.sdk import FeedbackClient
 from adaptloop.support_task import TOOLS, SupportWorld
 from adaptloop.tool_loop import TASK, TENANT, ToolLoop, tool_stack

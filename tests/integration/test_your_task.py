@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adaptloop.demo import read_topic
+from adaptloop.records import read_topic
 from adaptloop.errors import FeedbackError
 from adaptloop.sdk import FeedbackClient
 from adaptloop.stack import LocalStack, StackPorts
