@@ -49,16 +49,18 @@ _ITEMS = (["desk lamp", "coffee mug", "office chair", "backpack", "tea kettle"],
           ["yoga mat", "bike helmet", "table fan", "monitor arm", "phone case"])
 _STREETS = (["Elm Street", "Harbor Road", "Mill Lane", "Park Avenue"], ["Birch Way", "Quay Street", "Hill Road", "Lake Drive"])
 _LETTERS = ("ABCDEFGH", "MNPRSTVW")
+#: Each request names its intent with one cue word (status, refund, address, person) somewhere in free text,
+#: as the ticket-triage task names its labels; the held-out side words everything else its own way.
 _REQUESTS = ({
-    "status": ["Hi, where is my order {order}?", "{name} here: what is the status of order {order}?"],
-    "refund": ["Please refund order {order}, the {item} arrived broken.", "I want my money back for order {order}."],
-    "address": ["Please send order {order} to {address} instead.", "New address for order {order}: {address}."],
-    "handoff": ["I need to talk to a person about order {order}.", "Can a human call me about order {order}? {name}"],
+    "status": ["Hi, what is the status of my order {order}?", "{name} here: status of order {order}, please."],
+    "refund": ["Please refund order {order}, the {item} arrived broken.", "I want a refund for order {order}."],
+    "address": ["Please change the address of order {order} to {address}.", "New address for order {order}: {address}."],
+    "handoff": ["I need to talk to a person about order {order}.", "Can a person call me about order {order}? {name}"],
 }, {
-    "status": ["Any news on {order}? {name} asking.", "Has order {order} shipped yet?"],
-    "refund": ["The {item} from order {order} is useless, refund it please.", "Refund {order} for me, thanks."],
-    "address": ["I moved: deliver {order} to {address}.", "Could {order} go to {address}, please?"],
-    "handoff": ["Let me speak with a human about {order}.", "{name} again, put me through to a person for {order}."],
+    "status": ["Any status update on {order}? {name} asking.", "Could you check the status of {order} for me?"],
+    "refund": ["The {item} from order {order} is useless, refund it please.", "{name} again: refund {order}, thanks."],
+    "address": ["I moved, so the address for {order} is now {address}.", "Address correction for {order}: {address}."],
+    "handoff": ["Let me speak with a real person about {order}.", "{name} here, put me through to a person for {order}."],
 })
 
 

@@ -25,7 +25,8 @@ SHARED_SCOPES = {
     "test_trainer.py": "ray", "test_lineage_forget_stack.py": "ray",
     "test_loop.py": "vllm", "test_serving.py": "vllm", "test_your_task.py": "vllm", "test_tools.py": "vllm",
 }
-FIRST_SCOPES = ("ray", "vllm")
+#: The heavy units, longest first: the tool task starts vLLM and trains on its own.
+FIRST_SCOPES = ("ray", "vllm", "tests/e2e/test_tool_task.py")
 
 
 def work_unit(nodeid: str) -> str:
