@@ -44,8 +44,8 @@ def _arguments(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
-            return value  # not JSON: the template writes it as it is, as the model produced it
+        except (ValueError, RecursionError):
+            return value  # not JSON (or nested past parsing): written as it is, as the model produced it
     return value
 
 

@@ -153,8 +153,8 @@ def parse_turn(text: str) -> tuple[str, list[tuple[str, Any]]] | str:
     for block in _TOOL_CALL.findall(text):
         try:
             value = json.loads(block)
-        except ValueError:
-            return "a tool call that is not JSON"
+        except (ValueError, RecursionError):
+            return "a tool call that is not JSON (or nested too deep)"
         if not isinstance(value, dict) or value.get("name") not in TOOL_NAMES or not isinstance(value.get("arguments"), dict):
             return f"a tool call of no known tool, or without object arguments: {block[:80]!r}"
         calls.append((value["name"], value["arguments"]))

@@ -78,3 +78,10 @@ def test_episodes_from_headers_or_metadata_and_messages_as_recorded():
     assert recorded == [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "f", "arguments": "{}"}],
                          "tool_call_id": None, "name": None},
                         {"role": "tool", "content": "ok", "tool_calls": [], "tool_call_id": "c1", "name": None}]
+
+
+def test_hostile_tool_call_arguments_are_text_not_a_crash():
+    deep = "[" * 100_000 + "]" * 100_000
+    text = assistant_text("", [{"id": "c", "name": "lookup_order", "arguments": deep}])
+    assert text.startswith('<tool_call>\n{"name": "lookup_order", "arguments": [[[')
+    assert not support_turn(text).ok
