@@ -212,6 +212,7 @@ class EpisodeLog:
 
     turns: list[dict[str, Any]] = field(default_factory=list)
     interaction_ids: list[str] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
 
 
 def _wire(calls: list[Mapping[str, Any]], turn: int) -> list[dict[str, Any]]:
@@ -221,12 +222,14 @@ def _wire(calls: list[Mapping[str, Any]], turn: int) -> list[dict[str, Any]]:
 
 
 def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: str, episode_id: str,
-                feedback: Any = None, max_tokens: int = 64) -> tuple[Verdict, EpisodeLog]:
+                feedback: Any = None, takeover: bool | None = None, max_tokens: int = 64) -> tuple[Verdict, EpisodeLog]:
     """One episode through the gateway with the official OpenAI client (``client``): call, execute the tool calls
     against ``world``, send their results back, until the agent answers. With ``feedback`` (an
     ``adaptloop.sdk.FeedbackClient``) a reviewer judges every turn (a correction with the right tool calls
-    when it was wrong) and takes the right turn over, so the episode goes on from a right history; then the
-    episode's verdict. Without it a wrong turn ends the episode (how the served agent is measured)."""
+    when it was wrong), then the episode. With ``takeover`` (default: with feedback) a wrong turn is replaced by
+    the right one and the episode goes on from a right history; without it a wrong turn ends the episode
+    (the served agent on its own). ``EpisodeLog.verdicts`` has each turn's verdict."""
+    takeover = feedback is not None if takeover is None else takeover
     messages: list[dict[str, Any]] = [{"role": "user", "content": case.request}]
     log = EpisodeLog()
     right_turns = case.expected_turns()
@@ -242,6 +245,7 @@ def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: s
         log.interaction_ids.append(reply.id)
         verdict = support_turn(assistant_text(turn["content"], turn["tool_calls"]),
                                assistant_text(right.get("content"), right.get("tool_calls") or ()))
+        log.verdicts.append(verdict)
         if feedback is not None:
             if verdict.ok:
                 feedback.feedback(reply.id, source="HUMAN", success=True, labeler="support-lead")
@@ -250,7 +254,7 @@ def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: s
                               "tool_calls": _wire(right.get("tool_calls") or [], k)}
                 feedback.feedback(reply.id, source="HUMAN", success=False, correction=correction,
                                   labeler="support-lead", reason=verdict.reason[:4000])
-        taken = turn if verdict.ok else (right if feedback is not None else None)
+        taken = turn if verdict.ok else (right if takeover else None)
         if taken is None or not taken.get("tool_calls"):
             break
         calls = _wire(taken["tool_calls"], k)
