@@ -41,7 +41,7 @@ COMMANDS = {
     "canary": ("adaptloop.serving.canary:main", "Run the canary controller."),
     "release": ("adaptloop.serving.canary:release_main", "Promote or roll back a release by hand."),
     "keys": ("adaptloop.serving.keys:main", "Create gateway API keys."),
-    "tasks": ("adaptloop.tasks:check_main", "Check a task catalogue and judge sample answers with it."),
+    "tasks": ("adaptloop.tasks_check:main", "Check a task catalogue and judge sample answers with it."),
 
     "status": ("adaptloop.status:main", "Show the stack: processes, topics, lag, counts by stage, releases."),
     "lineage": ("adaptloop.lineage:main", "Trace an adapter to its data, or an interaction to its adapters."),

@@ -25,6 +25,7 @@ from adaptloop.processes import (READY_FILE_ENV, ManagedProcess, adaptloop_comma
 from adaptloop.model import ensure_base_model
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
+from adaptloop.tasks import FILE_ENV as TASKS_FILE_ENV
 
 STATE_FILE = "stack.json"
 DEFAULT_READY_TIMEOUT_S = 120.0
@@ -111,6 +112,8 @@ def service_env(kafka: KafkaSettings, topics: Topics, home: Path) -> dict[str, s
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    if os.environ.get(TASKS_FILE_ENV):  # every process reads the same catalogue, whatever its working directory
+        env[TASKS_FILE_ENV] = str(Path(os.environ[TASKS_FILE_ENV]).resolve())
     return env
 
 

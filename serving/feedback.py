@@ -202,7 +202,8 @@ def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_c
         feedback = FeedbackBody.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
+        # The field named in the body (pydantic's location also names the union member it tried: left out).
+        field = ".".join(str(p) for p in first["loc"] if p not in ("str", "AssistantCorrection")) or None
         raise RequestRefused(400, f"invalid feedback: {field or 'body'}: {first['msg']}", field) from None
     correction = feedback.correction_text
     calls = feedback.correction_tool_calls

@@ -301,7 +301,7 @@ def test_released_adapter_is_loaded_routed_and_recorded(serving, adapter_dir):
     assert "".join(p.choices[0].text for p in pieces if p.choices) == text.choices[0].text
     completion_record = serving.interaction(text.id)
     assert completion_record["adapter"]["version"] == version
-    assert completion_record["request_messages"] == [{"role": "user", "content": "Colours:"}]
+    assert completion_record["request_messages"] == [message_record({"role": "user", "content": "Colours:"})]
     assert completion_record["response"] == text.choices[0].text
 
     # Another tenant's key does not reach this tenant's alias, and does not see it listed.
