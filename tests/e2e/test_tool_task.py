@@ -87,14 +87,16 @@ def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode
     model_turns = [m for m in result["messages"] if m.type == "ai"]
     print(f"LangGraph: {case.request!r} -> tools {[n for n, _ in ran]} -> {answer!r}")
     # The agent's own loop ran through the gateway: the adapter called tools (streamed), LangGraph ran them and
-    # sent their results back, and the adapter saw them on the next turn.
-    assert ran and ran[0][0] == "lookup_order" and len(model_turns) == len(ran) + 1
+    # sent their results back, and the adapter saw them on the next turn (the loop may also end at LangGraph's
+    # step limit, with calls it did not run: whether the adapter's choices are right is the other test's).
+    called = [(c["name"], c["args"]) for m in model_turns for c in m.tool_calls]
+    assert ran and ran[0][0] == "lookup_order" and called[:len(ran)] == ran and len(model_turns) >= 2
 
     records = sorted((r for r in read_topic(stack.kafka, stack.topics, "interactions", "interaction")
                       if r["episode_id"] == episode), key=lambda r: r["turn"])
     assert [r["turn"] for r in records] == list(range(1, len(model_turns) + 1))
-    # Every streamed tool call was reassembled whole in the record, as LangGraph executed it.
-    assert [(c["name"], json.loads(c["arguments"])) for r in records for c in r["tool_calls"]] == ran
+    # Every streamed tool call was reassembled whole in the record, as LangGraph received it.
+    assert [(c["name"], json.loads(c["arguments"])) for r in records for c in r["tool_calls"]] == called
     assert all(r["attributes"]["stream"] == "true" for r in records)
     with FeedbackClient(stack.ports.gateway_url, key) as feedback:
         feedback.feedback(episode_id=episode, source="BUSINESS", success=True, reason="the customer got the refund")
@@ -106,4 +108,4 @@ def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode
             break
         time.sleep(2)
     assert curated and curated[0]["turn"] == len(records), curated
-    assert [m["role"] for m in curated[0]["prompt_messages"]].count("tool") == len(ran)
+    assert [m["role"] for m in curated[0]["prompt_messages"]].count("tool") == len(ran)  # every result it was sent
