@@ -70,7 +70,7 @@ class DemoConfig:
     report_dir: Path | None = None  # default: <home>/report
     free_ports: bool = False       # pick unused loopback ports (tests); else the documented defaults
     topics_prefix: str = ""
-    tool_cycles: int = 1           # cycles of the tool-using task (initech/support-agent, adaptloop.tool_loop); 0: none
+    tool_cycles: int = 0           # cycles of the tool-using task (initech/support-agent, adaptloop.tool_loop) beside the pairs
 
 
 @dataclass
