@@ -53,7 +53,7 @@ def test_a_tool_using_agent_learns_its_turns_through_the_loop(trained):
     measured here), so only what one cycle does is asserted."""
     before, after = trained["before"], trained["after"]
     assert before["success"] <= 0.1 and before["turn_success"] <= 0.4, before
-    assert after["turn_success"] >= before["turn_success"] + 0.3, (before, after)
+    assert after["turn_success"] >= before["turn_success"] + 0.25, (before, after)  # measured +35 and +42 points
 
 
 def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode_is_curated(trained):
