@@ -26,6 +26,7 @@ from adaptloop.tool_loop import TASK, TENANT, ToolLoop, tool_stack
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 HELD_OUT_EPISODES = 20
+STEP_LIMIT_ANSWER = "Sorry, need more steps to process this request."
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode
     agent = create_react_agent(llm, [tool(t) for t in TOOLS])
     result = agent.invoke({"messages": [("user", case.request)]}, {"recursion_limit": 12})
     answer = result["messages"][-1].content
-    model_turns = [m for m in result["messages"] if m.type == "ai"]
+    # At its step limit LangGraph answers with a message of its own instead of the model's last one.
+    model_turns = [m for m in result["messages"] if m.type == "ai" and m.content != STEP_LIMIT_ANSWER]
     print(f"LangGraph: {case.request!r} -> tools {[n for n, _ in ran]} -> {answer!r}")
     # The agent's own loop ran through the gateway: the adapter called tools (streamed), LangGraph ran them and
     # sent their results back, and the adapter saw them on the next turn (the loop may also end at LangGraph's
@@ -94,7 +96,8 @@ def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode
 
     records = sorted((r for r in read_topic(stack.kafka, stack.topics, "interactions", "interaction")
                       if r["episode_id"] == episode), key=lambda r: r["turn"])
-    assert [r["turn"] for r in records] == list(range(1, len(model_turns) + 1))
+    assert [r["turn"] for r in records] == list(range(1, len(records) + 1))
+    assert len(records) - len(model_turns) in (0, 1)  # 1: the call LangGraph's step limit answered for
     # Every streamed tool call was reassembled whole in the record, as LangGraph received it: the calls it
     # parsed with the same arguments, and a call cut off by the token limit (LangChain's invalid_tool_calls) as
     # the text that came.
