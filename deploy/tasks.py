@@ -14,6 +14,7 @@ settings (unset ones fall back to the process's settings)::
         min_examples: 8          # ... and never on fewer (curation's age trigger, the trainer)
         gate_margin: 0.05        # the candidate beats the incumbent's holdout success by this much
         max_new_tokens: 8        # evaluation's answer length
+        epochs: 3                # training passes over each request's examples
         method: auto             # auto | sft | kto | dpo
         version: "2"             # yours to bump; the content digest changes with any edit anyway
         tools: my_agent:TOOLS    # a tool-using task: its tool definitions, and its judge of a whole episode
@@ -82,6 +83,7 @@ class TaskSpec:
     gate_margin: float | None = None
     max_new_tokens: int | None = None
     method: str | None = None
+    epochs: float | None = None
     #: A tool-using task's tool definitions (OpenAI's shape) and its judge of a whole episode, if it has them.
     tools: tuple = ()
     episode_judge: Callable[..., Any] | None = None
@@ -185,6 +187,7 @@ class TaskEntry(_Strict):
     gate_margin: float | None = Field(None, ge=0.0, le=1.0)
     max_new_tokens: int | None = Field(None, ge=1, le=8192)
     method: Literal["auto", "sft", "kto", "dpo"] | None = None
+    epochs: float | None = Field(None, gt=0, le=100)
     tools: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     episode_judge: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -359,7 +362,7 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
                                kind=entry.validator.kind, version=entry.version, digest=_digest(name, entry),
                                window_size=entry.window_size, min_examples=entry.min_examples,
                                gate_margin=entry.gate_margin, max_new_tokens=entry.max_new_tokens,
-                               method=entry.method, tools=tools, episode_judge=episode_judge)
+                               method=entry.method, epochs=entry.epochs, tools=tools, episode_judge=episode_judge)
     return Catalogue(tasks, source)
 
 

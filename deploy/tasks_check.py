@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}")
         return 1
     for name, spec in catalogue.tasks.items():
-        extras = {k: getattr(spec, k) for k in ("window_size", "min_examples", "gate_margin", "max_new_tokens", "method")
+        extras = {k: getattr(spec, k) for k in ("window_size", "min_examples", "gate_margin", "max_new_tokens", "method", "epochs")
                   if getattr(spec, k) is not None}
         print(f"task {name}: {spec.kind} validator, version {spec.version}, digest {spec.digest[:19]}"
               + (f", {extras}" if extras else ""))

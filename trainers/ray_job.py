@@ -84,8 +84,8 @@ def recipe_class(method: str):
 
 
 def recipe_config(settings: TrainerSettings, method: str, *, model_path: str, output_dir: Path, work_dir: Path,
-                  examples: list[dict], system_prompt: str):
-    """The recipe config of ``method`` for one request, from the trainer settings."""
+                  examples: list[dict], system_prompt: str, epochs: float | None = None):
+    """The recipe config of ``method`` for one request, from the trainer settings (``epochs``: the task's own)."""
     _, config_class = recipe_class(method)
     return config_class(
         model_path=str(model_path),
@@ -98,7 +98,7 @@ def recipe_config(settings: TrainerSettings, method: str, *, model_path: str, ou
         lora_alpha=settings.lora_alpha,
         target_modules=list(settings.target_modules),
         learning_rate=settings.kto_learning_rate if method == "kto" else settings.learning_rate,
-        epochs=settings.epochs,
+        epochs=epochs or settings.epochs,
         batch_size=settings.batch_size,
         max_length=settings.max_length,
         seed=settings.seed,

@@ -106,6 +106,33 @@ def tokenized(tokenizer: Any, example: Mapping[str, Any], system_prompt: str, ma
     return {"input_ids": rendered.input_ids[:max_length], "labels": rendered.labels[:max_length]}
 
 
+def without_contained(rows: Sequence[Mapping[str, list[int]]]) -> list[Mapping[str, list[int]]]:
+    """The rows less those another row holds whole: the same tokens and labels as that longer row's start.
+
+    An agent's episode gives one example per turn, and the turn-k example carries turns 1..k-1 (with the loss
+    on them) in its trajectory, so the examples of turns before it add no loss term of their own, only
+    tokens: an episode of three turns costs half as many tokens this way, with every assistant turn still
+    learned. Exact duplicates keep one copy."""
+    def key(row: Mapping[str, list[int]], end: int) -> tuple:
+        return tuple(row["input_ids"][:end]), tuple(row["labels"][:end])
+
+    starts: set[tuple] = set()
+    for row in rows:
+        labels = row["labels"]
+        # A shorter example ends after one of this row's assistant turns: its end-of-turn token, or the newline after it.
+        for end in range(1, len(labels)):
+            if labels[end - 1] != -100 and labels[end] == -100:
+                starts.update(key(row, stop) for stop in (end, end + 1) if stop < len(labels))
+    kept, seen = [], set()
+    for row in rows:
+        whole = key(row, len(row["input_ids"]))
+        if whole in starts or whole in seen:
+            continue
+        seen.add(whole)
+        kept.append(row)
+    return kept
+
+
 def load_examples(cfg: SFTRecipeConfig) -> list[dict]:
     if cfg.examples:
         return list(cfg.examples)
@@ -138,7 +165,10 @@ def main(cfg: SFTRecipeConfig, callbacks: Sequence[Any] = (),
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
 
     system_prompt = cfg.resolved_system_prompt()
-    rows = [tokenized(tokenizer, e, system_prompt, cfg.max_length) for e in examples]
+    rows = without_contained([tokenized(tokenizer, e, system_prompt, cfg.max_length) for e in examples])
+    if len(rows) < len(examples):
+        log.info("%d of %d examples are held whole by a longer one (an episode's earlier turns): trained %d",
+                 len(examples) - len(rows), len(examples), len(rows))
     dataset = Dataset.from_list(rows)
     tokens_per_epoch = sum(len(r["input_ids"]) for r in rows)
     work = cfg.work_dir or cfg.output_dir + ".work"

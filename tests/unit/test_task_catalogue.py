@@ -26,6 +26,7 @@ CATALOGUE = textwrap.dedent("""\
         gate_margin: 0.1
         max_new_tokens: 8
         method: sft
+        epochs: 3
       capital:
         validator: {kind: exact, expected: [Paris, Rome]}
       orders:
@@ -53,9 +54,18 @@ def test_references_settings_and_scorer_names(specs):
     assert specs["ticket"].scorer.startswith("json_schema:ticket@1#") and specs["ticket"].window_size is None
     assert "schema: 'id' is a required property" == specs["ticket"].judge("{}").reason
     intent = specs["intent"]
-    assert (intent.window_size, intent.min_examples, intent.gate_margin, intent.max_new_tokens, intent.method) == (
-        24, 4, 0.1, 8, "sft")
+    assert (intent.window_size, intent.min_examples, intent.gate_margin, intent.max_new_tokens, intent.method,
+            intent.epochs) == (24, 4, 0.1, 8, "sft", 3)
     assert intent.system_prompt == "One word, please."
+    from pathlib import Path
+
+    from adaptloop.settings import TrainerSettings
+    from adaptloop.trainers.ray_job import recipe_config
+
+    def epochs_for(spec):
+        return recipe_config(TrainerSettings(epochs=1), "sft", model_path="m", output_dir=Path("o"), work_dir=Path("w"),
+                             examples=[], system_prompt="", epochs=spec.epochs).epochs
+    assert (epochs_for(intent), epochs_for(specs["ticket"])) == (3, 1)  # the task's own, else the trainer's
 
 
 def test_the_digest_follows_the_content_not_the_file():

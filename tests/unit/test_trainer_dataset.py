@@ -161,3 +161,36 @@ def test_recipe_config_refuses_unknown_keys_and_big_ranks():
     with pytest.raises(ConfigError):
         SFTRecipeConfig(lora_rank=128).validate()
     assert "examples" not in SFTRecipeConfig(examples=[{"x": 1}]).public()
+
+
+def test_an_episodes_earlier_turns_are_trained_inside_its_last_turn_once():
+    """Three per-turn examples of one right episode train as one row (its last turn, the loss on all three turns);
+    a turn whose history holds a wrong turn, or the same example twice, is not dropped as contained."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from adaptloop.model import ensure_base_model
+    from adaptloop.settings import DEFAULT_HOME
+    from adaptloop.support_task import TOOLS, SupportWorld, _wire
+    from adaptloop.trainers.sft import tokenized, without_contained
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_base_model(DEFAULT_HOME)))
+    world = SupportWorld(3)
+    case = next(c for c in iter(world.case, None) if c.intent == "refund")
+    messages, examples = [{"role": "user", "content": case.request}], []
+    for k, right in enumerate(case.expected_turns(), start=1):
+        examples.append({"prompt_messages": list(messages), "completion": right.get("content") or "",
+                         "completion_tool_calls": right.get("tool_calls") or [], "tools_json": json.dumps(TOOLS)})
+        if right.get("tool_calls"):
+            calls = _wire(right["tool_calls"], k)
+            messages += [{"role": "assistant", "content": None, "tool_calls": calls}]
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": "{}"} for c in calls]
+    rows = [tokenized(tokenizer, e, "Be brief.", 1024) for e in examples]
+    assert without_contained(rows) == [rows[2]]
+    assert sum(r["labels"][i] != -100 for r in rows[2:] for i in range(len(r["labels"]))) > \
+        sum(r["labels"][i] != -100 for r in rows[1:2] for i in range(len(r["labels"])))
+    wrong_history = examples[1] | {"prompt_messages": [examples[1]["prompt_messages"][0],
+                                                       {"role": "assistant", "content": "I cannot help."}]}
+    other = tokenized(tokenizer, wrong_history, "Be brief.", 1024)
+    assert without_contained([rows[0], other, other]) == [rows[0], other]
