@@ -14,7 +14,9 @@ settings (unset ones fall back to the process's settings)::
         min_examples: 8          # ... and never on fewer (curation's age trigger, the trainer)
         gate_margin: 0.05        # the candidate beats the incumbent's holdout success by this much
         max_new_tokens: 8        # evaluation's answer length
-        epochs: 3                # training passes over each request's examples
+        epochs: 3                # training: passes over each request's examples,
+        batch_size: 1            # ... examples per optimizer step,
+        learning_rate: 0.001     # ... and the peak learning rate
         method: auto             # auto | sft | kto | dpo
         version: "2"             # yours to bump; the content digest changes with any edit anyway
         tools: my_agent:TOOLS    # a tool-using task: its tool definitions, and its judge of a whole episode
@@ -84,6 +86,8 @@ class TaskSpec:
     max_new_tokens: int | None = None
     method: str | None = None
     epochs: float | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
     #: A tool-using task's tool definitions (OpenAI's shape) and its judge of a whole episode, if it has them.
     tools: tuple = ()
     episode_judge: Callable[..., Any] | None = None
@@ -188,6 +192,8 @@ class TaskEntry(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=8192)
     method: Literal["auto", "sft", "kto", "dpo"] | None = None
     epochs: float | None = Field(None, gt=0, le=100)
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    learning_rate: float | None = Field(None, gt=0, le=1)
     tools: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     episode_judge: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -362,7 +368,8 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
                                kind=entry.validator.kind, version=entry.version, digest=_digest(name, entry),
                                window_size=entry.window_size, min_examples=entry.min_examples,
                                gate_margin=entry.gate_margin, max_new_tokens=entry.max_new_tokens,
-                               method=entry.method, epochs=entry.epochs, tools=tools, episode_judge=episode_judge)
+                               method=entry.method, epochs=entry.epochs,
+                               batch_size=entry.batch_size, learning_rate=entry.learning_rate, tools=tools, episode_judge=episode_judge)
     return Catalogue(tasks, source)
 
 

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}")
         return 1
     for name, spec in catalogue.tasks.items():
-        extras = {k: getattr(spec, k) for k in ("window_size", "min_examples", "gate_margin", "max_new_tokens", "method", "epochs")
+        extras = {k: getattr(spec, k) for k in ("window_size", "min_examples", "gate_margin", "max_new_tokens", "method", "epochs",
+                                                 "batch_size", "learning_rate")
                   if getattr(spec, k) is not None}
         print(f"task {name}: {spec.kind} validator, version {spec.version}, digest {spec.digest[:19]}"
               + (f", {extras}" if extras else ""))

@@ -32,6 +32,7 @@ from typing import Any
 
 from adaptloop.errors import TrainingError
 from adaptloop.settings import TrainerSettings
+from adaptloop.tasks import TaskSpec
 from adaptloop.trainers.common import RecipeResult
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ def recipe_class(method: str):
 
 
 def recipe_config(settings: TrainerSettings, method: str, *, model_path: str, output_dir: Path, work_dir: Path,
-                  examples: list[dict], system_prompt: str, epochs: float | None = None):
-    """The recipe config of ``method`` for one request, from the trainer settings (``epochs``: the task's own)."""
+                  examples: list[dict], system_prompt: str, spec: TaskSpec | None = None):
+    """The recipe config of ``method`` for one request: the trainer settings, and the task's own training
+    settings (``spec``: its catalogue entry's epochs, batch size and learning rate) over them."""
     _, config_class = recipe_class(method)
     return config_class(
         model_path=str(model_path),
@@ -97,9 +99,10 @@ def recipe_config(settings: TrainerSettings, method: str, *, model_path: str, ou
         lora_rank=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         target_modules=list(settings.target_modules),
-        learning_rate=settings.kto_learning_rate if method == "kto" else settings.learning_rate,
-        epochs=epochs or settings.epochs,
-        batch_size=settings.batch_size,
+        learning_rate=(spec and spec.learning_rate) or (
+            settings.kto_learning_rate if method == "kto" else settings.learning_rate),
+        epochs=(spec and spec.epochs) or settings.epochs,
+        batch_size=(spec and spec.batch_size) or settings.batch_size,
         max_length=settings.max_length,
         seed=settings.seed,
         threads=settings.torch_threads,

@@ -236,7 +236,7 @@ class TrainerService:
         request_dir.mkdir(parents=True, exist_ok=True)
         cfg = ray_job.recipe_config(self.settings, plan.method, model_path=str(self.base_model),
                                     output_dir=request_dir / "adapter", work_dir=request_dir / "checkpoints",
-                                    examples=plan.examples, system_prompt=spec.system_prompt, epochs=spec.epochs)
+                                    examples=plan.examples, system_prompt=spec.system_prompt, spec=spec)
         ray_job.start_ray(self.settings)
         result = ray_job.train(self.settings, request_id, plan.method, cfg)
         training = dataclasses.asdict(result) | {"plan": plan.reason, "signal": plan.counts}

@@ -27,6 +27,8 @@ CATALOGUE = textwrap.dedent("""\
         max_new_tokens: 8
         method: sft
         epochs: 3
+        batch_size: 1
+        learning_rate: 0.001
       capital:
         validator: {kind: exact, expected: [Paris, Rome]}
       orders:
@@ -62,10 +64,11 @@ def test_references_settings_and_scorer_names(specs):
     from adaptloop.settings import TrainerSettings
     from adaptloop.trainers.ray_job import recipe_config
 
-    def epochs_for(spec):
-        return recipe_config(TrainerSettings(epochs=1), "sft", model_path="m", output_dir=Path("o"), work_dir=Path("w"),
-                             examples=[], system_prompt="", epochs=spec.epochs).epochs
-    assert (epochs_for(intent), epochs_for(specs["ticket"])) == (3, 1)  # the task's own, else the trainer's
+    def training(spec):
+        cfg = recipe_config(TrainerSettings(epochs=1, batch_size=4, learning_rate=0.002), "sft", model_path="m",
+                            output_dir=Path("o"), work_dir=Path("w"), examples=[], system_prompt="", spec=spec)
+        return cfg.epochs, cfg.batch_size, cfg.learning_rate
+    assert training(intent) == (3, 1, 0.001) and training(specs["ticket"]) == (1, 4, 0.002)  # its own, else the trainer's
 
 
 def test_the_digest_follows_the_content_not_the_file():
