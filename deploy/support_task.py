@@ -36,31 +36,48 @@ TOOLS = [
                                       "parameters": {"type": "object", "properties": {
                                           "order_id": {"type": "string"}, "address": {"type": "string"}},
                                           "required": ["order_id", "address"]}}},
-    {"type": "function", "function": {"name": "handoff", "description": "Pass the customer to a person.",
+    {"type": "function", "function": {"name": "handoff_to_person", "description": "Pass the customer to a person.",
                                       "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
                                                      "required": ["order_id"]}}},
 ]
 TOOL_NAMES = {t["function"]["name"] for t in TOOLS}
 INTENTS = ("status", "refund", "address", "handoff")
 
-_NAMES = (["Alice", "Omar", "Mei", "Lars", "Priya", "Diego", "Hana", "Tomas"],
+#: The training world is wide, as a real shop's customers and catalogue are (an agent that memorised who bought
+#: what would not generalise); the held-out world draws from lists that share nothing with it.
+_NAMES = (["Alice", "Omar", "Mei", "Lars", "Priya", "Diego", "Hana", "Tomas", "Grace", "Yusuf", "Elena", "Bruno",
+           "Chloe", "Rafael", "Ines", "Viktor", "Amara", "Felix", "Rosa", "Anil"],
           ["Aisha", "Jonas", "Sofia", "Kenji", "Nora", "Mateo", "Leila", "Ivan"])
-_ITEMS = (["desk lamp", "coffee mug", "office chair", "backpack", "tea kettle"],
+_ITEMS = (["desk lamp", "coffee mug", "office chair", "backpack", "tea kettle", "water bottle", "desk fan", "notebook",
+           "keyboard", "rain jacket", "lunch box", "floor rug", "wall clock", "bath towel", "garden hose"],
           ["yoga mat", "bike helmet", "table fan", "monitor arm", "phone case"])
-_STREETS = (["Elm Street", "Harbor Road", "Mill Lane", "Park Avenue"], ["Birch Way", "Quay Street", "Hill Road", "Lake Drive"])
+_STREETS = (["Elm Street", "Harbor Road", "Mill Lane", "Park Avenue", "Oak Street", "River Road", "Church Lane",
+             "Station Avenue", "Maple Drive", "Cedar Way"], ["Birch Way", "Quay Street", "Hill Road", "Lake Drive"])
 _LETTERS = ("ABCDEFGH", "MNPRSTVW")
 #: Each request names its intent with one cue word (status, refund, address, person) somewhere in free text,
 #: as the ticket-triage task names its labels; the held-out side words everything else its own way.
 _REQUESTS = ({
-    "status": ["Hi, what is the status of my order {order}?", "{name} here: status of order {order}, please."],
-    "refund": ["Please refund order {order}, the {item} arrived broken.", "I want a refund for order {order}."],
-    "address": ["Please change the address of order {order} to {address}.", "New address for order {order}: {address}."],
-    "handoff": ["I need to talk to a person about order {order}.", "Can a person call me about order {order}? {name}"],
+    "status": ["Hi, what is the status of my order {order}?", "{name} here: status of order {order}, please.",
+               "Status of {order}?", "Can you tell me the status of order {order}? I ordered a {item}.",
+               "What's the status on my {item}, order {order}?", "Order {order}: status please. Thanks, {name}"],
+    "refund": ["Please refund order {order}, the {item} arrived broken.", "I want a refund for order {order}.",
+               "Refund {order} please.", "{name} here, I'd like a refund on order {order}.",
+               "The {item} in order {order} is the wrong size, can I get a refund?", "Order {order}: refund, please."],
+    "address": ["Please change the address of order {order} to {address}.", "New address for order {order}: {address}.",
+                "Ship {order} to this address instead: {address}.", "{name} here, my address changed, send order {order} to {address}.",
+                "Can you update the address on {order}? It is {address} now.", "Order {order}, address: {address}, please."],
+    "handoff": ["I need to talk to a person about order {order}.", "Can a person call me about order {order}? {name}",
+                "Person please, about {order}.", "{name} here, I want a person to look at order {order}.",
+                "I'd rather deal with a person, it's about the {item} in order {order}.", "Order {order}: get me a person."],
 }, {
-    "status": ["Any status update on {order}? {name} asking.", "Could you check the status of {order} for me?"],
-    "refund": ["The {item} from order {order} is useless, refund it please.", "{name} again: refund {order}, thanks."],
-    "address": ["I moved, so the address for {order} is now {address}.", "Address correction for {order}: {address}."],
-    "handoff": ["Let me speak with a real person about {order}.", "{name} here, put me through to a person for {order}."],
+    "status": ["Any status update on {order}? {name} asking.", "Could you check the status of {order} for me?",
+               "Where is my {item}? Status of {order} would help."],
+    "refund": ["The {item} from order {order} is useless, refund it please.", "{name} again: refund {order}, thanks.",
+               "Money back for {order} please, I want a refund."],
+    "address": ["I moved, so the address for {order} is now {address}.", "Address correction for {order}: {address}.",
+                "Deliver {order} to a different address: {address}."],
+    "handoff": ["Let me speak with a real person about {order}.", "{name} here, put me through to a person for {order}.",
+                "Is there a person I could talk to? Order {order}."],
 })
 
 
@@ -88,12 +105,13 @@ class SupportCase:
         turns = [{"tool_calls": [call("lookup_order", order_id=oid)]}]
         if self.intent == "refund":
             turns.append({"tool_calls": [call("refund", order_id=oid, amount=self.order.total)]})
-            turns.append({"content": f"I refunded {self.order.total:.2f} for order {oid}."})
+            # The amount as the lookup returned it (JSON's 140.4, not 140.40): the agent repeats what it read.
+            turns.append({"content": f"I refunded {json.dumps(self.order.total)} for order {oid}."})
         elif self.intent == "address":
             turns.append({"tool_calls": [call("change_address", order_id=oid, address=self.address)]})
             turns.append({"content": f"Order {oid} now goes to {self.address}."})
         elif self.intent == "handoff":
-            turns.append({"tool_calls": [call("handoff", order_id=oid)]})
+            turns.append({"tool_calls": [call("handoff_to_person", order_id=oid)]})
             turns.append({"content": f"A colleague will contact you about order {oid}."})
         else:
             turns.append({"content": f"Order {oid} is {self.order.status}."})
@@ -144,7 +162,7 @@ class SupportWorld:
 # -- judges ---------------------------------------------------------------------------------------------
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_FACT = re.compile(r"\b[A-Z]\d{5}\b|\d+\.\d\d\b|\b\d{1,2} [A-Z][a-z]+ (?:Street|Road|Lane|Avenue|Way|Drive)\b")
+_FACT = re.compile(r"\b[A-Z]\d{5}\b|\b\d+\.\d+\b|\b\d{1,2} [A-Z][a-z]+ (?:Street|Road|Lane|Avenue|Way|Drive)\b")
 
 
 def parse_turn(text: str) -> tuple[str, list[tuple[str, Any]]] | str:

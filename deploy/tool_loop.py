@@ -141,15 +141,15 @@ class ToolLoop:
         raise StackError(f"the gateway did not route {self.model} to {version} within {timeout_s:.0f}s")
 
 
-def tool_stack(home: Path, *, epochs: int = 2, torch_threads: int = 2) -> LocalStack:
-    """A fresh local stack for the tool task (free ports, its own topics, the example catalogue)."""
+def tool_stack(home: Path, *, torch_threads: int = 2) -> LocalStack:
+    """A fresh local stack for the tool task (free ports, its own topics, the example catalogue, whose entry for
+    the task sets its training: epochs, batch size, learning rate)."""
     return LocalStack(home=home, kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True),
                       topics=Topics(prefix=f"tool{uuid.uuid4().hex[:6]}."), ports=StackPorts.free(),
                       services=("streams", "trainer", "serve", "gateway"), dev_tenants=(TENANT,),
                       extra_env={"ADAPTLOOP_GATEWAY_CANARY_SHARE": "1.0", FILE_ENV: str(EXAMPLE_CATALOGUE),
                                  "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(HOLDOUT_PERCENT),
                                  "ADAPTLOOP_STREAMS_OUTCOME_GRACE_S": str(OUTCOME_GRACE_S),
-                                 "ADAPTLOOP_TRAINER_EPOCHS": str(epochs),
                                  # Nothing else computes while the trainer trains (the agents wait for it).
                                  "ADAPTLOOP_TRAINER_TORCH_THREADS": str(torch_threads)})
 
