@@ -6,6 +6,7 @@
     adaptloop report      # HTML + PNG report per (tenant, task) from the topics
     adaptloop loop-bench  # loop latency by stage, N-th admitted example -> adapter serving
     adaptloop tool-bench  # the tool-using task through the loop: episode success by cycle, loop latency
+    adaptloop tool-offline  # the tool task's training recipe alone, on generated episodes: held-out success
     adaptloop streams     # a Faust curation worker
     adaptloop trainer     # the training service (Ray jobs)
     adaptloop serve       # vLLM with its registry sidecar
@@ -34,6 +35,7 @@ COMMANDS = {
     "report": ("adaptloop.report:main", "Write the HTML/PNG report per (tenant, task) from the topics."),
     "loop-bench": ("adaptloop.loop_bench:main", "Measure loop latency by stage (N-th example -> adapter serving)."),
     "tool-bench": ("adaptloop.tool_loop:main", "The tool-using task through the loop: episode success by cycle (JSON)."),
+    "tool-offline": ("adaptloop.tool_offline:main", "The tool task's training recipe alone: held-out episodes (JSON)."),
     "streams": ("adaptloop.streams.worker:main", "Run a Faust curation worker."),
     "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),

@@ -48,13 +48,14 @@ def trained(tmp_path_factory):
         yield {"stack": stack, "key": loop.key, "before": before, "after": after}
 
 
-def test_a_tool_using_agent_learns_its_turns_through_the_loop(trained):
-    """Held-out turns, each on a right history, go from the base's rate to far above it. Whole held-out episodes
-    (every turn right, the agent on its own) are printed: after one cycle they are far from right (0-20%
-    measured here), so only what one cycle does is asserted."""
+def test_a_tool_using_agent_learns_its_episodes_through_the_loop(trained):
+    """Whole held-out episodes (every turn right, the agent on its own, new customers, orders and wording) go from
+    the base's rate to far above it after one cycle; so do held-out turns, each on a right history. The issue's
+    target is 90% of episodes; one cycle of this 135M model reached 75-80% offline (see the closing note)."""
     before, after = trained["before"], trained["after"]
     assert before["success"] <= 0.1 and before["turn_success"] <= 0.4, before
-    assert after["turn_success"] >= before["turn_success"] + 0.25, (before, after)  # measured +35 and +42 points
+    assert after["success"] >= before["success"] + 0.4, (before, after)
+    assert after["turn_success"] >= before["turn_success"] + 0.4, (before, after)
 
 
 def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode_is_curated(trained):
