@@ -85,3 +85,20 @@ def test_hostile_tool_call_arguments_are_text_not_a_crash():
     text = assistant_text("", [{"id": "c", "name": "lookup_order", "arguments": deep}])
     assert text.startswith('<tool_call>\n{"name": "lookup_order", "arguments": [[[')
     assert not support_turn(text).ok
+
+
+def test_offline_trajectories_are_the_per_turn_examples_a_reviewer_gives():
+    """``adaptloop tool-offline`` trains on what curation gives when every turn is right or taken over: one example
+    per turn, its prompt the trajectory so far (tool calls and their results), the right turn as its completion."""
+    import json
+
+    from adaptloop.tool_offline import trajectories
+
+    examples = trajectories(6)
+    world = SupportWorld(7)
+    cases = [world.case() for _ in range(6)]
+    assert len(examples) == sum(len(c.expected_turns()) for c in cases)
+    first, second = examples[0], examples[1]
+    assert [m["role"] for m in first["prompt_messages"]] == ["user"] and first["completion_tool_calls"][0]["name"] == "lookup_order"
+    assert [m["role"] for m in second["prompt_messages"]] == ["user", "assistant", "tool"]
+    assert json.loads(second["prompt_messages"][2]["content"])["order_id"] == cases[0].order.order_id
