@@ -368,8 +368,8 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
                                kind=entry.validator.kind, version=entry.version, digest=_digest(name, entry),
                                window_size=entry.window_size, min_examples=entry.min_examples,
                                gate_margin=entry.gate_margin, max_new_tokens=entry.max_new_tokens,
-                               method=entry.method, epochs=entry.epochs,
-                               batch_size=entry.batch_size, learning_rate=entry.learning_rate, tools=tools, episode_judge=episode_judge)
+                               method=entry.method, epochs=entry.epochs, batch_size=entry.batch_size,
+                               learning_rate=entry.learning_rate, tools=tools, episode_judge=episode_judge)
     return Catalogue(tasks, source)
 
 
