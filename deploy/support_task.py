@@ -239,6 +239,19 @@ def _wire(calls: list[Mapping[str, Any]], turn: int) -> list[dict[str, Any]]:
              "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in enumerate(calls)]
 
 
+def tool_results(world: SupportWorld, calls: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``tool`` messages an agent's runtime sends back for wire-form calls, each executed in ``world``."""
+    messages = []
+    for c in calls:
+        try:
+            arguments = json.loads(c["function"]["arguments"])
+        except ValueError:
+            arguments = None
+        messages.append({"role": "tool", "tool_call_id": c["id"],
+                         "content": json.dumps(world.execute(c["function"]["name"], arguments))})
+    return messages
+
+
 def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: str, episode_id: str,
                 feedback: Any = None, takeover: bool | None = None, max_tokens: int = 64) -> tuple[Verdict, EpisodeLog]:
     """One episode through the gateway with the official OpenAI client (``client``): call, execute the tool calls
@@ -277,13 +290,7 @@ def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: s
             break
         calls = _wire(taken["tool_calls"], k)
         messages.append({"role": "assistant", "content": taken.get("content") or None, "tool_calls": calls})
-        for c in calls:
-            try:
-                arguments = json.loads(c["function"]["arguments"])
-            except ValueError:
-                arguments = None
-            messages.append({"role": "tool", "tool_call_id": c["id"],
-                             "content": json.dumps(world.execute(c["function"]["name"], arguments))})
+        messages += tool_results(world, calls)
     episode = judge_episode(case, log.turns)
     if feedback is not None:
         feedback.feedback(episode_id=episode_id, source="BUSINESS", success=episode.ok, reason=episode.reason)

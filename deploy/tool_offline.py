@@ -24,16 +24,11 @@ from typing import Any
 
 from adaptloop.chat import assistant_text
 from adaptloop.processes import cpu_name
-from adaptloop.support_task import TOOLS, SupportCase, SupportWorld, _wire, judge_episode, parse_turn, support_turn
+from adaptloop.support_task import (TOOLS, SupportCase, SupportWorld, _wire, judge_episode, parse_turn, support_turn,
+                                   tool_results)
 from adaptloop.tasks import example_catalogue
 
 TASK = "support-agent"
-
-
-def _tool_messages(world: SupportWorld, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"role": "tool", "tool_call_id": c["id"],
-             "content": json.dumps(world.execute(c["function"]["name"], json.loads(c["function"]["arguments"])))}
-            for c in calls]
 
 
 def trajectories(episodes: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -47,7 +42,7 @@ def trajectories(episodes: int, seed: int = 7) -> list[dict[str, Any]]:
                              "completion_tool_calls": right.get("tool_calls") or [], "tools_json": json.dumps(TOOLS)})
             if right.get("tool_calls"):
                 calls = _wire(right["tool_calls"], k)
-                messages += [{"role": "assistant", "content": None, "tool_calls": calls}, *_tool_messages(world, calls)]
+                messages += [{"role": "assistant", "content": None, "tool_calls": calls}, *tool_results(world, calls)]
     return examples
 
 
@@ -78,7 +73,7 @@ def held_out_success(model_path: str, adapter_dir: str | None, system_prompt: st
             if ok and calls and len(turns[i]) < len(expected):
                 wire = _wire(turn["tool_calls"], len(turns[i]))
                 messages[i] += [{"role": "assistant", "content": content or None, "tool_calls": wire},
-                                *_tool_messages(world, wire)]
+                                *tool_results(world, wire)]
                 still.append(i)
         live = still
     verdicts = [judge_episode(c, t) for c, t in zip(cases, turns)]
