@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -61,6 +62,25 @@ def assistant_text(content: str | None, tool_calls: Iterable[Mapping[str, Any]] 
         parts.append(f'<tool_call>\n{{"name": {json.dumps(function["name"], ensure_ascii=False)}, "arguments": {rendered}}}'
                      "\n</tool_call>")
     return "\n".join(parts)
+
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def split_tool_calls(text: str) -> tuple[str, list[dict[str, str]]]:
+    """A generated turn back as (content, [{"name", "arguments" as JSON text}]), as vLLM's hermes parser reads it:
+    the text outside the ``<tool_call>`` blocks, and each block's call. When a block is not a JSON object with a
+    name, the parser returns no calls and the whole text as content; so does this."""
+    calls = []
+    for block in _TOOL_CALL_BLOCK.findall(text):
+        try:
+            call = json.loads(block)
+        except (ValueError, RecursionError):
+            return text, []
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return text, []
+        calls.append({"name": call["name"], "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)})
+    return (_TOOL_CALL_BLOCK.sub("", text).strip(), calls) if calls else (text, [])
 
 
 def template_message(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ An episode: the customer's message; the agent looks the order up (``lookup_order
 (``refund``, the amount from the lookup), changes its address (``change_address``), hands off to a person
 (``handoff``), or only reports the status; then it answers in one sentence that names the order (and the
 amount refunded). ``SupportCase.expected_turns`` is that trajectory; ``judge_episode`` compares an
-agent's turns with it: right tools, right arguments, right final answer.
+agent's turns with it: right tools, right arguments, right final answer. ``replay_world`` is the task's
+environment: the tools over the orders a recorded episode looked up, where the gate replays held-out episodes.
 
 Held out by construction: ``SupportWorld(seed, held_out=True)`` draws other customers, other order-id
 letters and other sentence templates than any training world.
@@ -19,7 +20,7 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from adaptloop.chat import assistant_text
 from adaptloop.tasks import Verdict
@@ -88,6 +89,9 @@ class Order:
     item: str
     total: float
     status: str
+
+
+_ORDER_FIELDS = frozenset(Order.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -210,18 +214,36 @@ def support_turn(response: str, reference: str | None = None) -> Verdict:
     return Verdict(not missing, 0.0 if missing else 1.0, f"the answer misses {missing}" if missing else "right answer")
 
 
-def judge_episode(case: SupportCase, turns: Iterable[Mapping[str, Any]]) -> Verdict:
-    """An episode's assistant turns against the right trajectory, turn by turn (the catalogue's episode judge)."""
-    want = case.expected_turns()
-    got = list(turns)
-    for k, (turn, right) in enumerate(zip(got, want), start=1):
-        verdict = support_turn(assistant_text(turn.get("content"), turn.get("tool_calls") or ()),
-                               assistant_text(right.get("content"), right.get("tool_calls") or ()))
+def right_turns(case: SupportCase) -> list[str]:
+    """The right episode's assistant turns as the judges read them (``adaptloop.chat.assistant_text``)."""
+    return [assistant_text(t.get("content"), t.get("tool_calls") or ()) for t in case.expected_turns()]
+
+
+def judge_episode(turns: Sequence[str], right: Sequence[str]) -> Verdict:
+    """An episode's assistant turns against the right ones, turn by turn (the catalogue's episode judge)."""
+    for k, (turn, want) in enumerate(zip(turns, right), start=1):
+        verdict = support_turn(turn, want)
         if not verdict.ok:
-            return Verdict(False, (k - 1) / len(want), f"turn {k}: {verdict.reason}")
-    if len(got) < len(want):
-        return Verdict(False, len(got) / len(want), f"the episode stopped after {len(got)} of {len(want)} turns")
+            return Verdict(False, (k - 1) / len(right), f"turn {k}: {verdict.reason}")
+    if len(turns) < len(right):
+        return Verdict(False, len(turns) / len(right), f"the episode stopped after {len(turns)} of {len(right)} turns")
     return Verdict(True, 1.0, "right tools, arguments and answer")
+
+
+def replay_world(messages: Iterable[Mapping[str, Any]]) -> Callable[[str, Any], dict[str, Any]]:
+    """The catalogue's environment: the tools executed over the orders an episode's record shows (what its
+    ``lookup_order`` results returned), for the gate to replay the episode with another agent."""
+    world = SupportWorld(0)
+    for message in messages:
+        if message.get("role") != "tool":
+            continue
+        try:
+            found = json.loads(message.get("content") or "")
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(found, dict) and _ORDER_FIELDS <= found.keys():
+            world.orders[str(found["order_id"])] = Order(**{k: found[k] for k in _ORDER_FIELDS})
+    return world.execute
 
 
 @dataclass
@@ -263,9 +285,9 @@ def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: s
     takeover = feedback is not None if takeover is None else takeover
     messages: list[dict[str, Any]] = [{"role": "user", "content": case.request}]
     log = EpisodeLog()
-    right_turns = case.expected_turns()
-    for k, right in enumerate(right_turns, start=1):
-        last = k == len(right_turns)
+    expected = case.expected_turns()
+    for k, right in enumerate(expected, start=1):
+        last = k == len(expected)
         reply = client.chat.completions.create(
             model=model, messages=messages, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=max_tokens,
             extra_headers={"x-adaptloop-episode": episode_id} | ({"x-adaptloop-episode-end": "true"} if last else {}))
@@ -291,7 +313,7 @@ def run_episode(client: Any, case: SupportCase, world: SupportWorld, *, model: s
         calls = _wire(taken["tool_calls"], k)
         messages.append({"role": "assistant", "content": taken.get("content") or None, "tool_calls": calls})
         messages += tool_results(world, calls)
-    episode = judge_episode(case, log.turns)
+    episode = judge_episode([assistant_text(t["content"], t["tool_calls"]) for t in log.turns], right_turns(case))
     if feedback is not None:
         feedback.feedback(episode_id=episode_id, source="BUSINESS", success=episode.ok, reason=episode.reason)
     return episode, log

@@ -19,14 +19,21 @@ settings (unset ones fall back to the process's settings)::
         learning_rate: 0.001     # ... and the peak learning rate
         method: auto             # auto | sft | kto | dpo
         version: "2"             # yours to bump; the content digest changes with any edit anyway
-        tools: my_agent:TOOLS    # a tool-using task: its tool definitions, and its judge of a whole episode
+        tools: my_agent:TOOLS    # a tool-using task: its tool definitions, its judge of a whole episode,
         episode_judge: my_agent:judge_episode
+        environment: my_agent:sandbox     # ... and where the gate replays a held-out episode's tool calls
 
 Validator kinds: ``json_schema`` (``schema``: the answer is JSON valid under it; with a reference,
 equal to it), ``regex`` (``pattern``: the whole answer matches; with a reference, the same answer,
 normalized), ``exact`` (``expected``: one of these, normalized; with a reference, that one) and
 ``python`` (``function: "module:function"``, importable in every environment that runs a process,
 called as ``function(response, reference=None)`` and returning a ``Verdict`` or a bool).
+A tool task's ``episode_judge(turns, right_turns)`` gets an episode's assistant turns and the right ones, each as
+the validator sees a turn (its text, then a ``<tool_call>`` block per call), and returns a ``Verdict`` or a
+bool; without one, an episode is right when every turn is. Its ``environment(messages)`` gets a held-out
+episode's recorded conversation (tool results included) and returns ``execute(name, arguments)``, the result
+of one tool call in that episode's world; with one, the gate replays held-out episodes: the candidate runs as
+the agent from the episode's first message, its tool calls executed there (``adaptloop.trainers.replay``).
 Normalized: casefolded, whitespace collapsed, surrounding quotes and a final period dropped.
 
 Without ``ADAPTLOOP_TASKS_FILE`` (or ``ADAPTLOOP_TASKS_INLINE``, the same YAML as text, for tests)
@@ -45,7 +52,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, Protocol, Union
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, Protocol, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,6 +77,22 @@ class Validator(Protocol):
     def __call__(self, response: str, reference: str | None = None) -> Verdict: ...
 
 
+def verdict_of(what: str, function: Callable[..., Any], *args: Any) -> Verdict:
+    """``function(*args)`` as a Verdict: a bool becomes one; an exception (a ``RecursionError`` on deep nesting, a
+    user function's bug) or another type becomes a failed one naming it."""
+    try:
+        verdict = function(*args)
+    except (RecursionError, MemoryError) as exc:
+        return Verdict(False, 0.0, f"{what} failed: {type(exc).__name__}")
+    except Exception as exc:  # noqa: BLE001 -- a user's function may raise anything; the answer fails, with why
+        return Verdict(False, 0.0, f"{what} failed: {type(exc).__name__}: {str(exc)[:200]}")
+    if isinstance(verdict, bool):
+        return Verdict(verdict, float(verdict), "accepted" if verdict else "rejected")
+    if not isinstance(verdict, Verdict):
+        return Verdict(False, 0.0, f"{what} returned {type(verdict).__name__}, not a Verdict or a bool")
+    return verdict
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What the loop knows of one task: how to ask for it, how to judge it, and its own loop settings."""
@@ -88,25 +111,30 @@ class TaskSpec:
     epochs: float | None = None
     batch_size: int | None = None
     learning_rate: float | None = None
-    #: A tool-using task's tool definitions (OpenAI's shape) and its judge of a whole episode, if it has them.
+    #: A tool-using task's tool definitions (OpenAI's shape), its judge of a whole episode and the environment
+    #: its held-out episodes replay in, if it has them.
     tools: tuple = ()
     episode_judge: Callable[..., Any] | None = None
+    environment: Callable[..., Any] | None = None
 
     def judge(self, response: str, reference: str | None = None) -> Verdict:
         """The validator's verdict. A validator that fails on hostile content (a ``RecursionError`` on deep
         nesting, a user function's bug) gives a failed verdict naming the error: one answer never stops a
         stream or an evaluation."""
-        try:
-            verdict = self.validator(response, reference)
-        except (RecursionError, MemoryError) as exc:
-            return Verdict(False, 0.0, f"validator failed: {type(exc).__name__}")
-        except Exception as exc:  # noqa: BLE001 -- a user's function may raise anything; the answer fails, with why
-            return Verdict(False, 0.0, f"validator failed: {type(exc).__name__}: {str(exc)[:200]}")
-        if isinstance(verdict, bool):
-            return Verdict(verdict, float(verdict), "accepted" if verdict else "rejected")
-        if not isinstance(verdict, Verdict):
-            return Verdict(False, 0.0, f"validator returned {type(verdict).__name__}, not a Verdict or a bool")
-        return verdict
+        return verdict_of("validator", self.validator, response, reference)
+
+    def judge_episode(self, turns: Sequence[str], right_turns: Sequence[str]) -> Verdict:
+        """An episode's assistant turns (each as ``judge`` sees a turn) against the right ones: the task's episode
+        judge, or else every turn right by the validator, none missing."""
+        if self.episode_judge is not None:
+            return verdict_of("episode judge", self.episode_judge, list(turns), list(right_turns))
+        for k, (turn, right) in enumerate(zip(turns, right_turns), start=1):
+            verdict = self.judge(turn, right)
+            if not verdict.ok:
+                return Verdict(False, (k - 1) / len(right_turns), f"turn {k}: {verdict.reason}")
+        if len(turns) < len(right_turns):
+            return Verdict(False, len(turns) / len(right_turns), f"stopped after {len(turns)} of {len(right_turns)} turns")
+        return Verdict(True, 1.0, "every turn right")
 
     @property
     def scorer(self) -> str:
@@ -196,6 +224,7 @@ class TaskEntry(_Strict):
     learning_rate: float | None = Field(None, gt=0, le=1)
     tools: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     episode_judge: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    environment: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class CatalogueFile(_Strict):
@@ -275,11 +304,15 @@ def imported(path: str, what: str = "validator") -> Any:
         raise ConfigError(f"module {module_name!r} has no {attribute!r} ({what} {path!r})") from None
 
 
-def python_validator(path: str) -> Validator:
-    function = imported(path)
+def _callable(path: str, what: str) -> Callable[..., Any]:
+    function = imported(path, what)
     if not callable(function):
-        raise ConfigError(f"validator {path!r} is not callable")
+        raise ConfigError(f"{what} {path!r} is not callable")
     return function
+
+
+def python_validator(path: str) -> Validator:
+    return _callable(path, "validator")
 
 
 def _tools(path: str) -> tuple:
@@ -360,7 +393,8 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
         try:
             validator = _validator(entry.validator)
             tools = _tools(entry.tools) if entry.tools else ()
-            episode_judge = imported(entry.episode_judge, "episode judge") if entry.episode_judge else None
+            episode_judge = _callable(entry.episode_judge, "episode judge") if entry.episode_judge else None
+            environment = _callable(entry.environment, "environment") if entry.environment else None
         except ConfigError as exc:
             line = lines.get(("tasks", name, "validator"), lines.get(("tasks", name), 1))
             raise ConfigError(f"{source}:{line}: task {name!r}: {exc}") from exc
@@ -369,7 +403,8 @@ def parse_catalogue(text: str, source: str) -> Catalogue:
                                window_size=entry.window_size, min_examples=entry.min_examples,
                                gate_margin=entry.gate_margin, max_new_tokens=entry.max_new_tokens,
                                method=entry.method, epochs=entry.epochs, batch_size=entry.batch_size,
-                               learning_rate=entry.learning_rate, tools=tools, episode_judge=episode_judge)
+                               learning_rate=entry.learning_rate, tools=tools, episode_judge=episode_judge,
+                               environment=environment)
     return Catalogue(tasks, source)
 
 

@@ -6,9 +6,8 @@
 Generates ``--episodes`` right trajectories of the example catalogue's ``support-agent`` (the per-turn
 examples curation gives when a reviewer corrects and takes over every wrong turn), trains the SFT recipe
 on them with the task's catalogue settings unless overridden (the same recipe the loop's trainer runs,
-without Kafka or Ray), then runs the adapter as an agent on held-out episodes (another world: other
-customers, order letters, items, streets and wording), generating with transformers through the serving
-chat template. For choosing a task's training settings in minutes rather than a loop cycle.
+without Kafka or Ray), then replays held-out episodes with the adapter as the agent, as the gate does (another world: other
+customers, order letters, items, streets and wording; transformers through the serving chat template). For choosing a task's training settings in minutes rather than a loop cycle.
 """
 
 from __future__ import annotations
@@ -22,62 +21,38 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adaptloop.chat import assistant_text
 from adaptloop.processes import cpu_name
-from adaptloop.support_task import (TOOLS, SupportCase, SupportWorld, _wire, judge_episode, parse_turn, support_turn,
-                                   tool_results)
+from adaptloop.support_task import TOOLS, SupportWorld, _wire, tool_results
 from adaptloop.tasks import example_catalogue
 
 TASK = "support-agent"
 
 
-def trajectories(episodes: int, seed: int = 7) -> list[dict[str, Any]]:
+def trajectories(episodes: int, seed: int = 7, *, held_out: bool = False) -> list[dict[str, Any]]:
     """One example per turn of ``episodes`` right episodes, each with the trajectory before it."""
-    world, examples = SupportWorld(seed), []
-    for _ in range(episodes):
+    world, examples = SupportWorld(seed, held_out=held_out), []
+    for n in range(episodes):
         case = world.case()
         messages: list[dict[str, Any]] = [{"role": "user", "content": case.request}]
         for k, right in enumerate(case.expected_turns(), start=1):
             examples.append({"prompt_messages": [dict(m) for m in messages], "completion": right.get("content") or "",
-                             "completion_tool_calls": right.get("tool_calls") or [], "tools_json": json.dumps(TOOLS)})
+                             "completion_tool_calls": right.get("tool_calls") or [], "tools_json": json.dumps(TOOLS),
+                             "episode_id": f"{'held-out' if held_out else 'train'}-{seed}-{n}", "turn": k})
             if right.get("tool_calls"):
                 calls = _wire(right["tool_calls"], k)
                 messages += [{"role": "assistant", "content": None, "tool_calls": calls}, *tool_results(world, calls)]
     return examples
 
 
-def held_out_success(model_path: str, adapter_dir: str | None, system_prompt: str, *, episodes: int = 20,
-                     seed: int = 99, threads: int = 2) -> tuple[float, list[str]]:
-    """The agent on its own (a wrong turn ends the episode) on held-out episodes: (success, failure reasons)."""
-    from adaptloop.trainers.common import chat_prompt
-    from adaptloop.trainers.evaluate import generate
+def held_out_success(model_path: str, adapter_dir: str | None, *, episodes: int = 20, seed: int = 99,
+                     threads: int = 2) -> tuple[float, list[str]]:
+    """The agent on its own on held-out episodes, replayed as the gate replays them: (success, failure reasons)."""
+    from adaptloop.trainers.evaluate import evaluate
 
-    world = SupportWorld(seed, held_out=True)
-    cases: list[SupportCase] = [world.case() for _ in range(episodes)]
-    messages = [[{"role": "user", "content": c.request}] for c in cases]
-    turns: list[list[dict[str, Any]]] = [[] for _ in cases]
-    live = list(range(len(cases)))
-    while live:
-        answers = generate(model_path, [chat_prompt(messages[i], system_prompt) for i in live], adapter_dir=adapter_dir,
-                           max_new_tokens=64, threads=threads, tools=[TOOLS] * len(live))
-        still = []
-        for i, text in zip(live, answers):
-            parsed = parse_turn(text)
-            content, calls = parsed if not isinstance(parsed, str) else (text, [])
-            turn = {"content": content, "tool_calls": [{"name": n, "arguments": json.dumps(a)} for n, a in calls]}
-            turns[i].append(turn)
-            expected = cases[i].expected_turns()
-            right = expected[len(turns[i]) - 1]
-            ok = support_turn(assistant_text(turn["content"], turn["tool_calls"]),
-                              assistant_text(right.get("content"), right.get("tool_calls") or ())).ok
-            if ok and calls and len(turns[i]) < len(expected):
-                wire = _wire(turn["tool_calls"], len(turns[i]))
-                messages[i] += [{"role": "assistant", "content": content or None, "tool_calls": wire},
-                                *tool_results(world, wire)]
-                still.append(i)
-        live = still
-    verdicts = [judge_episode(c, t) for c, t in zip(cases, turns)]
-    return sum(v.ok for v in verdicts) / len(cases), [v.reason for v in verdicts if not v.ok]
+    spec = example_catalogue().get(TASK)
+    result = evaluate(spec, model_path, trajectories(episodes, seed, held_out=True), adapter_dir=adapter_dir,
+                      max_new_tokens=spec.max_new_tokens or 64, threads=threads)
+    return result.score, [failure["reason"] for failure in result.failures]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sft.SFTRecipeConfig(examples=examples, output_dir=str(args.work / "adapter"), epochs=args.epochs,
                               batch_size=args.batch_size, learning_rate=args.learning_rate, threads=args.threads,
                               max_length=1024, save_steps=0, system_prompt=spec.system_prompt)
-    base, _ = held_out_success(model, None, spec.system_prompt, episodes=args.held_out, threads=args.threads)
+    base, _ = held_out_success(model, None, episodes=args.held_out, threads=args.threads)
     started = time.monotonic()
     trained = sft.main(cfg)
-    success, failures = held_out_success(model, cfg.output_dir, spec.system_prompt, episodes=args.held_out,
-                                         threads=args.threads)
+    success, failures = held_out_success(model, cfg.output_dir, episodes=args.held_out, threads=args.threads)
     result = {"command": "adaptloop tool-offline " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": cpu_name(), "date": dt.date.today().isoformat(), "task": TASK,
               "episodes": args.episodes, "examples": len(examples), "epochs": args.epochs,

@@ -1,7 +1,8 @@
 """Holdout evaluation: greedy generation with transformers (+ peft for an adapter), judged by the task.
 
 score = share of holdout examples whose generated answer the task's validator accepts against the
-example's completion. The incumbent is the newest RELEASED/PROMOTED adapter of the (tenant, task)
+example's completion; for a tool task with an environment, share of held-out episodes the model, replayed
+as the agent there, gets right by the task's episode judge. The incumbent is the newest RELEASED/PROMOTED adapter of the (tenant, task)
 on the releases topic, or the base model.
 
 Ready-to-paste (base vs an adapter on 40 generated order-extract cases)::
@@ -51,6 +52,7 @@ class EvalResult:
     seconds: float
     failures: list[dict] = field(default_factory=list)
     mean_score: float = 0.0  # the validator's partial credit (e.g. share of right fields), a registered metric
+    unit: str = "example"  # what count counts: held-out examples, or episodes replayed in the task's environment
 
 
 @dataclass(frozen=True)
@@ -87,62 +89,80 @@ def _load(model_path: str | Path, adapter_dir: str | Path | None):
     return model, tokenizer
 
 
-def generate(model_path: str | Path, prompts: Sequence[list[dict[str, Any]]], *, adapter_dir: str | Path | None = None,
-             max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0,
-             tools: Sequence[list | None] | None = None) -> list[str]:
-    """Greedy completions of chat ``prompts`` (each with its ``tools``), rendered as vLLM renders them
-    (``adaptloop.chat``), batched with left padding (``threads``: torch threads, 0 = default). A completion that
-    calls tools is its text as the model wrote it, ``<tool_call>`` blocks included."""
+def completer(model_path: str | Path, *, adapter_dir: str | Path | None = None, max_new_tokens: int = 96,
+              batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0):
+    """``complete(prompts, tools)``: greedy completions of chat ``prompts`` (each with its ``tools``) by the base
+    model, or ``adapter_dir`` on it, loaded once; rendered as vLLM renders them (``adaptloop.chat``), batched
+    with left padding (``threads``: torch threads, 0 = default). A completion that calls tools is its text as
+    the model wrote it, ``<tool_call>`` blocks included."""
     import torch
 
     from adaptloop.chat import render
 
     if threads:
         torch.set_num_threads(threads)
-
     model, tokenizer = _load(model_path, adapter_dir)
-    tools = list(tools) if tools is not None else [None] * len(prompts)
-    texts = [render(tokenizer, list(p), t, add_generation_prompt=True) for p, t in zip(prompts, tools)]
-    # Shortest first: less padding per batch.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    outputs: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
-        for i, row in zip(chunk, new_tokens):
-            outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return [outputs[i] for i in range(len(texts))]
+
+    def complete(prompts: Sequence[list[dict[str, Any]]], tools: Sequence[list | None] | None = None) -> list[str]:
+        tools = list(tools) if tools is not None else [None] * len(prompts)
+        texts = [render(tokenizer, list(p), t, add_generation_prompt=True) for p, t in zip(prompts, tools)]
+        # Shortest first: less padding per batch.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        outputs: dict[int, str] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            for i, row in zip(chunk, new_tokens):
+                outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        return [outputs[i] for i in range(len(texts))]
+
+    return complete
+
+
+def generate(model_path: str | Path, prompts: Sequence[list[dict[str, Any]]], *, adapter_dir: str | Path | None = None,
+             max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0,
+             tools: Sequence[list | None] | None = None) -> list[str]:
+    """Greedy completions of chat ``prompts`` (see ``completer``)."""
+    return completer(model_path, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     threads=threads)(prompts, tools)
 
 
 def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[str, Any]], *,
              adapter_dir: str | Path | None = None, name: str = BASE, max_new_tokens: int = 96,
              batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0) -> EvalResult:
-    """Success rate of the base model (or ``adapter_dir`` on it) on ``holdout`` examples."""
+    """Success rate of the base model (or ``adapter_dir`` on it) on ``holdout`` examples; for a task with a tool
+    environment, on its held-out episodes replayed there (``adaptloop.trainers.replay``)."""
     from adaptloop.chat import assistant_text, tools_of
     from adaptloop.trainers.sft import chat_prompt
 
     started = time.monotonic()
     if not holdout:
         return EvalResult(name, 0.0, 0, 0, 0.0)
-    prompts = [chat_prompt(e["prompt_messages"], spec.system_prompt) for e in holdout]
-    responses = generate(model_path, prompts, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, threads=threads, tools=[tools_of(e.get("tools_json")) for e in holdout])
-    passed, failures, partial = 0, [], 0.0
-    for example, response in zip(holdout, responses):
-        reference = assistant_text(example["completion"], example.get("completion_tool_calls") or ())
-        verdict = spec.judge(response, reference=reference)
-        partial += verdict.score
-        if verdict.ok:
-            passed += 1
-        elif len(failures) < 5:
-            failures.append({"response": response[:200], "reason": verdict.reason})
-    result = EvalResult(name, passed / len(holdout), len(holdout), passed, time.monotonic() - started, failures,
-                        partial / len(holdout))
-    log.info("evaluated %s: %d/%d = %.3f in %.1fs", name, passed, len(holdout), result.score, result.seconds)
+    complete = completer(model_path, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         threads=threads)
+    if spec.environment is not None:
+        from adaptloop.trainers.replay import held_out_episodes, replay
+
+        unit = "episode"
+        replayed = replay(spec, held_out_episodes(holdout), complete)
+        verdicts = [verdict for verdict, _ in replayed]
+        responses = ["\n--- next turn ---\n".join(turns) for _, turns in replayed]
+    else:
+        unit = "example"
+        prompts = [chat_prompt(e["prompt_messages"], spec.system_prompt) for e in holdout]
+        responses = complete(prompts, [tools_of(e.get("tools_json")) for e in holdout])
+        verdicts = [spec.judge(response, reference=assistant_text(e["completion"], e.get("completion_tool_calls") or ()))
+                    for e, response in zip(holdout, responses)]
+    failures = [{"response": response[:200], "reason": verdict.reason}
+                for verdict, response in zip(verdicts, responses) if not verdict.ok][:5]
+    passed = sum(verdict.ok for verdict in verdicts)
+    result = EvalResult(name, passed / len(verdicts), len(verdicts), passed, time.monotonic() - started, failures,
+                        sum(verdict.score for verdict in verdicts) / len(verdicts), unit)
+    log.info("evaluated %s: %d/%d %ss = %.3f in %.1fs", name, passed, len(verdicts), unit, result.score, result.seconds)
     return result
 
 

@@ -70,7 +70,7 @@ def decide(*, candidate: Mapping[str, Any], incumbent: Mapping[str, Any], margin
     incumbent_ci = wilson_interval(incumbent["passed"], incumbent["count"])
     parts = [f"candidate {candidate['score']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] "
              f"{'>=' if beats else '<'} incumbent {incumbent['name']} {incumbent['score']:.3f} "
-             f"[{incumbent_ci[0]:.2f}, {incumbent_ci[1]:.2f}] + margin {margin:.3f} on {candidate['count']} holdout examples"]
+             f"[{incumbent_ci[0]:.2f}, {incumbent_ci[1]:.2f}] + margin {margin:.3f} on {candidate['count']} holdout {candidate.get('unit', 'example')}s"]
     if failed:
         parts.append("regression: " + ", ".join(
             f"{s.task} holdout of {s.source_version} {s.candidate_score:.3f} < bar {s.incumbent_score:.3f} - {tolerance:.3f}"

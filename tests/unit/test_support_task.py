@@ -6,7 +6,7 @@ import json
 
 from adaptloop.chat import assistant_text, template_message
 from adaptloop.serving.episodes import ToolCallAssembler, episode_of, request_messages, upstream_body
-from adaptloop.support_task import SupportWorld, judge_episode, parse_turn, support_turn
+from adaptloop.support_task import SupportWorld, judge_episode, parse_turn, replay_world, right_turns, support_turn
 
 
 def right(case, k):
@@ -31,10 +31,10 @@ def test_the_turn_judge_wants_the_right_tools_arguments_and_facts():
 def test_an_episode_is_judged_turn_by_turn_and_held_out_worlds_share_nothing():
     world = SupportWorld(5)
     case = world.case()
-    turns = [{"content": t.get("content") or "", "tool_calls": t.get("tool_calls") or []} for t in case.expected_turns()]
-    assert judge_episode(case, turns).ok
-    assert "stopped after 1" in judge_episode(case, turns[:1]).reason
-    assert judge_episode(case, [{"content": "Sure!", "tool_calls": []}]).reason.startswith("turn 1")
+    turns = right_turns(case)
+    assert judge_episode(turns, turns).ok
+    assert "stopped after 1" in judge_episode(turns[:1], turns).reason
+    assert judge_episode(["Sure!"], turns).reason.startswith("turn 1")
     train = [SupportWorld(7).case() for _ in range(300)]
     held = [SupportWorld(99, held_out=True).case() for _ in range(300)]
     assert not {c.order.order_id[0] for c in train} & {c.order.order_id[0] for c in held}
@@ -102,3 +102,17 @@ def test_offline_trajectories_are_the_per_turn_examples_a_reviewer_gives():
     assert [m["role"] for m in first["prompt_messages"]] == ["user"] and first["completion_tool_calls"][0]["name"] == "lookup_order"
     assert [m["role"] for m in second["prompt_messages"]] == ["user", "assistant", "tool"]
     assert json.loads(second["prompt_messages"][2]["content"])["order_id"] == cases[0].order.order_id
+
+
+def test_the_replay_environment_is_the_world_an_episodes_record_shows():
+    """What the gate replays a held-out episode in: the orders its recorded lookups returned, executed by the
+    task's own tools; an order the record never showed, or hostile tool results in the record, are errors or ignored."""
+    from adaptloop.tool_offline import trajectories
+
+    last = trajectories(1, seed=99, held_out=True)[-1]
+    execute = replay_world(last["prompt_messages"] + [{"role": "tool", "content": "[" * 50_000},
+                                                      {"role": "tool", "content": '{"order_id": 1}'}])
+    looked_up = json.loads(last["prompt_messages"][2]["content"])
+    assert execute("lookup_order", {"order_id": looked_up["order_id"]}) == looked_up
+    assert execute("refund", {"order_id": looked_up["order_id"], "amount": 1.5})["refunded"] == 1.5
+    assert "error" in execute("lookup_order", {"order_id": "Z99999"}) and "error" in execute("lookup_order", "A1")
