@@ -119,6 +119,8 @@ class ToolLoop:
         return {"episodes": self.episodes - first, "traffic_s": round(traffic_s, 1),
                 "request": {"train_count": request["train_count"], "holdout_count": request["holdout_count"]},
                 "decision": release["state"], "version": release["version"], "reason": release["reason"],
+                "gate": {k: release["evaluation"][k] for k in ("metric", "holdout_count", "candidate_score",
+                                                                "incumbent_score")},
                 "cycle_s": round(time.monotonic() - started, 1)}
 
     def _decision(self, request: dict) -> dict:

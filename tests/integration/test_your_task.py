@@ -58,6 +58,7 @@ CATALOGUE = textwrap.dedent(f"""\
         validator: {{kind: python, function: "acme_checks:flight_turn"}}
         tools: "acme_checks:TOOLS"
         episode_judge: "acme_checks:flight_episode"
+        environment: "acme_checks:flight_sandbox"
         window_size: {2 * WINDOW}
         method: sft
         epochs: 3
@@ -122,6 +123,15 @@ USER_MODULE = textwrap.dedent("""\
 
     def flight_episode(turns, right_turns):
         return len(turns) == len(right_turns) and all(flight_turn(t, r) for t, r in zip(turns, right_turns))
+
+
+    # Where adaptloop's gate replays a held-out episode with a candidate as the agent: acme's tools, for real.
+    def flight_sandbox(messages):
+        def execute(name, arguments):
+            if name != "find_flight":
+                return {"error": f"no tool {name}"}
+            return find_flight(str(arguments["origin"]), str(arguments["destination"]))
+        return execute
 """)
 
 # -- the user's world: training inputs and held-out inputs share no template, product, name or code letters ----
@@ -439,6 +449,8 @@ def test_a_tool_task_of_my_own_learns_its_episodes(stack):
     release = wait_for_release(stack.kafka, stack.topics, "flights")
     print(f"flights: {episodes} reviewed episodes; {release['state']} {release['version']}: {release['reason'][:200]}")
     assert release["state"] == "RELEASED", release["reason"]
+    # The gate replayed acme's held-out episodes in acme's sandbox, the candidate as the agent.
+    assert release["evaluation"]["metric"].startswith("episode_success:python:flights@1#"), release["evaluation"]
     wait_until_served(stack.ports.gateway_url, key, "flights", release["version"])
     after = measure_episodes()
     print(f"flights, released adapter on the same held-out episodes: {after:.0%} (base {before:.0%})")
