@@ -50,6 +50,16 @@ def chat_prompt(prompt_messages: Sequence[Mapping[str, Any]], system_prompt: str
     return messages
 
 
+def prompt_text(tokenizer: Any, example: Mapping[str, Any], system_prompt: str) -> str:
+    """An example's prompt as vLLM renders it for that turn, its tools included. The preference recipes hand trl
+    text (its standard format): trl tokenizes it as it is and ends each completion with the end-of-turn token,
+    so a turn that calls tools trains on the very tokens vLLM serves."""
+    from adaptloop.chat import render, tools_of
+
+    return render(tokenizer, chat_prompt(example["prompt_messages"], system_prompt), tools_of(example.get("tools_json")),
+                  add_generation_prompt=True)
+
+
 def assistant(text: str, tool_calls: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": text} | ({"tool_calls": [dict(c) for c in tool_calls]} if tool_calls else {})]
 
@@ -176,10 +186,13 @@ def progress_callback(progress: Callable[[dict], None] | None, tokens_per_step: 
     return _Progress()
 
 
-def count_tokens(tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]], max_length: int) -> int:
-    """Tokens the trainer processes for these conversations (each truncated to ``max_length``)."""
+def count_tokens(tokenizer, conversations: Sequence[Sequence[Mapping[str, str]] | str], max_length: int) -> int:
+    """Tokens the trainer processes for these conversations, or rendered texts (each truncated to ``max_length``)."""
     total = 0
     for messages in conversations:
+        if isinstance(messages, str):
+            total += min(len(tokenizer(messages, add_special_tokens=False)["input_ids"]) + 1, max_length)  # + end of turn
+            continue
         ids = tokenizer.apply_chat_template(list(messages), tokenize=True)
         if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from adaptloop.errors import ConfigError, TrainingError
-from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
-                                       common_args, count_tokens, load_base, lora_config, progress_callback,
-                                       recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
-                                       config_from_mapping, public_config)
+from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, common_args,
+                                       config_from_mapping, count_tokens, load_base, lora_config, progress_callback,
+                                       prompt_text, public_config, recipe_cli, resolve_model_path, seed_everything,
+                                       task_system_prompt, train_and_save)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ METHOD = "dpo"
 
 @dataclass
 class DPORecipeConfig:
-    """Everything one DPO run needs. Examples: {prompt_messages, chosen, rejected}."""
+    """Everything one DPO run needs. Examples: {prompt_messages, chosen, rejected, tools_json?}, each answer as the
+    model writes the turn (text, then its ``<tool_call>`` blocks: ``adaptloop.chat.assistant_text``)."""
 
     model_path: str = field(default="", metadata={"help": "HF model folder of the base model; empty means the bundled SmolLM2-135M-Instruct."})
     output_dir: str = field(default="/tmp/adaptloop-dpo", metadata={"help": "Where the PEFT adapter folder is written (replaced if it exists)."})
@@ -77,10 +78,10 @@ class DPORecipeConfig:
         return public_config(self)
 
 
-def to_pair(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
-    """trl's conversational preference row."""
-    return {"prompt": chat_prompt(example["prompt_messages"], system_prompt),
-            "chosen": assistant(example["chosen"]), "rejected": assistant(example["rejected"])}
+def to_pair(example: Mapping[str, Any], system_prompt: str, tokenizer: Any) -> dict[str, str]:
+    """trl's standard preference row: the prompt rendered with its tools, each answer as the model writes it."""
+    return {"prompt": prompt_text(tokenizer, example, system_prompt), "chosen": example["chosen"],
+            "rejected": example["rejected"]}
 
 
 def generated_examples(n: int, seed: int) -> list[dict]:
@@ -107,7 +108,7 @@ def main(cfg: DPORecipeConfig, callbacks: Sequence[Any] = (),
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
     system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
-    rows = [to_pair(e, system_prompt) for e in examples]
+    rows = [to_pair(e, system_prompt, tokenizer) for e in examples]
     # Chosen and rejected, each through the policy and the reference (the adapter disabled).
     tokens_per_epoch = 2 * count_tokens(tokenizer, [r["prompt"] + r["chosen"] for r in rows]
                                         + [r["prompt"] + r["rejected"] for r in rows], cfg.max_length)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from adaptloop.errors import ConfigError, TrainingError
-from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
-                                       common_args, count_tokens, load_base, lora_config, progress_callback,
-                                       recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
-                                       config_from_mapping, public_config)
+from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, common_args,
+                                       config_from_mapping, count_tokens, load_base, lora_config, progress_callback,
+                                       prompt_text, public_config, recipe_cli, resolve_model_path, seed_everything,
+                                       task_system_prompt, train_and_save)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ METHOD = "kto"
 
 @dataclass
 class KTORecipeConfig:
-    """Everything one KTO run needs. Examples: {prompt_messages, completion, label: bool}."""
+    """Everything one KTO run needs. Examples: {prompt_messages, completion, label: bool, tools_json?}, the
+    completion as the model writes the turn (text, then its ``<tool_call>`` blocks)."""
 
     model_path: str = field(default="", metadata={"help": "HF model folder of the base model; empty means the bundled SmolLM2-135M-Instruct."})
     output_dir: str = field(default="/tmp/adaptloop-kto", metadata={"help": "Where the PEFT adapter folder is written (replaced if it exists)."})
@@ -91,10 +92,10 @@ def class_weights(desirable: int, undesirable: int) -> tuple[float, float]:
     return undesirable / desirable, 1.0
 
 
-def to_unpaired(example: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
-    """trl's conversational unpaired-preference row."""
-    return {"prompt": chat_prompt(example["prompt_messages"], system_prompt),
-            "completion": assistant(example["completion"]), "label": bool(example["label"])}
+def to_unpaired(example: Mapping[str, Any], system_prompt: str, tokenizer: Any) -> dict[str, Any]:
+    """trl's standard unpaired-preference row: the prompt rendered with its tools, the answer as the model writes it."""
+    return {"prompt": prompt_text(tokenizer, example, system_prompt), "completion": example["completion"],
+            "label": bool(example["label"])}
 
 
 def generated_examples(n: int, seed: int) -> list[dict]:
@@ -127,7 +128,7 @@ def main(cfg: KTORecipeConfig, callbacks: Sequence[Any] = (),
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
     system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
-    rows = [to_unpaired(e, system_prompt) for e in examples]
+    rows = [to_unpaired(e, system_prompt, tokenizer) for e in examples]
     # KTO runs each row and a mismatched (KL) row through the policy and the reference: ~4 passes.
     tokens_per_epoch = 4 * count_tokens(tokenizer, [r["prompt"] + r["completion"] for r in rows], cfg.max_length)
     work = cfg.work_dir or cfg.output_dir + ".work"

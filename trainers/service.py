@@ -182,10 +182,6 @@ class TrainerService:
             return (f"too few training examples: {len(plan.examples)} usable TRAIN examples for "
                     f"{snapshot.manifest['tenant']}/{snapshot.manifest['task']} in the named ranges, need {minimum} "
                     f"(dropped: {snapshot.manifest['dropped']})")
-        if plan.method in ("kto", "dpo") and any(r.get("tools_json") or r.get("completion_tool_calls")
-                                                 or r.get("rejected_tool_calls") for r in snapshot.train):
-            return (f"{plan.method} on turns that call tools is not supported yet (the recipes render no tool "
-                    "definitions): give the task `method: sft` in the catalogue")
         if plan.method == "kto":
             desirable = sum(1 for e in plan.examples if e["label"])
             try:

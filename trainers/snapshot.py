@@ -79,16 +79,24 @@ def signal_of(record: Mapping[str, Any]) -> str | None:
     if record["admitted"] and record["kind"] in ("SUCCESS", "CORRECTION"):
         return DESIRABLE
     if (not record["admitted"] and record["kind"] == "FAILURE" and not record.get("near_duplicate_of")
-            and (record.get("completion") or "").strip()
+            and turn_text(record).strip()
             and (record.get("reject_reason") or "").startswith(VERDICT_REASONS)):
         return UNDESIRABLE
     return None
 
 
+def turn_text(row: Mapping[str, Any], side: str = "completion") -> str:
+    """A row's completion (or its ``rejected`` original) as the model writes that turn: its text, then a
+    ``<tool_call>`` block per call. What the preference recipes train on and the validator judges."""
+    from adaptloop.chat import assistant_text
+
+    return assistant_text(row.get(side) or "", row.get(f"{side}_tool_calls") or ())
+
+
 def is_pair(row: Mapping[str, Any]) -> bool:
-    """A correction that still carries the original answer: a DPO pair."""
-    rejected = (row.get("rejected") or "").strip()
-    return row["kind"] == "CORRECTION" and bool(rejected) and rejected != row["completion"].strip()
+    """A correction that still carries the original answer (its text or its tool calls): a DPO pair."""
+    rejected = turn_text(row, "rejected").strip()
+    return row["kind"] == "CORRECTION" and bool(rejected) and rejected != turn_text(row).strip()
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,11 @@ def _prompt(row: Mapping[str, Any]) -> list[dict]:
     return row["prompt_messages"]
 
 
+def _turn(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a preference example's turn happens: the trajectory before it and the tools it had."""
+    return {"prompt_messages": _prompt(row), "tools_json": row.get("tools_json")}
+
+
 def _sft(row: Mapping[str, Any]) -> dict[str, Any]:
     """An SFT example: the trajectory up to the target turn (its tools, its earlier turns) and the target turn."""
     return {"prompt_messages": _prompt(row), "completion": row["completion"],
@@ -287,12 +300,12 @@ def choose_method(train: Sequence[Mapping[str, Any]], method: str = "auto") -> P
                     f"{len(desirable)} right answers (successes and corrections)"
                     + (" (method forced)" if method == "sft" else ", no pairs, no failures"), counts)
     if method == "dpo" or (method == "auto" and pairs and len(pairs) == len(desirable) and not undesirable):
-        return Plan("dpo", [{"prompt_messages": _prompt(r), "chosen": r["completion"], "rejected": r["rejected"]}
-                            for r in pairs], f"{len(pairs)} corrections paired with the rejected original", counts)
-    kto = [{"prompt_messages": _prompt(r), "completion": r["completion"], "label": True} for r in desirable]
-    kto += [{"prompt_messages": _prompt(r), "completion": r["completion"], "label": False} for r in undesirable]
+        return Plan("dpo", [_turn(r) | {"chosen": turn_text(r), "rejected": turn_text(r, "rejected")} for r in pairs],
+                    f"{len(pairs)} corrections paired with the rejected original", counts)
+    kto = [_turn(r) | {"completion": turn_text(r), "label": True} for r in desirable]
+    kto += [_turn(r) | {"completion": turn_text(r), "label": False} for r in undesirable]
     if pairs:
-        kto += [{"prompt_messages": _prompt(r), "completion": r["rejected"], "label": False} for r in pairs]
+        kto += [_turn(r) | {"completion": turn_text(r, "rejected"), "label": False} for r in pairs]
         return Plan("kto", kto, f"mixture: {len(desirable)} right answers ({len(pairs)} with their rejected "
                                 f"original) and {len(undesirable)} failed answers", counts | {"mixture": 1})
     return Plan("kto", kto, f"verdicts: {len(desirable)} desirable, {len(undesirable)} undesirable", counts)

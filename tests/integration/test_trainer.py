@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 TASK = "order-extract"
 CITY_TASK = "order-city"
 CITY_PROMPT = 'Answer with JSON only: {"city": <the delivery city>}.'
+SUPPORT_TASK = "support-agent"
 VERDICT = "outcome is not a success and carries no correction"
 
 #: The trainer's catalogue: the example's order task, and task B of the regression test ({"city": ...}).
@@ -42,6 +43,13 @@ tasks:
     validator:
       kind: json_schema
       schema: {{type: object, required: [city], additionalProperties: false, properties: {{city: {{type: string}}}}}}
+  {SUPPORT_TASK}:
+    system_prompt: {json.dumps(example_catalogue().get(SUPPORT_TASK).system_prompt)}
+    validator: {{kind: python, function: "adaptloop.support_task:support_turn"}}
+    tools: adaptloop.support_task:TOOLS
+    episode_judge: adaptloop.support_task:judge_episode
+    environment: adaptloop.support_task:replay_world
+    max_new_tokens: 64
 """, "test_trainer.CATALOGUE")
 
 
@@ -252,6 +260,51 @@ def test_dpo_from_correction_pairs(kafka, module_topics, settings, service):
     assert release["method"] == "dpo" and json.loads(release["training_json"])["signal"]["pairs"] == 24
     assert release["state"] == "RELEASED", release["reason"]
     assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
+
+
+def curated_turn(example: dict, split: str, *, tenant: str, episode: str, rejected: dict | None = None) -> dict:
+    """A CuratedExample of one support-agent turn (its trajectory, tools and right turn); with ``rejected`` (the
+    turn the agent took instead: {"content", "tool_calls"}) a reviewer's correction of it."""
+    from adaptloop.sdk import message_record, tool_call_record
+
+    record = curated(OrderGenerator(0).cases(1)[0], split, tenant=tenant, task=SUPPORT_TASK,
+                     kind="CORRECTION" if rejected else "SUCCESS", completion=example["completion"])
+    system = [{"role": "system", "content": TASKS[SUPPORT_TASK].system_prompt}]
+    name = f"{tenant}/{episode}/{example['turn']}"
+    return record | {
+        "example_id": f"ex-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:12]}",
+        "session_id": episode, "episode_id": episode, "turn": example["turn"], "tools_json": example["tools_json"],
+        "prompt_messages": [message_record(m) for m in system + example["prompt_messages"]],
+        "completion_tool_calls": [tool_call_record(c) for c in example["completion_tool_calls"]],
+        "rejected": (rejected or {}).get("content"),
+        "rejected_tool_calls": [tool_call_record(c) for c in (rejected or {}).get("tool_calls", [])]}
+
+
+def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_topics, settings, service):
+    """A reviewer corrected tool turns (the right call where the agent picked another tool, the right answer
+    where it called one): DPO trains at those turns, on the prompt vLLM renders with the tools, and the gate
+    replays held-out episodes of another world with candidate and base as the agent in the task's environment."""
+    from adaptloop.tool_offline import trajectories
+
+    tenant = "dpo-tools"
+    wrong_tool = {"lookup_order": "handoff_to_person", "refund": "change_address", "change_address": "refund",
+                  "handoff_to_person": "lookup_order"}
+    records = []
+    for example in trajectories(4, seed=7)[:8]:
+        calls = example["completion_tool_calls"]
+        rejected = ({"tool_calls": [dict(calls[0], name=wrong_tool[calls[0]["name"]])]} if calls else
+                    {"content": "", "tool_calls": [{"id": "c", "name": "lookup_order",
+                                                    "arguments": json.dumps({"order_id": "A10000"})}]})
+        records.append(curated_turn(example, "TRAIN", tenant=tenant, episode=example["episode_id"], rejected=rejected))
+    records += [curated_turn(example, "HOLDOUT", tenant=tenant, episode=example["episode_id"])
+                for example in trajectories(6, seed=99, held_out=True)]
+    release = service.process(training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records),
+                                               task=SUPPORT_TASK))
+    print(f"\n[dpo on tool turns] {summary(release)}: {release['reason'][:300]}")
+    training = json.loads(release["training_json"])
+    assert release["method"] == "dpo" and training["signal"]["pairs"] == 8 and training["steps"] > 0, release["reason"]
+    evaluation = release["evaluation"]
+    assert evaluation["metric"].startswith(f"episode_success:python:{SUPPORT_TASK}@") and evaluation["holdout_count"] == 6
 
 
 def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adaptloop.erasure import ErasureSet, build_erasure, subject_key
@@ -194,3 +196,62 @@ def test_an_episodes_earlier_turns_are_trained_inside_its_last_turn_once():
                                                        {"role": "assistant", "content": "I cannot help."}]}
     other = tokenized(tokenizer, wrong_history, "Be brief.", 1024)
     assert without_contained([rows[0], other, other]) == [rows[0], other]
+
+
+def tool_turn_row(kind: str = "CORRECTION", *, signal_admitted: bool = True) -> dict:
+    """A snapshot row of a support-agent turn the agent got wrong: it handed off where a refund was right."""
+    from adaptloop.tool_offline import trajectories
+
+    turn = next(e for e in trajectories(20) if e["completion_tool_calls"] and e["completion_tool_calls"][0]["name"] == "refund")
+    wrong = [{"id": "call_9", "name": "handoff_to_person", "arguments": json.dumps(json.loads(
+        turn["completion_tool_calls"][0]["arguments"]) | {"amount": None})}]
+    return {"example_id": f"ex-{kind}", "kind": kind, "admitted": signal_admitted, "split": "TRAIN",
+            "signal": "desirable", "prompt_messages": turn["prompt_messages"], "tools_json": turn["tools_json"],
+            "completion": "", "completion_tool_calls": turn["completion_tool_calls"], "rejected": "",
+            "rejected_tool_calls": wrong}
+
+
+def test_a_corrected_tool_turn_is_a_pair_and_preference_data_keeps_its_tools():
+    """A turn whose correction and original are both tool calls (no text) is a DPO pair; the preference
+    examples carry each answer as the model writes it (``<tool_call>`` blocks) and the turn's tools."""
+    from adaptloop.trainers.snapshot import choose_method, is_pair
+
+    row = tool_turn_row()
+    assert is_pair(row) and not is_pair(row | {"rejected_tool_calls": row["completion_tool_calls"]})
+    plan = choose_method([row])
+    assert plan.method == "dpo"
+    pair = plan.examples[0]
+    assert pair["chosen"].startswith('<tool_call>\n{"name": "refund"') and '"handoff_to_person"' in pair["rejected"]
+    assert pair["tools_json"] == row["tools_json"] and pair["prompt_messages"][-1]["role"] == "tool"
+    mixture = choose_method([row, dict(row, example_id="ex-2", kind="SUCCESS", rejected_tool_calls=[])])
+    assert mixture.method == "kto" and [e["label"] for e in mixture.examples] == [True, True, False]
+    assert '"handoff_to_person"' in mixture.examples[-1]["completion"]
+
+
+def test_trl_tokenizes_a_preference_row_into_the_tokens_vllm_serves():
+    """The DPO/KTO rows are text (trl's standard format); trl tokenizes prompt + answer + end of turn as they are
+    (``trl.data_utils._tokenize``, what its trainers call), which must be the very ids the trainer's own rendering
+    gives for that conversation and tools (``adaptloop.chat.tokens``, checked against vLLM's /tokenize in
+    tests/integration/test_tools.py), ending at the turn's end token."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import _tokenize
+
+    from adaptloop.chat import tokens, tools_of
+    from adaptloop.model import ensure_base_model
+    from adaptloop.settings import DEFAULT_HOME
+    from adaptloop.trainers.common import chat_prompt
+    from adaptloop.trainers.dpo import to_pair
+    from adaptloop.trainers.snapshot import choose_method
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_base_model(DEFAULT_HOME)))
+    row = tool_turn_row()
+    pair = to_pair(choose_method([row]).examples[0], "Be brief.", tokenizer)
+    for side, calls in (("chosen", row["completion_tool_calls"]), ("rejected", row["rejected_tool_calls"])):
+        trl_ids = _tokenize(tokenizer, pair["prompt"] + pair[side] + tokenizer.eos_token)["input_ids"]
+        ours = tokens(tokenizer, chat_prompt(row["prompt_messages"], "Be brief.")
+                      + [{"role": "assistant", "content": "", "tool_calls": calls}], tools_of(row["tools_json"]))
+        mask = ours.assistant_mask
+        turn_start = max(i for i in range(1, len(mask)) if mask[i] and not mask[i - 1])
+        turn_end = max(i for i, m in enumerate(mask) if m) + 1
+        assert trl_ids == ours.input_ids[:turn_end], side
+        assert _tokenize(tokenizer, pair["prompt"])["input_ids"] == ours.input_ids[:turn_start]
