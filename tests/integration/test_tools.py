@@ -78,13 +78,18 @@ def client(stack):
     return OpenAI(base_url=stack["gateway"] + "/v1", api_key=stack["key"], max_retries=0, timeout=120)
 
 
-def interactions(stack, ids: set[str], timeout_s: float = 30) -> dict[str, dict]:
+def recorded(stack) -> list[dict]:
+    """Every interaction on the topic so far."""
     topic = stack["topics"].name("interactions")
     decode = serde_for("interaction").deserialize
+    return [decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
+            for m in read_ranges(stack["kafka"], topic, idle_s=1.0)]
+
+
+def interactions(stack, ids: set[str], timeout_s: float = 30) -> dict[str, dict]:
     deadline = time.monotonic() + timeout_s
     while True:
-        got = {r["interaction_id"]: r for r in (decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
-                                                for m in read_ranges(stack["kafka"], topic, idle_s=1.0))}
+        got = {r["interaction_id"]: r for r in recorded(stack)}
         if ids <= set(got) or time.monotonic() > deadline:
             return {i: got[i] for i in ids if i in got}
         time.sleep(0.5)
@@ -216,3 +221,92 @@ def test_the_trainer_renders_the_tokens_vllm_renders(stack):
     assert marked == ('<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A1234"}}\n</tool_call>\n'
                       '<tool_call>\n{"name": "refund", "arguments": {"order_id": "A1234", "amount": 12.5}}\n</tool_call>'
                       '<|im_end|>Your parcel was lost, so I refunded 12.50.<|im_end|>')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_parallel_tool_calls_come_back_as_separate_calls_and_are_recorded(stack, client, stream):
+    """Two calls in one turn, as an agent that looks up two orders at once makes them. The base model learns the
+    pattern from the conversation (an earlier turn where the agent did just that); vLLM's parser returns each
+    call with its own id, the gateway passes them (streamed: by index) and the record holds both. The results
+    go back as two ``tool`` messages in one next request."""
+    def calls_for(*orders):
+        return [{"id": f"call_{o}", "type": "function", "function": {"name": "lookup_order",
+                                                                     "arguments": json.dumps({"order_id": o})}}
+                for o in orders]
+
+    earlier = [{"role": "user", "content": "Where are my orders A1111 and B2222?"},
+               {"role": "assistant", "content": None, "tool_calls": calls_for("A1111", "B2222")},
+               {"role": "tool", "tool_call_id": "call_A1111", "content": '{"status": "shipped"}'},
+               {"role": "tool", "tool_call_id": "call_B2222", "content": '{"status": "lost"}'},
+               {"role": "assistant", "content": "A1111 is shipped and B2222 is lost."},
+               {"role": "user", "content": "Where are my orders C3333 and D4444?"}]
+    iid, _, calls, finish = ask(client, stream=stream, messages=earlier, tool_choice="auto")
+    print(f"[{'streamed' if stream else 'whole'}] parallel: finish={finish} calls={calls}")
+    assert [(name, json.loads(arguments)) for _, name, arguments in calls] == [
+        ("lookup_order", {"order_id": "C3333"}), ("lookup_order", {"order_id": "D4444"})]
+    assert len({call_id for call_id, _, _ in calls}) == 2 and finish == "tool_calls"
+    record = interactions(stack, {iid})[iid]
+    assert [(c["id"], c["name"], c["arguments"]) for c in record["tool_calls"]] == calls
+    results = earlier + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        for call_id, name, arguments in calls]}] + [
+        {"role": "tool", "tool_call_id": call_id, "content": '{"status": "shipped"}'} for call_id, _, _ in calls]
+    second, text, more, _ = ask(client, stream=stream, messages=results, tool_choice="none")
+    assert text and not more
+    sent = interactions(stack, {second})[second]["request_messages"]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"][-2:] == [call_id for call_id, _, _ in calls]
+
+
+def test_an_openai_agents_sdk_agent_runs_its_own_loop_through_the_gateway(stack):
+    """The OpenAI Agents SDK unchanged (its Runner, streamed, its Chat Completions model on an AsyncOpenAI client at
+    the gateway, a ``function_tool``): the first turn must call the tool (``tool_choice="required"``, which the SDK
+    then resets to auto), the SDK runs it and sends the result back, and every turn is recorded in one episode,
+    numbered, with its tool calls and the result the SDK sent."""
+    import asyncio
+
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, RunConfig, Runner, function_tool
+    from agents.exceptions import MaxTurnsExceeded
+    from openai import AsyncOpenAI
+
+    episode = f"agents-sdk-{uuid.uuid4().hex[:8]}"
+    looked_up: list[str] = []
+
+    @function_tool
+    def lookup_order(order_id: str) -> str:
+        """Look up an order by its id."""
+        looked_up.append(order_id)
+        return json.dumps({"order_id": order_id, "status": "shipped", "eta": "Friday"})
+
+    async def run() -> str:
+        client = AsyncOpenAI(base_url=stack["gateway"] + "/v1", api_key=stack["key"], max_retries=0, timeout=120)
+        agent = Agent(name="support", tools=[lookup_order],
+                      model=OpenAIChatCompletionsModel(model=f"{TENANT}/support", openai_client=client),
+                      model_settings=ModelSettings(temperature=0, max_tokens=120, tool_choice="required",
+                                                   extra_headers={"x-adaptloop-episode": episode}))
+        result = Runner.run_streamed(agent, input=USER[0]["content"], max_turns=3,
+                                     run_config=RunConfig(tracing_disabled=True))
+        try:
+            async for _ in result.stream_events():
+                pass
+        except MaxTurnsExceeded:  # the base model may keep calling the tool: the loop is the SDK's, not ours
+            return "(the SDK's turn limit)"
+        finally:
+            await client.close()
+        return str(result.final_output)
+
+    answer = asyncio.run(run())
+    print(f"Agents SDK: looked up {looked_up} -> {answer!r}")
+    assert looked_up, "the SDK ran no tool"
+    deadline = time.monotonic() + 30
+    while True:
+        records = [r for r in recorded(stack) if r["episode_id"] == episode]
+        if len(records) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    records.sort(key=lambda r: r["turn"])
+    assert len(records) >= 2 and [r["turn"] for r in records] == list(range(1, len(records) + 1))
+    first, second = records[0], records[1]
+    assert first["tool_calls"][0]["name"] == "lookup_order" and all(r["attributes"]["stream"] == "true" for r in records)
+    assert "lookup_order" in first["tools_json"]
+    sent = [m for m in second["request_messages"] if m["role"] == "tool"]
+    assert sent and sent[0]["tool_call_id"] == first["tool_calls"][0]["id"] and "shipped" in sent[0]["content"]
