@@ -61,6 +61,11 @@ POSITIVES = [  # (text, rule, the substring that must disappear)
     ("password=Hunter2Hunter2!", "secret", "Hunter2Hunter2!"),
     ("api_key: 'q8w7e6r5t4y3u2i1'", "secret", "q8w7e6r5t4y3u2i1"),
     ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "secret", "MIIEowIBAAKCAQEA"),
+    ("pasted, cut short: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nBG5vbmUAAAAEbm9uZQ", "secret",
+     "b3BlbnNzaC1rZXktdjEAAAAA"),
+    ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2\n\nlQOYBFxyzAbCdEfGh\n=Xy1z\n-----END PGP PRIVATE KEY BLOCK-----",
+     "secret", "lQOYBFxyzAbCdEfGh"),
+    ("truncated PGP: -----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBFxyzAbCdEfGhIjKl", "secret", "lQOYBFxyzAbCdEfGhIjKl"),
     ("employee EMP-004211 asked", "custom:employee", "EMP-004211"),
     ("Alice (alice@example.com, +1 415-555-2671) paid with 4111111111111111", "card", "4111111111111111"),
     ("db password: s3cr3tP@ssw0rd", "secret", "s3cr3tP@ssw0rd"),
@@ -215,7 +220,30 @@ EVERY_SECRET_SHAPE = [
 
 @pytest.mark.parametrize("text", EVERY_SECRET_SHAPE)
 def test_every_secret_shape_is_found_past_the_word_prefilter(redactor, text):
-    from adaptloop.streams.pii import _SECRET_RES
+    from adaptloop.streams.pii import _KEY_BEGIN, _SECRET_RES
 
-    assert any(pattern.search(text) for _, pattern in _SECRET_RES), "not a secret shape at all"
+    assert any(pattern.search(text) for _, pattern in _SECRET_RES) or _KEY_BEGIN.search(text), "not a secret shape"
     assert redactor.redact(text).counts.get("secret") == 1, text
+
+
+@pytest.mark.parametrize("shape", ["a%", "-----BEGIN RSA PRIVATE KEY-----\n", "x@a.", "password=", "AKIAIOSFODNN7EXAMPLE "])
+def test_redaction_time_grows_linearly_on_adversarial_runs(redactor, shape):
+    """Ten times the text takes about ten times as long, not a hundred (a regex that rescans the rest of the text
+    from each position, or a splice per match, is quadratic: 112 KB of repeated BEGIN lines took 6 s)."""
+    import time
+
+    def seconds(chars: int) -> float:
+        text = shape * (chars // len(shape)) + "@"
+        started = time.perf_counter()
+        redactor.redact(text)
+        return time.perf_counter() - started
+
+    small, large = min(seconds(20_000) for _ in range(3)), min(seconds(200_000) for _ in range(2))
+    assert large < 30 * max(small, 1e-3), (shape, small, large)
+
+
+def test_a_truncated_key_block_is_redacted_to_where_its_lines_stop(redactor):
+    text = "see -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIAbc\nxyz+/=\nThanks for looking, Bob."
+    assert redactor.redact(text).text == "see [SECRET]Thanks for looking, Bob."
+    public = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----"
+    assert redactor.redact(public).text == public
