@@ -91,11 +91,17 @@ def admin(settings: KafkaSettings) -> AdminClient:
     return AdminClient(settings.client_config())
 
 
+def replication_config(settings: KafkaSettings) -> dict[str, str]:
+    """The topic config a cluster's durability asks for, beside each topic's own."""
+    return {"min.insync.replicas": str(settings.min_insync_replicas)} if settings.min_insync_replicas else {}
+
+
 def ensure_topics(settings: KafkaSettings, topics: Topics, timeout_s: float = 30.0) -> list[str]:
     """Create every topic of ``topics.layout()`` that does not exist yet; return the names created."""
     client = admin(settings)
     existing = set(client.list_topics(timeout=timeout_s).topics)
-    wanted = [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config)
+    wanted = [NewTopic(name, num_partitions=partitions, replication_factor=settings.replication_factor,
+                       config=config | replication_config(settings))
               for name, (partitions, config) in topics.layout().items() if name not in existing]
     created = []
     for name, future in (client.create_topics(wanted, request_timeout=timeout_s).items() if wanted else []):

@@ -48,24 +48,30 @@ class Topics(BaseSettings):
     erasures: str = "agent.erasures"
     serving_status: str = "serving.status"
     partitions: int = Field(4, description="Partitions of the keyed event topics.")
+    raw_retention_ms: int = Field(
+        30 * 24 * 3_600_000, ge=-1,
+        description="How long the raw inputs (interactions, outcomes, dead letters) stay on their topics; -1 forever. "
+                    "Erasure cannot rewrite these immutable logs: erased content stays there until it expires.")
 
     def name(self, which: str) -> str:
         return self.prefix + getattr(self, which)
 
     def layout(self) -> dict[str, tuple[int, dict[str, str]]]:
-        """Every topic with its partition count and config; created explicitly (Tansu defaults vary)."""
-        event = (self.partitions, {})
-        single = (1, {})
+        """Every topic with its partition count and config; created explicitly (brokers' defaults differ: Kafka
+        deletes after 7 days, Tansu keeps everything)."""
+        raw = {"retention.ms": str(self.raw_retention_ms)}
+        forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
         return {
-            self.name("interactions"): event,
-            self.name("outcomes"): event,
-            self.name("dead_letters"): single,
-            self.name("curated"): event,
-            # One partition: requests and releases are few and their order matters.
-            self.name("training_requests"): single,
-            self.name("releases"): (1, {"cleanup.policy": "compact"}),
-            # Erasures are few, read whole by every consumer, and never expire.
-            self.name("erasures"): single,
+            self.name("interactions"): (self.partitions, raw),
+            self.name("outcomes"): (self.partitions, raw),
+            self.name("dead_letters"): (1, raw),
+            self.name("curated"): (self.partitions, {}),
+            # One partition: requests and releases are few and their order matters. Every request and every
+            # release decision is lineage (compaction would keep only a version's last state): kept forever.
+            self.name("training_requests"): (1, forever),
+            self.name("releases"): (1, forever),
+            # Erasures are few, read whole by every consumer, and must outlive everything they erase.
+            self.name("erasures"): (1, forever),
             # One record per sidecar change/heartbeat, keyed by replica; read whole, newest per key wins.
             self.name("serving_status"): (1, {"cleanup.policy": "compact"}),
         }
@@ -88,6 +94,9 @@ class KafkaSettings(BaseSettings):
         None, description="Default: off on the embedded Tansu (it loses acked records on a crash with idempotence), on for real Kafka.")
     request_timeout_s: float = 30.0
     delivery_timeout_s: float = Field(30.0, description="A produced record not acknowledged by then is an error for the caller.")
+    replication_factor: int = Field(1, ge=1, description="Replicas of every topic adaptloop creates (3 on a production cluster).")
+    min_insync_replicas: int | None = Field(
+        None, ge=1, description="Replicas that must have a record before it is acknowledged (2 with 3 replicas); unset: the broker's.")
 
     @model_validator(mode="before")
     @classmethod

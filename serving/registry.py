@@ -1,7 +1,8 @@
 """The adapter registry as the serving side reads it: the releases topic, newest record per version.
 
-Tansu never compacts, so every reader consumes the whole topic from its beginning, without a
-consumer group or committed offsets, and folds it: the record read last for a version wins.
+The topic keeps every decision (never compacted, never expired: each is lineage), so every reader consumes
+it whole from its beginning, without a consumer group or committed offsets, and folds it: the record read last
+for a version wins.
 ``ReleaseReader`` does that in a background thread and hands each batch of changes to a
 callback; ``caught_up`` is set once it has read everything the topic held when it started
 (position at the reported high watermark and nothing new for ``idle_s``: Tansu's watermarks

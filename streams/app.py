@@ -79,11 +79,12 @@ def ensure_internal_topics(settings: StreamsSettings) -> None:
     """Create the internal topics explicitly (Tansu's auto-created topics get a partition count of their own)."""
     from confluent_kafka.admin import NewTopic
 
-    from adaptloop.kafka import admin
+    from adaptloop.kafka import admin, replication_config
 
     client = admin(settings.kafka)
     existing = set(client.list_topics(timeout=30).topics)
-    wanted = [NewTopic(name, num_partitions=n, replication_factor=1)
+    wanted = [NewTopic(name, num_partitions=n, replication_factor=settings.kafka.replication_factor,
+                       config=replication_config(settings.kafka))
               for name, n in internal_topics(settings).items() if name not in existing]
     for name, future in (client.create_topics(wanted, request_timeout=30).items() if wanted else []):
         try:

@@ -239,7 +239,7 @@ def new_app(settings: StreamsSettings) -> App:
         producer_request_timeout=settings.kafka.delivery_timeout_s,
         **_tansu_options(settings.kafka),
         topic_partitions=settings.topics.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka.replication_factor,
         topic_disable_leader=True,
         # Timers and in-memory indexes scan only active partitions' state; standbys would be stale copies.
         table_standby_replicas=0,

@@ -197,8 +197,8 @@ def evaluate_many(model_path: str | Path, jobs: Sequence[EvalJob], *, max_new_to
 def newest_live_adapter(releases: Sequence[Mapping[str, Any]], tenant: str, task: str) -> Incumbent:
     """The newest RELEASED/PROMOTED adapter of (tenant, task), after taking the newest record per version.
 
-    ``releases`` are AdapterRelease dicts in topic order (the registry is a compacted topic that
-    Tansu never compacts, so a reader keeps the last record per key itself).
+    ``releases`` are AdapterRelease dicts in topic order (the topic keeps every decision of every version, so a
+    reader keeps the last record per version itself).
     """
     latest: dict[str, tuple[int, Mapping[str, Any]]] = {}
     for position, record in enumerate(releases):

@@ -109,7 +109,7 @@ class TrainerService:
     # -- reading ---------------------------------------------------------------------------------
 
     def releases(self) -> list[dict]:
-        """Every record of the releases topic, in order (Tansu never compacts it)."""
+        """Every record of the releases topic, in order (it keeps every decision)."""
         topic = self.settings.topics.name("releases")
         return [self.releases_serde.deserialize(m.value(), SerdeContext(topic, m.partition(), m.offset()))
                 for m in read_ranges(self.settings.kafka, topic, idle_s=1.0)]

@@ -35,7 +35,7 @@ def test_sasl_needs_credentials_and_keeps_the_secret_secret():
 
 def test_topic_layout_is_explicit_and_prefixed():
     layout = Topics(prefix="x.").layout()
-    assert layout["x.adapters.releases"] == (1, {"cleanup.policy": "compact"})
+    assert layout["x.serving.status"] == (1, {"cleanup.policy": "compact"})
     assert all(name.startswith("x.") for name in layout)
 
 
@@ -96,3 +96,21 @@ def test_ticket_generator_is_reproducible_varied_and_covers_every_label():
     assert case_generator("order-extract", 5).cases(2) == OrderGenerator(5).cases(2)
     with pytest.raises(ConfigError):
         case_generator("nope", 1)
+
+
+def test_topic_configs_keep_what_must_be_kept_and_expire_raw_inputs():
+    """Erasures and every release decision and training request never expire and are never compacted away (a
+    compacted releases topic would keep only each version's last state); raw inputs expire after a configurable
+    retention; a cluster's replication settings reach every topic."""
+    from adaptloop.kafka import replication_config
+    from adaptloop.settings import KafkaSettings, Topics
+
+    layout = Topics().layout()
+    for which in ("erasures", "releases", "training_requests"):
+        config = layout[Topics().name(which)][1]
+        assert config["retention.ms"] == "-1" and config["cleanup.policy"] == "delete", which
+    for which in ("interactions", "outcomes", "dead_letters"):
+        assert layout[Topics().name(which)][1]["retention.ms"] == str(30 * 24 * 3_600_000)
+    assert Topics(raw_retention_ms=3_600_000).layout()["agent.interactions"][1]["retention.ms"] == "3600000"
+    cluster = KafkaSettings(bootstrap_servers="kafka:9093", replication_factor=3, min_insync_replicas=2)
+    assert replication_config(cluster) == {"min.insync.replicas": "2"} and replication_config(KafkaSettings()) == {}
