@@ -3,6 +3,14 @@
     adaptloop forget --interaction 7d0c... [--tenant acme]
     adaptloop forget --session s-42 --tenant acme --retire
     adaptloop forget --subject alice@example.com --tenant acme --reason "art. 17 request"
+    adaptloop forget --subject "+1 (415) 555-2671" --tenant acme
+    adaptloop forget --subject EMP-123456 --tenant acme --raw
+
+A subject is keyed as curation keys it (``normalize_subject``): the same PII detectors
+(``adaptloop.streams.pii``, with curation's ``ADAPTLOOP_STREAMS_PHONE_REGION`` and
+``ADAPTLOOP_STREAMS_PII_PATTERNS``) turn it into the value they take from a text that holds it, so
+``+1 (415) 555-2671`` erases the examples that said "call 415-555-2671". A value they do not recognise
+as one identifier of a person is refused (no curated example can carry its key) unless ``--raw``.
 
 In this order, each step acknowledged by the broker before the next:
 
@@ -25,11 +33,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+import phonenumbers
+from stdnum import iban as _iban
 
 from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, subject_key
 from adaptloop.errors import ConfigError
@@ -37,7 +50,8 @@ from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
                                ranges_contain)
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.settings import KafkaSettings, Topics
+from adaptloop.settings import KafkaSettings, StreamsSettings, Topics
+from adaptloop.streams.pii import PLACEHOLDER, Redactor
 
 DECIDED_BY = "erasure"
 FLAG_REASON = "flagged: retrain without erased data"
@@ -54,6 +68,92 @@ def erasure_id_for(tenant: str, scope: str, key: str) -> str:
 
 def retrain_request_id(old_request_id: str, erasure_id: str) -> str:
     return hashlib.sha256(f"{old_request_id}:{erasure_id}".encode()).hexdigest()
+
+
+RAW = "raw"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """An identifier as curation keys it: the PII rule that recognises it (or ``raw``), and its value as that
+    rule normalises it (e-mail lowercased, phone in E.164, card digits, IBAN compact, IP as ``ipaddress`` writes it)."""
+
+    kind: str
+    value: str
+    normalized_by: str  # "the redactor", "<library>, then the redactor" or "--raw"
+
+    def key(self, tenant: str) -> str:
+        return subject_key(tenant, self.value)
+
+
+def _whole(redactor: Redactor, text: str) -> tuple[str, str] | None:
+    """(rule, value) when the redactor finds one identifier of a person in ``text`` and it is all of it."""
+    found = redactor.redact(text)
+    if len(found.subjects) > 1:
+        raise ValueError(f"the subject holds {len(found.subjects)} identifiers ({', '.join(sorted(found.counts))}): "
+                         "forget each on its own")
+    if len(found.subjects) != 1 or sum(found.counts.values()) != 1:
+        return None
+    (rule,) = found.counts
+    if found.text.strip() != PLACEHOLDER.get(rule, f"[{rule.upper()}]"):  # the redactor's placeholder for the rule
+        return None
+    return rule, next(iter(found.subjects))
+
+
+def _written_forms(value: str, region: str) -> Iterator[tuple[str, str]]:
+    """(library, canonical form) of ``value`` by each kind's own normaliser, in the redactor's rule order: forms
+    a person writes that the redactor, which looks for identifiers inside text, does not take whole."""
+    bare = value.strip()
+    if _iban.is_valid(bare):  # lowercase, or grouped with dashes or dots
+        yield "stdnum.iban", _iban.compact(bare)
+    digits = re.sub(r"[\s-]", "", bare)
+    if digits.isdigit():  # a card number: the redactor keys its bare digits
+        yield "digits", digits
+    try:
+        yield "ipaddress", str(ipaddress.ip_address(bare.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        pass
+    try:
+        number = phonenumbers.parse(bare, region)
+    except phonenumbers.NumberParseException:
+        pass
+    else:  # a bare digit run, which the redactor keys only after a cue such as "call"
+        if phonenumbers.is_valid_number(number):
+            yield "phonenumbers", phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if "@" in bare:
+        yield "lowercase", re.sub(r"(?i)^mailto:", "", bare).removeprefix("<").removesuffix(">").lower()
+
+
+def normalize_subject(value: str, *, phone_region: str = "US", pii_patterns: Mapping[str, str] | None = None,
+                      raw: bool = False) -> Subject:
+    """``value`` as curation keys it, so that ``normalize_subject(v).key(tenant)`` is the key the curated examples
+    of a text holding ``v`` (in any written form) carry; ``phone_region`` and ``pii_patterns`` must be curation's
+    (``StreamsSettings``): they are what its redactor is built with.
+
+    First the redactor itself, on ``value`` alone: one identifier of a person covering all of it is keyed as
+    the redactor normalised it. Else each kind's own normaliser (``stdnum.iban``, digits, ``ipaddress``,
+    ``phonenumbers`` with ``phone_region``, lowercase) proposes a canonical form, and the first one the
+    redactor recognises whole is keyed. ``raw`` keys ``value`` as written (``subject_key`` still folds case
+    and whitespace). Raises ``ValueError`` for anything else: no curated example can carry its key.
+    """
+    if raw:
+        if not value.strip():
+            raise ValueError("the subject is empty")
+        return Subject(RAW, value, "--raw")
+    redactor = Redactor(custom=pii_patterns, phone_region=phone_region)
+    found = _whole(redactor, value)
+    if found is not None:
+        return Subject(found[0], found[1], "the redactor")
+    for library, form in _written_forms(value, phone_region):
+        found = _whole(redactor, form)
+        if found is not None:
+            return Subject(found[0], found[1], f"{library}, then the redactor")
+    raise ValueError(
+        "the subject is not one identifier curation keys: not an e-mail address, a phone number (numbers without "
+        f"a country code are read in region {phone_region}), a payment card number, an IBAN, an IP address "
+        "(loopback and unspecified ones are never keyed) nor a match of a PII pattern "
+        "(ADAPTLOOP_STREAMS_PII_PATTERNS), so no curated example can carry its key and nothing was written; "
+        "pass --raw to key it exactly as written")
 
 
 def code_version() -> str:
@@ -245,28 +345,49 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--interaction", help="an interaction id")
     which.add_argument("--session", help="a session id")
-    which.add_argument("--subject", help="an identifier (e-mail, phone, user id); stored only as its salted key")
+    which.add_argument("--subject", help="an identifier (e-mail, phone, card, IBAN, IP, a PII pattern's user id), "
+                       "in any written form: keyed as curation keys it, stored only as its salted key")
     parser.add_argument("--tenant", help="the tenant (required with --subject; else inferred from curated data)")
     parser.add_argument("--retire", action="store_true", help="retire affected adapters instead of retraining them")
     parser.add_argument("--requested-by", help="who asked (recorded on the erasure)")
     parser.add_argument("--reason", help="why (recorded on the erasure)")
+    parser.add_argument("--raw", action="store_true", help="with --subject: key the value as written (case and "
+                        "whitespace folded), for a user id a PII pattern matches in curation but not here")
     parser.add_argument("--json", action="store_true", help="print the plan that was carried out as JSON")
     args = parser.parse_args(argv)
-    if args.subject and not args.tenant:
+    if args.subject is not None and not args.tenant:
         parser.error("--subject needs --tenant")
+    if args.raw and args.subject is None:
+        parser.error("--raw goes with --subject")
+    subject = None
     if args.interaction:
         scope, key = INTERACTION, args.interaction
     elif args.session:
         scope, key = SESSION, args.session
     else:
-        scope, key = SUBJECT, subject_key(args.tenant, args.subject)
+        streams = StreamsSettings()  # curation's PII settings: the subject must be keyed as curation keys it
+        try:
+            subject = normalize_subject(args.subject, phone_region=streams.phone_region,
+                                        pii_patterns=streams.pii_patterns, raw=args.raw)
+        except ValueError as exc:
+            print(f"adaptloop forget: {exc}", file=sys.stderr)
+            return 2
+        scope, key = SUBJECT, subject.key(args.tenant)
     try:
         plan = Forgetter(KafkaSettings(), Topics()).forget(scope=scope, key=key, tenant=args.tenant, retire=args.retire,
                                                            requested_by=args.requested_by, reason=args.reason)
     except ConfigError as exc:
         print(f"adaptloop forget: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.summary(), indent=2, default=str) if args.json else render(plan))
+    if args.json:
+        summary = plan.summary()
+        if subject is not None:
+            summary["subject"] = {"kind": subject.kind, "normalized_by": subject.normalized_by, "key": key}
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        if subject is not None:
+            print(f"subject keyed as {subject.kind} (normalized by {subject.normalized_by}): {key}")
+        print(render(plan))
     return 0
 
 
