@@ -7,6 +7,7 @@ Every field reads from the environment with the prefix shown (``ADAPTLOOP_KAFKA_
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,6 +28,37 @@ def _cpu_list(value: str) -> str:
 
 #: A ``cpus`` setting: refused at start unless it is a CPU list (``processes.parse_cpu_list``).
 CpuList = Annotated[str, AfterValidator(_cpu_list)]
+
+
+#: Where a deployment's admin credential lives when no process is given one (``adaptloop up`` writes it there).
+ADMIN_KEY_FILE = "gateway-admin-key"
+
+
+def shared_secret(path: Path, what: str) -> str:
+    """The secret in ``path``, created (0600, 32 random bytes as hex) if there is none yet: one file that every
+    process of a deployment reads the same secret from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    secret = path.read_text().strip()
+    if not secret:
+        raise ConfigError(f"the {what} file {path} is empty")
+    return secret
+
+
+def admin_key(explicit: SecretStr | None, file: Path | None) -> str:
+    """The gateway's admin credential: given, else read from ``file`` (default $ADAPTLOOP_HOME/gateway-admin-key),
+    created there if missing."""
+    if explicit is not None:
+        if len(explicit.get_secret_value()) < 16:
+            raise ConfigError("an admin key shorter than 16 characters is too easy to guess")
+        return explicit.get_secret_value()
+    return shared_secret(file or DEFAULT_HOME / ADMIN_KEY_FILE, "admin key")
 
 
 def _config(prefix: str) -> SettingsConfigDict:
@@ -311,6 +343,10 @@ class GatewaySettings(BaseSettings):
         "The key that tags every interaction id with its tenant (POST /v1/feedback verifies it): the same "
         "on every gateway of a deployment. Unset: read from id_secret_file, created there if missing."))
     id_secret_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-id-secret (0600).")
+    admin_key: SecretStr | None = Field(None, description=(
+        "Bearer credential for /stats and /health's detail (every tenant's aliases, traffic and versions): "
+        "operators and the canary controller only. Unset: read from admin_key_file, created there if missing."))
+    admin_key_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-admin-key (0600).")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Request bodies larger than this are refused (413).")
     max_correction_chars: int = Field(32_768, ge=1, description="The longest correction POST /v1/feedback takes.")
     sidecar_watch_s: float = Field(10.0, gt=0, le=60, description=(
@@ -352,6 +388,8 @@ class CanarySettings(BaseSettings):
     topics: Topics = Field(default_factory=Topics)
     gateway_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:18080"], description=(
         "Gateways whose /stats give request errors and latency per version (JSON list)."))
+    gateway_admin_key: SecretStr | None = Field(None, description="The gateways' admin key (/stats); unset: from the file.")
+    gateway_admin_key_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-admin-key.")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="False decision rate of the always-valid sequential test.")
     tau: float = Field(0.3, gt=0.0, description="Prior scale of the success-rate difference (mixture SPRT).")
     min_samples: int = Field(30, ge=1, description="Outcomes per side before any outcome-based decision.")
@@ -374,6 +412,8 @@ class StatusSettings(BaseSettings):
     home: Path = Field(DEFAULT_HOME / "stack", description="The stack home whose stack.json lists the processes.")
     gateway_url: str = "http://127.0.0.1:18080"
     gateway_key: SecretStr | None = Field(None, description="Bearer key for the gateway's /v1/models, if it needs one.")
+    gateway_admin_key: SecretStr | None = Field(None, description="The gateway's admin key (/stats); unset: from the file.")
+    gateway_admin_key_file: Path | None = Field(None, description="Default: gateway-admin-key in the stack home.")
     sidecar_url: str = "http://127.0.0.1:18001"
     streams_url: str = Field("http://127.0.0.1:6066", description="A curation worker's web port (/adaptloop/metrics).")
     groups: list[str] = Field(default_factory=list, description="Consumer groups to show lag for; "

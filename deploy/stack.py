@@ -24,7 +24,7 @@ from adaptloop.processes import (READY_FILE_ENV, ManagedProcess, adaptloop_comma
                                  streams_python, tansu_binary, write_state)
 from adaptloop.model import ensure_base_model
 from adaptloop.serving.keys import dev_keys, plain_setting
-from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
+from adaptloop.settings import ADMIN_KEY_FILE, DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 from adaptloop.tasks import FILE_ENV as TASKS_FILE_ENV
 
 STATE_FILE = "stack.json"
@@ -108,6 +108,9 @@ def service_env(kafka: KafkaSettings, topics: Topics, home: Path) -> dict[str, s
         "ADAPTLOOP_STREAMS_DATA_DIR": str(home / "faust"),
         "ADAPTLOOP_GATEWAY_OUTBOX_DIR": str(home / "gateway-outbox"),
         "ADAPTLOOP_GATEWAY_ID_SECRET_FILE": str(home / "gateway-id-secret"),
+        # One admin credential for the gateways' /stats and /health detail: the canary controller and status read it.
+        "ADAPTLOOP_GATEWAY_ADMIN_KEY_FILE": str(home / ADMIN_KEY_FILE),
+        "ADAPTLOOP_CANARY_GATEWAY_ADMIN_KEY_FILE": str(home / ADMIN_KEY_FILE),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",

@@ -38,7 +38,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 from adaptloop.errors import AdaptloopError, ConfigError
 from adaptloop.kafka import admin
 from adaptloop.lineage import decode_all, read_topics
-from adaptloop.settings import StatusSettings
+from adaptloop.settings import ADMIN_KEY_FILE, StatusSettings, admin_key
 from adaptloop.tasks import load_catalogue
 
 STATE_FILE = "stack.json"
@@ -285,7 +285,9 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
     key = settings.gateway_key.get_secret_value() if settings.gateway_key else None
     models = get_json(settings.gateway_url.rstrip("/") + "/v1/models", settings.http_timeout_s,
                       {"authorization": f"Bearer {key}"} if key else None)
-    stats = get_json(settings.gateway_url.rstrip("/") + "/stats", settings.http_timeout_s)
+    admin = admin_key(settings.gateway_admin_key, settings.gateway_admin_key_file or settings.home / ADMIN_KEY_FILE)
+    stats = get_json(settings.gateway_url.rstrip("/") + "/stats", settings.http_timeout_s,
+                     {"authorization": f"Bearer {admin}"})
     snapshot["gateway"] = {"ok": models["ok"], "url": models["url"], "error": models.get("error"),
                            "routes": routing_rows(models), "traffic": traffic_shares(stats),
                            "stats_error": stats.get("error")}

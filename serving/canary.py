@@ -45,7 +45,7 @@ from adaptloop.kafka import DeliveryTracker, consumer_config, partitions_of
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.registry import Release, ReleaseReader
-from adaptloop.settings import CanarySettings
+from adaptloop.settings import CanarySettings, admin_key
 from adaptloop.tasks import load_catalogue
 
 log = logging.getLogger("adaptloop.canary")
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     controller = Controller(settings)
     curated: CuratedReader | None = None
-    http = httpx.Client()
+    admin = admin_key(settings.gateway_admin_key, settings.gateway_admin_key_file)
+    http = httpx.Client(headers={"authorization": f"Bearer {admin}"})  # the gateways' /stats is for operators only
     try:
         controller.reader.start()
         if not controller.reader.wait_caught_up(READY_TIMEOUT_S):

@@ -24,8 +24,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
-import secrets
 import time
 import uuid
 from pathlib import Path
@@ -35,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adaptloop.errors import ConfigError
 from adaptloop.sdk import OUTCOME_SOURCES, build_outcome, partition_key
+from adaptloop.settings import shared_secret
 
 #: Hex digits of the tenant tag at the end of an interaction id.
 TAG_HEX = 20
@@ -75,18 +74,7 @@ class InteractionIds:
     @classmethod
     def from_file(cls, path: Path) -> "InteractionIds":
         """The secret in ``path``, created (0600, 32 random bytes as hex) if there is none yet."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-        secret = path.read_text().strip()
-        if not secret:
-            raise ConfigError(f"the gateway's id secret file {path} is empty")
-        return cls(secret.encode())
+        return cls(shared_secret(path, "gateway's id secret").encode())
 
 
 class CorrectionFunction(BaseModel):

@@ -12,9 +12,10 @@
 
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (both with ``"stream": true``),
 ``/v1/models``, ``/v1/feedback`` (an outcome for a call: ``serving.feedback``); errors in OpenAI's
-shape. A body over ``max_body_bytes`` is a 413; one that is not JSON, or nested too deep, a 400. ``/health`` and ``/stats`` (requests, upstream errors and
-p95 latency per alias and served version, read by the canary controller) are for the internal
-network and need no key.
+shape. A body over ``max_body_bytes`` is a 413; one that is not JSON, or nested too deep, a 400. ``/stats``
+(requests, upstream errors and p95 latency per alias and served version, read by the canary controller) and
+``/health``'s detail (replicas, every loaded adapter) take the deployment's admin key (``admin_key``, else
+the 0600 file ``adaptloop up`` writes); ``/health`` without it says only whether the gateway is ready.
 
 Keys: ``Authorization: Bearer <key>``; no key or an unknown one is a 401. A key reaches only its
 tenant's aliases (``tenant/task``; another tenant's alias is a 404, as if it did not exist) and the
@@ -75,6 +76,7 @@ import gc
 import itertools
 import json
 import logging
+import hmac
 import math
 import signal
 import sys
@@ -104,7 +106,7 @@ from adaptloop.serving.keys import KeyStore
 from adaptloop.serving.outbox import OutboxError
 from adaptloop.serving.recording import InteractionLog
 from adaptloop.serving.registry import Release, ReleaseReader
-from adaptloop.settings import GatewaySettings, Replica
+from adaptloop.settings import GatewaySettings, Replica, admin_key
 from adaptloop.tasks import Catalogue, load_catalogue
 
 log = logging.getLogger("adaptloop.gateway")
@@ -295,6 +297,7 @@ class Gateway:
         self.catalogue = catalogue if catalogue is not None else load_catalogue()
         self.ids = (InteractionIds(settings.id_secret.get_secret_value().encode()) if settings.id_secret is not None
                     else InteractionIds.from_file(settings.id_secret_path()))
+        self.admin_key = admin_key(settings.admin_key, settings.admin_key_file).encode()
         self.keys = KeyStore.load(settings.api_keys_file,
                                   settings.api_keys.get_secret_value() if settings.api_keys else None)
         if not len(self.keys):
@@ -741,19 +744,27 @@ def create_app(settings: GatewaySettings, catalogue: Catalogue | None = None) ->
     async def feedback(request: Request) -> JSONResponse:
         return await gateway.feedback(request)
 
+    def is_admin(request: Request) -> bool:
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), gateway.admin_key)
+
     @app.get("/stats")
-    async def stats(alias: str | None = None, since_ms: int = 0) -> dict[str, Any]:
+    async def stats(request: Request, alias: str | None = None, since_ms: int = 0) -> Any:
+        if not is_admin(request):  # every tenant's aliases, traffic and versions
+            return openai_error(401, "/stats takes the gateway's admin key (ADAPTLOOP_GATEWAY_ADMIN_KEY)",
+                                "invalid_request_error", "invalid_api_key")
         return gateway.stats.as_dict(alias, since_ms) | gateway.interactions.stats()
 
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         ready = gateway.ready and gateway.reader.alive
-        return JSONResponse({"status": "ok" if ready else "starting",
-                             "registry_caught_up": gateway.reader.caught_up.is_set(),
-                             "replicas": [{"vllm_url": r.vllm_url, "healthy": r.healthy, "loaded": sorted(r.loaded)}
-                                          for r in gateway.router.replicas],
-                             "adapters_loaded": sorted(gateway.router.loaded)},
-                            status_code=200 if ready else 503)
+        status = {"status": "ok" if ready else "starting"}
+        if is_admin(request):  # the detail names replicas and every tenant's adapters
+            status |= {"registry_caught_up": gateway.reader.caught_up.is_set(),
+                       "replicas": [{"vllm_url": r.vllm_url, "healthy": r.healthy, "loaded": sorted(r.loaded)}
+                                    for r in gateway.router.replicas],
+                       "adapters_loaded": sorted(gateway.router.loaded)}
+        return JSONResponse(status, status_code=200 if ready else 503)
 
     return GatewayApp(app, gateway)
 

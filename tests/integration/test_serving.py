@@ -472,7 +472,8 @@ def test_outbox_answers_while_the_broker_is_away_and_a_killed_gateway_loses_noth
         return response.headers["x-adaptloop-interaction-id"]
 
     def stats() -> dict:
-        return httpx.get(url + "/stats", timeout=5).json()
+        admin = (tmp_path / "gateway-admin-key").read_text().strip()  # what own_broker_gateway_env names
+        return httpx.get(url + "/stats", timeout=5, headers={"authorization": f"Bearer {admin}"}).json()
 
     def fresh_broker(name: str) -> ManagedProcess:  # memory storage: a restarted broker starts empty
         broker = start_broker(kafka, tmp_path / name)
@@ -688,3 +689,19 @@ def test_killed_vllm_is_restarted_by_its_sidecar_with_the_same_adapter_set(servi
     wait_for(lambda: (r := serving.chat(alias("phoenix", "crash"))).status_code == 200
              and r.headers["x-adaptloop-adapter"] == version, 30, "the gateway serves through the restored adapter")
     assert serving.serve.alive()
+
+
+def test_the_gateways_operator_endpoints_take_the_admin_key(serving):
+    """/stats (every tenant's aliases, traffic and versions) and /health's detail need the deployment's admin key;
+    a tenant's key is not one. /health without it says only whether the gateway is ready (for probes)."""
+    admin = (serving.home / "gateway-admin-key").read_text().strip()
+    assert len(admin) >= 32 and oct((serving.home / "gateway-admin-key").stat().st_mode & 0o777) == "0o600"
+    for headers in ({}, serving.auth("acme"), {"authorization": "Bearer " + "0" * 64}, {"authorization": admin}):
+        response = httpx.get(serving.gateway_url + "/stats", headers=headers, timeout=5)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", headers
+    assert "aliases" in httpx.get(serving.gateway_url + "/stats", timeout=5,
+                                  headers={"authorization": f"Bearer {admin}"}).json()
+    assert httpx.get(serving.gateway_url + "/health", timeout=5).json() == {"status": "ok"}
+    assert httpx.get(serving.gateway_url + "/health", headers=serving.auth("acme"), timeout=5).json() == {"status": "ok"}
+    detail = httpx.get(serving.gateway_url + "/health", headers={"authorization": f"Bearer {admin}"}, timeout=5).json()
+    assert detail["status"] == "ok" and {"replicas", "adapters_loaded", "registry_caught_up"} <= set(detail)
