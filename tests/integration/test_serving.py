@@ -705,3 +705,42 @@ def test_the_gateways_operator_endpoints_take_the_admin_key(serving):
     assert httpx.get(serving.gateway_url + "/health", headers=serving.auth("acme"), timeout=5).json() == {"status": "ok"}
     detail = httpx.get(serving.gateway_url + "/health", headers={"authorization": f"Bearer {admin}"}, timeout=5).json()
     assert detail["status"] == "ok" and {"replicas", "adapters_loaded", "registry_caught_up"} <= set(detail)
+
+
+def test_a_key_revoked_with_adaptloop_keys_is_refused_by_a_running_gateway(serving, tmp_path):
+    """An operator adds and revokes keys in the gateway's key file with `adaptloop keys`; the running gateway
+    takes the new key and refuses the revoked one within seconds, with no restart."""
+    keys_file = tmp_path / "keys.json"
+
+    def keys(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "adaptloop.serving.keys", *args, "--file", str(keys_file)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    first = keys("add", "acme")
+    port = free_port()
+    env = service_env(serving.kafka, serving.topics, tmp_path) | {
+        "ADAPTLOOP_GATEWAY_PORT": str(port), "ADAPTLOOP_GATEWAY_VLLM_URL": serving.vllm_url,
+        "ADAPTLOOP_GATEWAY_SIDECAR_URL": serving.sidecar_url, "ADAPTLOOP_GATEWAY_API_KEYS_FILE": str(keys_file)}
+    gateway = start_service("gateway", tmp_path, env, timeout_s=120)
+    try:
+        def models(key: str) -> int:
+            return httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"authorization": f"Bearer {key}"},
+                             timeout=10).status_code
+
+        def within(seconds: float, key: str, status: int) -> bool:
+            deadline = time.monotonic() + seconds
+            while models(key) != status:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+            return True
+
+        assert models(first) == 200
+        second = keys("add", "acme")
+        assert within(5, second, 200)
+        keys("revoke", first.split("_")[1])
+        assert within(5, first, 401) and models(second) == 200
+    finally:
+        gateway.stop()

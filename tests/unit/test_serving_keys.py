@@ -29,6 +29,46 @@ def test_key_file_keeps_only_hashes_and_maps_each_key_to_its_tenant(tmp_path):
             store.tenant_of(bad)
 
 
+def test_a_revoked_key_stops_working_without_a_restart_and_add_keeps_every_other_entry(tmp_path, monkeypatch, capsys):
+    file = tmp_path / "keys.json"
+    acme, entry = generate_key("acme")
+    add_to_key_file(file, entry)
+    rows = json.loads(file.read_text())
+    rows["keys"][0]["note"] = "billing team's key"  # a field adaptloop does not know is kept, as written
+    file.write_text(json.dumps(rows))
+    clock = [1000.0]
+    monkeypatch.setattr(keys.time, "monotonic", lambda: clock[0])
+    store = KeyStore.load(file, plain=keys.plain_setting({"dev": generate_key("dev")[0]}))
+    assert keys.main(["add", "globex", "--file", str(file)]) == 0
+    globex = capsys.readouterr().out.strip()
+    assert json.loads(file.read_text())["keys"][0] == rows["keys"][0]
+    clock[0] += keys.RELOAD_CHECK_S
+    assert store.tenant_of(globex) == "globex" and store.tenant_of(acme) == "acme"  # the new key, no restart
+    assert keys.main(["revoke", acme, "--file", str(file)]) == 0  # the whole key, or just its id
+    assert acme not in capsys.readouterr().out  # never echoed
+    assert store.tenant_of(acme) == "acme"  # checked at most once per RELOAD_CHECK_S ...
+    clock[0] += keys.RELOAD_CHECK_S
+    with pytest.raises(AuthError):  # ... then refused
+        store.tenant_of(acme)
+    assert store.tenants() == {"globex", "dev"}
+    file.write_text("{half written")
+    clock[0] += keys.RELOAD_CHECK_S
+    assert store.tenant_of(globex) == "globex"  # a broken file keeps the keys the gateway had
+    assert keys.main(["revoke", "deadbeef", "--file", str(tmp_path / "other.json")]) == 1
+
+
+def test_concurrent_adds_lose_no_key(tmp_path):
+    """Each ``keys add`` rewrites the file under an exclusive lock: none overwrites another's entry."""
+    import subprocess
+    import sys
+
+    file = tmp_path / "keys.json"
+    adds = [subprocess.Popen([sys.executable, "-m", "adaptloop.serving.keys", "add", f"t{n}", "--file", str(file)],
+                             stdout=subprocess.PIPE) for n in range(8)]
+    assert all(p.wait(timeout=60) == 0 for p in adds)
+    assert KeyStore.load(file).tenants() == {f"t{n}" for n in range(8)}
+
+
 def test_plain_dev_keys_and_malformed_configuration():
     plain = keys.plain_setting(keys.dev_keys(["acme", "default"]))
     store = KeyStore.load(plain=plain)
