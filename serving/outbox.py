@@ -5,9 +5,13 @@ to an open file, tens of microseconds) instead of once the broker acknowledged i
 that, on a busy host, is the larger part of the gateway's own time); the broker's acknowledgement
 comes later and frees the record. A record the broker refuses is retried until it is taken; after a
 crash or a kill of the gateway, the next gateway on the same outbox sends whatever is still in it.
-So an answered call's interaction reaches the log unless the host's disk is lost: records are not
-fsynced one by one (that costs milliseconds), so a power cut may lose the last moments; a killed
-process loses nothing, as its writes are in the page cache.
+So an answered call's interaction reaches the log unless the host's disk is lost. The fsync policy:
+records are not fsynced one by one (that costs milliseconds), a segment is fsynced once, when it is
+sealed (every ``SEGMENT_BYTES``); so a power cut may lose what the current segment got since the
+last flush the kernel made on its own (seconds), while a killed process loses nothing, its writes
+being in the page cache. A write that fails or comes up short is cut back to the last whole frame
+before the error reaches the caller (a torn frame would end its segment's replay, and the records
+after it with it); a new segment that cannot be opened leaves the current one growing.
 
     outbox = Outbox(Path("~/.cache/adaptloop/gateway-outbox/18080"), max_bytes=256 << 20)
     for segment, (topic, key, value) in outbox.leftovers():   # at start: sent again
@@ -81,7 +85,8 @@ class Outbox:
 
     def _open(self, number: int) -> _Segment:
         segment = _Segment(number, self.directory / f"segment-{number:012d}.log")
-        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd = fd
         self._segments[number] = segment
         return segment
 
@@ -112,19 +117,45 @@ class Outbox:
             raise OutboxFull(f"{self.unacknowledged_bytes} bytes of interactions wait for the broker "
                              f"(limit {self.max_bytes}): not taking more")
         if self._current.size >= self.segment_bytes:
-            os.close(self._fd)
-            sealed = self._current
-            self._current = self._open(sealed.number + 1)
-            self._retire_if_done(sealed)
+            self._rotate()
         try:
             written = os.write(self._fd, frame)
         except OSError as exc:
+            self._cut_back(f"outbox write failed: {exc}")
             raise OutboxError(f"outbox write failed: {exc}") from exc
         if written != len(frame):
+            self._cut_back(f"outbox write was short ({written} of {len(frame)} bytes)")
             raise OutboxError(f"outbox write was short ({written} of {len(frame)} bytes)")
         self._current.size += written
         self._current.outstanding += 1
         return self._current.number
+
+    def _cut_back(self, why: str) -> None:
+        """Truncate the segment back to its last whole frame: a torn frame left in place would end the replay of
+        the segment there, and every record appended after it would be lost with it."""
+        try:
+            os.ftruncate(self._fd, self._current.size)
+        except OSError as exc:  # the segment cannot take another frame safely: the next ones go to a new one
+            log.error("%s, and truncating %s back failed (%s): starting a new segment", why, self._current.path.name, exc)
+            self._current.size = self.segment_bytes
+
+    def _rotate(self) -> None:
+        """Seal the current segment (fsynced: it will not be written again) and start the next. The new file is
+        opened before the old one is let go: a failed open keeps appending to the current segment."""
+        sealed, fd = self._current, self._fd
+        try:
+            self._current = self._open(sealed.number + 1)
+        except OSError as exc:
+            self._current, self._fd = sealed, fd
+            log.error("outbox: cannot start segment %d (%s); %s grows past its size", sealed.number + 1, exc,
+                      sealed.path.name)
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("outbox: fsync of %s failed (%s)", sealed.path.name, exc)
+        os.close(fd)
+        self._retire_if_done(sealed)
 
     def acknowledged(self, number: int) -> None:
         segment = self._segments.get(number)

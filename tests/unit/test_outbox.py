@@ -73,3 +73,37 @@ def test_full_outbox_refuses_and_one_folder_has_one_owner(tmp_path):
         Outbox(tmp_path, max_bytes=500)
     outbox.acknowledged(segment)
     outbox.append("t", b"k", b"v" * 300)  # room again
+
+
+def test_a_torn_write_loses_no_record_appended_after_it(tmp_path, monkeypatch):
+    """A write that comes up short (a full disk, a signal) is cut back to the last whole frame before the caller
+    hears of it: the records appended afterwards replay whole after a crash, in order."""
+    from adaptloop.serving import outbox as module
+
+    outbox = Outbox(tmp_path, max_bytes=1 << 20)
+    outbox.append("t", b"k0", b"v" * 50)
+    real_write = os.write
+    monkeypatch.setattr(module.os, "write", lambda fd, data: real_write(fd, data[:7]))
+    with pytest.raises(OutboxError, match="short"):
+        outbox.append("t", b"k1", b"v" * 50)
+    monkeypatch.setattr(module.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OutboxError, match="failed"):
+        outbox.append("t", b"k2", b"v" * 50)
+    monkeypatch.setattr(module.os, "write", real_write)
+    outbox.append("t", b"k3", b"v" * 50)
+    kill(outbox)
+    assert [key for _, (_, key, _) in Outbox(tmp_path, max_bytes=1 << 20).leftovers()] == [b"k0", b"k3"]
+
+
+def test_a_segment_that_cannot_be_opened_keeps_the_current_one(tmp_path, monkeypatch):
+    from adaptloop.serving import outbox as module
+
+    outbox = Outbox(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+    outbox.append("t", b"k0", b"v" * 120)
+    real_open = os.open
+    monkeypatch.setattr(module.os, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+    outbox.append("t", b"k1", b"v" * 10)  # rotation failed: still written, to the current segment
+    monkeypatch.setattr(module.os, "open", real_open)
+    outbox.append("t", b"k2", b"v" * 10)  # rotates now
+    kill(outbox)
+    assert [key for _, (_, key, _) in Outbox(tmp_path, max_bytes=1 << 20).leftovers()] == [b"k0", b"k1", b"k2"]
