@@ -5,6 +5,7 @@ the environment its pod gets."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -191,3 +192,22 @@ def test_every_adaptloop_variable_is_a_setting_and_each_process_accepts_its_pod_
                     KafkaSettings()
             checked.add(command[3])
     assert checked == set(SETTINGS_BY_COMMAND)
+
+
+def test_the_gateway_sees_each_vllm_replica_on_its_own_and_only_it_reaches_them():
+    """vLLM's replicas are a StatefulSet behind a headless Service, and the gateway lists every pod by name, so
+    "route only to replicas that report the adapter loaded" holds; a NetworkPolicy lets only the gateway in."""
+    docs = [doc for _, doc in documents()]
+    serve = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "adaptloop-serve")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "adaptloop-serve")
+    assert service["spec"]["clusterIP"] == "None" and serve["spec"]["serviceName"] == "adaptloop-serve"
+    gateway = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "adaptloop-gateway")
+    env = {e["name"]: e.get("value") for e in containers(gateway)[0]["env"]}
+    replicas = json.loads(env["ADAPTLOOP_GATEWAY_REPLICAS"])
+    assert [r["vllm_url"] for r in replicas] == [f"http://adaptloop-serve-{n}.adaptloop-serve:18000"
+                                                 for n in range(serve["spec"]["replicas"])]
+    assert "ADAPTLOOP_GATEWAY_VLLM_URL" not in env
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "adaptloop-serve")
+    assert policy["spec"]["podSelector"]["matchLabels"] == serve["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in rule["from"]] == ["gateway"]
