@@ -1,12 +1,15 @@
 """Adapter artifacts are named by their content: a sha256 over every file's path and bytes.
 
-The trainer computes the digest before publishing; the serving sidecar recomputes it before
-loading and refuses a mismatch. Versioned adapter names and vLLM's integer ids derive from it.
+The trainer computes the digest before publishing; the serving sidecar copies the artifact to a
+read-only folder named by its digest (``pinned_copy``), recomputes the digest there, refuses a mismatch,
+and loads from that copy. Versioned adapter names and vLLM's integer ids derive from it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 from adaptloop.errors import ArtifactError
@@ -33,6 +36,47 @@ def verify_digest(folder: Path, expected: str) -> None:
     actual = artifact_digest(folder)
     if actual != expected:
         raise ArtifactError(f"digest mismatch for {folder}: expected {expected}, found {actual}")
+
+
+def pinned_copy(folder: Path, digest: str, store: Path) -> Path:
+    """A read-only copy of ``folder`` at ``store/<digest hex>``, whose content is checked against ``digest``
+    after it is copied: what a server then loads from there is what was verified, even if the shared
+    artifact changes between the check and the load. An existing copy is checked again and reused."""
+    pinned = Path(store) / digest.removeprefix("sha256:")
+    if pinned.is_dir():
+        verify_digest(pinned, digest)
+        return pinned
+    pinned.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{pinned.name[:16]}-", dir=pinned.parent))
+    try:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        verify_digest(staging, digest)
+        for path in sorted(staging.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        staging.chmod(0o555)
+        try:
+            staging.rename(pinned)
+        except OSError:  # another loader pinned the same content first: theirs is as good
+            if not pinned.is_dir():
+                raise
+            verify_digest(pinned, digest)
+    except (OSError, shutil.Error) as exc:
+        raise ArtifactError(f"cannot copy {folder} to {pinned}: {exc}") from exc
+    finally:
+        _remove(staging)
+    return pinned
+
+
+def unpin(digest: str, store: Path) -> None:
+    """Delete the pinned copy of ``digest`` (nothing serves it any more)."""
+    _remove(Path(store) / digest.removeprefix("sha256:"))
+
+
+def _remove(folder: Path) -> None:
+    if folder.exists():
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def adapter_version(tenant: str, task: str, digest: str) -> str:

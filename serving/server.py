@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from adaptloop.artifacts import base_model_digest, verify_digest
+from adaptloop.artifacts import base_model_digest, pinned_copy, unpin
 from adaptloop.chat import template_path
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.model import ensure_base_model
@@ -90,9 +90,11 @@ def artifact_path(uri: str) -> Path:
 class Sidecar:
     """Keeps vLLM's adapter set equal to the servable releases whose artifacts check out."""
 
-    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int, base_digest: str | None = None,
-                 on_change: Callable[[], None] = lambda: None, retire_grace_s: float = 0.0) -> None:
+    def __init__(self, vllm_url: str, http: httpx.Client, *, max_lora_rank: int, pinned_dir: Path,
+                 base_digest: str | None = None, on_change: Callable[[], None] = lambda: None,
+                 retire_grace_s: float = 0.0) -> None:
         self.vllm_url = vllm_url.rstrip("/")
+        self.pinned_dir = pinned_dir
         self.http = http
         self.max_lora_rank = max_lora_rank
         self.base_digest = base_digest
@@ -191,9 +193,8 @@ class Sidecar:
                                 f"this server serves {self.base_digest}")
         if release.lora_rank > self.max_lora_rank:
             raise ServingError(f"LoRA rank {release.lora_rank} exceeds this server's max_lora_rank {self.max_lora_rank}")
-        folder = artifact_path(release.artifact_uri)
-        verify_digest(folder, release.digest)
-        return folder
+        # vLLM loads the read-only copy whose digest was checked, not the shared folder, which could change in between.
+        return pinned_copy(artifact_path(release.artifact_uri), release.digest, self.pinned_dir)
 
     def _warm(self, version: str) -> None:
         """One short completion, so the first real request does not pay for the adapter's first use."""
@@ -209,7 +210,10 @@ class Sidecar:
         except ServingError as exc:
             log.warning("unloading %s (%s): %s", version, why, exc)
         with self._lock:
-            self.loaded.pop(version, None)
+            digest = self.loaded.pop(version, {}).get("digest")
+            still_served = any(info.get("digest") == digest for info in self.loaded.values())
+        if digest and not still_served:
+            unpin(digest, self.pinned_dir)
         log.info("unloaded %s (%s)", version, why)
 
     def _post(self, path: str, body: dict[str, Any], *, already_ok: str | None = None) -> None:
@@ -287,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         base_digest = base_model_digest(model_dir)
-        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank, base_digest=base_digest,
-                          retire_grace_s=settings.retire_grace_s)
+        sidecar = Sidecar(vllm_url, http, max_lora_rank=settings.max_lora_rank, pinned_dir=settings.home / "adapters",
+                          base_digest=base_digest, retire_grace_s=settings.retire_grace_s)
         reader = ReleaseReader(settings.kafka, settings.topics, on_batch=sidecar.apply, name="sidecar-registry")
         publisher = StatusPublisher(settings, sidecar, base_digest,
                                     ready=lambda: healthy.is_set() and reader.caught_up.is_set())

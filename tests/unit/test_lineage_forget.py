@@ -186,3 +186,27 @@ def test_erasure_ids_are_deterministic_and_tenant_is_inferred_or_refused(records
     assert infer_tenant(records, "SESSION", "s-shared") == "acme"
     with pytest.raises(ConfigError, match="pass --tenant"):
         infer_tenant(records, "INTERACTION", "unknown")
+
+
+def test_an_adapter_is_loaded_from_a_read_only_copy_checked_after_it_was_made(tmp_path):
+    """The sidecar hands vLLM a copy named by the digest and verified after copying, so an artifact swapped on the
+    shared volume between the check and vLLM's load is never what gets served."""
+    from adaptloop.artifacts import artifact_digest, pinned_copy, unpin
+    from adaptloop.errors import ArtifactError
+
+    shared = tmp_path / "artifacts" / "v1"
+    shared.mkdir(parents=True)
+    (shared / "adapter_config.json").write_text('{"r": 8}')
+    (shared / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    digest = artifact_digest(shared)
+    pinned = pinned_copy(shared, digest, tmp_path / "pinned")
+    assert pinned.name == digest.removeprefix("sha256:") and artifact_digest(pinned) == digest
+    assert all(not (p.stat().st_mode & 0o222) for p in [pinned, *pinned.rglob("*")])  # read-only
+    (shared / "adapter_model.safetensors").write_bytes(b"\x01" * 64)  # swapped after the check
+    assert (pinned / "adapter_model.safetensors").read_bytes() == b"\x00" * 64
+    assert pinned_copy(shared, digest, tmp_path / "pinned") == pinned  # reused, checked again
+    with pytest.raises(ArtifactError, match="digest mismatch"):
+        pinned_copy(shared, "sha256:" + "0" * 64, tmp_path / "pinned")  # the changed content is refused
+    assert [p.name for p in (tmp_path / "pinned").iterdir()] == [pinned.name]  # no staging left behind
+    unpin(digest, tmp_path / "pinned")
+    assert not pinned.exists()

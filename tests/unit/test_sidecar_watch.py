@@ -19,10 +19,10 @@ from adaptloop.stack import free_port
 
 
 @pytest.fixture()
-def sidecar_server():
+def sidecar_server(tmp_path):
     port = free_port()
     with httpx.Client() as vllm_http:
-        sidecar = Sidecar("http://127.0.0.1:9", vllm_http, max_lora_rank=8)
+        sidecar = Sidecar("http://127.0.0.1:9", vllm_http, max_lora_rank=8, pinned_dir=tmp_path / "adapters")
         reader = ReleaseReader(KafkaSettings(bootstrap_servers="127.0.0.1:9"), Topics(prefix="watch."))
         healthy = threading.Event()
         healthy.set()
