@@ -30,6 +30,16 @@ def _cpu_list(value: str) -> str:
 CpuList = Annotated[str, AfterValidator(_cpu_list)]
 
 
+def _long_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and len(value.get_secret_value()) < 16:
+        raise ValueError("a key shorter than 16 characters is too easy to guess (empty: set one, or leave it unset)")
+    return value
+
+
+#: A shared secret a process is given: refused when short (an empty Secret in a manifest must not mean "no key").
+Secret = Annotated[SecretStr | None, AfterValidator(_long_secret)]
+
+
 #: Where a deployment's admin credential lives when no process is given one (``adaptloop up`` writes it there).
 ADMIN_KEY_FILE = "gateway-admin-key"
 
@@ -59,6 +69,11 @@ def admin_key(explicit: SecretStr | None, file: Path | None) -> str:
             raise ConfigError("an admin key shorter than 16 characters is too easy to guess")
         return explicit.get_secret_value()
     return shared_secret(file or DEFAULT_HOME / ADMIN_KEY_FILE, "admin key")
+
+
+def bearer_header(key: SecretStr | None) -> dict[str, str]:
+    """The header a vLLM started with an API key wants on its /v1 calls (load, unload, completions)."""
+    return {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
 
 
 def _config(prefix: str) -> SettingsConfigDict:
@@ -279,6 +294,9 @@ class ServeSettings(BaseSettings):
     tool_call_parser: str = Field("hermes", description=(
         "vLLM's --tool-call-parser, matching the template's tool-call blocks; empty: no tool calling."))
     kv_cache_gib: int = 1
+    vllm_api_key: Secret = Field(None, description=(
+        "The key vLLM's API (runtime LoRA loading included) takes; the sidecar sends it, gateways send their "
+        "ADAPTLOOP_GATEWAY_VLLM_API_KEY. Unset: no key (the local stack's vLLM listens on loopback only)."))
     dtype: str = Field("float32", description="vLLM --dtype. Its 'auto' downcasts fp32 models to bf16, which CPUs "
                        "without AVX-512 BF16 emulate (~10 tokens/s here instead of hundreds); use bfloat16 on GPUs.")
     startup_timeout_s: float = 300.0
@@ -320,6 +338,7 @@ class GatewaySettings(BaseSettings):
     port: int = 18080
     vllm_url: str = "http://127.0.0.1:18000"
     sidecar_url: str = "http://127.0.0.1:18001"
+    vllm_api_key: Secret = Field(None, description="The key the vLLM replicas take (ADAPTLOOP_SERVE_VLLM_API_KEY).")
     replicas: list[Replica] = Field(default_factory=list, description=(
         "Several vLLM replicas, as JSON: [{\"vllm_url\": ..., \"sidecar_url\": ...}, ...]; "
         "empty means the one at vllm_url/sidecar_url."))

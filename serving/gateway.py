@@ -106,7 +106,7 @@ from adaptloop.serving.keys import KeyStore
 from adaptloop.serving.outbox import OutboxError
 from adaptloop.serving.recording import InteractionLog
 from adaptloop.serving.registry import Release, ReleaseReader
-from adaptloop.settings import GatewaySettings, Replica, admin_key
+from adaptloop.settings import GatewaySettings, Replica, admin_key, bearer_header
 from adaptloop.tasks import Catalogue, load_catalogue
 
 log = logging.getLogger("adaptloop.gateway")
@@ -317,7 +317,8 @@ class Gateway:
         # under serving.bench_gateway), and this client is on every call's path.
         self.client = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s, connect=5.0),
-            connector=aiohttp.TCPConnector(limit=256), auto_decompress=False)
+            connector=aiohttp.TCPConnector(limit=256), auto_decompress=False,
+            headers=bearer_header(self.settings.vllm_api_key))
         self.reader.start()
         self.interactions.start()
         self._pollers = [asyncio.create_task(self._watch_sidecar(r), name=f"sidecar-watch-{r.sidecar_url}")

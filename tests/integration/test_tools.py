@@ -39,6 +39,7 @@ TOOLS = [
                        "required": ["order_id", "amount"], "additionalProperties": False}}},
 ]
 USER = [{"role": "user", "content": "Where is my order A1234?"}]
+VLLM_KEY = "vllm-" + uuid.uuid4().hex
 CATALOGUE = "tasks:\n  support:\n    system_prompt: You are a support agent.\n    validator: {kind: regex, pattern: '(?s).*'}\n"
 
 
@@ -56,6 +57,8 @@ def stack(kafka, tmp_path_factory):
         "ADAPTLOOP_GATEWAY_PORT": str(ports["gateway"]),
         "ADAPTLOOP_GATEWAY_VLLM_URL": f"http://127.0.0.1:{ports['vllm']}",
         "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{ports['sidecar']}",
+        # vLLM behind a key, as in deploy/k8s: the gateway sends it, nobody else has it.
+        "ADAPTLOOP_SERVE_VLLM_API_KEY": VLLM_KEY, "ADAPTLOOP_GATEWAY_VLLM_API_KEY": VLLM_KEY,
     }
     serve = start_service("serve", home, env, timeout_s=600)
     try:
@@ -179,6 +182,18 @@ def test_a_multi_turn_episode_with_tool_results_is_recorded_turn_by_turn(stack, 
                                           "tool_call_id": None, "name": None}  # the task's prompt, added
 
 
+def test_vllm_takes_only_its_key_and_the_gateway_sends_it(stack, client):
+    """vLLM (runtime LoRA loading on) refuses a call without its key, including a load; through the gateway, which
+    holds the key, a tenant's call is served."""
+    for path, body in (("/v1/models", None), ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"})):
+        response = (httpx.get if body is None else httpx.post)(stack["vllm"] + path, timeout=30,
+                                                                **({"json": body} if body else {}))
+        assert response.status_code == 401, (path, response.status_code, response.text[:200])
+    assert httpx.get(stack["vllm"] + "/v1/models", timeout=30,
+                     headers={"authorization": f"Bearer {VLLM_KEY}"}).status_code == 200
+    assert client.chat.completions.create(model=f"{TENANT}/support", messages=USER, max_tokens=4).choices
+
+
 def test_a_bad_episode_id_is_a_400(stack):
     response = httpx.post(stack["gateway"] + "/v1/chat/completions", timeout=30,
                           headers={"authorization": f"Bearer {stack['key']}", "x-adaptloop-episode": "x" * 500},
@@ -207,7 +222,7 @@ def test_the_trainer_renders_the_tokens_vllm_renders(stack):
         wire = [dict(m, tool_calls=[{"id": c["id"], "type": "function", "function": {
             "name": c["name"], "arguments": c["arguments"]}} for c in m["tool_calls"]]) if m.get("tool_calls") else m
             for m in messages]
-        response = httpx.post(stack["vllm"] + "/tokenize", timeout=30, json={
+        response = httpx.post(stack["vllm"] + "/tokenize", timeout=30, headers={"authorization": f"Bearer {VLLM_KEY}"}, json={
             "model": BASE, "messages": wire, "tools": TOOLS, "add_generation_prompt": generation_prompt})
         assert response.status_code == 200, response.text
         return response.json()["tokens"]

@@ -153,7 +153,7 @@ def test_every_adaptloop_variable_is_a_setting_and_each_process_accepts_its_pod_
     docs = [doc for _, doc in documents()]
     config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     shipped = {d["metadata"]["name"]: d["stringData"] for d in docs if d["kind"] == "Secret"}
-    filled = {name: {k: f"test-{k}" for k in data} for name, data in shipped.items()}
+    filled = {name: {k: f"test-{k}".ljust(24, "0") for k in data} for name, data in shipped.items()}  # keys >= 16
     checked = set()
     for doc in docs:
         for container in containers(doc):
@@ -185,7 +185,7 @@ def test_every_adaptloop_variable_is_a_setting_and_each_process_accepts_its_pod_
                 kafka = settings.kafka
                 assert (kafka.embedded, kafka.idempotence, kafka.security_protocol) == (False, True, "SASL_SSL")
                 assert kafka.sasl_mechanism.startswith("SCRAM") and kafka.schema_registry_url.startswith("https://")
-                assert kafka.client_config()["sasl.password"] == "test-password"
+                assert kafka.client_config()["sasl.password"] == "test-password".ljust(24, "0")
                 # The shipped secrets are empty on purpose: a process refuses to start, with the reason.
                 m.setenv("ADAPTLOOP_KAFKA_SASL_PASSWORD", "")
                 with pytest.raises(ConfigError, match="SASL needs"):
@@ -211,3 +211,8 @@ def test_the_gateway_sees_each_vllm_replica_on_its_own_and_only_it_reaches_them(
     assert policy["spec"]["podSelector"]["matchLabels"] == serve["spec"]["selector"]["matchLabels"]
     (rule,) = policy["spec"]["ingress"]
     assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in rule["from"]] == ["gateway"]
+    # ... and vLLM takes one key, which the sidecar (same pod, same env) and every gateway send.
+    key_refs = {container["name"]: {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+                                    if "VLLM_API_KEY" in e["name"]} for container in containers(serve) + containers(gateway)}
+    assert key_refs == {"vllm": {"ADAPTLOOP_SERVE_VLLM_API_KEY": {"name": "adaptloop-vllm", "key": "key"}},
+                        "gateway": {"ADAPTLOOP_GATEWAY_VLLM_API_KEY": {"name": "adaptloop-vllm", "key": "key"}}}
