@@ -124,3 +124,35 @@ def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode
         time.sleep(2)
     assert curated and curated[0]["turn"] == len(records), curated
     assert [m["role"] for m in curated[0]["prompt_messages"]].count("tool") == len(ran)  # every result it was sent
+
+
+def listening_sockets() -> list[tuple[str, int]]:
+    """(local address, pid) of every listening TCP socket on the host (``ss -ltnpH``)."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30, check=True).stdout
+    return [(line.split()[3], int(pid)) for line in out.splitlines() for pid in re.findall(r"pid=(\d+)", line)]
+
+
+def descendants(pid: int) -> set[int]:
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=30).stdout.split()
+    return {pid}.union(*(descendants(int(c)) for c in children))
+
+
+def test_the_local_stack_listens_on_loopback_only(trained):
+    """Every socket the stack's processes (and everything they started: vLLM's workers, the Faust worker) listen
+    on is on loopback, except Ray's: Ray 2.60's core gRPC servers bind every interface even when its node address
+    is 127.0.0.1 (see the README's trainer section), so they are listed, not hidden."""
+    stack = trained["stack"]
+    ours = set().union(*(descendants(p.pid) for p in stack.processes if p.pid))
+    ray = {pid for pid in ours if "ray" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").lower()}
+    listening = [(address, pid) for address, pid in listening_sockets() if pid in ours]
+    assert listening, "no listening socket of the stack found"
+    loopback = ("127.", "[::1]:", "[::ffff:127.")
+    exposed = [(address, pid) for address, pid in listening if not address.startswith(loopback) and pid not in ray]
+    print(f"{len(listening)} listening sockets of {len(ours)} processes; Ray's beyond loopback: "
+          f"{sorted(a for a, p in listening if p in ray and not a.startswith(loopback))}")
+    assert exposed == [], exposed
