@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,13 @@ def listening_sockets() -> list[tuple[str, int]]:
     return [(line.split()[3], int(pid)) for line in out.splitlines() for pid in re.findall(r"pid=(\d+)", line)]
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""
+
+
 def descendants(pid: int) -> set[int]:
     import subprocess
 
@@ -151,8 +159,7 @@ def test_the_local_stack_listens_on_loopback_only(trained):
     # Ray's processes, and the trainer, which runs Ray's driver (its core worker's gRPC server) in-process and
     # listens on nothing of its own.
     trainer = {p.pid for p in stack.processes if p.name == "trainer"}
-    ray = trainer | {pid for pid in ours
-                     if "ray" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").lower()}
+    ray = trainer | {pid for pid in ours if "ray" in command_line(pid).lower()}
     listening = [(address, pid) for address, pid in listening_sockets() if pid in ours]
     assert listening, "no listening socket of the stack found"
     loopback = ("127.", "[::1]:", "[::ffff:127.")
