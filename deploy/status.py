@@ -285,9 +285,9 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
     key = settings.gateway_key.get_secret_value() if settings.gateway_key else None
     models = get_json(settings.gateway_url.rstrip("/") + "/v1/models", settings.http_timeout_s,
                       {"authorization": f"Bearer {key}"} if key else None)
-    admin = admin_key(settings.gateway_admin_key, settings.gateway_admin_key_file or settings.home / ADMIN_KEY_FILE)
+    operator = admin_key(settings.gateway_admin_key, settings.gateway_admin_key_file or settings.home / ADMIN_KEY_FILE)
     stats = get_json(settings.gateway_url.rstrip("/") + "/stats", settings.http_timeout_s,
-                     {"authorization": f"Bearer {admin}"})
+                     {"authorization": f"Bearer {operator}"})
     snapshot["gateway"] = {"ok": models["ok"], "url": models["url"], "error": models.get("error"),
                            "routes": routing_rows(models), "traffic": traffic_shares(stats),
                            "stats_error": stats.get("error")}
