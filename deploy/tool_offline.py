@@ -1,6 +1,6 @@
 """``adaptloop tool-offline``: the tool task's training recipe alone, without the stack, as JSON.
 
-    adaptloop tool-offline                                         # 45 episodes, the catalogue's training
+    adaptloop tool-offline                                         # 36 episodes, the catalogue's training
     adaptloop tool-offline --episodes 30 --batch-size 4 --out four-per-step.json
 
 Generates ``--episodes`` right trajectories of the example catalogue's ``support-agent`` (the per-turn
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = example_catalogue().get(TASK)
     parser = argparse.ArgumentParser(prog="adaptloop tool-offline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--episodes", type=int, default=45, help="right training episodes (three turns at most each)")
+    parser.add_argument("--episodes", type=int, default=36, help="right training episodes (three turns at most each)")
     parser.add_argument("--epochs", type=float, default=spec.epochs or 1)
     parser.add_argument("--batch-size", type=int, default=spec.batch_size or 4)
     parser.add_argument("--learning-rate", type=float, default=spec.learning_rate or 2e-3)

@@ -290,21 +290,21 @@ def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_to
     wrong_tool = {"lookup_order": "handoff_to_person", "refund": "change_address", "change_address": "refund",
                   "handoff_to_person": "lookup_order"}
     records = []
-    for example in trajectories(4, seed=7)[:8]:
+    for example in trajectories(2, seed=7)[:4]:
         calls = example["completion_tool_calls"]
         rejected = ({"tool_calls": [dict(calls[0], name=wrong_tool[calls[0]["name"]])]} if calls else
                     {"content": "", "tool_calls": [{"id": "c", "name": "lookup_order",
                                                     "arguments": json.dumps({"order_id": "A10000"})}]})
         records.append(curated_turn(example, "TRAIN", tenant=tenant, episode=example["episode_id"], rejected=rejected))
     records += [curated_turn(example, "HOLDOUT", tenant=tenant, episode=example["episode_id"])
-                for example in trajectories(3, seed=99, held_out=True)]
+                for example in trajectories(2, seed=99, held_out=True)]
     release = service.process(training_request(tenant, produce_curated(kafka, module_topics.name("curated"), records),
                                                task=SUPPORT_TASK))
     print(f"\n[dpo on tool turns] {summary(release)}: {release['reason'][:300]}")
     training = json.loads(release["training_json"])
-    assert release["method"] == "dpo" and training["signal"]["pairs"] == 8 and training["steps"] > 0, release["reason"]
+    assert release["method"] == "dpo" and training["signal"]["pairs"] == 4 and training["steps"] > 0, release["reason"]
     evaluation = release["evaluation"]
-    assert evaluation["metric"].startswith(f"episode_success:python:{SUPPORT_TASK}@") and evaluation["holdout_count"] == 3
+    assert evaluation["metric"].startswith(f"episode_success:python:{SUPPORT_TASK}@") and evaluation["holdout_count"] == 2
 
 
 def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():
