@@ -290,7 +290,7 @@ def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_to
     wrong_tool = {"lookup_order": "handoff_to_person", "refund": "change_address", "change_address": "refund",
                   "handoff_to_person": "lookup_order"}
     records = []
-    for example in trajectories(2, seed=7)[:4]:
+    for example in trajectories(4, seed=7)[:8]:  # the trainer's fewest examples
         calls = example["completion_tool_calls"]
         rejected = ({"tool_calls": [dict(calls[0], name=wrong_tool[calls[0]["name"]])]} if calls else
                     {"content": "", "tool_calls": [{"id": "c", "name": "lookup_order",
@@ -302,7 +302,7 @@ def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_to
                                                task=SUPPORT_TASK))
     print(f"\n[dpo on tool turns] {summary(release)}: {release['reason'][:300]}")
     training = json.loads(release["training_json"])
-    assert release["method"] == "dpo" and training["signal"]["pairs"] == 4 and training["steps"] > 0, release["reason"]
+    assert release["method"] == "dpo" and training["signal"]["pairs"] == 8 and training["steps"] > 0, release["reason"]
     evaluation = release["evaluation"]
     assert evaluation["metric"].startswith(f"episode_success:python:{SUPPORT_TASK}@") and evaluation["holdout_count"] == 2
 
