@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from adaptloop.chat import assistant_text
-from adaptloop.tasks import Verdict
+from adaptloop.tasks import Verdict, turn_by_turn
 
 TOOLS = [
     {"type": "function", "function": {"name": "lookup_order", "description": "Find an order by id.",
@@ -221,13 +221,7 @@ def right_turns(case: SupportCase) -> list[str]:
 
 def judge_episode(turns: Sequence[str], right: Sequence[str]) -> Verdict:
     """An episode's assistant turns against the right ones, turn by turn (the catalogue's episode judge)."""
-    for k, (turn, want) in enumerate(zip(turns, right), start=1):
-        verdict = support_turn(turn, want)
-        if not verdict.ok:
-            return Verdict(False, (k - 1) / len(right), f"turn {k}: {verdict.reason}")
-    if len(turns) < len(right):
-        return Verdict(False, len(turns) / len(right), f"the episode stopped after {len(turns)} of {len(right)} turns")
-    return Verdict(True, 1.0, "right tools, arguments and answer")
+    return turn_by_turn(support_turn, turns, right)
 
 
 def replay_world(messages: Iterable[Mapping[str, Any]]) -> Callable[[str, Any], dict[str, Any]]:

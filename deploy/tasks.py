@@ -93,6 +93,18 @@ def verdict_of(what: str, function: Callable[..., Any], *args: Any) -> Verdict:
     return verdict
 
 
+def turn_by_turn(judge: Callable[[str, str], Verdict], turns: Sequence[str], right_turns: Sequence[str]) -> Verdict:
+    """An episode judged by its turns: each right by ``judge`` against the right one, none missing."""
+    for k, (turn, right) in enumerate(zip(turns, right_turns), start=1):
+        verdict = judge(turn, right)
+        if not verdict.ok:
+            return Verdict(False, (k - 1) / len(right_turns), f"turn {k}: {verdict.reason}")
+    if len(turns) < len(right_turns):
+        return Verdict(False, len(turns) / len(right_turns),
+                       f"the episode stopped after {len(turns)} of {len(right_turns)} turns")
+    return Verdict(True, 1.0, "every turn right")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What the loop knows of one task: how to ask for it, how to judge it, and its own loop settings."""
@@ -128,13 +140,7 @@ class TaskSpec:
         judge, or else every turn right by the validator, none missing."""
         if self.episode_judge is not None:
             return verdict_of("episode judge", self.episode_judge, list(turns), list(right_turns))
-        for k, (turn, right) in enumerate(zip(turns, right_turns), start=1):
-            verdict = self.judge(turn, right)
-            if not verdict.ok:
-                return Verdict(False, (k - 1) / len(right_turns), f"turn {k}: {verdict.reason}")
-        if len(turns) < len(right_turns):
-            return Verdict(False, len(turns) / len(right_turns), f"stopped after {len(turns)} of {len(right_turns)} turns")
-        return Verdict(True, 1.0, "every turn right")
+        return turn_by_turn(self.judge, turns, right_turns)
 
     @property
     def scorer(self) -> str:
