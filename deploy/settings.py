@@ -64,9 +64,7 @@ def shared_secret(path: Path, what: str) -> str:
 def admin_key(explicit: SecretStr | None, file: Path | None) -> str:
     """The gateway's admin credential: given, else read from ``file`` (default $ADAPTLOOP_HOME/gateway-admin-key),
     created there if missing."""
-    if explicit is not None:
-        if len(explicit.get_secret_value()) < 16:
-            raise ConfigError("an admin key shorter than 16 characters is too easy to guess")
+    if explicit is not None:  # at least 16 characters: the settings' ``Secret`` type checks it
         return explicit.get_secret_value()
     return shared_secret(file or DEFAULT_HOME / ADMIN_KEY_FILE, "admin key")
 
@@ -362,7 +360,7 @@ class GatewaySettings(BaseSettings):
         "The key that tags every interaction id with its tenant (POST /v1/feedback verifies it): the same "
         "on every gateway of a deployment. Unset: read from id_secret_file, created there if missing."))
     id_secret_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-id-secret (0600).")
-    admin_key: SecretStr | None = Field(None, description=(
+    admin_key: Secret = Field(None, description=(
         "Bearer credential for /stats and /health's detail (every tenant's aliases, traffic and versions): "
         "operators and the canary controller only. Unset: read from admin_key_file, created there if missing."))
     admin_key_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-admin-key (0600).")
@@ -407,7 +405,7 @@ class CanarySettings(BaseSettings):
     topics: Topics = Field(default_factory=Topics)
     gateway_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:18080"], description=(
         "Gateways whose /stats give request errors and latency per version (JSON list)."))
-    gateway_admin_key: SecretStr | None = Field(None, description="The gateways' admin key (/stats); unset: from the file.")
+    gateway_admin_key: Secret = Field(None, description="The gateways' admin key (/stats); unset: from the file.")
     gateway_admin_key_file: Path | None = Field(None, description="Default $ADAPTLOOP_HOME/gateway-admin-key.")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="False decision rate of the always-valid sequential test.")
     tau: float = Field(0.3, gt=0.0, description="Prior scale of the success-rate difference (mixture SPRT).")
@@ -431,7 +429,7 @@ class StatusSettings(BaseSettings):
     home: Path = Field(DEFAULT_HOME / "stack", description="The stack home whose stack.json lists the processes.")
     gateway_url: str = "http://127.0.0.1:18080"
     gateway_key: SecretStr | None = Field(None, description="Bearer key for the gateway's /v1/models, if it needs one.")
-    gateway_admin_key: SecretStr | None = Field(None, description="The gateway's admin key (/stats); unset: from the file.")
+    gateway_admin_key: Secret = Field(None, description="The gateway's admin key (/stats); unset: from the file.")
     gateway_admin_key_file: Path | None = Field(None, description="Default: gateway-admin-key in the stack home.")
     sidecar_url: str = "http://127.0.0.1:18001"
     streams_url: str = Field("http://127.0.0.1:6066", description="A curation worker's web port (/adaptloop/metrics).")
