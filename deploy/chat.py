@@ -64,7 +64,8 @@ def assistant_text(content: str | None, tool_calls: Iterable[Mapping[str, Any]] 
     return "\n".join(parts)
 
 
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+#: One tool call as the template renders it and vLLM's hermes parser reads it back.
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict[str, str]]]:
@@ -72,7 +73,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, str]]]:
     the text outside the ``<tool_call>`` blocks, and each block's call. When a block is not a JSON object with a
     name, the parser returns no calls and the whole text as content; so does this."""
     calls = []
-    for block in _TOOL_CALL_BLOCK.findall(text):
+    for block in TOOL_CALL_BLOCK.findall(text):
         try:
             call = json.loads(block)
         except (ValueError, RecursionError):
@@ -80,7 +81,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, str]]]:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return text, []
         calls.append({"name": call["name"], "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)})
-    return (_TOOL_CALL_BLOCK.sub("", text).strip(), calls) if calls else (text, [])
+    return (TOOL_CALL_BLOCK.sub("", text).strip(), calls) if calls else (text, [])
 
 
 def template_message(message: Mapping[str, Any]) -> dict[str, Any]:

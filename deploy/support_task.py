@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from adaptloop.chat import assistant_text
+from adaptloop.chat import TOOL_CALL_BLOCK, assistant_text
 from adaptloop.tasks import Verdict, turn_by_turn
 
 TOOLS = [
@@ -165,14 +165,13 @@ class SupportWorld:
 
 # -- judges ---------------------------------------------------------------------------------------------
 
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _FACT = re.compile(r"\b[A-Z]\d{5}\b|\b\d+\.\d+\b|\b\d{1,2} [A-Z][a-z]+ (?:Street|Road|Lane|Avenue|Way|Drive)\b")
 
 
 def parse_turn(text: str) -> tuple[str, list[tuple[str, Any]]] | str:
     """(text outside the tool-call blocks, [(tool, arguments)]) of an assistant turn, or why it is not one."""
     calls = []
-    for block in _TOOL_CALL.findall(text):
+    for block in TOOL_CALL_BLOCK.findall(text):
         try:
             value = json.loads(block)
         except (ValueError, RecursionError):
@@ -180,7 +179,7 @@ def parse_turn(text: str) -> tuple[str, list[tuple[str, Any]]] | str:
         if not isinstance(value, dict) or value.get("name") not in TOOL_NAMES or not isinstance(value.get("arguments"), dict):
             return f"a tool call of no known tool, or without object arguments: {block[:80]!r}"
         calls.append((value["name"], value["arguments"]))
-    return _TOOL_CALL.sub("", text).strip(), calls
+    return TOOL_CALL_BLOCK.sub("", text).strip(), calls
 
 
 def _same_arguments(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
