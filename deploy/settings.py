@@ -209,6 +209,10 @@ class StreamsSettings(BaseSettings):
                           "record per partition on the {app_id}-ticks topic each time).")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity (MinHash of word "
                                             "3-shingles) at which an example is a near duplicate of an earlier one.")
+    dedupe_max_per_task: int = Field(100_000, ge=1, description="The near-duplicate index of a (tenant, task) holds its "
+                                     "newest N admitted examples; older ones leave it (and its table), oldest first.")
+    state_sweep_s: float = Field(60.0, gt=0, description="How often each partition's table entries are swept: an entry "
+                                 "last written one outcome horizon ago is deleted (adaptloop.streams.state).")
     batch_max_events: int = Field(256, ge=1, description="The join and dedupe agents take up to this many records at a "
                                   "time and await their outputs' acknowledgements together (one round trip per batch).")
     batch_within_s: float = Field(0.005, gt=0, description="... or what arrived within this long: the most a batch adds "

@@ -59,6 +59,7 @@ from adaptloop.streams.faust_app import new_app
 from adaptloop.streams.metrics import ADMITTED, CONTENT_TYPE_LATEST, DEAD_LETTERED, ERASED, REJECTED, CurationMetrics
 from adaptloop.streams.pii import INTERACTION_TEXT, OUTCOME_TEXT, Redactor, redact_record
 from adaptloop.streams.stages import SourceRef
+from adaptloop.streams.state import ERASED_MARK, Swept, Sweeper, stamped
 from adaptloop.streams.trajectories import Episodes
 from adaptloop.tasks import Catalogue, load_catalogue
 
@@ -66,8 +67,6 @@ log = logging.getLogger(__name__)
 
 #: The two sides of a join as stored in the join table.
 INTERACTION, OUTCOME = "interaction", "outcome"
-#: Join-table marker of an interaction an erasure matched.
-ERASED_MARK = "ERASED"
 
 
 def internal_topics(settings: StreamsSettings) -> dict[str, int]:
@@ -142,14 +141,16 @@ class Curation:
         def table(name: str) -> faust.TableT:
             return app.Table(name, partitions=names.partitions, schema=table_schema)
 
-        # interaction id -> {"interaction": side, "outcomes": [side...], "due": ms|None, "p": partition}
-        #                   until curated, then {"emitted": kind}; side = {"record", "ref", "redactions", "subjects"}
+        # interaction id -> {"interaction": side, "outcomes": [side...], "due": ms|None} until curated, then
+        #                   {"emitted": kind}; side = {"record", "ref", "redactions", "subjects"}. Every entry of
+        #                   the tables below but "windows" carries "at" and "p" (``streams.state``: they expire).
         self.joins = table("joins")
         # The join agent's writes, written at its batch's end, before the batch is acked: a pair completed
         # within one batch writes only its "emitted" flag. The tick task reads through them too.
         self.staged_joins = StagedWrites(self.joins)
         # "tenant/task/example_id" -> {"hash", "sig", "decision"}: dedupe decisions survive replays; the exact
-        # and near-duplicate index of the admitted ones is rebuilt from it (at most one admitted per hash)
+        # and near-duplicate index of the admitted ones is rebuilt from it (at most one admitted per hash,
+        # the newest ``dedupe_max_per_task``)
         self.seen = table("dedupe_seen")
         # "tenant/task" -> stages.new_window_state() | {"p": partition}
         self.windows = table("windows")
@@ -157,7 +158,7 @@ class Curation:
         # not one per example) and before any await, so that no other task (the tick) ever reads a
         # stale window from the table.
         self.staged_windows = StagedWrites(self.windows)
-        # "tenant/task/example_id" -> curated offset that counted it (a repeat of an example counts once)
+        # "tenant/task/example_id" -> {"o": the curated offset that counted it} (a repeat of an example counts once)
         self.counted = table("window_counted")
         # "tenant/episode_id" -> the episode's newest turn and its episode-level outcomes (streams.trajectories)
         self.episodes = Episodes(self, table("episodes"))
@@ -169,6 +170,12 @@ class Curation:
         self._due: dict[int, dict[str, int]] | None = None
         # "tenant/task" -> near-duplicate index; rebuilt lazily from the seen table after a rebalance.
         self._indexes: dict[str, dedupe.NearDuplicateIndex] = {}
+        self.sweeper = Sweeper({
+            "joins": Swept(self.joins, on_evict=self._count_orphans, holds_records=True),
+            "episodes": Swept(self.episodes.table, holds_records=True),
+            "window_counted": Swept(self.counted),
+            "dedupe_seen": Swept(self.seen, lasting=lambda entry: entry["decision"]["admitted"]),
+        }, ttl_ms=self.horizon_ms, every_ms=int(settings.state_sweep_s * 1000))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -245,7 +252,8 @@ class Curation:
         if self.erased(record) is not None:
             self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
             if side == INTERACTION:
-                self.staged_joins.put(interaction_id, {"emitted": ERASED_MARK})
+                self.staged_joins.put(interaction_id, stamped({"emitted": ERASED_MARK}, now=stages.now_ms(),
+                                                              partition=ref.partition))
             return
         entry = dict(self.staged_joins.get(interaction_id) or {})
         if entry.get("emitted") == ERASED_MARK:
@@ -271,7 +279,7 @@ class Curation:
                 log.info("outcome %s: duplicate, ignored (%s)", record["outcome_id"], ref)
                 return
             entry["outcomes"] = outcomes + [wrapped]
-        entry["p"] = ref.partition
+        entry = stamped(entry, now=stages.now_ms(), partition=ref.partition)
         if INTERACTION in entry and entry.get("outcomes"):
             if any(stages.is_final(o["record"]) for o in entry["outcomes"]):
                 await self.emit(interaction_id, entry)
@@ -311,7 +319,8 @@ class Curation:
             tenant_task = stages.curated_key(example["tenant"], example["task"])
             if self.erased(example) is not None:
                 self.metrics.record(stages.STAGE_JOIN, ERASED, tenant_task=tenant_task)
-                self.staged_joins.put(interaction_id, {"emitted": ERASED_MARK})
+                self.staged_joins.put(interaction_id, stamped({"emitted": ERASED_MARK}, now=stages.now_ms(),
+                                                              partition=int(entry["p"])))
                 self._settled(interaction_id, entry)
                 return
             value = self.curated_serde.serialize(example, SerdeContext(self.scored.get_topic_name()))
@@ -323,7 +332,8 @@ class Curation:
             raise
 
         def emitted() -> None:
-            self.staged_joins.put(interaction_id, {"emitted": example["kind"]})
+            self.staged_joins.put(interaction_id, stamped({"emitted": example["kind"]}, now=stages.now_ms(),
+                                                          partition=int(entry["p"])))
             self._settled(interaction_id, entry)
             self.metrics.redactions(tenant_task, redactions)
             if example["admitted"]:
@@ -358,6 +368,7 @@ class Curation:
                 continue
             await self.emit(interaction_id, dict(entry))
         await self.episodes.tick(partition, now)
+        self.keep_bounded(partition, now)
         for key, state in list(self.windows.items()):
             if not isinstance(state, dict) or state.get("p") != partition:
                 continue
@@ -367,6 +378,29 @@ class Curation:
                                           min_examples=self.min_examples(key.split("/", 1)[1])):
                 tenant, task = key.split("/", 1)
                 await self._fire(key, tenant, task, dict(state), trigger=f"age>={self.settings.window_max_age_s:g}s")
+
+    def keep_bounded(self, partition: int, now: int) -> None:
+        """Erase pending entries a new erasure matches; delete entries past the horizon (``streams.state``)."""
+        busy = self._busy
+        self.sweeper.erase(partition, self.erasures.erasures if self.erasures is not None else None, now, skip=busy)
+        if self.sweeper.due(partition, now):
+            self.sweeper.sweep(partition, now, skip=busy)
+
+    def _busy(self, key: str) -> bool:
+        """Being sent, or written at this batch's end: not the sweeper's to touch now."""
+        return (key in self._in_flight or key in self.episodes.in_flight or self.staged_joins.holds(key))
+
+    def _count_orphans(self, interaction_id: str, entry: Mapping[str, Any]) -> None:
+        """A join entry leaves for age: outcomes whose interaction never came are counted, not silently lost."""
+        if entry.get("emitted") or INTERACTION in entry:
+            return
+        for side in entry.get("outcomes") or []:
+            record = side["record"]
+            self.metrics.record(stages.STAGE_JOIN, REJECTED,
+                                tenant_task=stages.curated_key(record["tenant"], record.get("task") or "?"),
+                                reason="orphan_outcome: no interaction within the outcome horizon")
+            log.warning("outcome %s: its interaction %s never came within the horizon; dropped",
+                        record["outcome_id"], interaction_id)
 
     def on_rebalance(self) -> None:
         """Partitions moved: in-memory indexes may describe partitions this worker no longer (or newly) owns."""
@@ -380,10 +414,12 @@ class Curation:
         index = self._indexes.get(tenant_task)
         if index is None:
             prefix = tenant_task + "/"
-            index = dedupe.NearDuplicateIndex.of(
-                ((key[len(prefix):], value["sig"], value["hash"]) for key, value in list(self.seen.items())
-                 if key.startswith(prefix) and value["decision"]["admitted"]),
-                self.settings.near_duplicate_threshold)
+            admitted = sorted(((value.get("at") or 0, key[len(prefix):], value) for key, value in list(self.seen.items())
+                               if key.startswith(prefix) and value["decision"]["admitted"]), key=lambda x: x[:2])
+            index = dedupe.NearDuplicateIndex.of(((example_id, value["sig"], value["hash"])
+                                                  for _, example_id, value in admitted),
+                                                 self.settings.near_duplicate_threshold,
+                                                 max_size=self.settings.dedupe_max_per_task)
             self._indexes[tenant_task] = index
         return index
 
@@ -403,10 +439,13 @@ class Curation:
                 index = self._index(tenant_task)
                 decision = dedupe.dedupe_decision(example, exact_of=index.exact_of(example["content_hash"]),
                                                   near_of=index.query(signature, exclude=example["example_id"]))
-                seen = {"hash": example["content_hash"], "sig": signature, "decision": decision}
+                seen = stamped({"hash": example["content_hash"], "sig": signature, "decision": decision},
+                               now=stages.now_ms(), partition=ref.partition)
                 self.seen[seen_key] = seen
                 if decision["admitted"]:
-                    index.add(example["example_id"], signature, example["content_hash"])
+                    for evicted in index.add(example["example_id"], signature, example["content_hash"]):
+                        if f"{tenant_task}/{evicted}" in self.seen:
+                            del self.seen[f"{tenant_task}/{evicted}"]
             example.update(seen["decision"])
             if not example["admitted"]:
                 self.metrics.record(stages.STAGE_DEDUPE, REJECTED, tenant_task=tenant_task,
@@ -433,7 +472,9 @@ class Curation:
         example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
         key = stages.curated_key(example["tenant"], example["task"])
         counted_key = f"{key}/{example['example_id']}"
-        repeat = example["admitted"] and self.counted.get(counted_key) not in (None, ref.offset)
+        counted = self.counted.get(counted_key)
+        counted_offset = counted["o"] if isinstance(counted, dict) else counted  # a bare offset: written before "at"
+        repeat = example["admitted"] and counted is not None and counted_offset != ref.offset
         previous = self.staged_windows.get(key)
         state, fire = stages.window_update(previous, example | {"admitted": example["admitted"] and not repeat},
                                            partition=ref.partition, offset=ref.offset,
@@ -442,7 +483,7 @@ class Curation:
             log.info("curated %s@%d: replayed, already counted", ref.topic, ref.offset)
             return
         if example["admitted"] and not repeat:
-            self.counted[counted_key] = ref.offset
+            self.counted[counted_key] = stamped({"o": ref.offset}, now=stages.now_ms(), partition=ref.partition)
             self.metrics.record(stages.STAGE_WINDOW, ADMITTED, tenant_task=key)
         state["p"] = ref.partition
         if fire:
@@ -499,7 +540,7 @@ class Curation:
 
     async def refresh_lag(self) -> None:
         """Consumer lag of the input topics: partition end minus this worker's position (Tansu's ends
-        count batches: behind a multi-record batch the lag reads low)."""
+        count batches: behind a multi-record batch the lag reads low); table sizes."""
         consumer = self.app.consumer
         for tp in self.app.assignor.assigned_actives():
             if tp.topic not in (self.interactions.get_topic_name(), self.outcomes.get_topic_name()):
@@ -512,6 +553,7 @@ class Curation:
                 continue
             if position is not None and highwater is not None:
                 self.metrics.set_lag(tp.topic, tp.partition, max(0, int(highwater) - int(position)))
+        self.metrics.set_state(self.sweeper.sizes(), self.sweeper.evicted)
 
 
 def _reason(text: str | None) -> str:

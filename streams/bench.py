@@ -96,8 +96,8 @@ class _NoIndex:
     def query(self, values: list[int], *, exclude: str | None = None) -> list[str]:
         return []
 
-    def add(self, example_id: str, values: list[int], content_hash: str | None = None) -> None:
-        pass
+    def add(self, example_id: str, values: list[int], content_hash: str | None = None) -> list[str]:
+        return []
 
 
 def hops_main() -> int:

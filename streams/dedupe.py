@@ -9,6 +9,10 @@ MinHash/LSH comes from ``datasketch`` (maintained, the standard choice). The ind
 the signatures and content hashes live in one Faust table with a changelog (one changelog record
 per example), and the agent rebuilds an index from them after a restart or a rebalance
 (``NearDuplicateIndex.of``).
+
+The index is bounded: it keeps the ``max_size`` newest examples it was given (the curation setting
+``dedupe_max_per_task``); adding one more evicts the oldest, whose id ``add`` returns so that the agent
+deletes its table entry too. A duplicate of an example older than the newest ``max_size`` is not caught.
 """
 
 from __future__ import annotations
@@ -73,17 +77,21 @@ def jaccard(a: list[int], b: list[int]) -> float:
 
 
 class NearDuplicateIndex:
-    """LSH over MinHash signatures of one (tenant, task); ``query`` confirms candidates by estimated Jaccard.
-    ``exact_of`` finds the first example added with a content hash."""
+    """LSH over MinHash signatures of the newest ``max_size`` examples of one (tenant, task); ``query`` confirms
+    candidates by estimated Jaccard. ``exact_of`` finds the first example held with a content hash."""
 
-    def __init__(self, threshold: float, num_perm: int = DEFAULT_NUM_PERM) -> None:
+    def __init__(self, threshold: float, num_perm: int = DEFAULT_NUM_PERM, max_size: int | None = None) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], not {threshold}")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"the index must hold at least one example, not {max_size}")
         self.threshold = threshold
         self.num_perm = num_perm
+        self.max_size = max_size
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._signatures: dict[str, list[int]] = {}
         self._by_hash: dict[str, str] = {}
+        self._hash_held_by: dict[str, str] = {}  # example id -> the content hash it is ``exact_of``'s answer for
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self._signatures
@@ -91,13 +99,29 @@ class NearDuplicateIndex:
     def __len__(self) -> int:
         return len(self._signatures)
 
-    def add(self, example_id: str, values: list[int], content_hash: str | None = None) -> None:
+    def add(self, example_id: str, values: list[int], content_hash: str | None = None) -> list[str]:
+        """Hold one more example; the ids evicted to stay within ``max_size`` (oldest first)."""
         if example_id in self._signatures:
-            return
-        self._signatures[example_id] = values
+            return []
+        self._signatures[example_id] = values  # insertion order: the oldest first
         self._lsh.insert(example_id, _minhash(values, self.num_perm))
+        if content_hash is not None and content_hash not in self._by_hash:
+            self._by_hash[content_hash] = example_id
+            self._hash_held_by[example_id] = content_hash
+        evicted = []
+        while self.max_size is not None and len(self._signatures) > self.max_size:
+            oldest = next(iter(self._signatures))
+            self.remove(oldest)
+            evicted.append(oldest)
+        return evicted
+
+    def remove(self, example_id: str) -> None:
+        if self._signatures.pop(example_id, None) is None:
+            return
+        self._lsh.remove(example_id)
+        content_hash = self._hash_held_by.pop(example_id, None)
         if content_hash is not None:
-            self._by_hash.setdefault(content_hash, example_id)
+            del self._by_hash[content_hash]
 
     def exact_of(self, content_hash: str) -> str | None:
         return self._by_hash.get(content_hash)
@@ -110,9 +134,9 @@ class NearDuplicateIndex:
 
     @classmethod
     def of(cls, entries: Iterable[tuple[str, list[int], str | None]], threshold: float,
-           num_perm: int = DEFAULT_NUM_PERM) -> "NearDuplicateIndex":
+           num_perm: int = DEFAULT_NUM_PERM, max_size: int | None = None) -> "NearDuplicateIndex":
         """From (example id, signature, content hash) in the order they were added."""
-        index = cls(threshold, num_perm)
+        index = cls(threshold, num_perm, max_size)
         for example_id, values, content_hash in entries:
             index.add(example_id, values, content_hash)
         return index

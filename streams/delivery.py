@@ -85,6 +85,10 @@ class StagedWrites:
     def discard(self, key: Any) -> None:
         self._staged.pop(key, None)
 
+    def holds(self, key: Any) -> bool:
+        """Whether ``key`` has a value waiting for the batch's end."""
+        return key in self._staged
+
     def put(self, key: Any, value: Any) -> None:
         """Write at once (in the current event's changelog partition), superseding a staged value."""
         self.discard(key)

@@ -9,7 +9,8 @@ JSON shape (``CurationMetrics.snapshot()``, served at ``GET /adaptloop/metrics``
     {"stages": {"decode": {"admitted": 0, "rejected": {}, "dead_lettered": {"unknown_task": 1}, "erased": 0}, ...},
      "tenants": {"acme/order-extract": {"admitted": 9, "rejected": {"near_duplicate": 1},
                                         "dead_lettered": {}, "erased": 0, "redactions": {"email": 2}}},
-     "consumer_lag": {"agent.interactions/0": 0, ...}}
+     "consumer_lag": {"agent.interactions/0": 0, ...},
+     "state": {"entries": {"joins": 12, ...}, "evicted": {"joins": 3, ...}}}   (adaptloop.streams.state)
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class CurationMetrics:
                                    ["tenant_task", "rule"], registry=self.registry)
         self._lag = Gauge("adaptloop_streams_consumer_lag", "Records behind the partition's end",
                           ["topic", "partition"], registry=self.registry)
+        self._state = Gauge("adaptloop_streams_state_entries", "Entries per table (this worker's store)",
+                            ["table"], registry=self.registry)
+        self.state: dict[str, dict[str, int]] = {"entries": {}, "evicted": {}}
         self.stages: dict[str, dict[str, Any]] = defaultdict(_entry)
         self.tenants: dict[str, dict[str, Any]] = defaultdict(lambda: _entry() | {"redactions": defaultdict(int)})
         self.lag: dict[str, int] = {}
@@ -75,10 +79,16 @@ class CurationMetrics:
         self._lag.labels(topic, str(partition)).set(lag)
         self.lag[f"{topic}/{partition}"] = lag
 
+    def set_state(self, entries: dict[str, int], evicted: dict[str, int]) -> None:
+        for table, n in entries.items():
+            self._state.labels(table).set(n)
+        self.state = {"entries": dict(entries), "evicted": dict(evicted)}
+
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
 
     def snapshot(self) -> dict[str, Any]:
         def plain(value: Any) -> Any:
             return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
-        return {"stages": plain(dict(self.stages)), "tenants": plain(dict(self.tenants)), "consumer_lag": dict(self.lag)}
+        return {"stages": plain(dict(self.stages)), "tenants": plain(dict(self.tenants)), "consumer_lag": dict(self.lag),
+                "state": self.state}

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from adaptloop.streams import stages
 from adaptloop.streams.delivery import after_delivery
 from adaptloop.streams.metrics import REJECTED
+from adaptloop.streams.state import ERASED_MARK, stamped
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Episodes:
         self.table = table
         # partition -> {table key: due ms}; rebuilt from the table after a rebalance.
         self._due: dict[int, dict[str, int]] | None = None
-        self._in_flight: set[str] = set()
+        self.in_flight: set[str] = set()  # being sent: the sweeper leaves them alone
 
     def note_turn(self, record: Mapping[str, Any], wrapped: Mapping[str, Any], partition: int) -> None:
         """An interaction of a named episode: keep it if it is the newest turn."""
@@ -66,13 +67,12 @@ class Episodes:
         if newer_turn(entry, record):
             entry["last"] = dict(wrapped)
         entry["ended"] = bool(entry.get("ended")) or bool(record.get("episode_end"))
-        entry["p"] = partition
-        self.table[key] = entry
+        self.table[key] = stamped(entry, now=stages.now_ms(), partition=partition)
 
     async def on_outcome(self, record: Mapping[str, Any], wrapped: Mapping[str, Any], partition: int) -> None:
         key = table_key(record["tenant"], record["episode_id"])
         entry = dict(self.table.get(key) or {})
-        if entry.get("emitted") or key in self._in_flight:
+        if entry.get("emitted") or key in self.in_flight:
             self.curation.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=f"{record['tenant']}/?",
                                          reason="after_curated: the episode was already curated")
             return
@@ -80,7 +80,7 @@ class Episodes:
         if any(o["record"]["outcome_id"] == record["outcome_id"] for o in outcomes):
             return
         entry["outcomes"] = outcomes + [dict(wrapped)]
-        entry["p"] = partition
+        entry = stamped(entry, now=stages.now_ms(), partition=partition)
         entry.setdefault("first_outcome_ms", stages.now_ms())
         if entry.get("last") and entry.get("ended") and any(stages.is_final(o["record"]) for o in entry["outcomes"]):
             self.table[key] = entry
@@ -99,7 +99,7 @@ class Episodes:
                 if isinstance(entry, dict) and entry.get("due") is not None and not entry.get("emitted"):
                     self._due.setdefault(int(entry["p"]), {})[key] = int(entry["due"])
         for key, due in sorted(self._due.get(partition, {}).items(), key=lambda item: item[1]):
-            if due > now or key in self._in_flight:
+            if due > now or key in self.in_flight:
                 continue
             entry = dict(self.table.get(key) or {})
             if not entry or entry.get("emitted"):
@@ -109,7 +109,7 @@ class Episodes:
                 if now - int(entry.get("first_outcome_ms") or now) > self.curation.horizon_ms:
                     self.curation.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=f"{key.split('/')[0]}/?",
                                                  reason="episode_without_calls: no call of the episode within the horizon")
-                    self.table[key] = {"emitted": "FAILURE", "p": entry.get("p")}
+                    self.table[key] = stamped({"emitted": "FAILURE"}, now=now, partition=int(entry["p"]))
                     self._due[partition].pop(key, None)
                 continue  # its calls may still be on their way (an outbox, a slow agent)
             await self.emit(key, entry)
@@ -122,21 +122,21 @@ class Episodes:
         curation = self.curation
         side = entry["last"]
         interaction = side["record"]
-        self._in_flight.add(key)
+        self.in_flight.add(key)
         try:
             example = as_episode_example(curation.curate_sides(side, entry["outcomes"])[0])
             if curation.erased(example) is not None:
-                self.table[key] = {"emitted": "ERASED", "p": entry.get("p")}
-                self._in_flight.discard(key)
+                self.table[key] = stamped({"emitted": ERASED_MARK}, now=stages.now_ms(), partition=int(entry["p"]))
+                self.in_flight.discard(key)
                 return
             await curation.send_scored(example)
         except BaseException:
-            self._in_flight.discard(key)
+            self.in_flight.discard(key)
             raise
 
         def emitted() -> None:  # once the broker has it: until then ``_in_flight`` keeps ticks off the episode
-            self.table[key] = {"emitted": example["kind"], "p": entry.get("p")}
-            self._in_flight.discard(key)
+            self.table[key] = stamped({"emitted": example["kind"]}, now=stages.now_ms(), partition=int(entry["p"]))
+            self.in_flight.discard(key)
             if self._due is not None:
                 self._due.get(int(entry.get("p", -1)), {}).pop(key, None)
             log.info("episode %s curated from turn %s (%s)", key, interaction.get("turn"), example["kind"])

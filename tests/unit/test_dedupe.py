@@ -65,3 +65,20 @@ def test_signatures_match_a_fresh_minhash_so_stored_ones_stay_comparable():
     assert dedupe.jaccard(dedupe.signature(example), [int(v) for v in fresh.hashvalues]) == 1.0
     with pytest.raises(ValueError, match="signature of 3 values"):
         dedupe.NearDuplicateIndex(0.8).add("short", [1, 2, 3])
+
+
+def test_the_index_keeps_its_newest_examples_and_forgets_the_oldest_whole():
+    index = dedupe.NearDuplicateIndex(threshold=0.7, max_size=2)
+    examples = {f"e{i}": ex(f"Order {i}: customer {name} wants {i} crates of {item} shipped to {city} on Monday")
+                for i, (name, item, city) in enumerate([("Ada", "pears", "Oslo"), ("Bo", "nails", "Lima"),
+                                                        ("Cy", "paint", "Rome")])}
+    evicted = [index.add(i, dedupe.signature(e), dedupe.content_hash(e)) for i, e in examples.items()]
+    assert evicted == [[], [], ["e0"]] and len(index) == 2 and "e0" not in index
+    first = examples["e0"]
+    assert index.exact_of(dedupe.content_hash(first)) is None          # its exact hash left with it
+    assert index.query(dedupe.signature(first)) == []                  # and its LSH entry
+    assert index.exact_of(dedupe.content_hash(examples["e2"])) == "e2"
+    assert index.query(dedupe.signature(examples["e2"])) == ["e2"]
+    rebuilt = dedupe.NearDuplicateIndex.of(((i, dedupe.signature(e), None) for i, e in examples.items()), 0.7,
+                                           max_size=2)
+    assert "e0" not in rebuilt and len(rebuilt) == 2
