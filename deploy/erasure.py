@@ -5,15 +5,19 @@
     if erasures.match(curated_example): ...            # -> the Erasure that excludes it, or None
 
 An erasure names a tenant and one scope: an interaction id, a session id, or a subject key.
-A subject key is a salted hash of an identifier (an e-mail address, a phone number, a user id),
-so the key can be stored in curated examples and erasure records without the identifier
-itself: curation puts ``subject_key(tenant, value)`` of every PII value it redacts into the
-example's ``subjects``; ``adaptloop forget --subject alice@example.com`` computes the same key.
+A subject key is a keyed hash (HMAC-SHA256) of the tenant and an identifier (an e-mail address, a
+phone number, a user id) under the deployment's secret (``ErasureSettings``), so the key can be stored
+in curated examples and erasure records without the identifier itself, and nobody without the secret
+can tell whose it is by hashing likely values: curation puts ``subject_key(tenant, value, secret)`` of
+every PII value it redacts into the example's ``subjects``; ``adaptloop forget --subject
+alice@example.com`` computes the same key. Examples curated before keys took a secret carry
+``legacy_subject_key`` (the tenant's name was the only salt): ``forget --legacy-key`` erases those.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,10 +29,20 @@ INTERACTION, SESSION, SUBJECT = "INTERACTION", "SESSION", "SUBJECT"
 SCOPES = (INTERACTION, SESSION, SUBJECT)
 
 
-def subject_key(tenant: str, value: str) -> str:
-    """A stable key for one data subject of one tenant: no identifier in clear, same key everywhere."""
+def _subject(tenant: str, value: str) -> bytes:
     normalized = "".join(value.split()).casefold()
-    return "subj:" + hashlib.sha256(f"{tenant}\0{normalized}".encode()).hexdigest()[:32]
+    return f"{tenant}\0{normalized}".encode()
+
+
+def subject_key(tenant: str, value: str, secret: str) -> str:
+    """A stable key for one data subject of one tenant: no identifier in clear, same key everywhere the
+    deployment's ``secret`` is, and not computable without it."""
+    return "subj:" + hmac.new(secret.encode(), _subject(tenant, value), hashlib.sha256).hexdigest()[:32]
+
+
+def legacy_subject_key(tenant: str, value: str) -> str:
+    """The key examples curated before subject keys took a secret carry (guessable: salted by the tenant only)."""
+    return "subj:" + hashlib.sha256(_subject(tenant, value)).hexdigest()[:32]
 
 
 def build_erasure(*, tenant: str, scope: str, key: str, requested_by: str | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -42,19 +43,26 @@ Secret = Annotated[SecretStr | None, AfterValidator(_long_secret)]
 
 #: Where a deployment's admin credential lives when no process is given one (``adaptloop up`` writes it there).
 ADMIN_KEY_FILE = "gateway-admin-key"
+#: Where a deployment's subject-key secret lives when no process is given one.
+SUBJECT_SECRET_FILE = "subject-key-secret"
 
 
 def shared_secret(path: Path, what: str) -> str:
     """The secret in ``path``, created (0600, 32 random bytes as hex) if there is none yet: one file that every
     process of a deployment reads the same secret from."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+    if not path.exists():
+        # Written whole, then linked into place: a process starting beside this one never reads it half-written,
+        # and whichever links first wins (``link`` refuses an existing name).
+        fd, draft = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(draft)
     secret = path.read_text().strip()
     if not secret:
         raise ConfigError(f"the {what} file {path} is empty")
@@ -183,6 +191,24 @@ class ModelSettings(BaseSettings):
 
     path: Path | None = Field(None, description="Any HF model folder; unset means the bundled SmolLM2-135M-Instruct.")
     name: str = Field("smollm2-135m-instruct", description="The name vLLM serves the base under.")
+
+
+class ErasureSettings(BaseSettings):
+    """How data subjects are keyed: curation writes the keys into examples, ``adaptloop forget`` computes them.
+    Every curation worker and every forget of a deployment must read the same secret."""
+
+    model_config = _config("ADAPTLOOP_ERASURE_")
+
+    subject_secret: Secret = Field(None, description="The deployment's secret for subject keys (HMAC-SHA256 of tenant "
+                                   "and identifier): without it a key cannot be computed from public values. "
+                                   "Unset: read from subject_secret_file.")
+    subject_secret_file: Path = Field(DEFAULT_HOME / SUBJECT_SECRET_FILE, description="Where the secret is kept "
+                                      "when not given; created (32 random bytes, 0600) if missing.")
+
+    def secret(self) -> str:
+        if self.subject_secret is not None:
+            return self.subject_secret.get_secret_value()
+        return shared_secret(self.subject_secret_file, "subject key secret")
 
 
 class StreamsSettings(BaseSettings):

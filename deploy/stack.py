@@ -24,7 +24,7 @@ from adaptloop.processes import (READY_FILE_ENV, ManagedProcess, adaptloop_comma
                                  streams_python, tansu_binary, write_state)
 from adaptloop.model import ensure_base_model
 from adaptloop.serving.keys import dev_keys, plain_setting
-from adaptloop.settings import ADMIN_KEY_FILE, DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
+from adaptloop.settings import ADMIN_KEY_FILE, DEFAULT_HOME, SUBJECT_SECRET_FILE, KafkaSettings, ModelSettings, Topics
 from adaptloop.tasks import FILE_ENV as TASKS_FILE_ENV
 
 STATE_FILE = "stack.json"
@@ -111,6 +111,8 @@ def service_env(kafka: KafkaSettings, topics: Topics, home: Path) -> dict[str, s
         # One admin credential for the gateways' /stats and /health detail: the canary controller and status read it.
         "ADAPTLOOP_GATEWAY_ADMIN_KEY_FILE": str(home / ADMIN_KEY_FILE),
         "ADAPTLOOP_CANARY_GATEWAY_ADMIN_KEY_FILE": str(home / ADMIN_KEY_FILE),
+        # One subject-key secret: curation keys the subjects it redacts with it, forget computes the same keys.
+        "ADAPTLOOP_ERASURE_SUBJECT_SECRET_FILE": str(home / SUBJECT_SECRET_FILE),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",

@@ -51,7 +51,7 @@ from adaptloop.erasure import subject_key
 from adaptloop.errors import ContractError, DeliveryError, DeserializationError
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.settings import StreamsSettings
+from adaptloop.settings import ErasureSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
 from adaptloop.streams.delivery import StagedWrites, after_delivery, event_context, run_batched, send_acknowledged
 from adaptloop.streams.erasures import ErasureFeed
@@ -130,6 +130,7 @@ class Curation:
         }
         self.contract = contract
         self.redactor = Redactor(custom=settings.pii_patterns, phone_region=settings.phone_region)
+        self.subject_secret = ErasureSettings().secret()
         self.curated_serde = serde_for("curated_example", registry)
         self.request_serde = serde_for("training_request", registry)
         self.dead_letter_serde = serde_for("dead_letter", registry)
@@ -228,7 +229,7 @@ class Curation:
     def _side(self, side: str, record: dict[str, Any], ref: SourceRef) -> dict[str, Any]:
         """Redact the record in place (before it is stored anywhere) and wrap it with what fired."""
         found = redact_record(record, self.redactor, INTERACTION_TEXT if side == INTERACTION else OUTCOME_TEXT)
-        subjects = sorted({subject_key(record["tenant"], value) for value in found.subjects})
+        subjects = sorted({subject_key(record["tenant"], value, self.subject_secret) for value in found.subjects})
         return {"record": record, "ref": ref.as_dict(), "redactions": dict(found.counts), "subjects": subjects}
 
     async def on_input(self, event: EventT) -> None:

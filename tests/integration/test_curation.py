@@ -23,7 +23,7 @@ from adaptloop.erasure import build_erasure, subject_key
 from adaptloop.kafka import DeliveryTracker, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction, build_outcome
-from adaptloop.settings import Topics
+from adaptloop.settings import SUBJECT_SECRET_FILE, ErasureSettings, Topics
 from adaptloop.stack import start_service
 from adaptloop.streams import stages
 from adaptloop.demo_tasks import OrderGenerator
@@ -67,6 +67,11 @@ def worker(env):
         yield process
     finally:
         process.stop()
+
+
+def subject_of(env, tenant: str, value: str) -> str:
+    """The key the worker gives a subject: under the secret of its deployment (its home)."""
+    return subject_key(tenant, value, ErasureSettings(subject_secret_file=env[0] / SUBJECT_SECRET_FILE).secret())
 
 
 def port(env) -> str:
@@ -257,8 +262,8 @@ def test_pii_is_redacted_before_anything_is_stored(kafka, module_topics, worker,
     assert example["rejected"] == "my key is [SECRET]"
     assert {r["rule"]: r["count"] for r in example["redactions"]} == {"email": 2, "phone": 1, "secret": 1,
                                                                        "custom:employee": 1}
-    assert set(example["subjects"]) == {subject_key(t, "bob.pii@example.com"), subject_key(t, "+14155552671"),
-                                        subject_key(t, "EMP-004211")}
+    assert set(example["subjects"]) == {subject_of(env, t, "bob.pii@example.com"), subject_of(env, t, "+14155552671"),
+                                        subject_of(env, t, "EMP-004211")}
     # Nowhere downstream: not in the join table's changelog, the internal topic, or the curated topic.
     app_id = env[1]["ADAPTLOOP_STREAMS_APP_ID"]
     for topic in (f"{app_id}-joins-changelog", f"{app_id}-scored", module_topics.name("curated")):
@@ -346,7 +351,7 @@ def test_erased_interactions_sessions_and_subjects_are_never_curated(kafka, modu
     ids = {k: f"er-{k}-{uuid.uuid4().hex[:6]}" for k in ("id", "subject", "session", "kept")}
     erasures = DeliveryTracker(kafka)
     serialize = serde_for("erasure").serialize
-    for scope, key in (("INTERACTION", ids["id"]), ("SUBJECT", subject_key(t, "carol@example.com")),
+    for scope, key in (("INTERACTION", ids["id"]), ("SUBJECT", subject_of(env, t, "carol@example.com")),
                        ("SESSION", "er-forgotten-session")):
         erasures.send(module_topics.name("erasures"), serialize(build_erasure(tenant=t, scope=scope, key=key),
                                                           SerdeContext(module_topics.name("erasures"))), key=t)
@@ -423,6 +428,58 @@ def test_metrics_as_prometheus_text_and_json(env, worker):
     assert 'adaptloop_streams_records_total{reason="",result="admitted",stage="window",tenant_task="ta/order-extract"}' in text
     assert "adaptloop_streams_redactions_total" in text and "adaptloop_streams_consumer_lag" in text
     stats = get_json(port(env), "/adaptloop/metrics")
-    assert set(stats) == {"stages", "tenants", "consumer_lag"}
+    assert set(stats) == {"stages", "tenants", "consumer_lag", "state"}
     assert stats["tenants"]["ta/order-extract"]["admitted"] >= WINDOW_SIZE
     assert all(isinstance(v, int) and v >= 0 for v in stats["consumer_lag"].values()) and stats["consumer_lag"]
+
+
+def test_state_stays_bounded_and_an_erasure_empties_pending_entries(kafka, topics, tmp_path):
+    """A worker of its own with a 10 s outcome horizon: an interaction that never gets an outcome, an outcome
+    whose interaction never comes and a curated pair all leave the join table one horizon later (the orphan
+    counted), and an erasure turns a pending interaction's entry into the marker at once (its changelog's
+    newest record holds no content)."""
+    environment = worker_env(kafka, topics, tmp_path, outcome_horizon_s="10", state_sweep_s="1")
+    app_id = environment["ADAPTLOOP_STREAMS_APP_ID"]
+    worker = start_service("streams", tmp_path, environment, timeout_s=READY_TIMEOUT_S)
+    try:
+        ids = {k: f"bound-{k}-{uuid.uuid4().hex[:6]}" for k in ("waiting", "erased", "pair", "orphan")}
+        case = OrderGenerator(seed=71).cases(1)[0]
+        with Recorder(kafka, topics) as rec:
+            for k in ("waiting", "erased", "pair"):
+                rec.interaction(interaction_id=ids[k], tenant="acme", agent="bot", task=TASK, session_id=ids[k],
+                                messages=messages(f"{case.sentence} ({k}: write to dora@example.com)"),
+                                response="?", wait=True)
+            rec.outcome(ids["pair"], tenant="acme", source="HUMAN", success=False, correction=case.answer, wait=True)
+            rec.outcome(ids["orphan"], tenant="acme", source="VALIDATOR", success=True, wait=True)
+        curated_by_id(kafka, topics, [ids["pair"]])
+        erasures = DeliveryTracker(kafka)
+        erasures.send(topics.name("erasures"), serde_for("erasure").serialize(
+            build_erasure(tenant="acme", scope="SESSION", key=ids["erased"]), SerdeContext(topics.name("erasures"))),
+            key="acme")
+        erasures.flush()
+
+        changelog = f"{app_id}-joins-changelog"
+
+        def newest(key: str) -> dict | None:
+            values = [m.value() for m in read_ranges(kafka, changelog, idle_s=0.5) if m.key() == json.dumps(key).encode()]
+            return json.loads(values[-1]) if values and values[-1] is not None else None
+
+        deadline = time.monotonic() + 8
+        while (newest(ids["erased"]) or {}).get("emitted") != "ERASED" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        marker = newest(ids["erased"])
+        assert marker["emitted"] == "ERASED" and "interaction" not in marker and "dora" not in json.dumps(marker)
+        assert "interaction" in newest(ids["waiting"])  # the erasure took only its own
+
+        deadline = time.monotonic() + 40
+        while True:
+            stats = get_json(environment["ADAPTLOOP_STREAMS_WEB_PORT"], "/adaptloop/metrics")
+            if not stats["state"]["entries"]["joins"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        print(json.dumps(stats["state"]), stats["stages"]["join"]["rejected"])
+        assert stats["state"]["entries"]["joins"] == 0 and stats["state"]["evicted"]["joins"] == 4
+        assert stats["stages"]["join"]["rejected"].get("orphan_outcome") == 1
+        assert all(newest(key) is None for key in ids.values())  # tombstones in the changelog
+    finally:
+        worker.stop()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from adaptloop.erasure import ErasureSet, build_erasure, subject_key
+from adaptloop.erasure import ErasureSet, build_erasure, legacy_subject_key, subject_key
 from adaptloop.forget import main as forget_main
 from adaptloop.forget import normalize_subject
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.streams.pii import INTERACTION_TEXT, Redactor, redact_record
 
 TENANT = "acme"
+SECRET = "erasure-test-subject-secret-0123"
 
 
 def curated_keys(text: str, *, phone_region: str = "US", pii_patterns: dict[str, str] | None = None) -> list[str]:
@@ -18,14 +19,30 @@ def curated_keys(text: str, *, phone_region: str = "US", pii_patterns: dict[str,
     (streams.app: redact the record, then ``subject_key`` of every subject the redactor found)."""
     record = {"tenant": TENANT, "request_messages": [{"role": "user", "content": text}], "response": "ok"}
     found = redact_record(record, Redactor(custom=pii_patterns, phone_region=phone_region), INTERACTION_TEXT)
-    return sorted({subject_key(TENANT, value) for value in found.subjects})
+    return sorted({subject_key(TENANT, value, SECRET) for value in found.subjects})
 
 
-def test_subject_key_is_stable_normalized_and_tenant_salted():
-    assert subject_key("acme", "Alice@Example.com ") == subject_key("acme", "alice@example.com")
-    assert subject_key("acme", "alice@example.com") != subject_key("globex", "alice@example.com")
-    assert subject_key("acme", "alice@example.com").startswith("subj:")
-    assert "alice" not in subject_key("acme", "alice@example.com")
+def test_subject_key_is_stable_normalized_tenant_salted_and_keyed_by_the_deployments_secret():
+    alice = subject_key("acme", "alice@example.com", SECRET)
+    assert subject_key("acme", "Alice@Example.com ", SECRET) == alice
+    assert subject_key("globex", "alice@example.com", SECRET) != alice
+    assert alice.startswith("subj:") and "alice" not in alice
+    # Not computable from public values: another secret, or the tenant's name alone, gives another key.
+    assert subject_key("acme", "alice@example.com", "another-deployments-secret-0000") != alice
+    assert legacy_subject_key("acme", "alice@example.com") != alice
+
+
+def test_the_subject_secret_is_created_once_and_read_back_the_same_by_every_process(tmp_path, monkeypatch, capsys):
+    secret_file = tmp_path / "subject-key-secret"
+    monkeypatch.setenv("ADAPTLOOP_ERASURE_SUBJECT_SECRET_FILE", str(secret_file))
+    from adaptloop.settings import ErasureSettings
+
+    secret = ErasureSettings().secret()  # created once, 0600, then read back the same by every process
+    assert len(secret) == 64 and secret_file.stat().st_mode & 0o777 == 0o600
+    assert ErasureSettings().secret() == secret
+    monkeypatch.setenv("ADAPTLOOP_ERASURE_SUBJECT_SECRET", "short")
+    with pytest.raises(ValueError, match="too easy to guess"):
+        ErasureSettings()
 
 
 def test_erasure_record_round_trips_and_bad_scope_is_refused():
@@ -39,7 +56,7 @@ def test_erasure_record_round_trips_and_bad_scope_is_refused():
 
 
 def test_match_by_interaction_session_and_subject_only_within_the_tenant():
-    alice = subject_key("acme", "alice@example.com")
+    alice = subject_key("acme", "alice@example.com", SECRET)
     erasures = ErasureSet.of([
         build_erasure(tenant="acme", scope="INTERACTION", key="i-1"),
         build_erasure(tenant="acme", scope="SESSION", key="s-9"),
@@ -77,13 +94,13 @@ def test_forget_keys_a_subject_in_any_written_form_as_curation_keyed_it(text, ty
     (curated,) = curated_keys(text)
     subject = normalize_subject(typed)
     assert subject.kind == kind
-    assert subject.key(TENANT) == curated
+    assert subject.key(TENANT, SECRET) == curated
 
 
 def test_phone_numbers_without_country_code_are_read_in_curations_region():
     (curated,) = curated_keys("ring 020 7946 0958 tomorrow", phone_region="GB")
-    assert normalize_subject("020 7946 0958", phone_region="GB").key(TENANT) == curated
-    assert normalize_subject("+44 20 7946 0958").key(TENANT) == curated
+    assert normalize_subject("020 7946 0958", phone_region="GB").key(TENANT, SECRET) == curated
+    assert normalize_subject("+44 20 7946 0958").key(TENANT, SECRET) == curated
     with pytest.raises(ValueError, match="region US"):
         normalize_subject("020 7946 0958")  # not a US number: no record curated in region US carries a key for it
 
@@ -92,11 +109,11 @@ def test_user_pattern_ids_are_recognised_with_curations_patterns_or_forced_raw()
     patterns = {"employee": r"EMP-\d{6}"}
     (curated,) = curated_keys("ask EMP-123456 about it", pii_patterns=patterns)
     subject = normalize_subject("EMP-123456", pii_patterns=patterns)
-    assert (subject.kind, subject.key(TENANT)) == ("custom:employee", curated)
+    assert (subject.kind, subject.key(TENANT, SECRET)) == ("custom:employee", curated)
     with pytest.raises(ValueError, match="--raw"):
         normalize_subject("EMP-123456")  # this environment lacks the pattern
     raw = normalize_subject("EMP-123456", raw=True)
-    assert (raw.kind, raw.key(TENANT)) == ("raw", curated)
+    assert (raw.kind, raw.key(TENANT, SECRET)) == ("raw", curated)
 
 
 @pytest.mark.parametrize("typed", ["nobody", "order 12345", "127.0.0.1", "::1", "password=hunter2hunter2", "  "])

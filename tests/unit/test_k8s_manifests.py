@@ -15,14 +15,15 @@ import yaml
 
 from adaptloop.errors import ConfigError
 from adaptloop.tasks import FILE_ENV, INLINE_ENV, parse_catalogue
-from adaptloop.settings import (GatewaySettings, KafkaSettings, ModelSettings, ServeSettings, StreamsSettings, Topics,
+from adaptloop.settings import (ErasureSettings, GatewaySettings, KafkaSettings, ModelSettings, ServeSettings, StreamsSettings, Topics,
                                 TrainerSettings)
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 K8S_VERSION = kubernetes_validate.latest_version()
 SETTINGS_BY_PREFIX = {"ADAPTLOOP_KAFKA_": KafkaSettings, "ADAPTLOOP_TOPICS_": Topics, "ADAPTLOOP_MODEL_": ModelSettings,
                       "ADAPTLOOP_STREAMS_": StreamsSettings, "ADAPTLOOP_TRAINER_": TrainerSettings,
-                      "ADAPTLOOP_SERVE_": ServeSettings, "ADAPTLOOP_GATEWAY_": GatewaySettings}
+                      "ADAPTLOOP_SERVE_": ServeSettings, "ADAPTLOOP_GATEWAY_": GatewaySettings,
+                      "ADAPTLOOP_ERASURE_": ErasureSettings}
 SETTINGS_BY_COMMAND = {"streams": StreamsSettings, "trainer": TrainerSettings, "serve": ServeSettings,
                        "gateway": GatewaySettings}
 #: Read by adaptloop.tasks.load_catalogue, not a settings class: every process that judges, trains or routes.

@@ -53,7 +53,7 @@ def test_dataset_digest_is_stable_and_follows_content():
 
 
 def test_erasure_excludes_examples_records_it_and_changes_the_digest():
-    alice = subject_key("acme", "alice@example.com")
+    alice = subject_key("acme", "alice@example.com", "dataset-test-secret-0123456789")
     records = [record("a"), record("b", subjects=[alice]), record("c"), record("h", split="HOLDOUT", subjects=[alice])]
     before = build_dataset(records, "acme", "order-extract")
     erasure = build_erasure(tenant="acme", scope="SUBJECT", key=alice, erasure_id="e-1")
