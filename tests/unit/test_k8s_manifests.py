@@ -62,6 +62,22 @@ def containers(doc: dict) -> list[dict]:
     return [c for t in pod_templates(doc) for c in t["spec"]["containers"]]
 
 
+#: Strimzi's KafkaUser (v1beta2) simple-authorization vocabulary.
+ACL_OPERATIONS = {"Read", "Write", "Create", "Delete", "Alter", "Describe", "ClusterAction", "AlterConfigs",
+                  "DescribeConfigs", "IdempotentWrite", "All"}
+
+
+def check_kafka_user(doc: dict) -> None:
+    """No Strimzi schema ships with kubernetes-validate: the fields Strimzi requires, and its ACL vocabulary."""
+    assert doc["kind"] == "KafkaUser" and doc["metadata"]["labels"]["strimzi.io/cluster"]
+    assert doc["spec"]["authentication"]["type"] == "scram-sha-512"
+    assert doc["spec"]["authorization"]["type"] == "simple"
+    for acl in doc["spec"]["authorization"]["acls"]:
+        assert acl["resource"]["type"] in {"topic", "group", "cluster", "transactionalId"}
+        assert acl["resource"]["patternType"] in {"literal", "prefix"} and acl["resource"]["name"]
+        assert set(acl["operations"]) <= ACL_OPERATIONS and acl["operations"]
+
+
 def test_kustomization_lists_every_top_level_manifest_and_nothing_else():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     top_level = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
@@ -73,6 +89,9 @@ def test_kustomization_lists_every_top_level_manifest_and_nothing_else():
 
 @pytest.mark.parametrize("source,doc", documents(), ids=lambda v: v if isinstance(v, str) else v.get("kind", "?"))
 def test_manifest_validates(source, doc):
+    if doc["apiVersion"].startswith("kafka.strimzi.io/"):
+        check_kafka_user(doc)
+        return
     assert doc["metadata"].get("namespace") == "adaptloop" or doc["kind"] == "Namespace", source
     if doc["apiVersion"].startswith("ray.io/"):
         check_kuberay(doc)
@@ -217,3 +236,34 @@ def test_the_gateway_sees_each_vllm_replica_on_its_own_and_only_it_reaches_them(
                                     if "VLLM_API_KEY" in e["name"]} for container in containers(serve) + containers(gateway)}
     assert key_refs == {"vllm": {"ADAPTLOOP_SERVE_VLLM_API_KEY": {"name": "adaptloop-vllm", "key": "key"}},
                         "gateway": {"ADAPTLOOP_GATEWAY_VLLM_API_KEY": {"name": "adaptloop-vllm", "key": "key"}}}
+
+
+#: The topics each component's code produces to (``topics.name(...)`` in its modules; curation also writes its
+#: internal topics, under its app id's prefix); the operator's tools are the canary and forget.
+WRITES = {"gateway": {"interactions", "outcomes"}, "streams": {"curated", "dead_letters", "training_requests"},
+          "trainer": {"releases", "dead_letters"}, "serve": {"serving_status"},
+          "operator": {"releases", "erasures", "training_requests"}}
+
+
+def test_each_component_is_its_own_kafka_principal_allowed_only_its_own_writes():
+    docs = [doc for _, doc in documents()]
+    users = {d["metadata"]["name"]: d["spec"]["authorization"]["acls"] for d in docs if d["kind"] == "KafkaUser"}
+    for doc in docs:
+        for container in containers(doc):
+            command = container.get("command", [])
+            if command[:3] != ["python", "-m", "adaptloop.cli"]:
+                continue
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+            assert refs["ADAPTLOOP_KAFKA_SASL_USERNAME"] == refs["ADAPTLOOP_KAFKA_SASL_PASSWORD"] == \
+                f"adaptloop-kafka-{command[3]}", (command, refs)
+    topics = Topics()
+    for component, writes in WRITES.items():
+        acls = users[f"adaptloop-{component}"]
+        written = {a["resource"]["name"] for a in acls if a["resource"]["type"] == "topic"
+                   and a["resource"]["patternType"] == "literal" and "Write" in a["operations"]}
+        assert written == {topics.name(w) for w in writes}, component
+    may_release = {name for name, acls in users.items() for a in acls
+                   if a["resource"]["name"] == topics.name("releases") and "Write" in a["operations"]}
+    assert may_release == {"adaptloop-trainer", "adaptloop-operator"}
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "adaptloop-config")
+    assert json.loads(config["data"]["ADAPTLOOP_STREAMS_TENANTS"])  # curation accepts the configured tenants only
