@@ -7,7 +7,10 @@
 The digest is the sha256 of the canonical JSON of the manifest (without the digest) and of the
 rows, so the same request always gives the same digest and folder, and an erasure that removes
 an example changes it. A snapshot folder is written once: data files first, the manifest last
-(its presence means "complete"), and never rewritten.
+(its presence means "complete"), and never changed: ``adaptloop forget`` (``adaptloop.erasure_sweep``)
+rewrites a snapshot that holds an erased example into a new one without it (``erase_rows``: a new
+digest, ``rewritten_from`` in its manifest) and leaves at the old folder only ``rewritten.json``
+(the erasure ids, the new digest, no content); ``read_snapshot`` follows it.
 
 Which examples carry which signal (curated_example.v2):
 
@@ -30,6 +33,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 SNAPSHOT_FORMAT = "adaptloop.snapshot/1"
 MANIFEST = "manifest.json"
+#: What an erasure leaves at a rewritten snapshot's folder: where its content went, none of the content.
+REWRITTEN = "rewritten.json"
+REWRITTEN_FORMAT = "adaptloop.snapshot-rewritten/1"
+#: read_snapshot follows at most this many rewrites (one per erasure that hit the dataset).
+MAX_REWRITES = 64
 TRAIN_FILE, HOLDOUT_FILE = "train.parquet", "holdout.parquet"
 DESIRABLE, UNDESIRABLE = "desirable", "undesirable"
 #: Prefixes of the FAILURE reasons (streams/stages.py) that are a verdict on the answer itself.
@@ -179,18 +187,52 @@ def build_snapshot(positioned: Sequence[tuple[int, int, Mapping[str, Any]]], *, 
         "source": [{"topic": r["topic"], "partition": r["partition"], "start_offset": r["start_offset"],
                     "end_offset": r["end_offset"]} for r in ranges],
         "records_read": len(positioned),
+        "dropped": dropped,
+        "redaction_rules": dict(sorted(redactions.items())),
+        "erasures": {"excluded": dropped["erased"], "erasure_ids": sorted(set(erased.values()))},
+        "files": {"train": TRAIN_FILE, "holdout": HOLDOUT_FILE},
+    }
+    return _sealed(manifest, train, holdout)
+
+
+def _sealed(manifest: Mapping[str, Any], train: list[dict], holdout: list[dict]) -> Snapshot:
+    """The snapshot of these rows: ``manifest`` with the rows' counts and scorers, and the digest over all three."""
+    manifest = {k: v for k, v in manifest.items() if k != "digest"} | {
         "counts": {"train": _count(train, "kind"), "holdout": _count(holdout, "kind"),
                    "train_signal": {DESIRABLE: sum(r["signal"] == DESIRABLE for r in train),
                                     UNDESIRABLE: sum(r["signal"] == UNDESIRABLE for r in train),
                                     "pairs": sum(is_pair(r) for r in train)}},
-        "dropped": dropped,
-        "redaction_rules": dict(sorted(redactions.items())),
-        "scorers": sorted({r["scorer"] for r in train + holdout if r["scorer"]}),
-        "erasures": {"excluded": dropped["erased"], "erasure_ids": sorted(set(erased.values()))},
-        "files": {"train": TRAIN_FILE, "holdout": HOLDOUT_FILE},
-    }
+        "scorers": sorted({r["scorer"] for r in train + holdout if r["scorer"]})}
     digest = hashlib.sha256("\n".join(canonical_json(part) for part in (manifest, train, holdout)).encode())
     return Snapshot({**manifest, "digest": "sha256:" + digest.hexdigest()}, train, holdout)
+
+
+def erase_rows(snapshot: Snapshot, erasures: Any) -> tuple[Snapshot, dict[str, str]] | None:
+    """``snapshot`` without the rows ``erasures`` (an ``ErasureSet``) matches, and {example_id: erasure_id} of
+    those rows; None when it matches none. Pure. A row keeps what matching needs (example_id, tenant,
+    session_id, subjects), so this drops exactly what ``build_snapshot`` would have dropped from its latest
+    records. The new manifest counts the rows left, adds the erased ones to ``dropped`` and ``erasures``, and
+    says in ``rewritten_from`` which digest it came from; ``redaction_rules`` still counts the rows it was
+    built with (rows do not keep their redactions)."""
+    erased: dict[str, str] = {}
+    kept: dict[str, list[dict]] = {"train": [], "holdout": []}
+    for split, rows in (("train", snapshot.train), ("holdout", snapshot.holdout)):
+        for row in rows:
+            hit = erasures.match(row)
+            if hit is None:
+                kept[split].append(row)
+            else:
+                erased[row["example_id"]] = hit["erasure_id"]
+    if not erased:
+        return None
+    manifest = dict(snapshot.manifest)
+    ids = sorted(set(erased.values()))
+    manifest["dropped"] = dict(manifest["dropped"]) | {"erased": manifest["dropped"].get("erased", 0) + len(erased)}
+    manifest["erasures"] = {"excluded": manifest["erasures"]["excluded"] + len(erased),
+                            "erasure_ids": sorted(set(manifest["erasures"]["erasure_ids"]) | set(ids))}
+    manifest["rewritten_from"] = [*manifest.get("rewritten_from", ()),
+                                  {"digest": snapshot.digest, "erasure_ids": ids, "rows_removed": len(erased)}]
+    return _sealed(manifest, kept["train"], kept["holdout"]), erased
 
 
 # -- the store (fsspec) -------------------------------------------------------------------------------
@@ -239,15 +281,50 @@ def write_snapshot(snapshot: Snapshot, store: str) -> Snapshot:
 
 
 def read_snapshot(uri: str, *, splits: Sequence[str] = ("train", "holdout")) -> Snapshot:
-    """A snapshot folder back: its manifest and the named splits (others come back empty)."""
+    """A snapshot folder back: its manifest and the named splits (others come back empty).
+
+    A snapshot an erasure rewrote is read where its ``rewritten.json`` points (as often as it was
+    rewritten): the result's ``uri`` and digest are the rewritten snapshot's, and its manifest's
+    ``rewritten_from`` names the digests it replaced."""
     import fsspec
 
+    notes = rewrites(uri)
+    if notes:
+        uri = _sibling(uri, notes[-1]["rewritten_into"])
     fs, root = fsspec.core.url_to_fs(uri)
     with fs.open(f"{root}/{MANIFEST}", "r") as f:
         manifest = json.load(f)
     rows = {name: _read_rows(fs, f"{root}/{manifest['files'][name]}") if name in splits else []
             for name in ("train", "holdout")}
     return Snapshot(manifest, rows["train"], rows["holdout"], uri)
+
+
+def _sibling(uri: str, digest: str) -> str:
+    """The folder of ``digest`` in the same store as the snapshot folder ``uri`` (the store may have moved)."""
+    return f"{uri.rstrip('/').rsplit('/', 1)[0]}/{digest.removeprefix('sha256:')}"
+
+
+def rewritten_note(uri: str) -> dict | None:
+    """The note an erasure left at the snapshot folder ``uri`` (``adaptloop.erasure_sweep``), or None."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{root}/{REWRITTEN}"):
+        return None
+    with fs.open(f"{root}/{REWRITTEN}", "r") as f:
+        return json.load(f)
+
+
+def rewrites(uri: str) -> list[dict]:
+    """The notes erasures left from the snapshot folder ``uri`` to the one that holds its content now, oldest
+    first (``[]``: never rewritten). Each names the digest it replaced, the new one and the erasure ids."""
+    notes: list[dict] = []
+    while (note := rewritten_note(uri)) is not None:
+        if len(notes) >= MAX_REWRITES:
+            raise ValueError(f"{uri}: more than {MAX_REWRITES} rewrites to follow")
+        notes.append(note)
+        uri = _sibling(uri, note["rewritten_into"])
+    return notes
 
 
 # -- the method follows the signal ------------------------------------------------------------------
