@@ -79,6 +79,24 @@ def _remove(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def delete_tree(folder: Path) -> int:
+    """Delete ``folder`` and everything under it, read-only copies included; the number of files it held
+    (0: it was not there). Unlike ``unpin`` a failure is raised (``ArtifactError``): erasure must know."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return 0
+    if folder.is_symlink() or not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder: not deleted")
+    try:
+        files = sum(1 for p in folder.rglob("*") if not p.is_dir())
+        for path in [folder, *(p for p in folder.rglob("*") if not p.is_symlink())]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(folder)
+    except OSError as exc:
+        raise ArtifactError(f"cannot delete {folder}: {exc}") from exc
+    return files
+
+
 def adapter_version(tenant: str, task: str, digest: str) -> str:
     """The versioned adapter name served by vLLM: never reused, because the digest names the content."""
     return f"{tenant}--{task}--{digest.removeprefix('sha256:')[:16]}"
