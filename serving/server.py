@@ -9,10 +9,13 @@ the release (a mismatch is refused and never loaded), and only if it was trained
 server serves (a release whose ``base_model_digest`` is set and differs from
 ``artifacts.base_model_digest`` of the served folder is refused), under its versioned name (never
 reloaded under the same name), then warmed with a one-token completion. ROLLED_BACK and REJECTED unload it
-at once; RETIRED (superseded by a promotion) after ``retire_grace_s``, so that a gateway that has
-not yet read the promotion does not route a call to a version that is gone. ``/adapters`` shows what is loaded and what was refused and why; the same
-report goes to the status topic (``serving.status``, keyed by replica id) on every change and every
-``status_interval_s``, for gateways and operators that watch the fleet rather than one replica.
+at once; RETIRED (superseded by a promotion, or by ``adaptloop forget --retire``) after ``retire_grace_s``, so
+that a gateway that has not yet read the promotion does not route a call to a version that is gone. Each
+unload deletes the version's read-only pinned copy, and so does a withdrawn version this sidecar does not
+hold (it was refused, or withdrawn while the sidecar was down: the topic is read from its beginning).
+``/adapters`` shows what is loaded and what was refused and why; the same report goes to the status topic
+(``serving.status``, keyed by replica id) on every change and every ``status_interval_s``, for gateways
+and operators that watch the fleet rather than one replica.
 
 Gateways watch ``/adapters`` with a long poll (``serving.sidecar_report``), so they hear of a change
 as it happens.
@@ -126,6 +129,8 @@ class Sidecar:
                     self._drain(version)
                 elif version in self.loaded:
                     self._unload(version, release.state)
+                elif release.digest:  # not loaded here (refused, or withdrawn while this sidecar was down)
+                    self._drop_pin(release.digest)
         if changed:
             self.on_change()
 
@@ -213,10 +218,17 @@ class Sidecar:
             log.warning("unloading %s (%s): %s", version, why, exc)
         with self._lock:
             digest = self.loaded.pop(version, {}).get("digest")
-            still_served = any(info.get("digest") == digest for info in self.loaded.values())
-        if digest and not still_served:
-            unpin(digest, self.pinned_dir)
+        if digest:
+            self._drop_pin(digest)
         log.info("unloaded %s (%s)", version, why)
+
+    def _drop_pin(self, digest: str) -> None:
+        """Delete the pinned copy of ``digest`` unless a loaded version serves it: a version taken out of
+        service (retired for an erasure included) leaves no copy here."""
+        with self._lock:
+            still_served = any(info.get("digest") == digest for info in self.loaded.values())
+        if not still_served:
+            unpin(digest, self.pinned_dir)
 
     def _post(self, path: str, body: dict[str, Any], *, already_ok: str | None = None) -> None:
         """POST to vLLM; a refusal is a ``ServingError``, a dead vLLM a ``StackError`` (the process exits)."""
