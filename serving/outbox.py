@@ -22,8 +22,14 @@ after it with it); a new segment that cannot be opened leaves the current one gr
 Files: ``segment-<n>.log``, frames of ``crc32 | topic length | key length | value length`` (4 bytes
 each, big-endian) then the three. A frame cut short by a crash, or one whose checksum fails, ends
 its segment's replay (logged). A segment is deleted once every record in it is acknowledged; the
-current one is emptied instead. So a restart resends only records whose segment still held an
-unacknowledged one: at least once, and consumers de-duplicate by interaction id, as everywhere.
+current one is truncated to 0 bytes instead (and deleted by ``close``). So a restart resends only records
+whose segment still held an unacknowledged one: at least once, and consumers de-duplicate by interaction
+id, as everywhere.
+
+What this means for erasure (``adaptloop forget``): an acknowledged record stays on this disk only while
+its segment (at most about ``SEGMENT_BYTES``) still holds an unacknowledged one; an unacknowledged
+record stays until the broker takes it, and curation then drops it if an erasure matches it. Nothing
+rewrites a live outbox. Deleting and truncating free the blocks; the file system does not overwrite them.
 
 Not thread-safe: one event loop owns it (delivery callbacks hop onto that loop first).
 """
