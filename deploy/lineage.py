@@ -261,11 +261,27 @@ def _ts(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
 
 
+def dataset_rewrites(uri: str) -> list[dict]:
+    """The erasures that rewrote the snapshot at ``uri`` since the release named it (``trainers.snapshot.rewrites``);
+    a store this machine cannot read is said so, not fatal."""
+    if not uri:
+        return []
+    from adaptloop.trainers.snapshot import rewrites
+
+    try:
+        return rewrites(uri)
+    except (OSError, ValueError, ImportError) as exc:
+        return [{"unreadable": f"(snapshot store not readable here: {type(exc).__name__}: {exc})"}]
+
+
 def render_adapter(view: Mapping[str, Any]) -> str:
     lines = [f"adapter {view['version']}  ({view['tenant']}/{view['task']}, now {view['state']})",
              f"  artifact  {view['artifact_uri']}  digest {view['digest']}",
              f"  base      {view['base_model']}  {view['base_model_digest'] or ''}".rstrip(),
              f"  dataset   {view['dataset']['digest']}  {view['dataset']['uri']}".rstrip(),
+             *(f"            rewritten by erasure {', '.join(n['erasure_ids'])}: {n['rows_removed']} example(s) out, "
+               f"now {n['rewritten_into']}" if "rewritten_into" in n else f"            {n['unreadable']}"
+               for n in view["dataset"].get("rewritten", ())),
              f"            {view['dataset']['train_examples']} train examples from "
              + ", ".join(f"{r['topic']}[{r['partition']}] {r['start_offset']}..{r['end_offset']}"
                          for r in view["dataset"]["source_ranges"])]
@@ -324,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adaptloop lineage: no release record for adapter {args.adapter!r} on {topics.name('releases')}",
                   file=sys.stderr)
             return 1
+        view["dataset"]["rewritten"] = dataset_rewrites(view["dataset"]["uri"])
         text = render_adapter(view)
     else:
         view = interaction_lineage(args.interaction, records, args.tenant)
