@@ -23,7 +23,17 @@ In this order, each step acknowledged by the broker before the next:
    the reason "flagged: retrain without erased data" and
 3. a training request over the same ranges, trigger ``erasure:<erasure id>``, whose id is
    sha256("<old request id>:<erasure id>"): the trainer snapshots the ranges again without the
-   erased examples and gates the retrained adapter against the flagged one.
+   erased examples and gates the retrained adapter against the flagged one;
+4. in the trainer's stores (``adaptloop.erasure_sweep``; ``ADAPTLOOP_TRAINER_ARTIFACT_DIR`` and
+   ``_DATASET_STORE``): every snapshot of the tenant that holds a matching example is rewritten without
+   it (the old folder keeps only a note naming the new digest), and the adapter folder, checkpoints and
+   Ray run state of every version that learned from one and is not live now are deleted. A flagged
+   adapter serves, and stays, until its successor replaces it: run the same forget again then.
+
+What stays on the broker's immutable logs: interactions, outcomes and dead letters as they arrived (until
+``ADAPTLOOP_TOPICS_RAW_RETENTION_MS``; embedded Tansu expires nothing) and curated examples (redacted; every
+reader applies the erasure). Curation purges its own table entries; a gateway's outbox keeps a record only
+until the broker takes it. README, "Erasure": what remains where.
 
 The erasure id is derived from (tenant, scope, key), so running the same forget twice writes no
 second decision and no second request: every step checks what is already on the topics.
@@ -45,12 +55,13 @@ import phonenumbers
 from stdnum import iban as _iban
 
 from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, subject_key
+from adaptloop.erasure_sweep import ArtifactStore, Sweep, sweep_store
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
                                ranges_contain)
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.settings import KafkaSettings, StreamsSettings, Topics
+from adaptloop.settings import KafkaSettings, StreamsSettings, Topics, TrainerSettings
 from adaptloop.streams.pii import PLACEHOLDER, Redactor
 
 DECIDED_BY = "erasure"
@@ -175,6 +186,7 @@ class AdapterAction:
     learned_from: list[str]
     decision: dict | None = None
     retrain_request: dict | None = None
+    release: Mapping[str, Any] = field(default_factory=dict, repr=False)  # its newest record before forget
 
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "previous_state": self.previous_state, "action": self.action,
@@ -189,12 +201,14 @@ class ForgetPlan:
     matched: list[Positioned]
     adapters: list[AdapterAction] = field(default_factory=list)
     requests_already_published: list[str] = field(default_factory=list)
+    sweep: Sweep | None = None  # what was deleted and rewritten in the trainer's stores (None: not swept)
 
     def summary(self) -> dict[str, Any]:
         return {"erasure": self.erasure,
                 "matched_examples": sorted({p.record["example_id"] for p in self.matched}),
                 "adapters": [a.summary() for a in self.adapters],
-                "requests_already_published": self.requests_already_published}
+                "requests_already_published": self.requests_already_published,
+                "store": self.sweep.summary() if self.sweep else None}
 
 
 def infer_tenant(records: LineageRecords, scope: str, key: str) -> str:
@@ -248,7 +262,7 @@ def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: 
         learned = sorted({p.record["example_id"] for p in matched if learned_from(first, p) == "train"})
         if not learned:
             continue
-        action = AdapterAction(version, latest["state"], "retire" if retire else "flag", learned)
+        action = AdapterAction(version, latest["state"], "retire" if retire else "flag", learned, release=latest)
         plan.adapters.append(action)
         done = any(d.record.get("decided_by") == DECIDED_BY
                    and json.loads(d.record.get("evidence_json") or "{}").get("erasure_id") == erasure_id
@@ -281,10 +295,12 @@ def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: 
 
 @dataclass
 class Forgetter:
-    """Reads what lineage needs, writes the erasure, the decisions and the retraining requests (acknowledged)."""
+    """Reads what lineage needs, writes the erasure, the decisions and the retraining requests (acknowledged),
+    then sweeps ``store`` (``adaptloop.erasure_sweep``; None: the stores are left as they are)."""
 
     kafka: KafkaSettings
     topics: Topics
+    store: ArtifactStore | None = None
 
     def forget(self, *, scope: str, key: str, tenant: str | None, retire: bool = False,
                requested_by: str | None = None, reason: str | None = None) -> ForgetPlan:
@@ -314,6 +330,9 @@ class Forgetter:
                 self._send(producer, "training_requests", "training_request", request,
                            f"{request['tenant']}/{request['task']}")
         producer.flush()
+        # 4. Only now, every decision on record: the stores (a retired version's artifacts, the snapshots).
+        if self.store is not None:
+            plan.sweep = sweep_store(self.store, plan, records)
         return plan
 
     def _send(self, producer: DeliveryTracker, which: str, stem: str, record: Mapping[str, Any], key: str) -> None:
@@ -336,6 +355,10 @@ def render(plan: ForgetPlan) -> str:
         lines.append(line + f"  [learned from {len(a.learned_from)}]")
     for request_id in plan.requests_already_published:
         lines.append(f"  retraining request {request_id[:12]} was already published")
+    if plan.sweep is None:
+        lines.append("  the trainer's stores were not swept")
+    else:
+        lines += plan.sweep.lines() or ["  no snapshot or adapter artifact in the stores held them"]
     return "\n".join(lines)
 
 
@@ -374,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         scope, key = SUBJECT, subject.key(args.tenant)
     try:
-        plan = Forgetter(KafkaSettings(), Topics()).forget(scope=scope, key=key, tenant=args.tenant, retire=args.retire,
-                                                           requested_by=args.requested_by, reason=args.reason)
+        store = ArtifactStore.of(TrainerSettings())  # the trainer's: where its snapshots and adapters are
+        plan = Forgetter(KafkaSettings(), Topics(), store).forget(
+            scope=scope, key=key, tenant=args.tenant, retire=args.retire, requested_by=args.requested_by,
+            reason=args.reason)
     except ConfigError as exc:
         print(f"adaptloop forget: {exc}", file=sys.stderr)
         return 2
@@ -388,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         if subject is not None:
             print(f"subject keyed as {subject.kind} (normalized by {subject.normalized_by}): {key}")
         print(render(plan))
+    if plan.sweep is not None and plan.sweep.problems:
+        print("adaptloop forget: the records are written, but erased content may remain (see NOT ERASED); "
+              "run the same forget again once that is fixed", file=sys.stderr)
+        return 1
     return 0
 
 
