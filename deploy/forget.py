@@ -10,7 +10,10 @@ A subject is keyed as curation keys it (``normalize_subject``): the same PII det
 (``adaptloop.streams.pii``, with curation's ``ADAPTLOOP_STREAMS_PHONE_REGION`` and
 ``ADAPTLOOP_STREAMS_PII_PATTERNS``) turn it into the value they take from a text that holds it, so
 ``+1 (415) 555-2671`` erases the examples that said "call 415-555-2671". A value they do not recognise
-as one identifier of a person is refused (no curated example can carry its key) unless ``--raw``.
+as one identifier of a person is refused (no curated example can carry its key) unless ``--raw``. The key is an
+HMAC under the deployment's subject-key secret (``ADAPTLOOP_ERASURE_SUBJECT_SECRET``, else the file
+``ADAPTLOOP_ERASURE_SUBJECT_SECRET_FILE``): forget must read the one curation reads. ``--legacy-key`` keys
+it as examples curated before keys took a secret were keyed.
 
 In this order, each step acknowledged by the broker before the next:
 
@@ -54,14 +57,14 @@ from typing import Any, Iterator, Mapping
 import phonenumbers
 from stdnum import iban as _iban
 
-from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, subject_key
+from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, legacy_subject_key, subject_key
 from adaptloop.erasure_sweep import ArtifactStore, Sweep, sweep_store
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
                                ranges_contain)
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.settings import KafkaSettings, StreamsSettings, Topics, TrainerSettings
+from adaptloop.settings import ErasureSettings, KafkaSettings, StreamsSettings, Topics, TrainerSettings
 from adaptloop.streams.pii import PLACEHOLDER, Redactor
 
 DECIDED_BY = "erasure"
@@ -93,8 +96,9 @@ class Subject:
     value: str
     normalized_by: str  # "the redactor", "<library>, then the redactor" or "--raw"
 
-    def key(self, tenant: str) -> str:
-        return subject_key(tenant, self.value)
+    def key(self, tenant: str, secret: str | None) -> str:
+        """Its key under the deployment's subject-key secret; ``None``: the legacy key (tenant-salted only)."""
+        return subject_key(tenant, self.value, secret) if secret is not None else legacy_subject_key(tenant, self.value)
 
 
 def _whole(redactor: Redactor, text: str) -> tuple[str, str] | None:
@@ -376,12 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", help="why (recorded on the erasure)")
     parser.add_argument("--raw", action="store_true", help="with --subject: key the value as written (case and "
                         "whitespace folded), for a user id a PII pattern matches in curation but not here")
+    parser.add_argument("--legacy-key", action="store_true", help="with --subject: key it as examples curated "
+                        "before subject keys took the deployment's secret were keyed (run it beside the usual one)")
     parser.add_argument("--json", action="store_true", help="print the plan that was carried out as JSON")
     args = parser.parse_args(argv)
     if args.subject is not None and not args.tenant:
         parser.error("--subject needs --tenant")
-    if args.raw and args.subject is None:
-        parser.error("--raw goes with --subject")
+    if (args.raw or args.legacy_key) and args.subject is None:
+        parser.error("--raw and --legacy-key go with --subject")
     subject = None
     if args.interaction:
         scope, key = INTERACTION, args.interaction
@@ -395,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"adaptloop forget: {exc}", file=sys.stderr)
             return 2
-        scope, key = SUBJECT, subject.key(args.tenant)
+        try:
+            secret = None if args.legacy_key else ErasureSettings().secret()  # curation's: the same keys
+        except ConfigError as exc:
+            print(f"adaptloop forget: {exc}", file=sys.stderr)
+            return 2
+        scope, key = SUBJECT, subject.key(args.tenant, secret)
     try:
         store = ArtifactStore.of(TrainerSettings())  # the trainer's: where its snapshots and adapters are
         plan = Forgetter(KafkaSettings(), Topics(), store).forget(
