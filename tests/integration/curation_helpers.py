@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from adaptloop.kafka import Range, read_ranges
+from adaptloop.kafka import DeliveryTracker, Range, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.stack import free_port, service_env
@@ -40,6 +40,16 @@ def worker_env(kafka: KafkaSettings, topics: Topics, home: Path, app_id: str | N
     for key, value in settings.items():
         env[f"ADAPTLOOP_STREAMS_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
+
+
+def produce(kafka: KafkaSettings, topic: str, stem: str, records: list[dict], key: Callable[[dict], str],
+            timeout_s: float = 30.0) -> None:
+    """``records`` as Avro of ``stem`` on ``topic``, each keyed by ``key(record)``, acknowledged."""
+    serde = serde_for(stem)
+    producer = DeliveryTracker(kafka)
+    for record in records:
+        producer.send(topic, serde.serialize(record, SerdeContext(topic)), key=key(record))
+    producer.flush(timeout_s)
 
 
 def read_all(kafka: KafkaSettings, topic: str, stem: str, idle_s: float = 1.5) -> list[tuple[int, int, dict]]:

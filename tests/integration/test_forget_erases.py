@@ -22,13 +22,14 @@ import pytest
 
 from adaptloop import forget
 from adaptloop.erasure import ErasureSet
-from adaptloop.kafka import DeliveryTracker, Range, read_ranges
+from adaptloop.kafka import Range, read_ranges
 from adaptloop.lineage import LineageRecords, read_topics
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.recording import InteractionLog
-from adaptloop.settings import GatewaySettings, KafkaSettings
+from adaptloop.settings import GatewaySettings
 from adaptloop.trainers.snapshot import REWRITTEN, build_snapshot, read_snapshot, write_snapshot
+from curation_helpers import produce
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +74,6 @@ def curated(interaction: dict, split: str, offset: int) -> dict:
     }
 
 
-def produce(kafka: KafkaSettings, topic: str, stem: str, records: list[dict], key) -> None:
-    serde = serde_for(stem)
-    producer = DeliveryTracker(kafka)
-    for record in records:
-        producer.send(topic, serde.serialize(record, SerdeContext(topic)), key=key(record))
-    producer.flush(WAIT_S)
 
 
 def train_adapter(artifacts: Path, request_id: str, learned: bytes) -> Path:

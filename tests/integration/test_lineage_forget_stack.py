@@ -21,15 +21,15 @@ from pathlib import Path
 import pytest
 
 from adaptloop.forget import FLAG_REASON, Forgetter, erasure_id_for, retrain_request_id
-from adaptloop.kafka import DeliveryTracker
 from adaptloop.lineage import LineageRecords, adapter_lineage, interaction_lineage, read_topics
 from adaptloop.processes import write_state
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas import serde_for
 from adaptloop.sdk import Recorder
 from adaptloop.settings import KafkaSettings, Topics, TrainerSettings
 from adaptloop.stack import StackPorts, service_env, start_service
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue
+from curation_helpers import produce
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +52,6 @@ def curated(case, example_id: str, split: str, *, session: str, offset: int) -> 
     }
 
 
-def produce(kafka: KafkaSettings, topic: str, stem: str, records: list[dict], key) -> None:
-    serde = serde_for(stem)
-    producer = DeliveryTracker(kafka)
-    for record in records:
-        producer.send(topic, serde.serialize(record, SerdeContext(topic)), key=key(record))
-    producer.flush(30)
 
 
 def write_examples(kafka: KafkaSettings, topics: Topics, train: int, holdout: int, seed: int) -> list[dict]:
