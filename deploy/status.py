@@ -16,7 +16,8 @@ What one snapshot holds, and where each part comes from:
 * routing: the gateway's ``/v1/models`` (alias -> the version it routes to, and any canary
   fields it reports; ``ADAPTLOOP_STATUS_GATEWAY_KEY`` if it wants a key), its ``/stats`` (calls
   per alias and served version: the canary's measured share), the sidecar's ``/adapters``, and the curation worker's
-  ``/adaptloop/metrics``: each optional, its absence shown, never fatal.
+  ``/adaptloop/metrics``: each optional, its absence shown, never fatal;
+* the trainer's queue: requests no release answers yet, in the order the trainer serves them, with their wait.
 
 Every part is computed by a pure function from decoded records; ``collect`` only reads.
 """
@@ -185,6 +186,20 @@ def release_rows(releases: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def trainer_queue(requests: list[Mapping[str, Any]], releases: list[Mapping[str, Any]],
+                  now_ms: int) -> list[dict[str, Any]]:
+    """Training requests no release answers yet, in the order a trainer starting now would serve them (the first
+    may be in training), with how long each has waited: the trainer's fair queue (``trainers.queue``) replayed."""
+    from adaptloop.trainers.queue import FairQueue
+
+    answered = {r["lineage"]["request_id"] for r in releases}
+    queue = FairQueue()
+    for offset, request in enumerate({r["request_id"]: r for r in requests}.values()):
+        if request["request_id"] not in answered:
+            queue.add(offset, request)
+    return queue.waiting(now_ms)
+
+
 def dead_letter_counts(dead: list[Mapping[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(f"{d['source_topic']} {d['stage']} {d['error_type']}" for d in dead).items()))
 
@@ -282,6 +297,7 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
     snapshot["dead_letters"] = dead_letter_counts(records["dead_letters"])
     snapshot["erasures"] = erasure_counts(records["erasures"])
     snapshot["releases"] = release_rows(records["releases"])
+    snapshot["trainer_queue"] = trainer_queue(records["training_requests"], records["releases"], snapshot["at"])
     key = settings.gateway_key.get_secret_value() if settings.gateway_key else None
     models = get_json(settings.gateway_url.rstrip("/") + "/v1/models", settings.http_timeout_s,
                       {"authorization": f"Bearer {key}"} if key else None)
@@ -349,6 +365,11 @@ def render(snapshot: Mapping[str, Any]):
                                               or "none")
                           + "   erasures: " + (", ".join(f"{k} x{n}" for k, n in snapshot["erasures"].items())
                                                or "none")))
+
+    if snapshot.get("trainer_queue"):
+        parts.append(Text("trainer queue (in serving order; the first may be training): " + ", ".join(
+            f"{q['tenant']}/{q['task']} {q['request_id'][:8]} waited {q['waited_s']:.0f}s"
+            for q in snapshot["trainer_queue"])))
 
     releases = Table(title="releases (newest record per version)", title_justify="left")
     for column in ("version", "state", "by", "candidate vs incumbent"):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from adaptloop.status import (dead_letter_counts, erasure_counts, group_lag, partition_ends, pid_alive, processes,
-                              release_rows, render, routing_rows, stage_counts, topic_rows, traffic_shares)
+                              release_rows, render, routing_rows, stage_counts, topic_rows, traffic_shares,
+                              trainer_queue)
 
 
 @dataclass
@@ -116,11 +117,21 @@ def test_routing_release_rows_dead_letters_and_render():
                 "gateway": {"ok": True, "url": "u", "error": None, "routes": routes, "traffic": traffic},
                 "sidecar": {"ok": False, "error": "ConnectError: refused"},
                 "streams_metrics": {"ok": True, "body": {"curated": 3}}, "problems": ["consumer groups: x"],
-                "undecodable": {"agent.interactions": {"count": 2, "first": "not avro"}}}
+                "undecodable": {"agent.interactions": {"count": 2, "first": "not avro"}},
+                "trainer_queue": [{"tenant": "globex", "task": "t", "request_id": "abcdef123", "waited_s": 42.0}]}
     console = Console(record=True, width=200)
     console.print(render(snapshot))
     text = console.export_text()
     for expected in ("broker", "alive", "agent.interactions", "g: 1", "acme/t", "RETIRED:1", "v1", "erasure",
                      "acme/order-extract", '"share": 0.2', "sidecar: not answering", 'curation metrics: {"curated": 3}',
-                     "problem: consumer groups: x", "undecodable records on agent.interactions: 2", "decode DeserializationError x3", "v1:70% (70) v2:30% (30)"):
+                     "problem: consumer groups: x", "undecodable records on agent.interactions: 2", "decode DeserializationError x3", "v1:70% (70) v2:30% (30)",
+                     "globex/t abcdef12 waited 42s"):
         assert expected in text, expected
+
+
+def test_the_trainer_queue_is_what_no_release_answers_in_the_order_the_trainer_serves_it():
+    requests = [{"request_id": f"r{n}", "tenant": tenant, "task": "t", "created_at": 1000 * n}
+                for n, tenant in enumerate(["acme", "acme", "acme", "globex"])]
+    releases = [{"lineage": {"request_id": "r0"}}]
+    queue = trainer_queue(requests + requests[1:2], releases, now_ms=10_000)  # a request read twice counts once
+    assert [(q["request_id"], q["waited_s"]) for q in queue] == [("r1", 9.0), ("r3", 7.0), ("r2", 8.0)]
