@@ -8,7 +8,11 @@ Same data (generated order-extract cases), same model, same recipe settings, sam
   the path every training request takes, local Ray started here.
 
 Prints tokens/s in the training loop, peak resident memory of the training process, wall time,
-and ``ratio = ray tokens/s / plain tokens/s`` (target >= 0.9); writes everything as JSON.
+and ``ratio = ray tokens/s / plain tokens/s`` (target >= 0.9); and the floor: the machine's matmul rate,
+measured here with the model's own shapes and thread count, over the FLOPs a LoRA step costs per token
+(4 N: forward 2 N, backward 2 N for the activations' gradients; the frozen weights get none, LoRA's
+own are a fraction of a percent), so ``floor_ratio = tokens/s / (rate / 4 N)`` says how far the loop
+is from what the matmuls alone would allow. Writes everything as JSON.
 Checkpointing is off in both so that the loop is compared, not the disk. Timings on a shared
 machine are noisy: run it alone, and use ``--repeat`` to see the spread.
 
@@ -61,6 +65,32 @@ def mfu(tokens_per_s: float, parameters: int, peak_tflops: float) -> float:
     return 6.0 * parameters * tokens_per_s / (peak_tflops * 1e12) if peak_tflops > 0 else 0.0
 
 
+def matmul_rate(model_dir: str, threads: int, tokens: int, seconds: float = 3.0, gpu: bool = False) -> float:
+    """FLOP/s of the model's largest matmul shape (tokens x hidden @ hidden x intermediate), fp32, measured."""
+    import torch
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config.get("intermediate_size", 4 * config["hidden_size"])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = "cuda" if gpu else "cpu"
+    a, b = torch.randn(tokens, hidden, device=device), torch.randn(hidden, inner, device=device)
+    for _ in range(3):
+        a @ b
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    if gpu:
+        torch.cuda.synchronize()
+    return 2.0 * tokens * hidden * inner * done / (time.perf_counter() - started)
+
+
+def floor_tokens_per_s(rate_flops: float, parameters: int) -> float:
+    """Tokens/s if a LoRA step cost only its matmuls (4 N FLOPs per token) at ``rate_flops``."""
+    return rate_flops / (4.0 * parameters)
+
+
 def recipe_overrides(args: argparse.Namespace, model: str, output_dir: str) -> dict[str, Any]:
     return {"model_path": model, "output_dir": output_dir, "task": "order-extract", "generate_examples": args.examples,
             "generate_seed": 7, "epochs": 1, "batch_size": args.batch_size, "max_length": args.max_length,
@@ -106,6 +136,7 @@ def run_ray(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from adaptloop.model import ensure_base_model
+    from adaptloop.processes import cpu_name
     from adaptloop.settings import DEFAULT_HOME
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = str(args.model or ensure_base_model(DEFAULT_HOME))
     parameters = model_parameters(model)
+    # A batch's tokens (the generated order cases run ~150 tokens each), at the threads the recipe uses.
+    rate = matmul_rate(model, args.threads, tokens=args.batch_size * 150, gpu=args.gpu)
+    floor = floor_tokens_per_s(rate, parameters)
+    log.info("matmul rate %.1f GFLOP/s (%d threads): floor %.0f tokens/s for %d parameters", rate / 1e9,
+             args.threads, floor, parameters)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="adaptloop-bench-") as tmp:
         for i in range(args.repeat):
@@ -140,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": model, "parameters": parameters, "examples": args.examples, "batch_size": args.batch_size,
         "max_length": args.max_length, "threads": args.threads, "gpu": args.gpu, "bf16": args.bf16,
         "runs": runs, "ratio_median": ratios[len(ratios) // 2], "target_ratio": 0.9,
+        "matmul_gflops": round(rate / 1e9, 2), "floor_tokens_per_s": round(floor, 1),
+        "floor_ratio": {kind: round(runs[-1][kind]["tokens_per_s"] / floor, 3) for kind in ("plain", "ray")},
+        "command": "python -m adaptloop.trainers.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
         "mfu": {"plain": [mfu(r["plain"]["tokens_per_s"], parameters, args.peak_tflops) for r in runs],
                 "ray": [mfu(r["ray"]["tokens_per_s"], parameters, args.peak_tflops) for r in runs],
                 "peak_tflops": args.peak_tflops} if args.gpu else None,
@@ -152,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
           f"wall {last['plain']['wall_s']:.0f}s")
     print(f"ray TorchTrainer job: {last['ray']['tokens_per_s']:.0f} tokens/s, peak {last['ray']['peak_rss_mb']:.0f} MB, "
           f"wall {last['ray']['wall_s']:.0f}s (ray start {last['ray']['ray_start_s']:.0f}s)")
+    print(f"floor: matmul {report['matmul_gflops']} GFLOP/s / 4N FLOPs per token = {floor:.0f} tokens/s; "
+          f"plain at {report['floor_ratio']['plain']:.0%} of it, ray at {report['floor_ratio']['ray']:.0%}")
     print(f"ratio ray/plain tokens/s: median {report['ratio_median']:.3f} over {len(runs)} run(s) "
           f"(target >= 0.9); memory ratio {last['memory_ratio']:.2f}; JSON: {args.out}")
     return 0
