@@ -69,6 +69,41 @@ def test_new_optional_field_read_by_old_reader_and_reverse():
     assert AvroDeserializer("outcome", both)(old_bytes) == record | {"confidence": None}
 
 
+def release_record(**overrides) -> dict:
+    """An AdapterRelease as adapter_release.v2 knows it."""
+    return {"version": "acme--extract--0123abcd", "tenant": "acme", "task": "extract", "state": "RELEASED",
+            "reason": "undecided", "base_model": "smollm2", "artifact_uri": "/a", "digest": "sha256:x", "lora_rank": 8,
+            "method": "dpo", "evaluation": {"metric": "success_rate", "holdout_count": 2, "candidate_score": 0.0,
+                                            "incumbent": "base", "incumbent_score": 0.0, "margin": 0.05, "ci_low": 0.0,
+                                            "ci_high": 0.66, "incumbent_ci_low": 0.0, "incumbent_ci_high": 0.66,
+                                            "metrics": {}},
+            "lineage": {"request_id": "r", "dataset_digest": "d", "examples": [], "train_example_ids": [],
+                        "code_version": "c", "config_json": "{}", "dataset_uri": "", "parent_version": None},
+            "created_at": 1, "regression": [], "decided_by": "gate", "evidence_json": "{}", "training_json": "{}",
+            "base_model_digest": None} | overrides
+
+
+def test_adapter_release_v3_canary_share_read_by_v2_readers_and_v2_records_by_v3():
+    store = bundled_store()
+    v2, v3 = store.versions["adapter_release"][1:3]
+    assert (v2.version, v3.version) == (2, 3)
+    v2_only = _store_of(v2)
+    record = release_record()
+
+    new_bytes = AvroSerializer("adapter_release")(record | {"canary_share": 0.01})
+    assert AvroDeserializer("adapter_release")(new_bytes)["canary_share"] == 0.01
+    # A v2 reader (an older gateway or replica) that knows v3's fingerprint resolves it to the fields it knows.
+    old_reader = AvroDeserializer("adapter_release", store)
+    old_reader.reader = v2
+    assert old_reader(new_bytes) == record
+
+    # Records written before v3 (every release already on the topic) read as "no share of their own".
+    old_bytes = AvroSerializer("adapter_release", v2_only)(record)
+    assert AvroDeserializer("adapter_release")(old_bytes) == record | {"canary_share": None}
+    # A writer that leaves the field out writes its default.
+    assert AvroDeserializer("adapter_release")(AvroSerializer("adapter_release")(record))["canary_share"] is None
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "bad magic or truncated header"),
     (b"\x00\x00\x00\x00\x01{}", "bad magic"),
