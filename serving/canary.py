@@ -4,9 +4,10 @@
     adaptloop release promote acme--extract--0123abcd --reason "checked by hand"
     adaptloop release rollback acme--extract--0123abcd --reason "customer complaint"
 
-A RELEASED version (it passed the trainer's gate) is a canary: the gateway sends it
-``ADAPTLOOP_GATEWAY_CANARY_SHARE`` of its alias's traffic; the incumbent (the alias's PROMOTED
-version, else the base model) gets the rest. The controller compares both sides' outcomes from the
+A RELEASED version (the trainer's gate found it better, or could not decide) is a canary: the gateway
+sends it ``ADAPTLOOP_GATEWAY_CANARY_SHARE`` of its alias's traffic, or the smaller share its release
+carries (``canary_share``: an undecided gate's, set by its uncertainty); the incumbent (the alias's
+PROMOTED version, else the base model) gets the rest. The controller compares both sides' outcomes from the
 curated stream (``served_by`` names the version that answered, null = base; a SUCCESS is a success,
 CORRECTION and FAILURE are not), counted from the canary's ``created_at`` on so that both sides are
 measured over the same period, each example once (at-least-once upstream).
@@ -18,7 +19,9 @@ second needs (a plain z-test re-checked every second would promote noise). It de
 Lambda >= 1/alpha, promote if the canary is better, roll back if worse. Guards roll back earlier:
 the canary's request error rate (from every gateway's ``/stats``) above ``max_error_rate``, or its
 p95 latency above ``max_latency_ratio`` x the incumbent's p95 + ``latency_slack_ms``. A canary still
-undecided after ``max_samples`` outcomes is rolled back (keep what is known to work).
+undecided after ``max_samples`` outcomes is rolled back (keep what is known to work). Every threshold
+counts outcomes or requests, not time, so a canary at a small share is judged on the same evidence as one
+at the full share, only later (an alias with 300 calls a day gives a 1% canary 30 outcomes in 10 days).
 
 Every decision is a release record for the version (decided_by ``canary`` or ``manual``) with its
 evidence as JSON; promoting retires every other servable version of the alias (RETIRED records).

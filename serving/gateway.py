@@ -25,9 +25,10 @@ another is refused, and a chat call without a system message gets its task's sys
 training and evaluation give it). See ``serving.keys``.
 
 Routing: an alias goes to its incumbent (newest PROMOTED version loaded on some replica, else the
-base model), except for ``canary_share`` of its calls, which go to its canary (the newest RELEASED
+base model), except for a share of its calls, which go to its canary (the newest RELEASED
 version newer than the incumbent, loaded on some replica; the canary controller promotes or rolls
-it back). The share is exact per gateway (a deterministic stride, not a coin), so a measured share
+it back): the release's own ``canary_share`` where it carries one (the gate's smaller share for a
+candidate it could not decide), never more than the gateway's ``canary_share``. The share is exact per gateway (a deterministic stride, not a coin), so a measured share
 is the configured one. Among several replicas, a call goes only to replicas whose sidecar reports
 the version loaded, round robin; a replica whose sidecar stops answering gets no calls while a
 healthy one exists. The gateway watches each sidecar's report with a long poll (``serving.server``),
@@ -173,7 +174,11 @@ def take_canary(count: int, share: float) -> bool:
 
 
 class Router:
-    """Alias -> canary share to the newest RELEASED version, the rest to the incumbent (PROMOTED, else base)."""
+    """Alias -> a share to the newest RELEASED version, the rest to the incumbent (PROMOTED, else base).
+
+    The share is the release's own ``canary_share`` if it has one, capped by ``canary_share`` (the gateway's
+    setting, which is also the share of a release without one; 0 sends no call to any canary).
+    """
 
     def __init__(self, reader: ReleaseReader, base_model: str, replicas: list[Replica], canary_share: float,
                  tasks: frozenset[str]) -> None:
@@ -212,6 +217,11 @@ class Router:
                     if (r.tenant, r.task) == (tenant, task) and v in loaded}
         return canary_and_incumbent(releases, tenant, task)
 
+    def share_of(self, canary: Release) -> float:
+        """The share of its alias's calls ``canary`` gets."""
+        own = canary.canary_share
+        return self.canary_share if own is None else max(0.0, min(own, self.canary_share))
+
     def route(self, model: str, tenant: str, headers: Mapping[str, str]) -> Route:
         if model == self.base_model:
             task = headers.get(TASK_HEADER, DEFAULT_TASK)
@@ -224,10 +234,11 @@ class Router:
         task = parsed[1]
         canary, incumbent = self.live(tenant, task)
         fallback = incumbent.version if incumbent else None
-        if canary is not None and self.canary_share > 0:
+        share = self.share_of(canary) if canary is not None else 0.0
+        if canary is not None and share > 0:
             count = self._calls.get((tenant, task), 0)
             self._calls[(tenant, task)] = count + 1
-            if take_canary(count, self.canary_share):
+            if take_canary(count, share):
                 return self.adapter_route(tenant, task, canary.version, "canary", fallback)
         if incumbent is not None:
             return self.adapter_route(tenant, task, incumbent.version, "incumbent", None)

@@ -54,6 +54,9 @@ class Release:
     created_at: int  # ms since the epoch
     offset: int
     base_model_digest: str | None = None
+    #: Its own share of the alias's calls while a canary (adapter_release.v3; an undecided gate's small share);
+    #: None: the gateway's ``canary_share``.
+    canary_share: float | None = None
     #: The decoded record itself, so that a decision can be written as "this record, new state".
     record: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -66,7 +69,7 @@ class Release:
                    state=record["state"], digest=record.get("digest"), artifact_uri=record.get("artifact_uri"),
                    lora_rank=int(record["lora_rank"]), base_model=record["base_model"],
                    created_at=created_ms, offset=offset, base_model_digest=record.get("base_model_digest"),
-                   record=dict(record))
+                   canary_share=record.get("canary_share"), record=dict(record))
 
     @property
     def servable(self) -> bool:

@@ -19,10 +19,11 @@ T = Thresholds(alpha=0.05, tau=0.3, min_samples=10, max_samples=200, max_error_r
 QUIET = RequestStats()
 
 
-def release(version: str, state: str, created_at: int, tenant: str = "acme", task: str = "extract") -> Release:
+def release(version: str, state: str, created_at: int, tenant: str = "acme", task: str = "extract",
+            canary_share: float | None = None) -> Release:
     record = {"version": version, "tenant": tenant, "task": task, "state": state, "reason": "r", "base_model": "b",
               "artifact_uri": "/a", "digest": "sha256:x", "lora_rank": 8, "method": "sft", "created_at": created_at,
-              "decided_by": "gate", "evidence_json": "{}"}
+              "decided_by": "gate", "evidence_json": "{}", "canary_share": canary_share}
     return Release.from_record(record, offset=created_at)
 
 
@@ -143,6 +144,25 @@ def test_router_splits_by_share_keeps_tenants_apart_and_uses_replicas_that_have_
     routes = [router.route("acme/extract", "acme", {}) for _ in range(8)]
     assert {r.replica.vllm_url for r in routes if r.role == "incumbent"} == {"http://b"}
     assert {r.replica.vllm_url for r in routes if r.role == "canary"} == {"http://a"}
+
+
+def test_router_gives_a_release_its_own_share_never_more_than_the_gateways():
+    """An undecided gate's release carries a small share of its own; the gateway's setting is the most any canary gets."""
+    def canary_calls(own: float | None, gateway_share: float, calls: int = 400) -> int:
+        router = Router(Registry([release("v1", "PROMOTED", 10), release("v2", "RELEASED", 20, canary_share=own)]),
+                        "base", [Replica(vllm_url="http://a", sidecar_url="http://a-s")], gateway_share,
+                        frozenset({"extract"}))
+        router.replicas[0].loaded, router.replicas[0].healthy = frozenset({"v1", "v2"}), True
+        routes = [router.route("acme/extract", "acme", {}) for _ in range(calls)]
+        assert {r.version for r in routes if r.role == "canary"} <= {"v2"}
+        return sum(r.role == "canary" for r in routes)
+
+    assert Release.from_record({**release("v", "RELEASED", 1).record, "canary_share": 0.01}, 1).canary_share == 0.01
+    assert canary_calls(None, 0.25) == 100  # no share of its own: the gateway's
+    assert canary_calls(0.025, 0.25) == 10  # its own, smaller one
+    assert canary_calls(0.01, 1.0) == 4  # a gateway that gives canaries everything gives an undecided one 1%
+    assert canary_calls(0.5, 0.1) == 40  # never more than the gateway's
+    assert canary_calls(0.05, 0.0) == 0  # canaries off at this gateway: off for every release
 
 
 def test_gateway_stats_count_errors_and_only_calls_since_the_canary_started():
