@@ -299,6 +299,14 @@ class TrainerSettings(BaseSettings):
         "meant to answer all of a tenant's tasks)."))
     regression_max_suites: int = Field(4, ge=0, description="Newest earlier live releases whose holdouts form the suite.")
     use_gpu: bool = Field(False, description="Ray Train workers ask for a GPU (ScalingConfig.use_gpu).")
+    # -- issue 26: a paired gate --
+    gate_confidence: float = Field(0.95, gt=0.5, lt=1.0, description=(
+        "Confidence of the gate's exact sign test on the holdout pairs where candidate and incumbent differ "
+        "(alpha = 1 - confidence): a candidate is 'better' at p_better <= alpha (and gate_margin); one neither "
+        "better nor worse is 'undecided' and goes to the canary at a share below canary_share."))
+    canary_share: float = Field(0.1, gt=0.0, le=1.0, description=(
+        "The share of an alias's calls the gateways give a canary (ADAPTLOOP_GATEWAY_CANARY_SHARE): an undecided "
+        "candidate's release carries canary_share x max(0.1, 1 - p_better) as its own share."))
 
     def store_url(self) -> str:
         return self.dataset_store or str(Path(self.artifact_dir).resolve())

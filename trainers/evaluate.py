@@ -3,7 +3,8 @@
 score = share of holdout examples whose generated answer the task's validator accepts against the
 example's completion; for a tool task with an environment, share of held-out episodes the model, replayed
 as the agent there, gets right by the task's episode judge. The incumbent is the newest RELEASED/PROMOTED adapter of the (tenant, task)
-on the releases topic, or the base model.
+on the releases topic, or the base model. A result keeps each item's verdict in holdout order (``verdicts``, named
+by ``items``): candidate and incumbent answer the same holdout, so the gate compares them pair by pair.
 
 Ready-to-paste (base vs an adapter on 40 generated order-extract cases)::
 
@@ -53,6 +54,10 @@ class EvalResult:
     failures: list[dict] = field(default_factory=list)
     mean_score: float = 0.0  # the validator's partial credit (e.g. share of right fields), a registered metric
     unit: str = "example"  # what count counts: held-out examples, or episodes replayed in the task's environment
+    #: Each holdout item's verdict, in holdout order: two results on the same holdout pair up item by item
+    #: (the gate's paired test), and ``items`` names the item each verdict is of.
+    verdicts: tuple[bool, ...] = ()
+    items: tuple[str, ...] = ()  # example ids (else "#<position>"), or episode ids for episodes
 
 
 @dataclass(frozen=True)
@@ -148,11 +153,14 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
         from adaptloop.trainers.replay import held_out_episodes, replay
 
         unit = "episode"
-        replayed = replay(spec, held_out_episodes(holdout), complete)
+        episodes = held_out_episodes(holdout)
+        replayed = replay(spec, episodes, complete)
+        items = tuple(e.episode_id for e in episodes)
         verdicts = [verdict for verdict, _ in replayed]
         responses = ["\n--- next turn ---\n".join(turns) for _, turns in replayed]
     else:
         unit = "example"
+        items = tuple(str(e.get("example_id") or f"#{i}") for i, e in enumerate(holdout))
         prompts = [chat_prompt(e["prompt_messages"], spec.system_prompt) for e in holdout]
         responses = complete(prompts, [tools_of(e.get("tools_json")) for e in holdout])
         verdicts = [spec.judge(response, reference=assistant_text(e["completion"], e.get("completion_tool_calls") or ()))
@@ -161,7 +169,8 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
                 for verdict, response in zip(verdicts, responses) if not verdict.ok][:5]
     passed = sum(verdict.ok for verdict in verdicts)
     result = EvalResult(name, passed / len(verdicts), len(verdicts), passed, time.monotonic() - started, failures,
-                        sum(verdict.score for verdict in verdicts) / len(verdicts), unit)
+                        sum(verdict.score for verdict in verdicts) / len(verdicts), unit,
+                        tuple(bool(verdict.ok) for verdict in verdicts), items)
     log.info("evaluated %s: %d/%d %ss = %.3f in %.1fs", name, passed, len(verdicts), unit, result.score, result.seconds)
     return result
 

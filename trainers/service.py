@@ -13,7 +13,8 @@ For each record of the training-requests topic:
    request's newest checkpoint if a previous attempt was killed;
 6. check the adapter folder against vLLM's rules, evaluate candidate and incumbent on the holdout
    and the candidate on the regression suite (holdouts of the tenant's earlier live releases), and
-   gate (``adaptloop.trainers.gate``): RELEASED or REJECTED, with the evidence;
+   gate (``adaptloop.trainers.gate``, a paired test on the holdout): RELEASED ("better", or "undecided"
+   with a small ``canary_share`` of its own) or REJECTED, with the evidence;
 7. publish the AdapterRelease keyed by its version, wait for the broker's acknowledgement, and
    only then commit the request's offset (at-least-once; step 2 makes the replay harmless).
 
@@ -260,7 +261,8 @@ class TrainerService:
                  for (release, _, _), scored in zip(suite_sources, suite_scores)]
         margin = spec.gate_margin if spec.gate_margin is not None else self.settings.gate_margin
         decision = decide(candidate=dataclasses.asdict(candidate), incumbent=dataclasses.asdict(current),
-                          margin=margin, suite=suite, tolerance=self.settings.regression_tolerance)
+                          margin=margin, suite=suite, tolerance=self.settings.regression_tolerance,
+                          confidence=self.settings.gate_confidence, canary_share=self.settings.canary_share)
         reason = (f"{decision.reason}; {plan.method} ({plan.reason}), {result.steps} steps in "
                   f"{result.train_seconds:.0f}s, final loss {result.final_loss:.4f}")
         ci, incumbent_ci = wilson_interval(candidate.passed, candidate.count), wilson_interval(current.passed, current.count)
@@ -277,7 +279,8 @@ class TrainerService:
                         "metrics": {"mean_validator_score": candidate.mean_score,
                                     "incumbent_mean_validator_score": current.mean_score}},
             regression=[s.record() for s in suite], evidence=evidence, training=training,
-            parent_version=None if incumbent.version == ev.BASE else incumbent.version)
+            parent_version=None if incumbent.version == ev.BASE else incumbent.version,
+            canary_share=decision.canary_share)
         self.publish(release)
         log.info("request %s: %s %s in %.0fs: %s", request_id[:12], release["state"], version,
                  time.monotonic() - started, reason)
@@ -336,7 +339,8 @@ class TrainerService:
     def release_record(self, request: Mapping[str, Any], *, state: str, reason: str, version: str,
                        artifact_uri: str | None, digest: str | None, snapshot: Snapshot | None, method: str,
                        config: Mapping[str, Any], lora_rank: int, evaluation: dict, regression: list[dict],
-                       evidence: dict, training: dict, parent_version: str | None) -> dict:
+                       evidence: dict, training: dict, parent_version: str | None,
+                       canary_share: float | None = None) -> dict:
         return {
             "version": version,
             "tenant": request["tenant"],
@@ -366,6 +370,7 @@ class TrainerService:
             "evidence_json": canonical_json(evidence),
             "training_json": canonical_json(training),
             "base_model_digest": self.base_digest,
+            "canary_share": canary_share,
         }
 
     def publish(self, release: dict) -> None:

@@ -128,10 +128,34 @@ def of_request(kafka, topics, request: dict) -> list[dict]:
 def summary(release: dict) -> str:
     e = release["evaluation"]
     training = json.loads(release["training_json"])
+    test = json.loads(release["evidence_json"]).get("test") or {}
+    paired = (f"; {json.loads(release['evidence_json'])['verdict']}: b={test['b']} c={test['c']} n={test['n']} "
+              f"p_better={test['p_better']:.4g} alpha={test['alpha']:.3g} share={release.get('canary_share')}"
+              if test else "")
     return (f"{release['method']} {release['state']}: holdout n={e['holdout_count']} {e['incumbent']} "
-            f"{e['incumbent_score']:.3f} -> candidate {e['candidate_score']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]; "
-            f"{training.get('steps')} steps in {training.get('train_seconds', 0):.0f}s, "
+            f"{e['incumbent_score']:.3f} -> candidate {e['candidate_score']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]"
+            f"{paired}; {training.get('steps')} steps in {training.get('train_seconds', 0):.0f}s, "
             f"{training.get('tokens_per_s', 0):.0f} tokens/s")
+
+
+def assert_gate(release: dict, settings: TrainerSettings, verdict: str) -> dict:
+    """The paired gate's verdict and evidence on ``release``: the test, its counts and p-value, the share given."""
+    evidence = json.loads(release["evidence_json"])
+    test, e = evidence["test"], release["evaluation"]
+    assert evidence["verdict"] == verdict, release["reason"]
+    assert test["name"] == "exact sign test on discordant pairs" and test["n"] == test["b"] + test["c"]
+    assert test["holdout"] == e["holdout_count"] and test["alpha"] == pytest.approx(1 - settings.gate_confidence)
+    # The pairs account for the scores: the gain is (b - c) / holdout.
+    assert e["candidate_score"] - e["incumbent_score"] == pytest.approx((test["b"] - test["c"]) / test["holdout"])
+    if verdict == "better":
+        assert release["state"] == "RELEASED" and test["p_better"] <= test["alpha"] and release["canary_share"] is None
+    elif verdict == "undecided":
+        assert release["state"] == "RELEASED" and test["p_better"] > test["alpha"] and test["b"] >= test["c"]
+        assert 0 < release["canary_share"] == evidence["canary_share"] < settings.canary_share
+        assert "undecided" in release["reason"] and "-> canary at share" in release["reason"]
+    else:
+        assert release["state"] == "REJECTED" and release["canary_share"] is None
+    return test
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +210,7 @@ def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_t
     training = json.loads(release["training_json"])
     assert training["steps"] == 12 and len(training["loss_curve"]) >= 4 and training["tokens_per_s"] > 0
     assert json.loads(release["evidence_json"])["beats_incumbent"] is True
+    assert_gate(release, settings, "better")
 
     # A replay (a crash before the commit) trains nothing, publishes nothing, and answers the same release.
     started = time.monotonic()
@@ -220,6 +245,8 @@ def test_sft_release_replay_worse_candidate_and_regression_suite(kafka, module_t
     assert worse["evaluation"]["incumbent"] == release["version"]
     assert worse["evaluation"]["candidate_score"] < worse["evaluation"]["incumbent_score"]
     assert evidence["beats_incumbent"] is False and evidence["incumbent"]["name"] == release["version"]
+    test = assert_gate(worse, settings, "worse")
+    assert test["c"] > test["b"] and "worse on the pairs that differ" in worse["reason"]
 
     # Task B only: an adapter that learned to answer {"city"} beats the base on B, but the regression suite
     # (the holdout of the tenant's task-A release) catches that it answers task A that way too.
@@ -248,6 +275,7 @@ def test_kto_from_verdicts_only(kafka, module_topics, settings, service):
     assert release["method"] == "kto" and training["signal"] == {"desirable": 16, "undesirable": 16, "pairs": 0}
     assert release["state"] == "RELEASED", release["reason"]
     assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
+    assert_gate(release, settings, "better")
 
 
 def test_dpo_from_correction_pairs(kafka, module_topics, settings, service):
@@ -260,6 +288,7 @@ def test_dpo_from_correction_pairs(kafka, module_topics, settings, service):
     assert release["method"] == "dpo" and json.loads(release["training_json"])["signal"]["pairs"] == 24
     assert release["state"] == "RELEASED", release["reason"]
     assert release["evaluation"]["candidate_score"] > release["evaluation"]["incumbent_score"]
+    assert_gate(release, settings, "better")
 
 
 def curated_turn(example: dict, split: str, *, tenant: str, episode: str, rejected: dict | None = None) -> dict:
@@ -305,6 +334,12 @@ def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_to
     assert release["method"] == "dpo" and training["signal"]["pairs"] == 8 and training["steps"] > 0, release["reason"]
     evaluation = release["evaluation"]
     assert evaluation["metric"].startswith(f"episode_success:python:{SUPPORT_TASK}@") and evaluation["holdout_count"] == 2
+    # Two held-out episodes cannot show a candidate better at 95% (2 of 2 gives p = 1/4): the gate says it cannot
+    # decide, and the release goes to the canary at a share of its own, set by that uncertainty, for production
+    # outcomes to decide.
+    test = assert_gate(release, settings, "undecided")
+    assert test["unit"] == "episode" and test["holdout"] == 2
+    assert release["canary_share"] == pytest.approx(settings.canary_share * max(0.1, 1 - test["p_better"]), abs=1e-4)
 
 
 def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():
@@ -319,6 +354,10 @@ def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():
     side_by_side = ev.evaluate_many(model, jobs, max_new_tokens=12, threads=TORCH_THREADS)
     assert [r.name for r in side_by_side] == [job.name for job in jobs]
     assert [(r.passed, r.mean_score, r.failures) for r in side_by_side] == [(r.passed, r.mean_score, r.failures) for r in alone]
+    # Item by item, in holdout order: what the gate pairs up.
+    assert [(r.verdicts, r.items) for r in side_by_side] == [(r.verdicts, r.items) for r in alone]
+    assert all(len(r.verdicts) == r.count == 3 and sum(r.verdicts) == r.passed for r in alone)
+    assert alone[0].items == ("#0", "#1", "#2")  # these holdout rows have no example ids: their positions
     assert len({json.dumps(r.failures) for r in alone}) == 3  # three different holdouts: a mix-up would show
 
 
