@@ -60,7 +60,7 @@ class DemoConfig:
     pairs: tuple[tuple[str, str], ...] = DEFAULT_PAIRS
     cycles: int = 3                # training cycles per (tenant, task)
     window_size: int = 16          # admitted TRAIN examples per training request (cumulative datasets)
-    holdout_percent: int = 25      # sessions held out for the gate
+    holdout_percent: int = 40      # sessions held out for the gate: ~10 per window of 16, enough for its paired test
     eval_cases: int = 24           # fresh cases measuring the final adapter
     concurrency: int = 8
     traffic_seed: int = 11

@@ -210,7 +210,8 @@ def test_forget_an_interaction_that_fed_a_promoted_adapter_retrains_without_it(k
     from adaptloop.trainers import ray_job
     from adaptloop.trainers.service import TrainerService
 
-    # The gate is not under test here: a margin of -1 releases any candidate, so the test is about lineage.
+    # The gate is not under test here (the test is about lineage): with a margin of -1 and two holdout examples,
+    # which cannot tell candidate and base apart, a candidate no worse than the base goes out (undecided).
     # Nothing else computes meanwhile, so training uses both cores (as in test_trainer.py).
     settings = TrainerSettings(kafka=kafka, topics=topics, artifact_dir=tmp_path / "artifacts",
                                group_id=f"trainer-{uuid.uuid4().hex[:8]}", max_new_tokens=48, gate_margin=-1.0,
