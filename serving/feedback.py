@@ -39,6 +39,10 @@ from adaptloop.settings import shared_secret
 TAG_HEX = 20
 #: An outcome's event time may lie this far ahead of the gateway's clock (clock skew).
 MAX_FUTURE_MS = 5 * 60 * 1000
+#: The deepest nesting a request body may have. Python's parser takes up to about 980 levels from the
+#: gateway's handler, but whatever is serialized again deeper in the stack (the body sent upstream, the
+#: record's tool definitions) then fails on the interpreter's recursion limit: a 500 instead of a 400.
+MAX_JSON_DEPTH = 200
 
 
 class RequestRefused(Exception):
@@ -172,14 +176,44 @@ async def read_body(receive_chunks: Any, limit: int, declared_length: str | None
     return b"".join(chunks)
 
 
+def _not_a_number(name: str) -> Any:
+    raise RequestRefused(400, f"the request body is not JSON: {name} is no JSON value")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` deep (iteratively: no recursion limit here)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def parse_json(raw: bytes) -> Any:
-    """The body as JSON, or ``RequestRefused`` (400): not UTF-8, not JSON, or nested too deep to parse."""
+    """The body as JSON, or ``RequestRefused`` (400): not UTF-8, not JSON (NaN and Infinity, which Python's parser
+    takes, included), nested more than ``MAX_JSON_DEPTH`` deep, or a string holding an unpaired surrogate
+    (``"\\ud800"``: valid JSON that is no Unicode text; it could be neither sent on nor recorded)."""
+    too_deep = RequestRefused(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_a_number)
     except RecursionError:
-        raise RequestRefused(400, "the request body is nested too deeply") from None
+        raise too_deep from None
     except ValueError as exc:  # UnicodeDecodeError is one
         raise RequestRefused(400, f"the request body is not JSON: {exc}") from None
+    # Nesting needs an opening bracket per level: most bodies have too few to be walked at all.
+    if isinstance(body, (dict, list)) and raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH \
+            and _deeper_than(body, MAX_JSON_DEPTH):
+        raise too_deep
+    if b"\\ud" in raw or b"\\uD" in raw:  # an escaped surrogate: text only as half of a pair
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise RequestRefused(400, "the request body is not Unicode text: a string holds an unpaired surrogate "
+                                      "(\\ud800-\\udfff)") from None
+    return body
 
 
 def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_chars: int,
@@ -189,7 +223,10 @@ def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_c
     try:
         feedback = FeedbackBody.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # A correction given as an object failed as a message, not as text: say why it is no message.
+        as_message = isinstance(body, dict) and isinstance(body.get("correction"), dict)
+        first = next((e for e in errors if as_message and "AssistantCorrection" in e["loc"]), errors[0])
         # The field named in the body (pydantic's location also names the union member it tried: left out).
         field = ".".join(str(p) for p in first["loc"] if p not in ("str", "AssistantCorrection")) or None
         raise RequestRefused(400, f"invalid feedback: {field or 'body'}: {first['msg']}", field) from None

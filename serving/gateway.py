@@ -12,7 +12,9 @@
 
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (both with ``"stream": true``),
 ``/v1/models``, ``/v1/feedback`` (an outcome for a call: ``serving.feedback``); errors in OpenAI's
-shape. A body over ``max_body_bytes`` is a 413; one that is not JSON, or nested too deep, a 400. ``/stats``
+shape. A body over ``max_body_bytes`` is a 413; one that is not JSON (NaN, an unpaired surrogate included), nested
+too deep, or of a shape no model server takes (``serving.episodes.check_request``: roles, content, tools,
+tool_choice, n, token limits, stream), a 400 before anything goes upstream or is recorded. ``/stats``
 (requests, upstream errors and p95 latency per alias and served version, read by the canary controller) and
 ``/health``'s detail (replicas, every loaded adapter) take the deployment's admin key (``admin_key``, else
 the 0600 file ``adaptloop up`` writes); ``/health`` without it says only whether the gateway is ready.
@@ -100,8 +102,8 @@ from adaptloop.errors import AuthError, ConfigError, DeliveryError, Serializatio
 from adaptloop.processes import cpu_wake_latency, mark_ready, pin_to_cpus, set_sched_slice
 from adaptloop.sdk import build_interaction, tool_call_record
 from adaptloop.serving.canary import canary_and_incumbent
-from adaptloop.serving.episodes import (EPISODE_HEADER, BadEpisode, Episode, ToolCallAssembler, content_text, episode_of,
-                                        request_messages, upstream_body)
+from adaptloop.serving.episodes import (EPISODE_HEADER, BadEpisode, BadRequest, Episode, ToolCallAssembler, check_request,
+                                        content_text, episode_of, request_messages, upstream_body)
 from adaptloop.serving.feedback import InteractionIds, RequestRefused, outcome_of, parse_json, read_body
 from adaptloop.serving.keys import KeyStore
 from adaptloop.serving.outbox import OutboxError
@@ -130,9 +132,9 @@ STATS_WINDOW = 5000
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None, *,
-                 headers: Mapping[str, str] | None = None) -> JSONResponse:
+                 headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
     """An error in the shape OpenAI's clients parse."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=dict(headers or {}))
 
 
@@ -407,16 +409,11 @@ class Gateway:
             body = parse_json(await read_body(request.stream(), self.settings.max_body_bytes,
                                               request.headers.get("content-length")))
         except RequestRefused as exc:
-            return openai_error(exc.status, exc.message, "invalid_request_error", exc.code)
-        if kind == "chat":
-            valid = isinstance(body, dict) and isinstance(body.get("messages"), list) and bool(body["messages"])
-            need = "'model' (a string) and 'messages' (a non-empty list)"
-        else:
-            valid = isinstance(body, dict) and isinstance(body.get("prompt"), str)
-            need = "'model' (a string) and 'prompt' (a string)"
-        if not valid or not isinstance(body.get("model"), str):
-            return openai_error(400, f"a {'chat ' if kind == 'chat' else ''}completion needs {need}",
-                                "invalid_request_error")
+            return openai_error(exc.status, exc.message, "invalid_request_error", exc.code, param=exc.param)
+        try:
+            check_request(body, kind)
+        except BadRequest as exc:
+            return openai_error(400, str(exc), "invalid_request_error", param=exc.param)
         try:
             route = self.router.route(body["model"], tenant, request.headers)
         except UnknownModel:
