@@ -15,7 +15,9 @@ Over Kafka, for agents that record their own calls (the Python SDK beside a brok
         rec.outcome(iid, tenant="acme", source="VALIDATOR", success=False, correction="{...}")
     # leaving the block flushes; a record the broker did not acknowledge raises DeliveryError
 
-``wait=True`` on a call waits for that record's acknowledgement before returning.
+``wait=True`` on a call waits for that record's acknowledgement before returning. A field the record cannot
+take (a wrong type, ``None`` where a value is required, an unknown outcome source) is a ``SerializationError``,
+and a record the producer cannot queue (over its size limit) a ``DeliveryError``, both before anything is sent.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import uuid
 from typing import Any, Iterable, Mapping
 
 import httpx
+from confluent_kafka import KafkaException
 
-from adaptloop.errors import FeedbackError
+from adaptloop.errors import DeliveryError, FeedbackError, SerializationError
 from adaptloop.kafka import DeliveryTracker
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
@@ -142,6 +145,15 @@ def build_outcome(interaction_id: str, *, tenant: str, source: str, success: boo
     }
 
 
+def _built(stem: str, build: Any, *args: Any, **fields: Any) -> dict[str, Any]:
+    """``build(*args, **fields)``; a field it cannot take (``messages=None``, an unknown source, a misspelt name) is a
+    ``SerializationError`` naming it, as a field the schema cannot take is."""
+    try:
+        return build(*args, **fields)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise SerializationError(f"{stem} not built: {type(exc).__name__}: {exc}") from exc
+
+
 class Recorder:
     """Produces interactions and outcomes keyed by interaction id (so both meet on one partition)."""
 
@@ -155,10 +167,16 @@ class Recorder:
     def send_interaction(self, record: Mapping[str, Any], *, wait: bool = False) -> str:
         topic = self.topics.name("interactions")
         value = self._interactions.serialize(record, SerdeContext(topic))
-        self._producer.send(topic, value, key=partition_key(record["interaction_id"]))
+        self._send(topic, value, partition_key(record["interaction_id"]), wait)
+        return record["interaction_id"]
+
+    def _send(self, topic: str, value: bytes, key: str, wait: bool) -> None:
+        try:
+            self._producer.send(topic, value, key=key)
+        except KafkaException as exc:  # refused before it left: too large for the producer, an unknown topic
+            raise DeliveryError(f"{topic}: record of {len(value)} bytes not queued: {exc}") from exc
         if wait:
             self._producer.flush()
-        return record["interaction_id"]
 
     def interaction(self, *, wait: bool = False, **fields: Any) -> str:
         """Record one interaction; returns its id. See ``build_interaction`` for the fields. A call of a named
@@ -167,16 +185,14 @@ class Recorder:
         fields.setdefault("base_model", self.base_model)
         if fields.get("episode_id") and not fields.get("interaction_id"):
             fields["interaction_id"] = f"{episode_key(fields['tenant'], fields['episode_id'])}.{uuid.uuid4().hex}"
-        return self.send_interaction(build_interaction(**fields), wait=wait)
+        return self.send_interaction(_built("interaction", build_interaction, **fields), wait=wait)
 
     def outcome(self, interaction_id: str, *, wait: bool = False, **fields: Any) -> str:
         """Record one outcome of ``interaction_id`` (or, with ``interaction_id=""`` and ``episode_id``, of a
         whole episode); returns the outcome id."""
-        record = build_outcome(interaction_id, **fields)
+        record = _built("outcome", build_outcome, interaction_id, **fields)
         topic = self.topics.name("outcomes")
-        self._producer.send(topic, self._outcomes.serialize(record, SerdeContext(topic)), key=outcome_key(record))
-        if wait:
-            self._producer.flush()
+        self._send(topic, self._outcomes.serialize(record, SerdeContext(topic)), outcome_key(record), wait)
         return record["outcome_id"]
 
     def flush(self, timeout_s: float = 30.0) -> int:
@@ -192,7 +208,8 @@ class Recorder:
 
 class FeedbackClient:
     """``POST /v1/feedback`` at the gateway with the tenant's key; returns the outcome id once the gateway
-    has it safe (202), raises ``FeedbackError`` with the gateway's status and message otherwise."""
+    has it safe (202), raises ``FeedbackError`` with the gateway's status and message otherwise (status 0:
+    nothing reached the gateway)."""
 
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 30.0) -> None:
         self._client = httpx.Client(base_url=base_url.rstrip("/").removesuffix("/v1"), timeout=timeout_s,
@@ -211,6 +228,8 @@ class FeedbackClient:
             response = self._client.post("/v1/feedback", json={k: v for k, v in body.items() if v is not None})
         except httpx.HTTPError as exc:
             raise FeedbackError(0, f"the gateway did not answer: {exc}") from exc
+        except ValueError as exc:  # no JSON for it (a NaN score): refused here, as the gateway would refuse it
+            raise FeedbackError(0, f"the feedback is not JSON, nothing was sent: {exc}") from exc
         if response.status_code != 202:
             try:
                 message = response.json()["error"]["message"]
