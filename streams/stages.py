@@ -169,10 +169,34 @@ class Decoder:
         return record
 
 
+#: A dead letter keeps the original key and value while they, with the key once more (the dead letter is produced
+#: under it too), take at most this many bytes; its reason at most ``DEAD_LETTER_MAX_REASON`` characters. It
+#: must fit where the record did not always fit: the Faust producer refuses a request over 1 MB, and a record over
+#: ``max_record_bytes`` (1 MB by default) whose dead letter carried it whole ended the worker, and its restart on
+#: the same record, for every partition it owned. What is left out is named in the reason, and the record stays
+#: in its source topic at ``source_offset``.
+DEAD_LETTER_MAX_BYTES = 900_000
+DEAD_LETTER_MAX_REASON = 2_000
+
+
 def dead_letter(ref: SourceRef, key: bytes | None, value: bytes | None, *, stage: str,
-                error: BaseException, failed_at: int | None = None) -> dict[str, Any]:
-    """A DeadLetter record (schemas/avro/dead_letter.v1.avsc): the original bytes, why, and where from."""
+                error: BaseException, failed_at: int | None = None,
+                max_bytes: int = DEAD_LETTER_MAX_BYTES) -> dict[str, Any]:
+    """A DeadLetter record (schemas/avro/dead_letter.v1.avsc): the original bytes (within ``max_bytes``), why, and
+    where from."""
     reason = error.reason if isinstance(error, DeserializationError) else str(error)
+    if len(reason) > DEAD_LETTER_MAX_REASON:  # a reason may quote the record (a key's repr): its ends say why
+        half = DEAD_LETTER_MAX_REASON // 2
+        reason = f"{reason[:half]}... ({len(reason) - 2 * half} characters left out) ...{reason[-half:]}"
+    key_size, value_size = len(key or b""), len(value or b"")
+    left_out = []
+    if value is not None and 2 * key_size + value_size > max_bytes:
+        value, left_out = None, [f"its value of {value_size} bytes"]
+    if key is not None and 2 * key_size > max_bytes:
+        key, left_out = None, left_out + [f"its key of {key_size} bytes"]
+    if left_out:
+        reason += (f" [{' and '.join(left_out)} left out of this dead letter (over {max_bytes} bytes): the record "
+                   f"stays at {ref.topic}/{ref.partition}@{ref.offset}]")
     return {
         "source_topic": ref.topic,
         "source_partition": ref.partition,
