@@ -224,11 +224,16 @@ def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_c
         feedback = FeedbackBody.model_validate(body)
     except ValidationError as exc:
         errors = exc.errors()
+
+        def member(part: object) -> bool:
+            """A union member pydantic names in a location ('str', 'function-after[..., AssistantCorrection]')."""
+            return part == "str" or "AssistantCorrection" in str(part)
+
         # A correction given as an object failed as a message, not as text: say why it is no message.
         as_message = isinstance(body, dict) and isinstance(body.get("correction"), dict)
-        first = next((e for e in errors if as_message and "AssistantCorrection" in e["loc"]), errors[0])
+        first = next((e for e in errors if as_message and any(member(p) and p != "str" for p in e["loc"])), errors[0])
         # The field named in the body (pydantic's location also names the union member it tried: left out).
-        field = ".".join(str(p) for p in first["loc"] if p not in ("str", "AssistantCorrection")) or None
+        field = ".".join(str(p) for p in first["loc"] if not member(p)) or None
         raise RequestRefused(400, f"invalid feedback: {field or 'body'}: {first['msg']}", field) from None
     correction = feedback.correction_text
     calls = feedback.correction_tool_calls
