@@ -14,7 +14,7 @@ import pytest
 from adaptloop.errors import ContractError, DeliveryError, SerializationError
 from adaptloop.sdk import Recorder
 from adaptloop.serving.episodes import BadEpisode, BadRequest, check_request, episode_of
-from adaptloop.serving.feedback import MAX_JSON_DEPTH, RequestRefused, parse_json
+from adaptloop.serving.feedback import MAX_JSON_DEPTH, InteractionIds, RequestRefused, outcome_of, parse_json
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.streams import stages
 
@@ -67,6 +67,20 @@ def test_json_the_gateway_cannot_pass_on_is_a_400():
     assert parse_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001F600"}  # a surrogate pair is one character
     assert parse_json(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH) is not None
     assert parse_json(json.dumps({"brackets in text": "[" * 1000}).encode()) == {"brackets in text": "[" * 1000}
+
+
+def test_a_correction_given_as_a_message_says_why_it_is_no_message():
+    ids = InteractionIds(b"s" * 32)
+    mine = ids.new("acme", "0123456789abcdef")
+    for correction, field in (({"role": "system", "content": "x"}, "correction.role"),
+                              ({"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]},
+                               "correction.tool_calls.0.function.name"),
+                              (42, "correction")):
+        body = {"interaction_id": mine, "source": "HUMAN", "success": True, "correction": correction}
+        with pytest.raises(RequestRefused) as refused:
+            outcome_of(json.dumps(body).encode(), "acme", ids, max_correction_chars=100)
+        assert (refused.value.status, refused.value.param) == (400, field), refused.value.message
+        assert refused.value.message.startswith(f"invalid feedback: {field}: ")
 
 
 def test_an_episode_id_is_printable_ascii():
