@@ -131,7 +131,7 @@ class AvroSerializer:
         buffer.write(self.schema.fingerprint)
         try:
             fastavro.schemaless_writer(buffer, self.schema.parsed, record, strict_allow_default=True)
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:  # an int past a long
             topic = ctx.topic if ctx else "?"
             raise SerializationError(f"{self.schema.name} for topic {topic}: {exc}") from exc
         return buffer.getvalue()

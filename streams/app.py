@@ -195,7 +195,10 @@ class Curation:
         record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
         log.warning("dead letter from %s/%d@%d (%s): %s", ref.topic, ref.partition, ref.offset, stage, record["reason"])
         topic = self.dead_letters.get_topic_name()
-        await self._send(self.dead_letters, event.key, self.dead_letter_serde.serialize(record, SerdeContext(topic)))
+        # Keyed by where the record came from, not by its own key: a key can be as large as the producer allows,
+        # and a dead letter that cannot be sent would end the worker on the same record at every restart.
+        where = f"{ref.topic}/{ref.partition}@{ref.offset}"
+        await self._send(self.dead_letters, where, self.dead_letter_serde.serialize(record, SerdeContext(topic)))
         self.metrics.record(stage, DEAD_LETTERED, reason=record["reason"])
 
     async def guarded(self, stage: str, event: EventT, body) -> None:
