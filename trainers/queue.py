@@ -33,6 +33,12 @@ class FairQueue:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def clear(self) -> None:
+        """Forget what was read ahead (the partition moved to another consumer: it reads them again)."""
+        self._waiting.clear()
+        self._working.clear()
+        self._committed = None
+
     def add(self, offset: int, request: Mapping[str, Any]) -> None:
         if offset not in self._working:
             self._waiting.setdefault(offset, request)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from adaptloop.errors import AdaptloopError, ArtifactError, ConfigError, DeserializationError, TrainingError
 from adaptloop.kafka import DeliveryTracker, Range, consumer_config, read_ranges
@@ -45,6 +45,7 @@ from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
+from adaptloop.trainers.queue import FairQueue
 from adaptloop.trainers.snapshot import Plan, Snapshot, build_snapshot, canonical_json, choose_method, write_snapshot
 
 log = logging.getLogger("adaptloop.trainer")
@@ -410,6 +411,15 @@ def process_request(settings: TrainerSettings, request: Mapping[str, Any]) -> di
     return TrainerService(settings).process(request)
 
 
+def queued_request(service: "TrainerService", msg: Message) -> Mapping[str, Any]:
+    """What the fair queue needs of a polled request (an undecodable one queues as its own tenant, and is
+    dead-lettered when its turn comes)."""
+    try:
+        return service.requests_serde.deserialize(msg.value(), SerdeContext(msg.topic(), msg.partition(), msg.offset()))
+    except DeserializationError:
+        return {"tenant": "", "task": "", "request_id": f"undecodable@{msg.offset()}", "created_at": 0}
+
+
 class _Stopping(BaseException):
     """SIGTERM arrived while a request was being worked on (a BaseException, so that no ``except
     Exception`` on the way -- Ray's, ours -- turns a stop into a failed request)."""
@@ -434,21 +444,38 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
                                         **{"max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
     handled = 0
     previous: dict = {}
+    # The requests topic has one partition (Topics.layout): offsets order it. Requests are served fairly
+    # across tenants (trainers.queue), read ahead of the one in training.
+    queue, messages = FairQueue(), {}
+
+    def on_revoke(consumer: Consumer, partitions: list) -> None:
+        queue.clear()
+        messages.clear()
+
     try:
         ray_job.start_ray(settings)
         # After ray.init, which installs its own SIGTERM handler (it would exit without cleaning up).
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        consumer.subscribe([topic])
+        consumer.subscribe([topic], on_revoke=on_revoke)
         mark_ready()
         log.info("trainer ready: group %s on %s, artifacts in %s, base model %s", settings.group_id, topic,
                  settings.artifact_dir, service.base_model)
         while not state["stop"] and (max_requests is None or handled < max_requests):
-            msg = consumer.poll(poll_s)
-            if msg is None:
+            # Read what is there (waiting for more only when nothing is queued), then serve the fair queue's next.
+            for msg in consumer.consume(100, timeout=0 if len(queue) else poll_s):
+                if msg.error():
+                    log.warning("consumer: %s", msg.error())
+                    continue
+                queue.add(msg.offset(), queued_request(service, msg))
+                messages[msg.offset()] = msg
+            picked = queue.next()
+            if picked is None:
                 continue
-            if msg.error():
-                log.warning("consumer: %s", msg.error())
-                continue
+            offset, request = picked
+            msg = messages.pop(offset)
+            if len(queue):
+                log.info("request %s of %s/%s next; waiting: %s", request["request_id"][:12], request["tenant"],
+                         request["task"], queue.waiting(int(time.time() * 1000)))
             state["busy"] = True
             try:
                 service.handle(msg)
@@ -458,7 +485,9 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
                 service.reject(request, f"training failed: {exc}", None)
             finally:
                 state["busy"] = False
-            consumer.commit(message=msg, asynchronous=False)
+            position = queue.done(offset)
+            if position is not None:  # the oldest request not done yet: a restart reads from there
+                consumer.commit(offsets=[TopicPartition(topic, msg.partition(), position)], asynchronous=False)
             handled += 1
     except _Stopping:
         log.info("stopped during a request; it was not committed and will be replayed")

@@ -499,3 +499,29 @@ def _plan(service, request):
 
     snapshot = service.snapshot(request, service.erasures())
     return choose_method(snapshot.train), snapshot
+
+
+def test_the_trainer_serves_tenants_in_turn_and_status_shows_the_queue(kafka, topics, settings):
+    """Three requests of one tenant queued before one of another: the trainer's run loop serves the second tenant
+    second, not fourth (each is decided at once here: no examples, REJECTED), and status lists the queue in
+    that order with each request's wait."""
+    from adaptloop.status import trainer_queue
+    from adaptloop.trainers.service import run
+
+    empty = [{"topic": topics.name("curated"), "partition": 0, "start_offset": 0, "end_offset": 0}]
+    requests = [training_request(tenant, empty) for tenant in ("busy-co", "busy-co", "busy-co", "quiet-co")]
+    requests_topic = topics.name("training_requests")
+    producer = DeliveryTracker(kafka)
+    serde = serde_for("training_request")
+    for request in requests:
+        producer.send(requests_topic, serde.serialize(request, SerdeContext(requests_topic)), key=request["request_id"])
+    producer.flush(30)
+    order = [requests[i]["request_id"] for i in (0, 3, 1, 2)]
+    queued = trainer_queue(requests, [], now_ms=int(time.time() * 1000))
+    assert [q["request_id"] for q in queued] == order and all(q["waited_s"] >= 0 for q in queued)
+
+    fresh = settings.model_copy(update={"topics": topics, "group_id": f"trainer-{uuid.uuid4().hex[:8]}"})
+    assert run(fresh, max_requests=4, poll_s=0.5) == 4
+    decided = [r["lineage"]["request_id"] for r in releases_on(kafka, topics)]
+    print(f"\n[fair queue] arrival busy, busy, busy, quiet -> served {[r[:12] for r in decided]}")
+    assert decided == order
