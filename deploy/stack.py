@@ -82,6 +82,8 @@ class StackPorts:
             "ADAPTLOOP_GATEWAY_PORT": str(self.gateway),
             "ADAPTLOOP_GATEWAY_VLLM_URL": f"http://127.0.0.1:{self.vllm}",
             "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{self.sidecar}",
+            # The gate evaluates where the adapter will serve (trainers/vllm_eval.py); transformers until it is up.
+            "ADAPTLOOP_TRAINER_VLLM_URL": f"http://127.0.0.1:{self.vllm}",
             "ADAPTLOOP_STREAMS_WEB_PORT": str(self.streams_web),
         }
 
@@ -175,6 +177,8 @@ class LocalStack:
             env = (service_env(self.kafka, self.topics, self.home) | self.ports.env()
                    | {"ADAPTLOOP_MODEL_PATH": str(model), "ADAPTLOOP_GATEWAY_API_KEYS": plain_setting(self.dev_keys),
                       "ADAPTLOOP_CANARY_GATEWAY_URLS": json.dumps([self.ports.gateway_url])} | self.extra_env)
+            if "ADAPTLOOP_SERVE_VLLM_API_KEY" in env:  # the trainer loads its shadow adapters with vLLM's key
+                env.setdefault("ADAPTLOOP_TRAINER_VLLM_API_KEY", env["ADAPTLOOP_SERVE_VLLM_API_KEY"])
             for name in self.services:
                 started = time.monotonic()
                 progress(f"starting {name}")

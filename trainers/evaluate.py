@@ -1,20 +1,26 @@
-"""Holdout evaluation: greedy generation with transformers (+ peft for an adapter), judged by the task.
+"""Holdout evaluation: greedy generation (vLLM, else transformers + peft for an adapter), judged by the task.
 
 score = share of holdout examples whose generated answer the task's validator accepts against the
 example's completion; for a tool task with an environment, share of held-out episodes the model, replayed
 as the agent there, gets right by the task's episode judge. The incumbent is the newest RELEASED/PROMOTED adapter of the (tenant, task)
 on the releases topic, or the base model. A result keeps each item's verdict in holdout order (``verdicts``, named
 by ``items``): candidate and incumbent answer the same holdout, so the gate compares them pair by pair.
+The trainer evaluates through its vLLM server when it names one (``trainers.vllm_eval``: adapters shadow-loaded
+there, many requests batched), with transformers here only when that server cannot; ``engine`` says which.
 
 Ready-to-paste (base vs an adapter on 40 generated order-extract cases)::
 
     HF_HUB_OFFLINE=1 python -m adaptloop.trainers.evaluate --cases 40 --seed 99
     HF_HUB_OFFLINE=1 python -m adaptloop.trainers.evaluate --cases 40 --seed 99 --adapter /tmp/adaptloop-sft
+    # the same through a running vLLM (adaptloop serve), the adapter shadow-loaded and unloaded after:
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.evaluate --cases 40 --seed 99 --adapter /tmp/adaptloop-sft \
+        --vllm-url http://127.0.0.1:18000
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -58,6 +64,8 @@ class EvalResult:
     #: (the gate's paired test), and ``items`` names the item each verdict is of.
     verdicts: tuple[bool, ...] = ()
     items: tuple[str, ...] = ()  # example ids (else "#<position>"), or episode ids for episodes
+    engine: str = "transformers"  # what generated the answers: "vllm" (``trainers.vllm_eval``) or "transformers"
+    fallback: str = ""  # why transformers evaluated although a vLLM server was named
 
 
 @dataclass(frozen=True)
@@ -136,19 +144,22 @@ def generate(model_path: str | Path, prompts: Sequence[list[dict[str, Any]]], *,
                      threads=threads)(prompts, tools)
 
 
-def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[str, Any]], *,
+def evaluate(spec: TaskSpec, model_path: str | Path | None, holdout: Sequence[Mapping[str, Any]], *,
              adapter_dir: str | Path | None = None, name: str = BASE, max_new_tokens: int = 96,
-             batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0) -> EvalResult:
+             batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 0, complete: Any = None,
+             engine: str = "transformers") -> EvalResult:
     """Success rate of the base model (or ``adapter_dir`` on it) on ``holdout`` examples; for a task with a tool
-    environment, on its held-out episodes replayed there (``adaptloop.trainers.replay``)."""
+    environment, on its held-out episodes replayed there (``adaptloop.trainers.replay``). ``complete`` (with
+    the ``engine`` it runs on): answers from elsewhere (``trainers.vllm_eval``) instead of transformers here."""
     from adaptloop.chat import assistant_text, tools_of
     from adaptloop.trainers.sft import chat_prompt
 
     started = time.monotonic()
     if not holdout:
-        return EvalResult(name, 0.0, 0, 0, 0.0)
-    complete = completer(model_path, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         threads=threads)
+        return EvalResult(name, 0.0, 0, 0, 0.0, engine=engine)
+    if complete is None:
+        complete = completer(model_path, adapter_dir=adapter_dir, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, threads=threads)
     if spec.environment is not None:
         from adaptloop.trainers.replay import held_out_episodes, replay
 
@@ -170,15 +181,21 @@ def evaluate(spec: TaskSpec, model_path: str | Path, holdout: Sequence[Mapping[s
     passed = sum(verdict.ok for verdict in verdicts)
     result = EvalResult(name, passed / len(verdicts), len(verdicts), passed, time.monotonic() - started, failures,
                         sum(verdict.score for verdict in verdicts) / len(verdicts), unit,
-                        tuple(bool(verdict.ok) for verdict in verdicts), items)
-    log.info("evaluated %s: %d/%d %ss = %.3f in %.1fs", name, passed, len(verdicts), unit, result.score, result.seconds)
+                        tuple(bool(verdict.ok) for verdict in verdicts), items, engine)
+    log.info("evaluated %s with %s: %d/%d %ss = %.3f in %.1fs", name, engine, passed, len(verdicts), unit,
+             result.score, result.seconds)
     return result
 
 
 def evaluate_many(model_path: str | Path, jobs: Sequence[EvalJob], *, max_new_tokens: int = 96,
-                  batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 1) -> list[EvalResult]:
-    """The result of each job, in order, on ``threads`` cores: with 2 or more, that many jobs run side by
-    side on one torch thread each.
+                  batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 1, vllm: Any = None,
+                  tag: str = "eval") -> list[EvalResult]:
+    """The result of each job, in order. With ``vllm`` (a ``trainers.vllm_eval.VLLMTarget``) the answers come
+    from that server, adapters shadow-loaded under names of ``tag`` (``vllm_eval.evaluate_jobs``); if it cannot,
+    every job runs here with transformers instead, the reason in each result's ``fallback``.
+
+    With transformers, on ``threads`` cores: with 2 or more, that many jobs run side by side on one torch
+    thread each.
 
     Greedy decoding at these batch sizes is bound by memory and per-step overhead, not arithmetic: on
     2 cores, one generation with 2 threads was 1.1-1.2x as fast as with 1, two generations side by side
@@ -186,9 +203,20 @@ def evaluate_many(model_path: str | Path, jobs: Sequence[EvalJob], *, max_new_to
     """
     import torch
 
+    fallback = ""
+    if vllm is not None:
+        from adaptloop.trainers.vllm_eval import VLLMUnavailable, evaluate_jobs
+
+        try:
+            return evaluate_jobs(vllm, jobs, max_new_tokens=max_new_tokens, tag=tag)
+        except VLLMUnavailable as exc:
+            fallback = f"vLLM at {vllm.url}: {exc}"
+            log.warning("evaluating with transformers instead: %s", fallback)
+
     def run(job: EvalJob, job_threads: int) -> EvalResult:
-        return evaluate(job.spec, model_path, job.holdout, adapter_dir=job.adapter_dir, name=job.name,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, threads=job_threads)
+        result = evaluate(job.spec, model_path, job.holdout, adapter_dir=job.adapter_dir, name=job.name,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, threads=job_threads)
+        return dataclasses.replace(result, fallback=fallback) if fallback else result
 
     workers = min(max(1, threads), len(jobs))
     if workers <= 1:
@@ -244,14 +272,21 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=99, help="seed of the generated cases")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--vllm-url", help="evaluate through this vLLM server (its key: ADAPTLOOP_TRAINER_VLLM_API_KEY)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = example_catalogue().get("order-extract")
     holdout = [{"prompt_messages": [{"role": "user", "content": c.sentence}], "completion": c.answer}
                for c in OrderGenerator(args.seed).cases(args.cases)]
     model = args.model or ensure_base_model(DEFAULT_HOME)
-    result = evaluate(spec, model, holdout, adapter_dir=args.adapter, name=args.adapter or BASE,
-                      max_new_tokens=args.max_new_tokens, threads=args.threads)
+    vllm = None
+    if args.vllm_url:
+        from adaptloop.settings import TrainerSettings
+        from adaptloop.trainers.vllm_eval import target
+
+        vllm = target(TrainerSettings().model_copy(update={"vllm_url": args.vllm_url}))
+    [result] = evaluate_many(model, [EvalJob(spec, holdout, args.adapter or BASE, args.adapter)],
+                             max_new_tokens=args.max_new_tokens, threads=args.threads, vllm=vllm, tag="cli")
     print(json.dumps(result.__dict__, indent=2))
     return 0
 

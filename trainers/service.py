@@ -223,6 +223,7 @@ class TrainerService:
         from adaptloop.trainers import ray_job
         from adaptloop.trainers.gate import decide, regression_result, wilson_interval
         from adaptloop.trainers.release import ReleaseCheckError, check_adapter
+        from adaptloop.trainers.vllm_eval import target as vllm_target
 
         request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
         started = time.monotonic()
@@ -255,7 +256,8 @@ class TrainerService:
             ev.EvalJob(spec, snapshot.holdout, incumbent.version, incumbent.artifact_uri),
             *(ev.EvalJob(source_spec, holdout, f"suite:{release['version']}", adapter_dir)
               for release, source_spec, holdout in suite_sources),
-        ], max_new_tokens=spec.max_new_tokens or self.settings.max_new_tokens, threads=self.settings.torch_threads)
+        ], max_new_tokens=spec.max_new_tokens or self.settings.max_new_tokens, threads=self.settings.torch_threads,
+            vllm=vllm_target(self.settings), tag=request_id)
         suite = [regression_result(task=release["task"], source_version=release["version"], holdout_count=scored.count,
                                    candidate_score=scored.score, bar=float(release["evaluation"]["candidate_score"]),
                                    tolerance=self.settings.regression_tolerance)
@@ -268,6 +270,7 @@ class TrainerService:
                   f"{result.train_seconds:.0f}s, final loss {result.final_loss:.4f}")
         ci, incumbent_ci = wilson_interval(candidate.passed, candidate.count), wilson_interval(current.passed, current.count)
         evidence = decision.evidence | {"suite_skipped": skipped, "incumbent_note": note} if note or skipped else decision.evidence
+        evidence = evidence | {"engine": candidate.engine} | ({"engine_fallback": candidate.fallback} if candidate.fallback else {})
         release = self.release_record(
             request, state="RELEASED" if decision.passed else "REJECTED", reason=reason, version=version,
             artifact_uri=str(adapter_dir), digest=digest, snapshot=snapshot, method=plan.method,
