@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_SCOPES = {
     "test_trainer.py": "ray", "test_lineage_forget_stack.py": "ray",
     "test_loop.py": "vllm", "test_serving.py": "vllm", "test_your_task.py": "vllm", "test_tools.py": "vllm",
+    "test_vllm_eval.py": "vllm",
 }
 #: The heavy units, longest first: the tool task starts vLLM and trains on its own.
 FIRST_SCOPES = ("ray", "vllm", "tests/e2e/test_tool_task.py")
