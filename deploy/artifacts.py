@@ -11,10 +11,21 @@ import hashlib
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 from adaptloop.errors import ArtifactError
 
 CHUNK = 1 << 20
+
+
+def artifact_path(uri: str | Path) -> Path:
+    """The local folder of an artifact URI: ``file:///...`` or a plain path; ``ArtifactError`` for another scheme
+    (nothing here fetches from object stores)."""
+    uri = str(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    raise ArtifactError(f"unsupported artifact URI scheme {parsed.scheme!r} in {uri}")
 
 
 def artifact_digest(folder: Path) -> str:

@@ -32,9 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
-from urllib.parse import urlparse
 
-from adaptloop.artifacts import delete_tree
+from adaptloop.artifacts import artifact_path, delete_tree
 from adaptloop.erasure import ErasureSet
 from adaptloop.errors import ArtifactError
 from adaptloop.lineage import LIVE_STATES, LineageRecords, decisions_by_version
@@ -197,10 +196,10 @@ def sweep_snapshots(dataset_store: str, erasures: ErasureSet, tenant: str, sweep
 
 
 def _local(uri: str) -> Path | None:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri).resolve()
-    return None
+    try:
+        return artifact_path(uri).resolve()
+    except ArtifactError:  # another scheme: not on this disk
+        return None
 
 
 def _inside(path: Path, folder: Path) -> bool:

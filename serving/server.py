@@ -38,11 +38,10 @@ import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import httpx
 
-from adaptloop.artifacts import base_model_digest, pinned_copy, unpin
+from adaptloop.artifacts import artifact_path, base_model_digest, pinned_copy, unpin
 from adaptloop.chat import template_path
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.model import ensure_base_model
@@ -82,14 +81,6 @@ def vllm_env(settings: ServeSettings) -> dict[str, str]:
     if settings.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = settings.omp_wait_policy
     return env
-
-
-def artifact_path(uri: str) -> Path:
-    """A local folder from ``file:///...`` or a plain path; other schemes are not fetched by this sidecar."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri)
-    raise ArtifactError(f"unsupported artifact URI scheme {parsed.scheme!r} in {uri}")
 
 
 class Sidecar:

@@ -50,12 +50,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlparse
 
 import httpx
 from pydantic import SecretStr
 
-from adaptloop.errors import AdaptloopError
+from adaptloop.artifacts import artifact_path
+from adaptloop.errors import AdaptloopError, ArtifactError
 from adaptloop.settings import bearer_header
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,12 @@ def zero_lora(adapter: Path, into: Path) -> Path:
 
 
 def local_path(folder: str | Path) -> Path:
-    """An adapter's folder from a plain path or a ``file://`` URI (releases may carry either)."""
-    return Path(urlparse(str(folder)).path if str(folder).startswith("file:") else folder).resolve()
+    """An adapter's folder from a plain path or a ``file://`` URI (releases may carry either); one elsewhere
+    cannot be shadow-loaded from here."""
+    try:
+        return artifact_path(folder).resolve()
+    except ArtifactError as exc:
+        raise VLLMUnavailable(str(exc)) from exc
 
 
 class Shadows:
