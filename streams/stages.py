@@ -169,8 +169,9 @@ class Decoder:
         return record
 
 
-#: A dead letter keeps the original key and value while they, with the key once more (the dead letter is produced
-#: under it too), take at most this many bytes; its reason at most ``DEAD_LETTER_MAX_REASON`` characters. It
+#: A dead letter keeps the original key and value while they, with the key counted twice (dead letters were once
+#: produced under it; they are keyed by their source now, and the budget stayed), take at most this many bytes;
+#: its reason at most ``DEAD_LETTER_MAX_REASON`` characters. It
 #: must fit where the record did not always fit: the Faust producer refuses a request over 1 MB, and a record over
 #: ``max_record_bytes`` (1 MB by default) whose dead letter carried it whole ended the worker, and its restart on
 #: the same record, for every partition it owned. What is left out is named in the reason, and the record stays

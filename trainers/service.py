@@ -383,10 +383,11 @@ class TrainerService:
         self.producer.send_sync(topic, value, key=release["version"])
 
     def dead_letter(self, msg: Message, error: Exception) -> None:
+        from adaptloop.streams.stages import SourceRef, dead_letter
+
         topic = self.settings.topics.name("dead_letters")
-        record = {"source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
-                  "key": msg.key(), "value": msg.value(), "stage": STAGE, "error_type": type(error).__name__,
-                  "reason": str(error), "failed_at": now_ms()}
+        record = dead_letter(SourceRef(msg.topic(), msg.partition(), msg.offset()), msg.key(), msg.value(),
+                             stage=STAGE, error=error)
         self.producer.send_sync(topic, self.dead_letter_serde.serialize(record, SerdeContext(topic)))
         log.error("request at %s[%d]@%d is not a TrainingRequest, sent to %s: %s", msg.topic(), msg.partition(),
                   msg.offset(), topic, error)
