@@ -43,12 +43,16 @@ class FairQueue:
         if offset not in self._working:
             self._waiting.setdefault(offset, request)
 
+    @staticmethod
+    def _first(waiting: Mapping[int, Mapping[str, Any]], served_at: Mapping[str, int]) -> int:
+        """The offset to serve next: the tenant served longest ago (never, first), then its oldest request."""
+        return min(waiting, key=lambda o: (served_at.get(waiting[o]["tenant"], -1), o))
+
     def _order(self) -> list[int]:
-        """Waiting offsets in the order ``next`` serves them (if nothing else arrives): each time, the tenant
-        served longest ago, then its oldest request."""
+        """Waiting offsets in the order ``next`` serves them (if nothing else arrives)."""
         served_at, waiting, order = dict(self._served_at), dict(self._waiting), []
         while waiting:
-            offset = min(waiting, key=lambda o: (served_at.get(waiting[o]["tenant"], -1), o))
+            offset = self._first(waiting, served_at)
             served_at[waiting.pop(offset)["tenant"]] = self._turn + len(order)
             order.append(offset)
         return order
@@ -56,7 +60,7 @@ class FairQueue:
     def next(self) -> tuple[int, Mapping[str, Any]] | None:
         if not self._waiting:
             return None
-        offset = self._order()[0]
+        offset = self._first(self._waiting, self._served_at)
         request = self._waiting.pop(offset)
         self._working.add(offset)
         self._served_at[request["tenant"]] = self._turn
