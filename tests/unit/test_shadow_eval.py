@@ -1,5 +1,5 @@
 """The gate's vLLM path without a server: what it sends, where it is configured, and the fallback
-(``adaptloop.trainers.vllm_eval``; tests/integration/test_vllm_eval.py runs it against a real vLLM)."""
+(``adaptloop.trainers.vllm_eval``; tests/integration/test_serving.py runs it against a real vLLM)."""
 
 from __future__ import annotations
 
