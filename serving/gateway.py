@@ -99,7 +99,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptloop.artifacts import alias as make_alias
 from adaptloop.errors import AuthError, ConfigError, DeliveryError, SerializationError
-from adaptloop.processes import cpu_wake_latency, mark_ready, pin_to_cpus, set_sched_slice
+from adaptloop.processes import mark_ready, pin_to_cpus
 from adaptloop.sdk import build_interaction, tool_call_record
 from adaptloop.serving.canary import canary_and_incumbent
 from adaptloop.serving.episodes import (EPISODE_HEADER, BadEpisode, BadRequest, Episode, ToolCallAssembler, check_request,
@@ -778,7 +778,7 @@ def create_app(settings: GatewaySettings, catalogue: Catalogue | None = None) ->
     return GatewayApp(app, gateway)
 
 
-async def _serve(server: uvicorn.Server, gateway: Gateway, timeout_s: float, loop_slice_us: int | None) -> None:
+async def _serve(server: uvicorn.Server, gateway: Gateway, timeout_s: float) -> None:
     serving = asyncio.create_task(server.serve())
     deadline = time.monotonic() + timeout_s
     while not (server.started and gateway.ready):
@@ -795,12 +795,6 @@ async def _serve(server: uvicorn.Server, gateway: Gateway, timeout_s: float, loo
     # of the collector's sight, a full collection no longer walks it, which took 65 ms once per few
     # minutes under serving.bench_gateway, a pause every call then in flight waited through.
     gc.freeze()
-    if loop_slice_us is not None:  # now: the threads started so far (producer, outbox) keep the default
-        try:
-            set_sched_slice(loop_slice_us)
-            log.info("event loop thread: %d us scheduler slice", loop_slice_us)
-        except ConfigError as exc:
-            log.warning("%s; the event loop keeps the kernel's default slice", exc)
     mark_ready()
     log.info("gateway ready on http://%s:%d", server.config.host, server.config.port)
     await serving
@@ -828,11 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, server.handle_exit)
     try:
         # uvloop, as ``uvicorn.run`` would pick it: we run the loop ourselves (readiness), so we pick it here.
-        with cpu_wake_latency(settings.cpu_wake_latency_us) as held, \
-                asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            if held:
-                log.info("idle CPUs wake within %d us while the gateway runs", settings.cpu_wake_latency_us)
-            runner.run(_serve(server, app.gateway, args.ready_timeout, settings.loop_slice_us))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(server, app.gateway, args.ready_timeout))
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
