@@ -244,8 +244,8 @@ class GatewayApp:
 
     Why not FastAPI for those too: every call reaches the gateway after tens of milliseconds idle
     (vLLM is working), so its code runs from cold caches, where FastAPI's middleware, routing and
-    dependency layers cost about 0.2 ms per call at p50 and 0.25 ms at p99 (uvicorn on its own core, 75 ms
-    between calls, 600 calls), a tenth of the overhead budget, for nothing the completion endpoints use.
+    dependency layers cost about a tenth of the overhead budget per call, for nothing the completion
+    endpoints use.
     """
 
     COMPLETIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
