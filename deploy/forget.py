@@ -36,7 +36,7 @@ In this order, each step acknowledged by the broker before the next:
 What stays on the broker's immutable logs: interactions, outcomes and dead letters as they arrived (until
 ``ADAPTLOOP_TOPICS_RAW_RETENTION_MS``; embedded Tansu expires nothing) and curated examples (redacted; every
 reader applies the erasure). Curation purges its own table entries; a gateway's outbox keeps a record only
-until the broker takes it. README, "Erasure": what remains where.
+until the broker takes it. deploy/README.md, "Erasure": what remains where.
 
 The erasure id is derived from (tenant, scope, key), so running the same forget twice writes no
 second decision and no second request: every step checks what is already on the topics.

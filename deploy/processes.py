@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import signal
-import struct
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from adaptloop.errors import ConfigError, StackError
 
 STOP_GRACE_S = 15.0
-#: The kernel's PM QoS request for every CPU's wake-up latency (``Documentation/power/pm_qos_interface``).
-CPU_LATENCY_DEVICE = Path("/dev/cpu_dma_latency")
 
 log = logging.getLogger(__name__)
 
@@ -213,83 +207,3 @@ def pin_to_cpus(text: str) -> frozenset[int] | None:
     except OSError as exc:
         raise ConfigError(f"cannot run on CPUs {text!r} ({exc}); this machine has CPUs 0-{(os.cpu_count() or 1) - 1}") from exc
     return cpus
-
-
-@contextmanager
-def cpu_wake_latency(limit_us: int | None, device: Path = CPU_LATENCY_DEVICE) -> Iterator[bool]:
-    """While inside, ask the kernel to wake any idle CPU within ``limit_us`` microseconds (0: idle CPUs
-    poll instead of halting), as tuned's latency-performance profile does. The request lasts while
-    the device stays open, so it ends with the block or with the process, kill -9 included.
-
-    Yields whether the request holds. ``None`` asks nothing. Where it is not permitted (not root, no
-    such device, an unprivileged container) a warning says so and the process runs without it."""
-    if limit_us is None:
-        yield False
-        return
-    try:
-        request = open(device, "r+b", buffering=0)
-    except OSError as exc:
-        log.warning("cannot hold CPU wake-up latency at %d us (%s): idle CPUs may halt, calls after an idle "
-                    "gap wake slower", limit_us, exc)
-        yield False
-        return
-    with request:
-        request.write(struct.pack("i", limit_us))
-        yield True
-
-
-def cpu_wake_latency_now(device: Path = CPU_LATENCY_DEVICE) -> int | None:
-    """The limit the kernel enforces now (the strictest request held by any process); None if unreadable."""
-    try:
-        with open(device, "rb") as current:
-            return struct.unpack("i", current.read(4))[0]
-    except OSError:
-        return None
-
-
-class _SchedAttr(ctypes.Structure):
-    """``struct sched_attr`` as ``sched_setattr(2)`` takes it (its first, 48-byte version)."""
-
-    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32), ("sched_flags", ctypes.c_uint64),
-                ("sched_nice", ctypes.c_int32), ("sched_priority", ctypes.c_uint32),
-                ("sched_runtime", ctypes.c_uint64), ("sched_deadline", ctypes.c_uint64),
-                ("sched_period", ctypes.c_uint64)]
-
-
-#: ``sched_setattr``'s system call number; Python's ``os`` has no binding for it.
-_SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
-
-
-def set_sched_slice(slice_us: int, thread_id: int = 0) -> None:
-    """Give a thread (0: the calling one) a scheduler slice of its own (Linux >= 6.12, EEVDF; 0: back to
-    the kernel's default). A thread
-    whose slice is shorter than the running one's preempts it when it wakes, instead of waiting up
-    to a tick for that slice to end: a latency-bound event loop then runs at once after a wake-up
-    even when a kernel thread or a neighbour holds its CPU. It stays a fair, normal-priority thread.
-    ``ConfigError`` where the kernel or the machine cannot."""
-    number = _SYS_SCHED_SETATTR.get(os.uname().machine)
-    if number is None:
-        raise ConfigError(f"a scheduler slice is not supported on {os.uname().machine}")
-    attr = _SchedAttr(size=ctypes.sizeof(_SchedAttr), sched_policy=os.SCHED_OTHER,
-                      sched_nice=os.getpriority(os.PRIO_PROCESS, thread_id), sched_runtime=slice_us * 1000)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, thread_id, ctypes.byref(attr), 0) != 0:
-        error = ctypes.get_errno()
-        raise ConfigError(f"cannot set a {slice_us} us scheduler slice: {os.strerror(error)}")
-    # Kernels before 6.12 take the call and ignore the slice.
-    now = sched_slice_us(thread_id or threading.get_native_id())
-    if slice_us and now is not None and now != slice_us:
-        raise ConfigError(f"the kernel kept a {now:g} us scheduler slice, not {slice_us} us "
-                          "(custom slices need Linux 6.12 or later)")
-
-
-def sched_slice_us(thread_id: int) -> float | None:
-    """A thread's scheduler slice now (``se.slice`` in ``/proc/<id>/sched``), in us; None if unreadable."""
-    try:
-        for line in Path(f"/proc/{thread_id}/sched").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "se.slice":
-                return int(value) / 1000
-    except (OSError, ValueError):
-        return None
-    return None

@@ -427,16 +427,6 @@ class GatewaySettings(BaseSettings):
         "CPUs the gateway runs on, e.g. '1' or '2-3' (taskset's list format); empty: any. On a host it "
         "shares with a model server, give each its own (ADAPTLOOP_SERVE_CPUS): calls then never wait "
         "for a core vLLM holds (serving.bench_gateway --gateway-cpus)."))
-    cpu_wake_latency_us: int | None = Field(None, ge=0, description=(
-        "While the gateway runs, ask the kernel to wake idle CPUs within this many microseconds (PM QoS, "
-        "/dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, which costs their power). A proxied "
-        "call wakes the gateway twice after an idle gap: on a VM or with deep C-states each wake is slow. "
-        "Needs root (or a privileged container); otherwise a warning and no effect. Unset: ask nothing."))
-    loop_slice_us: int | None = Field(None, ge=100, le=100_000, description=(
-        "The event loop thread's own scheduler slice (Linux >= 6.12): shorter than the running thread's "
-        "(the kernel's default is a few ms), a woken gateway preempts it at once instead of waiting up "
-        "to a tick: a kernel thread or a neighbour on the gateway's CPU then no longer delays a call by "
-        "milliseconds. The thread stays normal priority. Unset: the kernel's default."))
 
     def replica_list(self) -> list[Replica]:
         return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]

@@ -33,13 +33,6 @@ Target: p99 overhead < 2 ms on loopback.
 (``ADAPTLOOP_GATEWAY_CPUS``), vLLM, the broker and this caller on the others (``ADAPTLOOP_SERVE_CPUS``),
 so that no call waits for a core vLLM's threads hold. Without it everything shares every core.
 
-``--cpu-wake-latency-us 0``: the gateway holds a PM QoS request (``ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US``)
-so that idle CPUs poll instead of halting. Each proxied call wakes the gateway after ~100 ms of idle
-(vLLM's answer); a halted vCPU wakes slowly and with cold caches. The JSON says what was in force.
-``--loop-slice-us 100``: the gateway's event loop gets a short scheduler slice (``ADAPTLOOP_GATEWAY_LOOP_SLICE_US``).
-``--ab-latency-settings``: both of them on every other iteration of calls, off on the rest, toggled
-from outside the gateway (root): their effect within one run, per arm (``ab_latency_settings``).
-
 Publish -> first answer: a real peft LoRA (random, on the base model) published as a PROMOTED
 release; the clock runs from the broker's acknowledgement of the release record to the first
 gateway answer whose ``x-adaptloop-adapter`` names it (sidecar digest check, vLLM load, warm-up,
@@ -56,20 +49,18 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import aiohttp
 import httpx
 import uvloop
 
 from adaptloop.artifacts import adapter_version, artifact_digest
-from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.model import ensure_base_model
-from adaptloop.processes import (cpu_seconds, cpu_wake_latency, cpu_wake_latency_now, parse_cpu_list,
-                                 sched_slice_us, set_sched_slice)
+from adaptloop.processes import cpu_name, cpu_seconds, parse_cpu_list
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
@@ -162,48 +153,8 @@ def realtime_priority() -> Iterator[str]:
 WARM_UP_ITERATIONS = 10
 
 
-class LatencySettingsAB:
-    """Both gateway latency settings on every other iteration of calls, off on the rest, set from outside
-    the gateway (root): their effect then shows within one run, under the same drift of the machine's
-    speed, which between runs was larger than the effect. Iteration ``i``'s arm is ``ARMS[i % 2]``."""
-
-    ARMS = ("plain", "tuned")
-
-    def __init__(self, gateway_pid: int, slice_us: int = 100, wake_latency_us: int = 0) -> None:
-        self.gateway_pid, self.slice_us, self.wake_latency_us = gateway_pid, slice_us, wake_latency_us
-        self.request = ExitStack()
-        self.cpu_s = {arm: 0.0 for arm in self.ARMS}
-        self._arm: str | None = None
-        self._cpu_mark = 0.0
-
-    def __call__(self, i: int) -> None:
-        now = cpu_seconds(self.gateway_pid)
-        self._count_cpu(now)
-        if i == WARM_UP_ITERATIONS:  # the warm-up's iterations are not counted
-            self.cpu_s = {arm: 0.0 for arm in self.ARMS}
-        self._arm, self._cpu_mark = self.ARMS[i % 2], now
-        tuned = self._arm == "tuned"
-        set_sched_slice(self.slice_us if tuned else 0, self.gateway_pid)
-        if tuned:
-            if not self.request.enter_context(cpu_wake_latency(self.wake_latency_us)):
-                raise ConfigError("--ab-latency-settings: the CPU wake-up latency request is not permitted here")
-        else:
-            self.request.close()
-
-    def _count_cpu(self, now: float) -> None:
-        if self._arm is not None:
-            self.cpu_s[self._arm] += now - self._cpu_mark
-
-    def close(self) -> None:
-        self._count_cpu(cpu_seconds(self.gateway_pid))
-        self._arm = None
-        self.request.close()
-        set_sched_slice(0, self.gateway_pid)
-
-
 async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes, n: int, gateway_pid: int,
-                      timeout_s: float = 120.0, before_iteration: Callable[[int], None] | None = None,
-                      ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], float]:
+                      timeout_s: float = 120.0) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], float]:
     """``n`` calls per path (after ``WARM_UP_ITERATIONS``), interleaved path by path, on kept-alive connections
     with aiohttp, the client the gateway itself calls vLLM with: the caller's own client work in the
     direct path and the gateway's in its upstream call are then the same code. Returns each path's
@@ -215,8 +166,6 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
         for i in range(n + WARM_UP_ITERATIONS):
             if i == WARM_UP_ITERATIONS:
                 cpu_before = cpu_seconds(gateway_pid)
-            if before_iteration is not None:
-                before_iteration(i)
             for name, (url, headers) in paths.items():
                 t0 = time.perf_counter()
                 async with client.post(url + "/v1/chat/completions", data=body,
@@ -235,19 +184,14 @@ async def timed_calls(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
     return elapsed, timings, cpu_seconds(gateway_pid) - cpu_before
 
 
-def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int,
-             ab: LatencySettingsAB | None = None) -> dict[str, Any]:
+def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int) -> dict[str, Any]:
     base = ModelSettings().name
     body = json.dumps(BODY | {"model": base}).encode()
     auth = {"authorization": f"Bearer {key}"}
     paths = {"direct": (vllm_url, {}), "outbox": (gateway_url, auth | {"x-adaptloop-record": "outbox"}),
              "ack": (gateway_url, auth | {"x-adaptloop-record": "ack"})}
     with realtime_priority() as priority:
-        try:
-            caller, timings, gateway_cpu_s = uvloop.run(timed_calls(paths, body, n, gateway_pid, before_iteration=ab))
-        finally:
-            if ab is not None:
-                ab.close()
+        caller, timings, gateway_cpu_s = uvloop.run(timed_calls(paths, body, n, gateway_pid))
     result: dict[str, Any] = {"direct": summary(caller["direct"]), "caller_priority": priority,
                               "gateway_cpu_ms_per_call": round(1000 * gateway_cpu_s / (2 * n), 3)}
     calls: dict[str, dict[str, list[float]]] = {}
@@ -269,12 +213,6 @@ def overhead(vllm_url: str, gateway_url: str, key: str, n: int, gateway_pid: int
         result[f"ratio_{mode}_to_direct"] = {q: round(gateway[f"{q}_ms"] / result["direct"][f"{q}_ms"], 3)
                                              for q in ("p50", "p99")}
     result["per_call"] = calls  # in call order, for a look at the tail
-    if ab is not None:  # call j (after the warm-up, an even number of iterations) ran in arm ARMS[j % 2]
-        result["ab_latency_settings"] = {
-            "slice_us": ab.slice_us, "wake_latency_us": ab.wake_latency_us,
-            "gateway_cpu_ms_per_call": {arm: round(1000 * ab.cpu_s[arm] / n, 3) for arm in ab.ARMS}} | {
-            mode: {arm: {figure: summary(values[k::2]) for figure, values in calls[mode].items() if figure != "started_s"}
-                   for k, arm in enumerate(ab.ARMS)} for mode in ("outbox", "ack")}
     return result
 
 
@@ -311,14 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--gateway-cpus", default="", help="the gateway alone on these CPUs (e.g. 1), the rest on "
                         "the others (default: all share every CPU)")
-    parser.add_argument("--cpu-wake-latency-us", type=int, help="the gateway asks the kernel to wake idle CPUs "
-                        "within this many microseconds (ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US; 0: they poll, never "
-                        "halt); default: it asks nothing")
-    parser.add_argument("--loop-slice-us", type=int, help="the gateway's event loop thread gets this scheduler "
-                        "slice (ADAPTLOOP_GATEWAY_LOOP_SLICE_US); default: the kernel's")
-    parser.add_argument("--ab-latency-settings", action="store_true", help="both latency settings (100 us slice, "
-                        "0 us wake-up latency) on every other iteration of calls, set from outside the gateway "
-                        "(root); per-call figures for each arm")
     args = parser.parse_args(argv)
     try:
         gateway_cpus = parse_cpu_list(args.gateway_cpus)
@@ -344,13 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if gateway_cpus:
         env |= {"ADAPTLOOP_GATEWAY_CPUS": args.gateway_cpus, "ADAPTLOOP_SERVE_CPUS": ",".join(map(str, sorted(other_cpus)))}
         os.sched_setaffinity(0, other_cpus)  # this caller, and the broker it starts
-    if args.cpu_wake_latency_us is not None:
-        env["ADAPTLOOP_GATEWAY_CPU_WAKE_LATENCY_US"] = str(args.cpu_wake_latency_us)
-    if args.loop_slice_us is not None:
-        env["ADAPTLOOP_GATEWAY_LOOP_SLICE_US"] = str(args.loop_slice_us)
     adapter = args.adapter or make_adapter(home / "adapter")
     processes = []
-    result: dict[str, Any] = {"requests": args.requests, "home": str(home),
+    result: dict[str, Any] = {"command": f"{parser.prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+                              "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
+                              "requests": args.requests, "home": str(home),
                               "cpus": {"gateway": env.get("ADAPTLOOP_GATEWAY_CPUS", "all"),
                                        "vllm_broker_caller": env.get("ADAPTLOOP_SERVE_CPUS", "all")},
                               "targets": {"overhead_p99_ms": 2.0, "publish_to_first_answer_s": 1.0}}
@@ -360,13 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(start_service("serve", home, env, timeout_s=600))
         processes.append(start_service("gateway", home, env, timeout_s=120))
         gateway_url = f"http://127.0.0.1:{ports['gateway']}"
-        # What the kernel enforces during the calls: the gateway's request, or anyone else's, or none.
-        result["cpu_wake_latency_us"] = {"asked": args.cpu_wake_latency_us, "in_force": cpu_wake_latency_now()}
-        result["loop_slice_us"] = {"asked": args.loop_slice_us, "in_force": sched_slice_us(processes[-1].pid)}
         with httpx.Client(timeout=120) as http:
-            ab = LatencySettingsAB(processes[-1].pid) if args.ab_latency_settings else None
             result["overhead"] = overhead(env["ADAPTLOOP_GATEWAY_VLLM_URL"], gateway_url, key, args.requests,
-                                          processes[-1].pid, ab)
+                                          processes[-1].pid)
             result["publish_to_first_answer_s"] = publish_to_first_answer(http, kafka, topics, gateway_url, key,
                                                                           adapter, args.swaps)
     finally:
@@ -376,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" in result:
         o = result["overhead"]
         print(f"vLLM direct p50 {o['direct']['p50_ms']:.1f} / p99 {o['direct']['p99_ms']:.1f} ms; "
-              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms; caller {o['caller_priority']}; "
-              f"CPU wake-up latency in force {result['cpu_wake_latency_us']['in_force']} us; "
-              f"gateway loop's slice {result['loop_slice_us']['in_force']} us")
+              f"gateway CPU per call {o['gateway_cpu_ms_per_call']:.2f} ms; caller {o['caller_priority']}")
         for mode in ("outbox", "ack"):
             own, handler = o[f"own_time_per_call_{mode}"], o[f"handler_time_per_call_{mode}"]
             difference = o[f"overhead_{mode}_ms"]
@@ -386,13 +308,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:>7}: overhead per call p50 {own['p50_ms']:.2f} / p99 {own['p99_ms']:.2f} ms (target p99 < 2 ms); "
                   f"percentile difference p50 {difference['p50']:.2f} / p99 {difference['p99']:.2f} ms (90% interval "
                   f"{low:.1f} to {high:.1f}); handler alone p50 {handler['p50_ms']:.2f} / p99 {handler['p99_ms']:.2f} ms")
-        if "ab_latency_settings" in o:
-            for mode in ("outbox", "ack"):
-                arms = o["ab_latency_settings"][mode]
-                print(f"{mode:>7} overhead per call, latency settings off / on, same run: p50 "
-                      f"{arms['plain']['own_ms']['p50_ms']:.2f} / {arms['tuned']['own_ms']['p50_ms']:.2f} ms, p99 "
-                      f"{arms['plain']['own_ms']['p99_ms']:.2f} / {arms['tuned']['own_ms']['p99_ms']:.2f} ms")
-            print(f"gateway CPU per call off / on: {o['ab_latency_settings']['gateway_cpu_ms_per_call']}")
         print(f"publish -> first answer: {result.get('publish_to_first_answer_s')} s (target < 1 s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

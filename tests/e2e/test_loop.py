@@ -5,7 +5,7 @@ the gateway serves it, it is better, and the report is written from the topics.
 A shorter configuration of the same code path as ``adaptloop demo``: one cycle of 16 TRAIN examples
 per (tenant, task), trained for two passes, instead of three cycles; fewer final cases. Later cycles
 on a growing dataset, and a gate that rejects a candidate, are the same code again: `adaptloop demo`
-(see README) runs the first, tests/integration/test_trainer.py the second."""
+(see deploy/README.md) runs the first, tests/integration/test_trainer.py the second."""
 
 from __future__ import annotations
 

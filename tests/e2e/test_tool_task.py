@@ -153,7 +153,7 @@ def descendants(pid: int) -> set[int]:
 def test_the_local_stack_listens_on_loopback_only(trained):
     """Every socket the stack's processes (and everything they started: vLLM's workers, the Faust worker) listen
     on is on loopback, except Ray's: Ray 2.60's core gRPC servers bind every interface even when its node address
-    is 127.0.0.1 (see the README's trainer section), so they are listed, not hidden."""
+    is 127.0.0.1 (see trainers/README.md, "Local Ray"), so they are listed, not hidden."""
     stack = trained["stack"]
     ours = set().union(*(descendants(p.pid) for p in stack.processes if p.pid))
     # Ray's processes, and the trainer, which runs Ray's driver (its core worker's gRPC server) in-process and

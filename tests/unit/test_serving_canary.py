@@ -10,7 +10,7 @@ import pytest
 from adaptloop.errors import ServingError
 from adaptloop.serving.canary import (Outcomes, RequestStats, Tally, Thresholds, canary_and_incumbent, decide,
                                       decisions_for, msprt_log_lambda)
-from adaptloop.serving.gateway import Router, take_canary
+from adaptloop.serving.routing import Router, take_canary
 from adaptloop.serving.registry import Release
 from adaptloop.settings import Replica
 
@@ -166,7 +166,9 @@ def test_router_gives_a_release_its_own_share_never_more_than_the_gateways():
 
 
 def test_gateway_stats_count_errors_and_only_calls_since_the_canary_started():
-    from adaptloop.serving.gateway import Route, Stats, bearer
+    from adaptloop.serving.call_stats import Stats
+    from adaptloop.serving.gateway import bearer
+    from adaptloop.serving.routing import Route
 
     stats = Stats(window=100)
     v2 = Route("acme", "extract", "v2", "v2", "acme/extract")
