@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 
 from adaptloop.processes import ManagedProcess, pin_to_cpus
 from adaptloop.serving.bench_gateway import realtime_priority, summary
-from adaptloop.stack import free_port
+from adaptloop.ops.stack import free_port
 
 SERVERS = ("socket", "asgi", "lean", "fastapi")
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 1}).encode()

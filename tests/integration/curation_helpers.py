@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Callable
 
 from adaptloop.kafka import DeliveryTracker, Range, read_ranges
+from adaptloop.ops.stack import free_port, service_env
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.stack import free_port, service_env
 from adaptloop.tasks import EXAMPLE_CATALOGUE, example_catalogue
 
 TASK = "order-extract"

@@ -14,11 +14,11 @@ import pytest
 
 from adaptloop.errors import FeedbackError
 from adaptloop.kafka import read_ranges
+from adaptloop.ops.stack import free_port, service_env, start_service
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import FeedbackClient, episode_key, outcome_key
 from adaptloop.serving.feedback import InteractionIds
 from adaptloop.serving.keys import dev_keys, plain_setting
-from adaptloop.stack import free_port, service_env, start_service
 
 pytestmark = pytest.mark.integration
 

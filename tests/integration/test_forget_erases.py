@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from adaptloop import forget
 from adaptloop.erasure import ErasureSet
 from adaptloop.kafka import Range, read_ranges
-from adaptloop.lineage import LineageRecords, read_topics
+from adaptloop.ops import forget
+from adaptloop.ops.lineage import LineageRecords, read_topics
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.recording import InteractionLog

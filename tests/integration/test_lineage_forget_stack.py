@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from adaptloop.forget import FLAG_REASON, Forgetter, erasure_id_for, retrain_request_id
-from adaptloop.lineage import LineageRecords, adapter_lineage, interaction_lineage, read_topics
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.ops.forget import FLAG_REASON, Forgetter, erasure_id_for, retrain_request_id
+from adaptloop.ops.lineage import LineageRecords, adapter_lineage, interaction_lineage, read_topics
+from adaptloop.ops.stack import StackPorts, service_env, start_service
 from adaptloop.processes import write_state
 from adaptloop.schemas import serde_for
 from adaptloop.sdk import Recorder
 from adaptloop.settings import KafkaSettings, Topics, TrainerSettings
-from adaptloop.stack import StackPorts, service_env, start_service
-from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue
 from curation_helpers import produce
 

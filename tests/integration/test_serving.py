@@ -32,15 +32,15 @@ from adaptloop.artifacts import adapter_version, alias, artifact_digest
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
+from adaptloop.ops.stack import free_port, service_env, start_broker, start_service
+from adaptloop.ops.tool_offline import trajectories
 from adaptloop.processes import ManagedProcess
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import message_record, partition_key
 from adaptloop.serving.bench_gateway import server_timing
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
-from adaptloop.stack import free_port, service_env, start_broker, start_service
 from adaptloop.tasks import example_catalogue
-from adaptloop.tool_offline import trajectories
 from adaptloop.trainers.evaluate import BASE as BASE_JOB, EvalJob, evaluate_many
 from adaptloop.trainers.vllm_eval import SHADOW_PREFIX, Shadows, VLLMTarget
 

@@ -18,10 +18,10 @@ import pytest
 from adaptloop.chat import prompt_tokens, tokens
 from adaptloop.kafka import ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
+from adaptloop.ops.stack import free_port, service_env, start_service
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics
-from adaptloop.stack import free_port, service_env, start_service
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from adaptloop.artifacts import base_model_digest, verify_digest
+from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import DeliveryTracker, consumer_config, producer_config, read_ranges
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
-from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue, parse_catalogue
 
 pytestmark = pytest.mark.integration
@@ -313,7 +313,7 @@ def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_to
     """A reviewer corrected tool turns (the right call where the agent picked another tool, the right answer
     where it called one): DPO trains at those turns, on the prompt vLLM renders with the tools, and the gate
     replays held-out episodes of another world with candidate and base as the agent in the task's environment."""
-    from adaptloop.tool_offline import trajectories
+    from adaptloop.ops.tool_offline import trajectories
 
     tenant = "dpo-tools"
     wrong_tool = {"lookup_order": "handoff_to_person", "refund": "change_address", "change_address": "refund",
@@ -365,7 +365,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_
         kafka, module_topics, settings, service, tmp_path):
     from adaptloop.model import ensure_base_model
     from adaptloop.processes import ManagedProcess, adaptloop_command
-    from adaptloop.stack import service_env
+    from adaptloop.ops.stack import service_env
 
     tenant = "resume-co"
     cases = OrderGenerator(seed=41).cases(24 + 8)
@@ -505,7 +505,7 @@ def test_the_trainer_serves_tenants_in_turn_and_status_shows_the_queue(kafka, to
     """Three requests of one tenant queued before one of another: the trainer's run loop serves the second tenant
     second, not fourth (each is decided at once here: no examples, REJECTED), and status lists the queue in
     that order with each request's wait."""
-    from adaptloop.status import trainer_queue
+    from adaptloop.ops.status import trainer_queue
     from adaptloop.trainers.service import run
 
     empty = [{"topic": topics.name("curated"), "partition": 0, "start_offset": 0, "end_offset": 0}]

@@ -38,7 +38,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 
 from adaptloop.errors import AdaptloopError, ConfigError
 from adaptloop.kafka import admin
-from adaptloop.lineage import decode_all, read_topics
+from adaptloop.ops.lineage import decode_all, read_topics
 from adaptloop.settings import ADMIN_KEY_FILE, StatusSettings, admin_key
 from adaptloop.tasks import load_catalogue
 
