@@ -58,11 +58,11 @@ import phonenumbers
 from stdnum import iban as _iban
 
 from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, legacy_subject_key, subject_key
-from adaptloop.ops.erasure_sweep import ArtifactStore, Sweep, sweep_store
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
-from adaptloop.ops.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
-                                   ranges_contain)
+from adaptloop.ops.erasure_sweep import ArtifactStore, Sweep, sweep_store
+from adaptloop.ops.lineage import LIVE_STATES, LineageRecords, decisions_by_version, learned_from, ranges_contain
+from adaptloop.records import Positioned
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import ErasureSettings, KafkaSettings, StreamsSettings, Topics, TrainerSettings
 from adaptloop.streams.pii import PLACEHOLDER, Redactor

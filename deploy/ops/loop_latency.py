@@ -116,14 +116,11 @@ def release_stamps(release: Mapping[str, Any], request: Mapping[str, Any], curat
 
 def latencies(kafka, topics, *, sidecar_url: str | None, trainer_log: Path | None) -> list[dict[str, Any]]:
     """Loop latency of every release that was served (RELEASED/PROMOTED) on this stack."""
-    from adaptloop.kafka import read_ranges
-    from adaptloop.schemas import SerdeContext, serde_for
+    from adaptloop.records import read_decoded
 
     def read(which: str, stem: str) -> list[tuple[int, int, dict]]:
-        topic = topics.name(which)
-        decode = serde_for(stem, kafka.schema_registry_url).deserialize
-        return [(m.partition(), m.offset(), decode(m.value(), SerdeContext(topic, m.partition(), m.offset())))
-                for m in read_ranges(kafka, topic, idle_s=1.0, timeout_s=120)]
+        return [(p.partition, p.offset, p.record)
+                for p in read_decoded(kafka, topics.name(which), stem, idle_s=1.0, timeout_s=120)]
 
     releases = [r for _, _, r in read("releases", "adapter_release")]
     requests = {r["request_id"]: r for _, _, r in read("training_requests", "training_request")}

@@ -206,22 +206,18 @@ def funnel(records: Records, pair: Pair, dead_letter_pairs: Sequence[Pair | None
 
 def read_records(kafka, topics, *, idle_s: float = 1.0) -> Records:
     """Every record of every loop topic, decoded (an undecodable one is skipped and counted in the log)."""
-    from adaptloop.kafka import read_ranges
-    from adaptloop.schemas import SerdeContext, serde_for
+    from adaptloop.records import read_decoded
 
     out = Records()
     for attr, which, stem in (("interactions", "interactions", "interaction"), ("outcomes", "outcomes", "outcome"),
                               ("curated", "curated", "curated_example"), ("dead_letters", "dead_letters", "dead_letter"),
                               ("requests", "training_requests", "training_request"),
                               ("releases", "releases", "adapter_release")):
-        topic = topics.name(which)
-        decode = serde_for(stem, kafka.schema_registry_url).deserialize
-        bucket = getattr(out, attr)
-        for msg in read_ranges(kafka, topic, idle_s=idle_s, timeout_s=120):
-            try:
-                bucket.append(decode(msg.value(), SerdeContext(topic, msg.partition(), msg.offset())))
-            except DeserializationError as exc:
-                print(f"report: skipping an undecodable record: {exc}", file=sys.stderr)
+        undecodable: list[str] = []
+        getattr(out, attr).extend(p.record for p in read_decoded(kafka, topics.name(which), stem, idle_s=idle_s,
+                                                                 timeout_s=120, undecodable=undecodable))
+        for why in undecodable:
+            print(f"report: skipping an undecodable record: {why}", file=sys.stderr)
     return out
 
 

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from adaptloop.artifacts import base_model_digest, verify_digest
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import DeliveryTracker, consumer_config, producer_config, read_ranges
+from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
 from adaptloop.tasks import example_catalogue, parse_catalogue
@@ -116,9 +117,7 @@ def training_request(tenant: str, ranges: list[dict], task: str = TASK) -> dict:
 
 
 def releases_on(kafka, topics) -> list[dict]:
-    serde = serde_for("adapter_release")
-    topic = topics.name("releases")
-    return [serde.deserialize(m.value(), SerdeContext(topic)) for m in read_ranges(kafka, topic, idle_s=1.0, timeout_s=60)]
+    return [p.record for p in read_decoded(kafka, topics.name("releases"), "adapter_release", idle_s=1.0, timeout_s=60)]
 
 
 def of_request(kafka, topics, request: dict) -> list[dict]:
@@ -456,8 +455,7 @@ def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_t
         assert expected[name] in decided[0]["reason"], decided[0]["reason"]
         assert decided[0]["artifact_uri"] is None and json.loads(decided[0]["evidence_json"])["error"]
         print(f"\n[{name}] REJECTED: {decided[0]['reason'][:140]}")
-    dead = [serde_for("dead_letter").deserialize(m.value(), SerdeContext(topics.name("dead_letters")))
-            for m in read_ranges(kafka, topics.name("dead_letters"), idle_s=1.0, timeout_s=60)]
+    dead = [p.record for p in read_decoded(kafka, topics.name("dead_letters"), "dead_letter", idle_s=1.0, timeout_s=60)]
     assert [d["value"] for d in dead] == [b"not avro at all"] and dead[0]["stage"] == "trainer"
     consumer = Consumer(consumer_config(kafka, group_settings.group_id))
     try:
