@@ -28,14 +28,14 @@ import sys
 
 # Subcommand -> "module:function"; imported lazily so that `adaptloop streams` never imports torch.
 COMMANDS = {
-    "demo": ("adaptloop.demo:main", "Run the whole loop on the embedded stack and print before/after."),
-    "up": ("adaptloop.stack:up_main", "Start the embedded stack on loopback."),
-    "down": ("adaptloop.stack:down_main", "Stop everything `up` started."),
-    "topics": ("adaptloop.stack:topics_main", "List topics with message counts."),
-    "report": ("adaptloop.report:main", "Write the HTML/PNG report per (tenant, task) from the topics."),
-    "loop-bench": ("adaptloop.loop_bench:main", "Measure loop latency by stage (N-th example -> adapter serving)."),
-    "tool-bench": ("adaptloop.tool_loop:main", "The tool-using task through the loop: episode success by cycle (JSON)."),
-    "tool-offline": ("adaptloop.tool_offline:main", "The tool task's training recipe alone: held-out episodes (JSON)."),
+    "demo": ("adaptloop.ops.demo:main", "Run the whole loop on the embedded stack and print before/after."),
+    "up": ("adaptloop.ops.stack:up_main", "Start the embedded stack on loopback."),
+    "down": ("adaptloop.ops.stack:down_main", "Stop everything `up` started."),
+    "topics": ("adaptloop.ops.stack:topics_main", "List topics with message counts."),
+    "report": ("adaptloop.ops.report:main", "Write the HTML/PNG report per (tenant, task) from the topics."),
+    "loop-bench": ("adaptloop.ops.loop_bench:main", "Measure loop latency by stage (N-th example -> adapter serving)."),
+    "tool-bench": ("adaptloop.ops.tool_loop:main", "The tool-using task through the loop: episode success by cycle (JSON)."),
+    "tool-offline": ("adaptloop.ops.tool_offline:main", "The tool task's training recipe alone: held-out episodes (JSON)."),
     "streams": ("adaptloop.streams.worker:main", "Run a Faust curation worker."),
     "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),
@@ -43,11 +43,11 @@ COMMANDS = {
     "canary": ("adaptloop.serving.canary:main", "Run the canary controller."),
     "release": ("adaptloop.serving.canary:release_main", "Promote or roll back a release by hand."),
     "keys": ("adaptloop.serving.keys:main", "Create gateway API keys."),
-    "tasks": ("adaptloop.tasks_check:main", "Check a task catalogue and judge sample answers with it."),
+    "tasks": ("adaptloop.ops.tasks_check:main", "Check a task catalogue and judge sample answers with it."),
 
-    "status": ("adaptloop.status:main", "Show the stack: processes, topics, lag, counts by stage, releases."),
-    "lineage": ("adaptloop.lineage:main", "Trace an adapter to its data, or an interaction to its adapters."),
-    "forget": ("adaptloop.forget:main", "Erase data; retrain or retire every adapter that learned from it."),
+    "status": ("adaptloop.ops.status:main", "Show the stack: processes, topics, lag, counts by stage, releases."),
+    "lineage": ("adaptloop.ops.lineage:main", "Trace an adapter to its data, or an interaction to its adapters."),
+    "forget": ("adaptloop.ops.forget:main", "Erase data; retrain or retire every adapter that learned from it."),
 }
 
 

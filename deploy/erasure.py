@@ -96,15 +96,12 @@ class ErasureSet:
     def read(cls, kafka: KafkaSettings, topics: Topics, *, idle_s: float = 1.0) -> "ErasureSet":
         """Every erasure on the topic now (a missing topic is an empty set: nothing was ever erased)."""
         from adaptloop.errors import BrokerError
-        from adaptloop.kafka import read_ranges
-        from adaptloop.schemas import SerdeContext, serde_for
+        from adaptloop.records import read_decoded
 
-        topic = topics.name("erasures")
-        decode = serde_for("erasure", kafka.schema_registry_url).deserialize
         try:
-            messages = list(read_ranges(kafka, topic, idle_s=idle_s, timeout_s=120))
+            erasures = read_decoded(kafka, topics.name("erasures"), "erasure", idle_s=idle_s, timeout_s=120)
         except BrokerError as exc:
             if "does not exist" in str(exc):
                 return cls()
             raise
-        return cls.of(decode(m.value(), SerdeContext(topic, m.partition(), m.offset())) for m in messages)
+        return cls.of(p.record for p in erasures)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -185,6 +185,46 @@ def read_ranges(settings: KafkaSettings, topic: str, ranges: list[Range] | None 
                 consumer.incremental_unassign([TopicPartition(topic, msg.partition())])
     finally:
         consumer.close()
+
+
+def read_topics(kafka: KafkaSettings, names: Iterable[str], *, idle_s: float = 1.0,
+                first_record_s: float = 3.0, timeout_s: float = 300.0) -> dict[str, list[Any]]:
+    """Every message of every named topic that exists, read by ONE consumer without a group.
+
+    ``read_ranges`` reads one topic and waits ``first_record_s`` on each empty one; status and lineage
+    read up to seven topics, so they share one assignment and one idle wait (Tansu's watermarks lie:
+    the end is "nothing new for ``idle_s``"). Missing topics read as empty.
+    """
+    names = list(dict.fromkeys(names))
+    out: dict[str, list[Any]] = {name: [] for name in names}
+    try:
+        metadata = admin(kafka).list_topics(timeout=min(timeout_s, 15.0))
+    except KafkaException as exc:
+        raise BrokerError(f"cannot list topics on {kafka.bootstrap_servers}: {exc}") from exc
+    assignment = [TopicPartition(name, p, OFFSET_BEGINNING)
+                  for name in names if name in metadata.topics and metadata.topics[name].error is None
+                  for p in sorted(metadata.topics[name].partitions)]
+    if not assignment:
+        return out
+    consumer = Consumer(consumer_config(kafka, group_id=f"adaptloop-lineage-{time.monotonic_ns()}",
+                                        **{"fetch.wait.max.ms": 100}))
+    try:
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout_s
+        last_record, quiet_s = time.monotonic(), max(idle_s, first_record_s)
+        while time.monotonic() - last_record <= quiet_s:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading {names} did not go quiet within {timeout_s}s")
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error():
+                    if msg.error().fatal():
+                        raise BrokerError(f"reading {msg.topic()}: {msg.error()}")
+                    continue
+                out[msg.topic()].append(msg)
+                last_record, quiet_s = time.monotonic(), idle_s
+    finally:
+        consumer.close()
+    return out
 
 
 def count_messages(settings: KafkaSettings, topic: str, idle_s: float = 2.0) -> int:

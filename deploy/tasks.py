@@ -27,7 +27,8 @@ Validator kinds: ``json_schema`` (``schema``: the answer is JSON valid under it;
 equal to it), ``regex`` (``pattern``: the whole answer matches; with a reference, the same answer,
 normalized), ``exact`` (``expected``: one of these, normalized; with a reference, that one) and
 ``python`` (``function: "module:function"``, importable in every environment that runs a process,
-called as ``function(response, reference=None)`` and returning a ``Verdict`` or a bool).
+called as ``function(response, reference=None)`` and returning a ``Verdict`` or a bool;
+``@adaptloop.validator`` makes such a function always return a ``Verdict``).
 A tool task's ``episode_judge(turns, right_turns)`` gets an episode's assistant turns and the right ones, each as
 the validator sees a turn (its text, then a ``<tool_call>`` block per call), and returns a ``Verdict`` or a
 bool; without one, an episode is right when every turn is. Its ``environment(messages)`` gets a held-out
@@ -45,6 +46,7 @@ a request whose task its own catalogue defines differently.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -91,6 +93,19 @@ def verdict_of(what: str, function: Callable[..., Any], *args: Any) -> Verdict:
     if not isinstance(verdict, Verdict):
         return Verdict(False, 0.0, f"{what} returned {type(verdict).__name__}, not a Verdict or a bool")
     return verdict
+
+
+def validator(function: Callable[..., Any]) -> Validator:
+    """Makes ``function(response, reference=None)`` returning a ``Verdict`` or a bool a task's validator: the
+    catalogue names it (``validator: {kind: python, function: "my_agent:name"}``) and every call gives a
+    ``Verdict`` (a bool becomes one; an exception a failed one naming it). Registers nothing: the catalogue
+    is where a task meets its validator."""
+
+    @functools.wraps(function)
+    def judged(response: str, reference: str | None = None) -> Verdict:
+        return verdict_of(function.__qualname__, function, response, reference)
+
+    return judged
 
 
 def turn_by_turn(judge: Callable[[str, str], Verdict], turns: Sequence[str], right_turns: Sequence[str]) -> Verdict:

@@ -23,7 +23,7 @@ from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess
 from adaptloop.serving.server import vllm_command, vllm_env, vllm_healthy
 from adaptloop.settings import ServeSettings
-from adaptloop.stack import free_port
+from adaptloop.ops.stack import free_port
 
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 

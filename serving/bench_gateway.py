@@ -64,7 +64,7 @@ from adaptloop.processes import cpu_name, cpu_seconds, parse_cpu_list
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
-from adaptloop.stack import free_port, service_env, start_broker, start_service
+from adaptloop.ops.stack import free_port, service_env, start_broker, start_service
 
 TENANT = "bench"
 BODY = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 1, "temperature": 0}

@@ -22,7 +22,7 @@ windows          one per (tenant, task)                                      nev
 
 So a worker's memory is bounded by the traffic of one outcome horizon plus, per (tenant, task),
 ``dedupe_max_per_task`` signatures (64 ints each), however long it runs: ``python -m
-adaptloop.streams.bench_soak`` measures it. An entry written by a version before this policy (no ``at``)
+adaptloop.streams.bench.soak`` measures it. An entry written by a version before this policy (no ``at``)
 is left alone.
 
 Erasure: when the erasure feed has grown, each partition's pending join and episode entries are checked

@@ -10,8 +10,8 @@ import pytest
 from xdist.scheduler import LoadScopeScheduling
 
 from adaptloop.kafka import ensure_topics
+from adaptloop.ops.stack import free_port
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def stack_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def kafka(stack_home) -> KafkaSettings:
     """A real Tansu broker for the whole session (memory storage), stopped at the end."""
-    from adaptloop.stack import start_broker
+    from adaptloop.ops.stack import start_broker
 
     settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True)
     broker = start_broker(settings, stack_home)

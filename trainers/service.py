@@ -40,8 +40,9 @@ from typing import Any, Mapping
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from adaptloop.errors import AdaptloopError, ArtifactError, ConfigError, DeserializationError, TrainingError
-from adaptloop.kafka import DeliveryTracker, Range, consumer_config, read_ranges
+from adaptloop.kafka import DeliveryTracker, Range, consumer_config
 from adaptloop.processes import mark_ready
+from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
@@ -86,7 +87,6 @@ class TrainerService:
         self.catalogue = catalogue if catalogue is not None else load_catalogue()
         registry = settings.kafka.schema_registry_url
         self.requests_serde = serde_for("training_request", registry)
-        self.curated_serde = serde_for("curated_example", registry)
         self.releases_serde = serde_for("adapter_release", registry)
         self.dead_letter_serde = serde_for("dead_letter", registry)
         self.producer = DeliveryTracker(settings.kafka)
@@ -113,8 +113,7 @@ class TrainerService:
     def releases(self) -> list[dict]:
         """Every record of the releases topic, in order (it keeps every decision)."""
         topic = self.settings.topics.name("releases")
-        return [self.releases_serde.deserialize(m.value(), SerdeContext(topic, m.partition(), m.offset()))
-                for m in read_ranges(self.settings.kafka, topic, idle_s=1.0)]
+        return [p.record for p in read_decoded(self.settings.kafka, topic, "adapter_release", idle_s=1.0)]
 
     def erasures(self):
         from adaptloop.erasure import ErasureSet
@@ -128,10 +127,9 @@ class TrainerService:
         foreign = sorted({r["topic"] for r in ranges} - {curated})
         if foreign:
             raise ContractViolation(f"ranges name topics other than {curated}: {foreign}")
-        positioned = [(m.partition(), m.offset(),
-                       self.curated_serde.deserialize(m.value(), SerdeContext(curated, m.partition(), m.offset())))
-                      for m in read_ranges(self.settings.kafka, curated,
-                                           [Range(r["partition"], r["start_offset"], r["end_offset"]) for r in ranges])]
+        read = read_decoded(self.settings.kafka, curated, "curated_example",
+                            [Range(r["partition"], r["start_offset"], r["end_offset"]) for r in ranges])
+        positioned = [(p.partition, p.offset, p.record) for p in read]
         built = build_snapshot(positioned, tenant=request["tenant"], task=request["task"], ranges=ranges,
                                erasures=erasures)
         return write_snapshot(built, self.settings.store_url())

@@ -7,7 +7,7 @@
 The digest is the sha256 of the canonical JSON of the manifest (without the digest) and of the
 rows, so the same request always gives the same digest and folder, and an erasure that removes
 an example changes it. A snapshot folder is written once: data files first, the manifest last
-(its presence means "complete"), and never changed: ``adaptloop forget`` (``adaptloop.erasure_sweep``)
+(its presence means "complete"), and never changed: ``adaptloop forget`` (``adaptloop.ops.erasure_sweep``)
 rewrites a snapshot that holds an erased example into a new one without it (``erase_rows``: a new
 digest, ``rewritten_from`` in its manifest) and leaves at the old folder only ``rewritten.json``
 (the erasure ids, the new digest, no content); ``read_snapshot`` follows it.
@@ -305,7 +305,7 @@ def _sibling(uri: str, digest: str) -> str:
 
 
 def rewritten_note(uri: str) -> dict | None:
-    """The note an erasure left at the snapshot folder ``uri`` (``adaptloop.erasure_sweep``), or None."""
+    """The note an erasure left at the snapshot folder ``uri`` (``adaptloop.ops.erasure_sweep``), or None."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)

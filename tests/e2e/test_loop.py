@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from adaptloop.demo import DemoConfig, run_demo, summary
+from adaptloop.ops.demo import DemoConfig, run_demo, summary
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 

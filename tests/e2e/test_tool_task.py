@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from adaptloop.ops.tool_loop import TASK, TENANT, ToolLoop, tool_stack
 from adaptloop.records import read_topic
 from adaptloop.sdk import FeedbackClient
 from adaptloop.support_task import TOOLS, SupportWorld
-from adaptloop.tool_loop import TASK, TENANT, ToolLoop, tool_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 

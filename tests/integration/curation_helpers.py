@@ -9,10 +9,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from adaptloop.kafka import DeliveryTracker, Range, read_ranges
+from adaptloop.kafka import DeliveryTracker, Range
+from adaptloop.ops.stack import free_port, service_env
+from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.stack import free_port, service_env
 from adaptloop.tasks import EXAMPLE_CATALOGUE, example_catalogue
 
 TASK = "order-extract"
@@ -54,9 +55,7 @@ def produce(kafka: KafkaSettings, topic: str, stem: str, records: list[dict], ke
 
 def read_all(kafka: KafkaSettings, topic: str, stem: str, idle_s: float = 1.5) -> list[tuple[int, int, dict]]:
     """(partition, offset, record) of everything on ``topic`` now."""
-    deserialize = serde_for(stem).deserialize
-    return [(m.partition(), m.offset(), deserialize(m.value(), SerdeContext(m.topic(), m.partition(), m.offset())))
-            for m in read_ranges(kafka, topic, idle_s=idle_s, timeout_s=60)]
+    return [(p.partition, p.offset, p.record) for p in read_decoded(kafka, topic, stem, idle_s=idle_s, timeout_s=60)]
 
 
 def wait_until(kafka: KafkaSettings, topic: str, stem: str, done: Callable[[list], bool],
@@ -74,11 +73,10 @@ def wait_until(kafka: KafkaSettings, topic: str, stem: str, done: Callable[[list
 def dataset_of(kafka: KafkaSettings, request: dict) -> dict[str, dict]:
     """What a trainer makes of a request: the named ranges, this tenant/task, admitted, one record per example id."""
     examples: dict[str, dict] = {}
-    deserialize = serde_for("curated_example").deserialize
     for span in request["examples"]:
-        for m in read_ranges(kafka, span["topic"], [Range(span["partition"], span["start_offset"], span["end_offset"])],
-                             timeout_s=60):
-            record = deserialize(m.value(), SerdeContext(m.topic(), m.partition(), m.offset()))
+        for positioned in read_decoded(kafka, span["topic"], "curated_example",
+                                       [Range(span["partition"], span["start_offset"], span["end_offset"])], timeout_s=60):
+            record = positioned.record
             if record["tenant"] == request["tenant"] and record["task"] == request["task"] and record["admitted"]:
                 examples.setdefault(record["example_id"], record)
     return examples

@@ -19,14 +19,14 @@ import pytest
 from confluent_kafka import Producer
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
+from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.erasure import build_erasure, subject_key
 from adaptloop.kafka import DeliveryTracker, read_ranges
+from adaptloop.ops.stack import start_service
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction, build_outcome
 from adaptloop.settings import SUBJECT_SECRET_FILE, ErasureSettings, Topics
-from adaptloop.stack import start_service
 from adaptloop.streams import stages
-from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue
 from curation_helpers import (READY_TIMEOUT_S, TASK, dataset_of, get_json, get_text, messages, read_all,
                               wait_until, worker_env)

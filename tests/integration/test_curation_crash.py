@@ -15,9 +15,9 @@ import uuid
 
 import pytest
 
-from adaptloop.sdk import Recorder
-from adaptloop.stack import start_service
 from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.ops.stack import start_service
+from adaptloop.sdk import Recorder
 from curation_helpers import READY_TIMEOUT_S, TASK, dataset_of, get_json, messages, read_all, wait_until, worker_env
 
 pytestmark = pytest.mark.integration

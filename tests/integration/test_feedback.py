@@ -14,11 +14,11 @@ import pytest
 
 from adaptloop.errors import FeedbackError
 from adaptloop.kafka import read_ranges
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.ops.stack import free_port, service_env, start_service
+from adaptloop.records import read_decoded
 from adaptloop.sdk import FeedbackClient, episode_key, outcome_key
 from adaptloop.serving.feedback import InteractionIds
 from adaptloop.serving.keys import dev_keys, plain_setting
-from adaptloop.stack import free_port, service_env, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,7 @@ def gateway(kafka, module_topics, tmp_path_factory):
 
 
 def outcomes(kafka, topics) -> list[dict]:
-    topic = topics.name("outcomes")
-    decode = serde_for("outcome").deserialize
-    return [decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
-            for m in read_ranges(kafka, topic, idle_s=1.0)]
+    return [p.record for p in read_decoded(kafka, topics.name("outcomes"), "outcome", idle_s=1.0)]
 
 
 def post(url: str, key: str | None, body, **headers) -> httpx.Response:

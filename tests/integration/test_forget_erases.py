@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from adaptloop import forget
 from adaptloop.erasure import ErasureSet
-from adaptloop.kafka import Range, read_ranges
-from adaptloop.lineage import LineageRecords, read_topics
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.kafka import Range, read_topics
+from adaptloop.ops import forget
+from adaptloop.ops.lineage import LineageRecords
+from adaptloop.records import read_decoded
 from adaptloop.sdk import build_interaction
 from adaptloop.serving.recording import InteractionLog
 from adaptloop.settings import GatewaySettings
@@ -155,9 +155,8 @@ def test_after_forget_no_file_of_the_artifact_store_or_the_outbox_holds_the_eras
     produce(kafka, topics.name("training_requests"), "training_request", [request], key=lambda r: f"{TENANT}/{TASK}")
 
     # 3. The trainer's snapshot of the request (as TrainerService.snapshot reads and writes it) and the adapter.
-    curated_serde = serde_for("curated_example")
-    positioned = [(m.partition(), m.offset(), curated_serde.deserialize(m.value(), SerdeContext(m.topic())))
-                  for m in read_ranges(kafka, topics.name("curated"), [Range(0, 0, 10)])]
+    positioned = [(p.partition, p.offset, p.record)
+                  for p in read_decoded(kafka, topics.name("curated"), "curated_example", [Range(0, 0, 10)])]
     snapshot = write_snapshot(build_snapshot(positioned, tenant=TENANT, task=TASK, ranges=ranges,
                                              erasures=ErasureSet()), str(artifacts))
     assert {f"i-{run}-0", f"i-{run}-1"} <= set(snapshot.train_ids)

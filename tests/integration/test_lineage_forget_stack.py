@@ -20,14 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from adaptloop.forget import FLAG_REASON, Forgetter, erasure_id_for, retrain_request_id
-from adaptloop.lineage import LineageRecords, adapter_lineage, interaction_lineage, read_topics
+from adaptloop.demo_tasks import OrderGenerator
+from adaptloop.kafka import read_topics
+from adaptloop.ops.forget import FLAG_REASON, Forgetter, erasure_id_for, retrain_request_id
+from adaptloop.ops.lineage import LineageRecords, adapter_lineage, interaction_lineage
+from adaptloop.ops.stack import StackPorts, service_env, start_service
 from adaptloop.processes import write_state
+from adaptloop.records import decode_all
 from adaptloop.schemas import serde_for
 from adaptloop.sdk import Recorder
 from adaptloop.settings import KafkaSettings, Topics, TrainerSettings
-from adaptloop.stack import StackPorts, service_env, start_service
-from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue
 from curation_helpers import produce
 
@@ -178,10 +180,10 @@ def test_status_lineage_and_forget_commands_on_the_real_broker(kafka, topics, tm
     again = json.loads(cli(cli_env, "forget", "--interaction", target, "--json").stdout)
     assert [a["action"] for a in again["adapters"]] == ["none (already decided)"]
     raw = read_topics(kafka, [topics.name("erasures"), topics.name("training_requests")])
-    erasures = [serde_for("erasure").deserialize(m.value()) for m in raw[topics.name("erasures")]]
+    erasures = [p.record for p in decode_all(raw[topics.name("erasures")], "erasure")]
     assert [(e["erasure_id"], e["scope"], e["key"], e["reason"]) for e in erasures] == \
         [(erasure_id, "INTERACTION", target, "test")]
-    requests = [serde_for("training_request").deserialize(m.value()) for m in raw[topics.name("training_requests")]]
+    requests = [p.record for p in decode_all(raw[topics.name("training_requests")], "training_request")]
     assert [r["request_id"] for r in requests] == [request["request_id"],
                                                     retrain_request_id(request["request_id"], erasure_id)]
     assert requests[1]["trigger"] == f"erasure:{erasure_id}" and requests[1]["examples"] == request["examples"]

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from adaptloop.demo_tasks import case_generator
 from adaptloop.kafka import DeliveryTracker
-from adaptloop.report import build_report
+from adaptloop.ops.report import build_report
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import build_interaction, build_outcome
 from adaptloop.streams import stages
-from adaptloop.demo_tasks import case_generator
 from adaptloop.tasks import example_catalogue
 
 pytestmark = pytest.mark.integration

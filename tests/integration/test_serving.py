@@ -32,15 +32,16 @@ from adaptloop.artifacts import adapter_version, alias, artifact_digest
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import DeliveryTracker, ensure_topics, read_ranges
 from adaptloop.model import ensure_base_model
+from adaptloop.ops.stack import free_port, service_env, start_broker, start_service
+from adaptloop.ops.tool_offline import trajectories
 from adaptloop.processes import ManagedProcess
+from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import message_record, partition_key
 from adaptloop.serving.bench_gateway import server_timing
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
-from adaptloop.stack import free_port, service_env, start_broker, start_service
 from adaptloop.tasks import example_catalogue
-from adaptloop.tool_offline import trajectories
 from adaptloop.trainers.evaluate import BASE as BASE_JOB, EvalJob, evaluate_many
 from adaptloop.trainers.vllm_eval import SHADOW_PREFIX, Shadows, VLLMTarget
 
@@ -130,11 +131,8 @@ class Serving:
 
     def releases(self, version: str) -> list[dict[str, Any]]:
         """Every record of ``version`` on the releases topic, oldest first."""
-        topic = self.topics.name("releases")
-        decode = serde_for("adapter_release").deserialize
-        records = [decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
-                   for m in read_ranges(self.kafka, topic, idle_s=1.0, timeout_s=60)]
-        return [r for r in records if r["version"] == version]
+        records = read_decoded(self.kafka, self.topics.name("releases"), "adapter_release", idle_s=1.0, timeout_s=60)
+        return [p.record for p in records if p.record["version"] == version]
 
     def curate(self, outcomes: list[tuple[str, str, str | None, str]]) -> None:
         """Curated examples (tenant, example id, served_by, kind) written as the streams would."""
@@ -345,12 +343,9 @@ def test_digest_or_base_mismatch_is_refused_marked_and_never_served(serving, ada
         response = serving.chat(model)
         assert response.status_code == 200 and response.headers["x-adaptloop-adapter"] == "base"
     # Marked: the replica's report on the status topic names both refusals and why.
-    topic = serving.topics.name("serving_status")
-    decode = serde_for("serving_status").deserialize
-
     def newest_status() -> dict[str, Any] | None:
-        records = [decode(m.value(), SerdeContext(topic)) for m in read_ranges(serving.kafka, topic, idle_s=0.5)]
-        return records[-1] if records else None
+        records = read_decoded(serving.kafka, serving.topics.name("serving_status"), "serving_status", idle_s=0.5)
+        return records[-1].record if records else None
 
     status = wait_for(lambda: (r := newest_status()) and rebased in r["refused"] and r, 30, "status record")
     assert "digest mismatch" in status["refused"][version] and status["ready"]

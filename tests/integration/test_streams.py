@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import consumer_config, partitions_of, read_ranges
+from adaptloop.ops.stack import free_port, service_env, start_service
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.stack import free_port, service_env, start_service
 from adaptloop.streams import stages
-from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue
 from curation_helpers import read_all, wait_until
 

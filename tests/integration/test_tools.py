@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from adaptloop.chat import prompt_tokens, tokens
-from adaptloop.kafka import ensure_topics, read_ranges
+from adaptloop.kafka import ensure_topics
 from adaptloop.model import ensure_base_model
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.ops.stack import free_port, service_env, start_service
+from adaptloop.records import read_decoded
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics
-from adaptloop.stack import free_port, service_env, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -83,10 +83,7 @@ def client(stack):
 
 def recorded(stack) -> list[dict]:
     """Every interaction on the topic so far."""
-    topic = stack["topics"].name("interactions")
-    decode = serde_for("interaction").deserialize
-    return [decode(m.value(), SerdeContext(topic, m.partition(), m.offset()))
-            for m in read_ranges(stack["kafka"], topic, idle_s=1.0)]
+    return [p.record for p in read_decoded(stack["kafka"], stack["topics"].name("interactions"), "interaction", idle_s=1.0)]
 
 
 def interactions(stack, ids: set[str], timeout_s: float = 30) -> dict[str, dict]:

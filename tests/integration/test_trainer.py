@@ -18,10 +18,11 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from adaptloop.artifacts import base_model_digest, verify_digest
+from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import DeliveryTracker, consumer_config, producer_config, read_ranges
+from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import DEFAULT_HOME, ModelSettings, Topics, TrainerSettings
-from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue, parse_catalogue
 
 pytestmark = pytest.mark.integration
@@ -116,9 +117,7 @@ def training_request(tenant: str, ranges: list[dict], task: str = TASK) -> dict:
 
 
 def releases_on(kafka, topics) -> list[dict]:
-    serde = serde_for("adapter_release")
-    topic = topics.name("releases")
-    return [serde.deserialize(m.value(), SerdeContext(topic)) for m in read_ranges(kafka, topic, idle_s=1.0, timeout_s=60)]
+    return [p.record for p in read_decoded(kafka, topics.name("releases"), "adapter_release", idle_s=1.0, timeout_s=60)]
 
 
 def of_request(kafka, topics, request: dict) -> list[dict]:
@@ -313,7 +312,7 @@ def test_dpo_on_corrected_tool_turns_gated_on_replayed_episodes(kafka, module_to
     """A reviewer corrected tool turns (the right call where the agent picked another tool, the right answer
     where it called one): DPO trains at those turns, on the prompt vLLM renders with the tools, and the gate
     replays held-out episodes of another world with candidate and base as the agent in the task's environment."""
-    from adaptloop.tool_offline import trajectories
+    from adaptloop.ops.tool_offline import trajectories
 
     tenant = "dpo-tools"
     wrong_tool = {"lookup_order": "handoff_to_person", "refund": "change_address", "change_address": "refund",
@@ -365,7 +364,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_
         kafka, module_topics, settings, service, tmp_path):
     from adaptloop.model import ensure_base_model
     from adaptloop.processes import ManagedProcess, adaptloop_command
-    from adaptloop.stack import service_env
+    from adaptloop.ops.stack import service_env
 
     tenant = "resume-co"
     cases = OrderGenerator(seed=41).cases(24 + 8)
@@ -456,8 +455,7 @@ def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_t
         assert expected[name] in decided[0]["reason"], decided[0]["reason"]
         assert decided[0]["artifact_uri"] is None and json.loads(decided[0]["evidence_json"])["error"]
         print(f"\n[{name}] REJECTED: {decided[0]['reason'][:140]}")
-    dead = [serde_for("dead_letter").deserialize(m.value(), SerdeContext(topics.name("dead_letters")))
-            for m in read_ranges(kafka, topics.name("dead_letters"), idle_s=1.0, timeout_s=60)]
+    dead = [p.record for p in read_decoded(kafka, topics.name("dead_letters"), "dead_letter", idle_s=1.0, timeout_s=60)]
     assert [d["value"] for d in dead] == [b"not avro at all"] and dead[0]["stage"] == "trainer"
     consumer = Consumer(consumer_config(kafka, group_settings.group_id))
     try:
@@ -505,7 +503,7 @@ def test_the_trainer_serves_tenants_in_turn_and_status_shows_the_queue(kafka, to
     """Three requests of one tenant queued before one of another: the trainer's run loop serves the second tenant
     second, not fourth (each is decided at once here: no examples, REJECTED), and status lists the queue in
     that order with each request's wait."""
-    from adaptloop.status import trainer_queue
+    from adaptloop.ops.status import trainer_queue
     from adaptloop.trainers.service import run
 
     empty = [{"topic": topics.name("curated"), "partition": 0, "start_offset": 0, "end_offset": 0}]

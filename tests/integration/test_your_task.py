@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adaptloop.records import read_topic
 from adaptloop.errors import FeedbackError
+from adaptloop.ops.stack import LocalStack, StackPorts
+from adaptloop.records import read_topic
 from adaptloop.sdk import FeedbackClient
-from adaptloop.stack import LocalStack, StackPorts
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.streams.stages import split
 
@@ -231,7 +231,7 @@ def stack(tmp_path_factory):
                            text=True, timeout=60, env=os.environ | env)
     print(check.stdout)
     assert check.returncode == 0, check.stdout + check.stderr
-    from adaptloop.stack import free_port
+    from adaptloop.ops.stack import free_port
 
     local = LocalStack(home=home, kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", embedded=True),
                        topics=Topics(prefix=f"u{uuid.uuid4().hex[:8]}."), ports=StackPorts.free(),

@@ -1,5 +1,5 @@
 """Curation's tables stay bounded and erased records leave them (``adaptloop.streams.state``), on plain mappings;
-the worker's own tables under a long run: ``adaptloop.streams.bench_soak`` and tests/integration/test_curation.py."""
+the worker's own tables under a long run: ``adaptloop.streams.bench.soak`` and tests/integration/test_curation.py."""
 
 from __future__ import annotations
 

@@ -14,10 +14,11 @@ import pytest
 
 from adaptloop.artifacts import artifact_digest, pinned_copy
 from adaptloop.erasure import ErasureSet, build_erasure
-from adaptloop.erasure_sweep import (INCOMPLETE_AFTER_S, ArtifactStore, Sweep, rewrite_snapshot, sweep_snapshots,
-                                     sweep_store)
-from adaptloop.forget import plan_forget, render
-from adaptloop.lineage import LineageRecords, Positioned, adapter_lineage, dataset_rewrites, render_adapter
+from adaptloop.ops.erasure_sweep import (INCOMPLETE_AFTER_S, ArtifactStore, Sweep, rewrite_snapshot, sweep_snapshots,
+                                         sweep_store)
+from adaptloop.ops.forget import plan_forget, render
+from adaptloop.ops.lineage import LineageRecords, adapter_lineage, dataset_rewrites, render_adapter
+from adaptloop.records import Positioned
 from adaptloop.serving.outbox import Outbox
 from adaptloop.serving.registry import Release
 from adaptloop.serving.server import Sidecar

@@ -8,10 +8,11 @@ import pytest
 
 from adaptloop.erasure import build_erasure, subject_key
 from adaptloop.errors import ConfigError
-from adaptloop.forget import (FLAG_REASON, erasure_id_for, infer_tenant, plan_forget, render,
-                              retrain_request_id)
-from adaptloop.lineage import (LineageRecords, Positioned, adapter_lineage, interaction_lineage, ranges_contain,
-                               render_adapter, render_interaction)
+from adaptloop.ops.forget import (FLAG_REASON, erasure_id_for, infer_tenant, plan_forget, render,
+                                  retrain_request_id)
+from adaptloop.ops.lineage import (LineageRecords, adapter_lineage, interaction_lineage, ranges_contain, render_adapter,
+                                   render_interaction)
+from adaptloop.records import Positioned
 from adaptloop.schemas import SerdeContext, serde_for
 
 CURATED = "examples.curated"

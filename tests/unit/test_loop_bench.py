@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from adaptloop.loop_bench import breakdown, parse_trainer_log, release_stamps
+from adaptloop.ops.loop_latency import breakdown, parse_trainer_log, release_stamps
 
 RID = "abcdef1234567890" * 4
 

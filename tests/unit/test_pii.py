@@ -562,11 +562,11 @@ def test_redaction_time_grows_linearly_on_adversarial_runs(redactor, shape):
     """200 KB of the shape costs about what 200 KB of ordinary agent traffic costs, measured side by side, never
     20 times more: a regex that rescans the rest of the text from each position, or a splice per match, is
     quadratic (100 KB of "a%...@" took 7.8 s, 112 KB of repeated BEGIN lines 6 s, against ~0.1 s of ordinary
-    text). Not a speed target (that is ``adaptloop.streams.bench_redaction``): a guard against the quadratic
+    text). Not a speed target (that is ``adaptloop.streams.bench.redaction``): a guard against the quadratic
     shapes, with a margin no scheduler noise reaches."""
     import time
 
-    from adaptloop.streams.bench_redaction import ORDINARY
+    from adaptloop.streams.bench.redaction import ORDINARY
 
     def seconds(text: str) -> float:
         started = time.perf_counter()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from adaptloop.chat import assistant_text, split_tool_calls
+from adaptloop.ops.tool_offline import trajectories
 from adaptloop.tasks import example_catalogue
-from adaptloop.tool_offline import trajectories
 from adaptloop.trainers.replay import held_out_episodes, replay
 
 SPEC = example_catalogue().get("support-agent")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from adaptloop.report import (Records, attribute_dead_letter, decisions, funnel, latest_examples, loss_curves,
-                              pairs, reason_label, rolling_success, success_by_version, success_points, write_report)
+from adaptloop.ops.report import write_report
+from adaptloop.ops.report_data import (Records, attribute_dead_letter, decisions, funnel, latest_examples, loss_curves,
+                                       pairs, reason_label, rolling_success, success_by_version, success_points)
 
 ACME = ("acme", "order-extract")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from adaptloop.chat import TOOL_CALL_BLOCK
+from adaptloop.ops.stack import StackPorts, free_port
 from adaptloop.settings import TrainerSettings, bearer_header
-from adaptloop.stack import StackPorts, free_port
 from adaptloop.tasks import example_catalogue
 from adaptloop.trainers.evaluate import EvalJob, evaluate_many
 from adaptloop.trainers.vllm_eval import VLLMTarget, chat_body, target, wire_message

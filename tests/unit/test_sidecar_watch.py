@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from adaptloop.ops.stack import free_port
 from adaptloop.serving.registry import ReleaseReader
 from adaptloop.serving.server import Sidecar
 from adaptloop.serving.sidecar_report import ReportVersion, status_server
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.stack import free_port
 
 
 @pytest.fixture()

@@ -92,7 +92,7 @@ def test_offline_trajectories_are_the_per_turn_examples_a_reviewer_gives():
     per turn, its prompt the trajectory so far (tool calls and their results), the right turn as its completion."""
     import json
 
-    from adaptloop.tool_offline import trajectories
+    from adaptloop.ops.tool_offline import trajectories
 
     examples = trajectories(6)
     world = SupportWorld(7)
@@ -107,7 +107,7 @@ def test_offline_trajectories_are_the_per_turn_examples_a_reviewer_gives():
 def test_the_replay_environment_is_the_world_an_episodes_record_shows():
     """What the gate replays a held-out episode in: the orders its recorded lookups returned, executed by the
     task's own tools; an order the record never showed, or hostile tool results in the record, are errors or ignored."""
-    from adaptloop.tool_offline import trajectories
+    from adaptloop.ops.tool_offline import trajectories
 
     last = trajectories(1, seed=99, held_out=True)[-1]
     execute = replay_world(last["prompt_messages"] + [{"role": "tool", "content": "[" * 50_000},

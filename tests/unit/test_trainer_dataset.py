@@ -200,7 +200,7 @@ def test_an_episodes_earlier_turns_are_trained_inside_its_last_turn_once():
 
 def tool_turn_row(kind: str = "CORRECTION", *, signal_admitted: bool = True) -> dict:
     """A snapshot row of a support-agent turn the agent got wrong: it handed off where a refund was right."""
-    from adaptloop.tool_offline import trajectories
+    from adaptloop.ops.tool_offline import trajectories
 
     turn = next(e for e in trajectories(20) if e["completion_tool_calls"] and e["completion_tool_calls"][0]["name"] == "refund")
     wrong = [{"id": "call_9", "name": "handoff_to_person", "arguments": json.dumps(json.loads(

@@ -37,8 +37,8 @@ import httpx
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 
 from adaptloop.errors import AdaptloopError, ConfigError
-from adaptloop.kafka import admin
-from adaptloop.lineage import decode_all, read_topics
+from adaptloop.kafka import admin, read_topics
+from adaptloop.records import decode_all
 from adaptloop.settings import ADMIN_KEY_FILE, StatusSettings, admin_key
 from adaptloop.tasks import load_catalogue
 

@@ -1,11 +1,8 @@
 """Loop latency: from the N-th admitted example (the one that fires a training request) to the
 adapter serving traffic at the gateway, by stage, with the slowest stage named.
 
-    adaptloop loop-bench                                   # one tenant, one cycle, window 16; JSON to loop_latency.json
-    python -m adaptloop.loop_bench --window-size 32 --json /tmp/loop.json
-
-It runs the demo's machinery (``adaptloop.demo``, one (tenant, task), one cycle) on a fresh
-embedded stack and then reads the timestamps the loop already records:
+``latencies()`` reads the timestamps the loop already records (``adaptloop loop-bench``,
+``adaptloop demo`` and ``adaptloop tool-bench`` call it after their cycles):
 
     outcome recorded      max(interaction event_time, outcome event_time) of the N-th example
     curated               curated_at of that example                      -> stage "curation"
@@ -22,24 +19,20 @@ came: the demo probes as soon as it sees the release (it polls the registry ever
 The trainer's three inner stages come from its log (the only place they are timed today); when
 the log is not readable here (a remote trainer) they are one stage, "trainer". Every figure is a
 difference of wall-clock timestamps taken on this machine; on a shared 2-core machine they are
-noisy. ``latencies()`` is also called by ``adaptloop demo`` for every release it caused.
+noisy.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import re
-import sys
-import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import httpx
 
-from adaptloop.errors import AdaptloopError, StackError
-from adaptloop.report import ms
+from adaptloop.errors import StackError
+from adaptloop.ops.report_data import ms
 
 SERVED_STATES = ("RELEASED", "PROMOTED")
 #: Stage -> (from, to) timestamp names, in loop order.
@@ -123,14 +116,11 @@ def release_stamps(release: Mapping[str, Any], request: Mapping[str, Any], curat
 
 def latencies(kafka, topics, *, sidecar_url: str | None, trainer_log: Path | None) -> list[dict[str, Any]]:
     """Loop latency of every release that was served (RELEASED/PROMOTED) on this stack."""
-    from adaptloop.kafka import read_ranges
-    from adaptloop.schemas import SerdeContext, serde_for
+    from adaptloop.records import read_decoded
 
     def read(which: str, stem: str) -> list[tuple[int, int, dict]]:
-        topic = topics.name(which)
-        decode = serde_for(stem, kafka.schema_registry_url).deserialize
-        return [(m.partition(), m.offset(), decode(m.value(), SerdeContext(topic, m.partition(), m.offset())))
-                for m in read_ranges(kafka, topic, idle_s=1.0, timeout_s=120)]
+        return [(p.partition, p.offset, p.record)
+                for p in read_decoded(kafka, topics.name(which), stem, idle_s=1.0, timeout_s=120)]
 
     releases = [r for _, _, r in read("releases", "adapter_release")]
     requests = {r["request_id"]: r for _, _, r in read("training_requests", "training_request")}
@@ -162,43 +152,3 @@ def latencies(kafka, topics, *, sidecar_url: str | None, trainer_log: Path | Non
         out.append({"version": version, "tenant": release["tenant"], "task": release["task"],
                     "train_count": request["train_count"], "stamps_ms": stamps} | breakdown(stamps))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from adaptloop.demo import DemoConfig, run_demo
-    from adaptloop.settings import DEFAULT_HOME
-
-    parser = argparse.ArgumentParser(prog="adaptloop loop-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--window-size", type=int, default=16, help="N: admitted TRAIN examples per training request")
-    parser.add_argument("--pair", default="acme/order-extract", metavar="TENANT/TASK")
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME / "loop-bench")
-    parser.add_argument("--json", type=Path, default=Path("loop_latency.json"))
-    args = parser.parse_args(argv)
-    tenant, task = args.pair.split("/", 1)
-    config = DemoConfig(home=args.home, pairs=((tenant, task),), cycles=1, window_size=args.window_size,
-                        eval_cases=4, free_ports=True, tool_cycles=0)
-    started = time.monotonic()
-    try:
-        result = run_demo(config)
-    except AdaptloopError as exc:
-        print(f"loop-bench failed: {exc}", file=sys.stderr)
-        return 1
-    if not result.loop_latency:
-        print("loop-bench: the cycle produced no served adapter (see the gate's decision above)", file=sys.stderr)
-        return 1
-    for entry in result.loop_latency:
-        print(f"\nloop latency of {entry['version']} (N = {entry['train_count']} TRAIN examples): "
-              f"{entry['total_s']:.1f}s from the N-th admitted example to the adapter serving")
-        for name, seconds in entry["stages"].items():
-            print(f"  {name:16s} {seconds:8.2f}s  {entry['share'][name]:6.1%}")
-        print(f"  slowest stage: {entry['slowest']}")
-    payload = {"window_size": args.window_size, "pair": args.pair, "wall_s": round(time.monotonic() - started, 1),
-               "latencies": result.loop_latency, "timings_s": result.timings_s,
-               "note": "wall-clock differences on a shared 2-core machine: noisy"}
-    args.json.write_text(json.dumps(payload, indent=2))
-    print(f"written: {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

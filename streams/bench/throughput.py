@@ -1,6 +1,6 @@
 """Curation throughput and latency against a pass-through Faust app, same broker, same run.
 
-    $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench --pairs 4000 --rounds 3 --out streams-bench.json
+    $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench.throughput --pairs 4000 --rounds 3 --out streams-bench.json
 
 Starts a private Tansu broker (memory storage, a fresh one per app and round), then, for each app in turn -- ``passthrough`` (decode
 and re-encode every interaction and outcome, nothing else, with the same delivery discipline as
@@ -156,7 +156,7 @@ def _wait_for(kafka: KafkaSettings, topic: str, count: int, timeout_s: float) ->
 def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: int, timeout_s: float,
             tenants: int = 1, broker_pid: int | None = None) -> dict[str, Any]:
     from adaptloop.processes import READY_FILE_ENV, ManagedProcess, adaptloop_command, cpu_seconds, streams_python
-    from adaptloop.stack import free_port, service_env
+    from adaptloop.ops.stack import free_port, service_env
 
     topics = Topics(prefix=f"bench{uuid.uuid4().hex[:6]}.")
     ensure_topics(kafka, topics)
@@ -170,7 +170,7 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
                 "ADAPTLOOP_STREAMS_APP_ID": app_id, "ADAPTLOOP_STREAMS_WEB_PORT": str(free_port()),
                 "ADAPTLOOP_STREAMS_DATA_DIR": str(wh / "faust"), "ADAPTLOOP_STREAMS_WINDOW_SIZE": "256",
                 "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": "0", READY_FILE_ENV: str(ready)}
-            argv = ([streams_python(), "-m", "adaptloop.streams.bench", "--worker", kind] if kind in BENCH_WORKERS
+            argv = ([streams_python(), "-m", "adaptloop.streams.bench.throughput", "--worker", kind] if kind in BENCH_WORKERS
                     else adaptloop_command("streams", python=streams_python()))
             process = ManagedProcess(f"{kind}{n}", argv, wh / "worker.log", env=env).start()
             processes.append(process)
@@ -220,7 +220,7 @@ def run_one(kind: str, kafka: KafkaSettings, home: Path, pairs: int, workers: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=2000, help="interactions (each with one outcome) per app and round")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tenants", type=int, default=1,
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return BENCH_WORKERS[args.worker]()
 
-    from adaptloop.stack import free_port, start_broker
+    from adaptloop.ops.stack import free_port, start_broker
 
     kinds = ("passthrough", "curation", "hops") if args.hops else ("passthrough", "curation")
     rounds: list[dict[str, Any]] = []

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.kafka import count_messages, ensure_topics, wait_for_broker, admin
+from adaptloop.model import ensure_base_model
 from adaptloop.processes import (READY_FILE_ENV, ManagedProcess, adaptloop_command, stop_from_state,
                                  streams_python, tansu_binary, write_state)
-from adaptloop.model import ensure_base_model
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import ADMIN_KEY_FILE, DEFAULT_HOME, SUBJECT_SECRET_FILE, KafkaSettings, ModelSettings, Topics
 from adaptloop.tasks import FILE_ENV as TASKS_FILE_ENV

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from adaptloop.report import ROLLING_WINDOW, Pair, Verdict, rolling_success
+from adaptloop.ops.report_data import ROLLING_WINDOW, Pair, Verdict, rolling_success
 
 GOOD_STATES = ("RELEASED", "PROMOTED")
 BAD_STATES = ("REJECTED", "ROLLED_BACK")

@@ -7,7 +7,7 @@ Per cycle: episodes with a reviewer on every turn (``support_task.run_episode``:
 a turn was wrong, then the episode's verdict, all over HTTP) until the task's window of TRAIN examples
 fires a training request; the trainer's decision; the gateway routing the release; then the served
 agent's episode success on held-out episodes (another world: other customers, order ids, items, wording),
-and the loop latency of the release by stage (``loop_bench.latencies``). Cycle 0 is the base model.
+and the loop latency of the release by stage (``loop_latency.latencies``). Cycle 0 is the base model.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 
 import httpx
 
-from adaptloop.records import read_topic
 from adaptloop.errors import StackError
+from adaptloop.ops.stack import LocalStack, StackPorts, free_port
 from adaptloop.processes import cpu_name
+from adaptloop.records import read_topic
 from adaptloop.sdk import FeedbackClient
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
-from adaptloop.stack import LocalStack, StackPorts, free_port
 from adaptloop.streams.stages import split
 from adaptloop.support_task import SupportWorld, run_episode
 from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
@@ -157,7 +157,7 @@ def tool_stack(home: Path, *, torch_threads: int = 2) -> LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adaptloop import loop_bench
+    from adaptloop.ops import loop_latency
 
     parser = argparse.ArgumentParser(prog="adaptloop tool-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=1)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             step = loop.cycle()
             cycles.append({"cycle": n, **step, **loop.measure()})
             print(f"cycle {n}: {step['decision']} {step['version']}; episode success {cycles[-1]['success']:.0%}")
-        latency = loop_bench.latencies(stack.kafka, stack.topics, sidecar_url=f"http://127.0.0.1:{stack.ports.sidecar}",
+        latency = loop_latency.latencies(stack.kafka, stack.topics, sidecar_url=f"http://127.0.0.1:{stack.ports.sidecar}",
                                        trainer_log=stack.home / "logs" / "trainer.log")
     result = {"command": "adaptloop tool-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": cpu_name(), "date": dt.date.today().isoformat(), "task": f"{TENANT}/{TASK}",

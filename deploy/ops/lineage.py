@@ -24,87 +24,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-from adaptloop.errors import BrokerError, DeserializationError
-from adaptloop.kafka import consumer_config
+from adaptloop.kafka import read_topics
+from adaptloop.records import Positioned, decode_all
 from adaptloop.settings import KafkaSettings, Topics
 
 #: States in which an adapter can serve (or is about to serve) traffic; mirrors serving.registry.SERVABLE.
 LIVE_STATES = frozenset({"RELEASED", "PROMOTED"})
 DEFAULT_IDLE_S = 1.0
-DEFAULT_READ_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class Positioned:
-    """A decoded record with where it was read."""
-
-    topic: str
-    partition: int
-    offset: int
-    record: Mapping[str, Any]
 
 
 # -- reading --------------------------------------------------------------------------------------
-
-
-def read_topics(kafka: KafkaSettings, names: Iterable[str], *, idle_s: float = DEFAULT_IDLE_S,
-                first_record_s: float = 3.0, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> dict[str, list[Any]]:
-    """Every message of every named topic that exists, read by ONE consumer without a group.
-
-    ``adaptloop.kafka.read_ranges`` reads one topic and waits ``first_record_s`` on each empty one;
-    status and lineage read up to seven topics, so they share one assignment and one idle wait
-    (Tansu's watermarks lie: the end is "nothing new for ``idle_s``"). Missing topics read as empty.
-    """
-    names = list(dict.fromkeys(names))
-    out: dict[str, list[Any]] = {name: [] for name in names}
-    try:
-        metadata = AdminClient(kafka.client_config()).list_topics(timeout=min(timeout_s, 15.0))
-    except KafkaException as exc:
-        raise BrokerError(f"cannot list topics on {kafka.bootstrap_servers}: {exc}") from exc
-    assignment = [TopicPartition(name, p, OFFSET_BEGINNING)
-                  for name in names if name in metadata.topics and metadata.topics[name].error is None
-                  for p in sorted(metadata.topics[name].partitions)]
-    if not assignment:
-        return out
-    consumer = Consumer(consumer_config(kafka, group_id=f"adaptloop-lineage-{time.monotonic_ns()}",
-                                        **{"fetch.wait.max.ms": 100}))
-    try:
-        consumer.assign(assignment)
-        deadline = time.monotonic() + timeout_s
-        last_record, quiet_s = time.monotonic(), max(idle_s, first_record_s)
-        while time.monotonic() - last_record <= quiet_s:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"reading {names} did not go quiet within {timeout_s}s")
-            for msg in consumer.consume(500, timeout=0.2):
-                if msg.error():
-                    if msg.error().fatal():
-                        raise BrokerError(f"reading {msg.topic()}: {msg.error()}")
-                    continue
-                out[msg.topic()].append(msg)
-                last_record, quiet_s = time.monotonic(), idle_s
-    finally:
-        consumer.close()
-    return out
-
-
-def decode_all(messages: Iterable[Any], stem: str, registry_url: str | None,
-               undecodable: list[str]) -> list[Positioned]:
-    """Decode ``messages`` as ``stem`` records; a record that does not decode is listed in ``undecodable``."""
-    from adaptloop.schemas import SerdeContext, serde_for
-
-    deserialize = serde_for(stem, registry_url).deserialize
-    decoded = []
-    for msg in messages:
-        try:
-            record = deserialize(msg.value(), SerdeContext(msg.topic(), msg.partition(), msg.offset()))
-        except DeserializationError as exc:
-            undecodable.append(str(exc))
-            continue
-        decoded.append(Positioned(msg.topic(), msg.partition(), msg.offset(), record))
-    return decoded
 
 
 @dataclass

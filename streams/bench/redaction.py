@@ -1,6 +1,6 @@
 """PII redaction on adversarial text against ordinary text of the same size, same run, as JSON.
 
-    python -m adaptloop.streams.bench_redaction --megabytes 1 --out bench-redaction.json
+    python -m adaptloop.streams.bench.redaction --megabytes 1 --out bench-redaction.json
 
 Each adversarial shape repeats what once made a detector rescan the rest of the text from every position
 (quadratic time): long runs of e-mail local-part characters, repeated BEGIN lines of a private key, dotted
@@ -37,7 +37,7 @@ def seconds(redactor: Redactor, text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench_redaction", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench.redaction", description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("bench-redaction.json"))
     args = parser.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes[name] = {"seconds": round(took, 3), "ratio_to_ordinary": round(took / baseline, 2)}
         print(f"{name:20s} {took:.3f}s  {took / baseline:.2f}x ordinary")
     slowest = max(shapes, key=lambda n: shapes[n]["seconds"])
-    result = {"command": "python -m adaptloop.streams.bench_redaction " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python -m adaptloop.streams.bench.redaction " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": cpu_name(), "date": dt.date.today().isoformat(), "bytes": size,
               "ordinary_seconds": round(baseline, 3), "shapes": shapes, "slowest": slowest}
     args.out.write_text(json.dumps(result, indent=2))

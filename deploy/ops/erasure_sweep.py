@@ -31,16 +31,22 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from adaptloop.artifacts import artifact_path, delete_tree
 from adaptloop.erasure import ErasureSet
 from adaptloop.errors import ArtifactError
-from adaptloop.lineage import LIVE_STATES, LineageRecords, decisions_by_version
+from adaptloop.ops.lineage import LIVE_STATES, LineageRecords, decisions_by_version
 from adaptloop.settings import TrainerSettings
 
-if TYPE_CHECKING:
-    from adaptloop.forget import ForgetPlan
+
+class PublishedErasure(Protocol):
+    """What the sweep reads of forget's plan (``adaptloop.ops.forget.ForgetPlan``; named by shape, so that forget
+    imports the sweep and not both ways): the erasure it published and its adapter actions, each with
+    ``version`` and ``decision`` (the release record it published, or None)."""
+
+    erasure: dict
+    adapters: list
 
 #: A snapshot folder without a manifest this old was left by a killed trainer, not one writing it now.
 INCOMPLETE_AFTER_S = 600.0
@@ -253,7 +259,7 @@ def sweep_adapters(artifact_dir: Path, after: Mapping[str, Mapping[str, Any]], l
             entry["deleted"].append({"path": str(path), "files": files})
 
 
-def sweep_store(store: ArtifactStore, plan: "ForgetPlan", records: LineageRecords, *,
+def sweep_store(store: ArtifactStore, plan: PublishedErasure, records: LineageRecords, *,
                 at_ms: int | None = None) -> Sweep:
     """After forget published ``plan``: rewrite the tenant's snapshots that any of its erasures matches, and
     delete the artifacts of every version that learned from the erased examples and is not live now."""

@@ -1,6 +1,6 @@
 """Soak: a curation worker's tables and memory over a long run, bounded (outcome horizon) against unbounded.
 
-    $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench_soak --rounds 12 --pairs 400 --out streams-soak.json
+    $ADAPTLOOP_HOME/venv/bin/python -m adaptloop.streams.bench.soak --rounds 12 --pairs 400 --out streams-soak.json
 
 Two runs on one private Tansu broker, each with a fresh curation worker and fresh topics, the same traffic:
 ``bounded`` with a short outcome horizon (``--horizon-s``, swept every second) and ``unbounded`` with a horizon
@@ -77,7 +77,7 @@ def metrics(port: int) -> dict[str, Any]:
 def soak(kafka: KafkaSettings, home: Path, run: str, *, horizon_s: float, rounds: int, pairs: int, round_s: float,
          dedupe_max: int, timeout_s: float) -> list[dict[str, Any]]:
     from adaptloop.processes import READY_FILE_ENV, ManagedProcess, adaptloop_command, streams_python
-    from adaptloop.stack import free_port, service_env
+    from adaptloop.ops.stack import free_port, service_env
 
     topics = Topics(prefix=f"soak{uuid.uuid4().hex[:6]}.")
     ensure_topics(kafka, topics)
@@ -112,7 +112,7 @@ def soak(kafka: KafkaSettings, home: Path, run: str, *, horizon_s: float, rounds
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench_soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.streams.bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--pairs", type=int, default=300, help="corrected pairs per round (and as many "
                         "interactions without outcome and outcomes without interaction)")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from adaptloop.processes import cpu_name
-    from adaptloop.stack import free_port, start_broker
+    from adaptloop.ops.stack import free_port, start_broker
 
     runs: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="adaptloop-soak-") as tmp:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     settled = next((i for i, s in enumerate(runs["bounded"]) if s["elapsed_s"] >= args.horizon_s + 2),
                    len(runs["bounded"]) - 1)
     report: dict[str, Any] = {
-        "command": "python -m adaptloop.streams.bench_soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m adaptloop.streams.bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args) | {"out": str(args.out)},
         "compared_rounds": [runs["bounded"][settled]["round"], args.rounds], "runs": runs}
     for run, samples in runs.items():

@@ -19,7 +19,7 @@ In this order, each step acknowledged by the broker before the next:
 
 1. an Erasure record on the erasures topic (``adaptloop.erasure``): curation drops matching
    interactions and outcomes from now on, and every dataset snapshot excludes matching examples;
-2. through lineage (``adaptloop.lineage``), every adapter version whose ``train_example_ids``
+2. through lineage (``adaptloop.ops.lineage``), every adapter version whose ``train_example_ids``
    hold a matching curated example; for each one that is live (RELEASED or PROMOTED) a new
    release record with ``decided_by="erasure"`` and the evidence (erasure id, matched example
    ids): ``--retire`` makes it RETIRED (serving unloads it); otherwise it keeps its state with
@@ -27,7 +27,7 @@ In this order, each step acknowledged by the broker before the next:
 3. a training request over the same ranges, trigger ``erasure:<erasure id>``, whose id is
    sha256("<old request id>:<erasure id>"): the trainer snapshots the ranges again without the
    erased examples and gates the retrained adapter against the flagged one;
-4. in the trainer's stores (``adaptloop.erasure_sweep``; ``ADAPTLOOP_TRAINER_ARTIFACT_DIR`` and
+4. in the trainer's stores (``adaptloop.ops.erasure_sweep``; ``ADAPTLOOP_TRAINER_ARTIFACT_DIR`` and
    ``_DATASET_STORE``): every snapshot of the tenant that holds a matching example is rewritten without
    it (the old folder keeps only a note naming the new digest), and the adapter folder, checkpoints and
    Ray run state of every version that learned from one and is not live now are deleted. A flagged
@@ -58,11 +58,11 @@ import phonenumbers
 from stdnum import iban as _iban
 
 from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_erasure, legacy_subject_key, subject_key
-from adaptloop.erasure_sweep import ArtifactStore, Sweep, sweep_store
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
-from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
-                               ranges_contain)
+from adaptloop.ops.erasure_sweep import ArtifactStore, Sweep, sweep_store
+from adaptloop.ops.lineage import LIVE_STATES, LineageRecords, decisions_by_version, learned_from, ranges_contain
+from adaptloop.records import Positioned
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.settings import ErasureSettings, KafkaSettings, StreamsSettings, Topics, TrainerSettings
 from adaptloop.streams.pii import PLACEHOLDER, Redactor
@@ -300,7 +300,7 @@ def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: 
 @dataclass
 class Forgetter:
     """Reads what lineage needs, writes the erasure, the decisions and the retraining requests (acknowledged),
-    then sweeps ``store`` (``adaptloop.erasure_sweep``; None: the stores are left as they are)."""
+    then sweeps ``store`` (``adaptloop.ops.erasure_sweep``; None: the stores are left as they are)."""
 
     kafka: KafkaSettings
     topics: Topics

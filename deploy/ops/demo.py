@@ -35,16 +35,16 @@ from typing import Any
 import httpx
 
 from adaptloop.artifacts import alias
+from adaptloop.demo_tasks import case_generator
 from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.kafka import count_messages
-from adaptloop.records import read_topic
 from adaptloop.model import ensure_base_model
+from adaptloop.ops.stack import LocalStack, StackPorts, free_port
+from adaptloop.ops.tool_loop import TENANT as TOOL_TENANT
+from adaptloop.ops.tool_loop import ToolLoop
+from adaptloop.records import read_topic
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
-from adaptloop.stack import LocalStack, StackPorts, free_port
-from adaptloop.demo_tasks import case_generator
 from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
-from adaptloop.tool_loop import TENANT as TOOL_TENANT
-from adaptloop.tool_loop import ToolLoop
 
 #: (tenant, task) pairs the demo drives; each is one alias ``tenant/task`` at the gateway.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("acme", "order-extract"), ("globex", "ticket-triage"))
@@ -70,7 +70,7 @@ class DemoConfig:
     report_dir: Path | None = None  # default: <home>/report
     free_ports: bool = False       # pick unused loopback ports (tests); else the documented defaults
     topics_prefix: str = ""
-    tool_cycles: int = 0           # cycles of the tool-using task (initech/support-agent, adaptloop.tool_loop) beside the pairs
+    tool_cycles: int = 0           # cycles of the tool-using task (initech/support-agent, adaptloop.ops.tool_loop) beside the pairs
 
 
 @dataclass
@@ -344,13 +344,13 @@ def _tool_cycles(tool: ToolLoop, cycles: int) -> list[Measurement]:
 def _finish(config: DemoConfig, stack: LocalStack, kafka: KafkaSettings, topics: Topics, ports: StackPorts,
             result: DemoResult) -> None:
     """Counts, loop latency of every release, the report (the stack is still up: it reads the topics)."""
-    from adaptloop import loop_bench, report
+    from adaptloop.ops import loop_latency, report
 
     result.counts = {name: count_messages(kafka, topics.name(name), idle_s=1.0)
                      for name in ("interactions", "outcomes", "curated", "dead_letters", "training_requests", "releases")}
     _say(f"topic counts: {result.counts}")
     try:
-        result.loop_latency = loop_bench.latencies(kafka, topics, sidecar_url=f"http://127.0.0.1:{ports.sidecar}",
+        result.loop_latency = loop_latency.latencies(kafka, topics, sidecar_url=f"http://127.0.0.1:{ports.sidecar}",
                                                    trainer_log=stack.home / "logs" / "trainer.log")
     except AdaptloopError as exc:
         _say(f"loop latency not measured: {exc}")

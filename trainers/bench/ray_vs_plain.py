@@ -16,10 +16,10 @@ is from what the matmuls alone would allow. Writes everything as JSON.
 Checkpointing is off in both so that the loop is compared, not the disk. Timings on a shared
 machine are noisy: run it alone, and use ``--repeat`` to see the spread.
 
-    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.bench                       # CPU, bundled SmolLM2-135M
-    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.bench --examples 64 --repeat 2 --out bench-trainer.json
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.bench.ray_vs_plain   # CPU, bundled SmolLM2-135M
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.bench.ray_vs_plain --examples 64 --repeat 2 --out bench-trainer.json
     # GPU (untested here: no GPU machine on these runs): a larger HF model, bf16, MFU against the GPU's peak
-    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.bench --model /models/Qwen2.5-1.5B-Instruct --gpu \\
+    HF_HUB_OFFLINE=1 python -m adaptloop.trainers.bench.ray_vs_plain --model /models/Qwen2.5-1.5B-Instruct --gpu \\
         --bf16 --threads 0 --batch-size 8 --peak-tflops 989
 """
 
@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("adaptloop.trainers.bench")
+log = logging.getLogger("adaptloop.trainers.bench.ray_vs_plain")
 
 #: H100 SXM dense bf16 peak; pass --peak-tflops for another accelerator.
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs, "ratio_median": ratios[len(ratios) // 2], "target_ratio": 0.9,
         "matmul_gflops": round(rate / 1e9, 2), "floor_tokens_per_s": round(floor, 1),
         "floor_ratio": {kind: round(runs[-1][kind]["tokens_per_s"] / floor, 3) for kind in ("plain", "ray")},
-        "command": "python -m adaptloop.trainers.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m adaptloop.trainers.bench.ray_vs_plain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
         "mfu": {"plain": [mfu(r["plain"]["tokens_per_s"], parameters, args.peak_tflops) for r in runs],
                 "ray": [mfu(r["ray"]["tokens_per_s"], parameters, args.peak_tflops) for r in runs],
