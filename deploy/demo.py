@@ -39,6 +39,7 @@ from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.kafka import count_messages
 from adaptloop.records import read_topic
 from adaptloop.model import ensure_base_model
+from adaptloop.schemas.contract import SERVABLE, now_ms
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.stack import LocalStack, StackPorts, free_port
 from adaptloop.demo_tasks import case_generator
@@ -111,10 +112,6 @@ class DemoResult:
 
 def _say(message: str, started: float = time.monotonic()) -> None:
     print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Agent:
@@ -264,7 +261,7 @@ class PairLoop:
             _say(f"{self.name}: gate {release['state']} {release['version']}: candidate "
                  f"{evaluation['candidate_score']:.0%} vs {evaluation['incumbent']} {evaluation['incumbent_score']:.0%} "
                  f"on {evaluation['holdout_count']} curated holdout examples")
-            if release["state"] in ("RELEASED", "PROMOTED"):
+            if release["state"] in SERVABLE:
                 await self.wait_until_served(release["version"])
                 self.served = release["version"]
                 _say(f"{self.name}: the gateway now serves {release['version']}")

@@ -50,7 +50,6 @@ import ipaddress
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -61,18 +60,15 @@ from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_e
 from adaptloop.erasure_sweep import ArtifactStore, Sweep, sweep_store
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
-from adaptloop.lineage import (LIVE_STATES, LineageRecords, Positioned, decisions_by_version, learned_from,
+from adaptloop.lineage import (LineageRecords, Positioned, decisions_by_version, learned_from,
                                ranges_contain)
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import SERVABLE, code_version, now_ms
 from adaptloop.settings import ErasureSettings, KafkaSettings, StreamsSettings, Topics, TrainerSettings
 from adaptloop.streams.pii import PLACEHOLDER, Redactor
 
 DECIDED_BY = "erasure"
 FLAG_REASON = "flagged: retrain without erased data"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def erasure_id_for(tenant: str, scope: str, key: str) -> str:
@@ -171,15 +167,6 @@ def normalize_subject(value: str, *, phone_region: str = "US", pii_patterns: Map
         "pass --raw to key it exactly as written")
 
 
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"adaptloop=={version('adaptloop')}"
-    except PackageNotFoundError:
-        return "adaptloop (not installed)"
-
-
 @dataclass
 class AdapterAction:
     """What forget does about one adapter version that learned from erased examples."""
@@ -274,7 +261,7 @@ def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: 
         if done:
             action.action = "none (already decided)"
             continue
-        if latest["state"] not in LIVE_STATES:
+        if latest["state"] not in SERVABLE:
             action.action = "none (not live)"
             continue
         evidence = {"erasure_id": erasure_id, "scope": erasure["scope"], "key": erasure["key"],

@@ -31,8 +31,6 @@ from adaptloop.errors import BrokerError, DeserializationError
 from adaptloop.kafka import consumer_config
 from adaptloop.settings import KafkaSettings, Topics
 
-#: States in which an adapter can serve (or is about to serve) traffic; mirrors serving.registry.SERVABLE.
-LIVE_STATES = frozenset({"RELEASED", "PROMOTED"})
 DEFAULT_IDLE_S = 1.0
 DEFAULT_READ_TIMEOUT_S = 300.0
 

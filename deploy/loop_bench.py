@@ -40,8 +40,8 @@ import httpx
 
 from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.report import ms
+from adaptloop.schemas.contract import SERVABLE
 
-SERVED_STATES = ("RELEASED", "PROMOTED")
 #: Stage -> (from, to) timestamp names, in loop order.
 STAGES: dict[str, tuple[str, str]] = {
     "curation": ("outcome_recorded", "curated"),
@@ -151,7 +151,7 @@ def latencies(kafka, topics, *, sidecar_url: str | None, trainer_log: Path | Non
     out, seen = [], set()
     for release in releases:
         version = release["version"]
-        if release["state"] not in SERVED_STATES or version in seen:
+        if release["state"] not in SERVABLE or version in seen:
             continue
         seen.add(version)
         request = requests.get(release["lineage"]["request_id"])

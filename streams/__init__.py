@@ -4,7 +4,6 @@ The stages import without Faust, so they can be used and tested from any environ
 """
 
 from adaptloop.streams.stages import (
-    CODE_VERSION,
     Contract,
     Decoder,
     SourceRef,
@@ -17,7 +16,6 @@ from adaptloop.streams.stages import (
 )
 
 __all__ = [
-    "CODE_VERSION",
     "Contract",
     "Decoder",
     "SourceRef",

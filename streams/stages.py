@@ -15,19 +15,15 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Iterable, Mapping
 
 from adaptloop.chat import assistant_text
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import code_version as current_code_version, now_ms
 from adaptloop.sdk import episode_key, outcome_key, partition_key
 from adaptloop.tasks import TaskSpec, example_catalogue
-
-#: Which code made a record: written into every example's and request's lineage.
-CODE_VERSION = f"adaptloop=={metadata.version('adaptloop')}"
 
 #: Stage names as they appear in dead letters.
 STAGE_DECODE = "decode"
@@ -38,10 +34,6 @@ STAGE_WINDOW = "window"
 #: Split and kind symbols of schemas/avro/curated_example.v1.avsc.
 TRAIN, HOLDOUT = "TRAIN", "HOLDOUT"
 SUCCESS, CORRECTION, FAILURE = "SUCCESS", "CORRECTION", "FAILURE"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -223,7 +215,7 @@ def split(tenant: str, task: str, session_id: str, holdout_percent: int) -> str:
 
 def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interaction_ref: SourceRef,
           outcome_ref: SourceRef, spec: TaskSpec, holdout_percent: int,
-          code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
+          code_version: str | None = None, curated_at: int | None = None) -> dict[str, Any]:
     """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v3.avsc).
 
     SUCCESS     the outcome says success and the task's validator accepts the response;
@@ -288,7 +280,7 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
             "interaction": interaction_ref.as_dict(),
             "outcomes": [outcome_ref.as_dict()],
             "outcome_ids": [outcome["outcome_id"]],
-            "code_version": code_version,
+            "code_version": code_version or current_code_version(),
             "winning_outcome_id": outcome["outcome_id"],
         },
     }
@@ -342,7 +334,7 @@ def resolve(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, An
 def curate(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, Any], SourceRef]], *,
            interaction_ref: SourceRef, spec: TaskSpec, holdout_percent: int, horizon_ms: int,
            redactions: Mapping[str, int] | None = None, subjects: Iterable[str] = (),
-           code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
+           code_version: str | None = None, curated_at: int | None = None) -> dict[str, Any]:
     """One interaction with every outcome it got: the strongest eligible outcome decides (``score``);
     the others stay in the lineage after it (``outcome_ids``/``outcomes``, winner first, late ones last).
 
@@ -444,7 +436,7 @@ def request_id(tenant: str, task: str, ranges: list[Mapping[str, Any]]) -> str:
 
 
 def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curated_topic: str,
-                     trigger: str | None = None, code_version: str = CODE_VERSION,
+                     trigger: str | None = None, code_version: str | None = None,
                      created_at: int | None = None, task_digest: str | None = None) -> dict[str, Any]:
     """A TrainingRequest (schemas/avro/training_request.v2.avsc) for the state that just fired; ``task_digest``
     is the task as this worker's catalogue defines it (the trainer checks its own against it)."""
@@ -458,6 +450,6 @@ def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curate
         "examples": ranges,
         "train_count": int(state["train_count"]),
         "holdout_count": int(state["holdout_count"]),
-        "code_version": code_version,
+        "code_version": code_version or current_code_version(),
         "task_digest": task_digest,
     }

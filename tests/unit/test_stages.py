@@ -9,6 +9,7 @@ import pytest
 
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import build_interaction, build_outcome, episode_key
 from adaptloop.streams import stages
 from adaptloop.streams.stages import Contract, Decoder, SourceRef
@@ -143,7 +144,7 @@ def test_success_when_the_outcome_says_so_and_the_validator_accepts():
     assert example["scorer"] == SPEC.scorer and example["score"] == 1.0
     assert example["lineage"] == {"interaction": IREF.as_dict(), "outcomes": [OREF.as_dict()],
                                   "outcome_ids": [example["lineage"]["outcome_ids"][0]],
-                                  "code_version": stages.CODE_VERSION,
+                                  "code_version": code_version(),
                                   "winning_outcome_id": example["lineage"]["outcome_ids"][0]}
     assert example["served_by"] is None and example["outcome_source"] == "VALIDATOR"
     assert example["event_time"] > 0
