@@ -2,8 +2,12 @@
 the helpers every producer stamps records with.
 
     ReleaseState, SERVABLE, WITHDRAWN    an adapter's state (adapter_release's ``ReleaseState``)
+    RejectCode, reject_code_of(example)  why curation did not admit an example (curated_example.v4)
     code_version()                       which code built a record ("adaptloop==0.1.0")
     now_ms()                             the clock records carry (milliseconds since the epoch)
+
+Stages decide by these symbols, never by the prose that travels beside them: ``reject_reason`` is
+a detail for people, ``reject_code`` what the trainer, curation's metrics and the reports act on.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import functools
 import time
 from enum import StrEnum
+from typing import Any, Mapping
 
-__all__ = ["SERVABLE", "WITHDRAWN", "ReleaseState", "code_version", "now_ms"]
+__all__ = ["SERVABLE", "VERDICT_CODES", "WITHDRAWN", "RejectCode", "ReleaseState", "code_version", "now_ms",
+           "reject_code_of"]
 
 
 class ReleaseState(StrEnum):
@@ -29,6 +35,57 @@ class ReleaseState(StrEnum):
 SERVABLE = frozenset({ReleaseState.RELEASED.value, ReleaseState.PROMOTED.value})
 #: States that take a loaded adapter out of service.
 WITHDRAWN = frozenset(s.value for s in ReleaseState) - SERVABLE
+
+
+class RejectCode(StrEnum):
+    """The symbols of curated_example's ``RejectCode`` enum: why an example was not admitted."""
+
+    #: The outcome came from another tenant than the interaction.
+    FOREIGN_TENANT = "FOREIGN_TENANT"
+    #: The outcome's correction fails the task's validator.
+    CORRECTION_INVALID = "CORRECTION_INVALID"
+    #: The outcome says success but the task's validator rejects the response.
+    RESPONSE_INVALID = "RESPONSE_INVALID"
+    #: The outcome is not a success and carries no correction.
+    NOT_A_SUCCESS = "NOT_A_SUCCESS"
+    #: Every outcome came after the task's horizon.
+    AFTER_HORIZON = "AFTER_HORIZON"
+    EXACT_DUPLICATE = "EXACT_DUPLICATE"
+    NEAR_DUPLICATE = "NEAR_DUPLICATE"
+    #: A code this reader does not know (a newer writer's); also the Avro enum's default.
+    OTHER = "OTHER"
+
+
+#: Codes that are a verdict on the answer itself: such a FAILURE is an "undesirable" example for KTO.
+VERDICT_CODES = frozenset({RejectCode.NOT_A_SUCCESS.value, RejectCode.RESPONSE_INVALID.value})
+
+#: How curation worded each reason before curated_example.v4 carried a code: prefixes of ``reject_reason``
+#: (and a fragment for the horizon), read only for records written without a code.
+_LEGACY_PREFIXES = (
+    ("outcome tenant ", RejectCode.FOREIGN_TENANT),
+    ("correction rejected by ", RejectCode.CORRECTION_INVALID),
+    ("outcome says success but ", RejectCode.RESPONSE_INVALID),
+    ("outcome is not a success", RejectCode.NOT_A_SUCCESS),
+    ("verdict:", RejectCode.NOT_A_SUCCESS),  # the trainer also took this prefix as a verdict
+    ("exact duplicate of ", RejectCode.EXACT_DUPLICATE),
+    ("near duplicate of ", RejectCode.NEAR_DUPLICATE),
+)
+
+
+def reject_code_of(example: Mapping[str, Any]) -> str | None:
+    """The reject code of a CuratedExample: its ``reject_code``, or for a record written before
+    curated_example.v4 the code its ``reject_reason`` wording stood for (None: admitted, no reason)."""
+    if example.get("reject_code"):
+        return str(example["reject_code"])
+    reason = example.get("reject_reason")
+    if not reason:
+        return None
+    for prefix, code in _LEGACY_PREFIXES:
+        if reason.startswith(prefix):
+            return code.value
+    if reason.startswith("outcome ") and " past the " in reason:
+        return RejectCode.AFTER_HORIZON.value
+    return RejectCode.OTHER.value
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 from adaptloop.chat import assistant_text
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.schemas.contract import code_version as current_code_version, now_ms
+from adaptloop.schemas.contract import RejectCode, code_version as current_code_version, now_ms
 from adaptloop.sdk import episode_key, outcome_key, partition_key
 from adaptloop.tasks import TaskSpec, example_catalogue
 
@@ -34,6 +34,23 @@ STAGE_WINDOW = "window"
 #: Split and kind symbols of schemas/avro/curated_example.v1.avsc.
 TRAIN, HOLDOUT = "TRAIN", "HOLDOUT"
 SUCCESS, CORRECTION, FAILURE = "SUCCESS", "CORRECTION", "FAILURE"
+
+#: The words a person reads for each reject code (``reject_reason``); every stage decides by the code.
+REJECT_WORDING = {
+    RejectCode.FOREIGN_TENANT: "outcome tenant {outcome_tenant!r} is not the interaction's {tenant!r}",
+    RejectCode.CORRECTION_INVALID: "correction rejected by {scorer}: {why}",
+    RejectCode.RESPONSE_INVALID: "outcome says success but {scorer} rejects the response: {why}",
+    RejectCode.NOT_A_SUCCESS: "outcome is not a success and carries no correction",
+    RejectCode.AFTER_HORIZON: "outcome {outcome_id} came {delay_h:.1f} h after the interaction (event time), "
+                              "past the {horizon_h:g} h horizon",
+    RejectCode.EXACT_DUPLICATE: "exact duplicate of {of}",
+    RejectCode.NEAR_DUPLICATE: "near duplicate of {of}",
+}
+
+
+def rejection(code: RejectCode, **detail: Any) -> dict[str, str]:
+    """The ``reject_code`` and ``reject_reason`` fields of an example curation does not admit."""
+    return {"reject_code": code.value, "reject_reason": REJECT_WORDING[code].format(**detail)}
 
 
 @dataclass(frozen=True)
@@ -216,7 +233,7 @@ def split(tenant: str, task: str, session_id: str, holdout_percent: int) -> str:
 def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interaction_ref: SourceRef,
           outcome_ref: SourceRef, spec: TaskSpec, holdout_percent: int,
           code_version: str | None = None, curated_at: int | None = None) -> dict[str, Any]:
-    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v3.avsc).
+    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v4.avsc).
 
     SUCCESS     the outcome says success and the task's validator accepts the response;
     CORRECTION  the outcome carries a correction the validator accepts (it becomes the completion,
@@ -230,10 +247,11 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
     """
     response, response_calls = interaction["response"], list(interaction.get("tool_calls") or [])
     correction, correction_calls = outcome["correction"], list(outcome.get("correction_tool_calls") or [])
-    kind, completion, calls, rejected, rejected_calls, reject_reason = FAILURE, response or "", response_calls, None, [], None
+    kind, completion, calls, rejected, rejected_calls = FAILURE, response or "", response_calls, None, []
+    refused: dict[str, str | None] = {"reject_code": None, "reject_reason": None}
     value: float = outcome["score"] if outcome["score"] is not None else 0.0
     if outcome["tenant"] != interaction["tenant"]:
-        reject_reason = f"outcome tenant {outcome['tenant']!r} is not the interaction's {interaction['tenant']!r}"
+        refused = rejection(RejectCode.FOREIGN_TENANT, outcome_tenant=outcome["tenant"], tenant=interaction["tenant"])
     else:
         answered = response is not None or bool(response_calls)
         response_verdict = spec.judge(assistant_text(response, response_calls)) if answered else None
@@ -246,12 +264,12 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
                 kind, value = CORRECTION, verdict.score
                 completion, calls, rejected, rejected_calls = correction or "", correction_calls, response, response_calls
             else:
-                reject_reason = f"correction rejected by {spec.scorer}: {verdict.reason}"
+                refused = rejection(RejectCode.CORRECTION_INVALID, scorer=spec.scorer, why=verdict.reason)
         elif outcome["success"] is True:
             why = "no response text" if response_verdict is None else response_verdict.reason
-            reject_reason = f"outcome says success but {spec.scorer} rejects the response: {why}"
+            refused = rejection(RejectCode.RESPONSE_INVALID, scorer=spec.scorer, why=why)
         else:
-            reject_reason = "outcome is not a success and carries no correction"
+            refused = rejection(RejectCode.NOT_A_SUCCESS)
     return {
         "example_id": interaction["interaction_id"],
         "tenant": interaction["tenant"],
@@ -260,7 +278,7 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
         "split": split(interaction["tenant"], interaction["task"], interaction["session_id"], holdout_percent),
         "kind": kind,
         "admitted": kind != FAILURE,
-        "reject_reason": reject_reason,
+        **refused,
         "episode_id": interaction.get("episode_id") or "",
         "turn": int(interaction.get("turn") or 0),
         "scope": "CALL",
@@ -352,8 +370,8 @@ def curate(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, Any
     if not eligible:
         delay_h = (winner["event_time"] - interaction["event_time"]) / 3_600_000
         example.update(kind=FAILURE, admitted=False, completion=interaction["response"] or "", rejected=None,
-                       reject_reason=f"outcome {winner['outcome_id']} came {delay_h:.1f} h after the interaction "
-                                     f"(event time), past the {horizon_ms / 3_600_000:g} h horizon")
+                       **rejection(RejectCode.AFTER_HORIZON, outcome_id=winner["outcome_id"], delay_h=delay_h,
+                                   horizon_h=horizon_ms / 3_600_000))
     example["redactions"] = [{"rule": rule, "count": int(n)} for rule, n in sorted((redactions or {}).items())]
     example["subjects"] = sorted(set(subjects))
     return example

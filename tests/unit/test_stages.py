@@ -163,16 +163,17 @@ def test_correction_wins_when_success_is_claimed_for_an_invalid_response():
     assert example["kind"] == "CORRECTION"
 
 
-@pytest.mark.parametrize("i, o, reason", [
-    (interaction(response="no idea"), outcome(success=False), "not a success and carries no correction"),
-    (interaction(response="no idea"), outcome(success=True), "rejects the response: not JSON"),
-    (interaction(response=None), outcome(success=True), "no response text"),
-    (interaction(response="no idea"), outcome(success=False, correction="{\"bad\": 1}"), "correction rejected"),
-    (interaction(), outcome(success=True, tenant="evil"), "outcome tenant 'evil'"),
+@pytest.mark.parametrize("i, o, code, reason", [
+    (interaction(response="no idea"), outcome(success=False), "NOT_A_SUCCESS", "not a success and carries no correction"),
+    (interaction(response="no idea"), outcome(success=True), "RESPONSE_INVALID", "rejects the response: not JSON"),
+    (interaction(response=None), outcome(success=True), "RESPONSE_INVALID", "no response text"),
+    (interaction(response="no idea"), outcome(success=False, correction="{\"bad\": 1}"), "CORRECTION_INVALID",
+     "correction rejected"),
+    (interaction(), outcome(success=True, tenant="evil"), "FOREIGN_TENANT", "outcome tenant 'evil'"),
 ])
-def test_failures_are_kept_but_not_admitted(i, o, reason):
+def test_failures_are_kept_but_not_admitted(i, o, code, reason):
     example = scored(i, o)
-    assert (example["kind"], example["admitted"]) == ("FAILURE", False)
+    assert (example["kind"], example["admitted"], example["reject_code"]) == ("FAILURE", False, code)
     assert reason in example["reject_reason"]
     encode("curated_example", example)
 
@@ -306,6 +307,7 @@ def test_outcome_after_the_horizon_is_rejected_with_reason_but_an_eligible_one_s
     late = (_o("HUMAN", 1_000 + day + 3_600_000, success=False, correction=CASE.answer), SourceRef("o", 1, 9))
     ex = stages.curate(i, [late], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)
     assert (ex["kind"], ex["admitted"]) == ("FAILURE", False)
+    assert ex["reject_code"] == "AFTER_HORIZON"
     assert "25.0 h after the interaction" in ex["reject_reason"] and "24 h horizon" in ex["reject_reason"]
     ok = (_o("VALIDATOR", 5_000, success=True), SourceRef("o", 1, 3))
     ex = stages.curate(i, [late, ok], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)
