@@ -5,6 +5,8 @@ the helpers every producer stamps records with.
     RejectCode, reject_code_of(example)  why curation did not admit an example (curated_example.v4)
     code_version()                       which code built a record ("adaptloop==0.1.0")
     now_ms()                             the clock records carry (milliseconds since the epoch)
+    training_request(...)                a TrainingRequest (curation's window, forget's retraining)
+    release_decision(newest, state, ...) an AdapterRelease deciding anew about a version (canary, forget)
 
 Stages decide by these symbols, never by the prose that travels beside them: ``reject_reason`` is
 a detail for people, ``reject_code`` what the trainer, curation's metrics and the reports act on.
@@ -13,12 +15,13 @@ a detail for people, ``reject_code`` what the trainer, curation's metrics and th
 from __future__ import annotations
 
 import functools
+import json
 import time
 from enum import StrEnum
 from typing import Any, Mapping
 
 __all__ = ["SERVABLE", "VERDICT_CODES", "WITHDRAWN", "RejectCode", "ReleaseState", "code_version", "now_ms",
-           "reject_code_of"]
+           "reject_code_of", "release_decision", "training_request"]
 
 
 class ReleaseState(StrEnum):
@@ -102,3 +105,32 @@ def code_version() -> str:
 def now_ms() -> int:
     """Wall-clock milliseconds since the epoch: the time unit of every record's ``*_at``/``event_time``."""
     return int(time.time() * 1000)
+
+
+def training_request(*, request_id: str, tenant: str, task: str, trigger: str, examples: list[Mapping[str, Any]],
+                     train_count: int, holdout_count: int, code_version: str, created_at: int | None = None,
+                     task_digest: str | None = None) -> dict[str, Any]:
+    """A TrainingRequest (schemas/avro/training_request.v2.avsc): train on these curated-topic ranges."""
+    return {
+        "request_id": request_id,
+        "tenant": tenant,
+        "task": task,
+        "created_at": created_at if created_at is not None else now_ms(),
+        "trigger": trigger,
+        "examples": [dict(r) for r in examples],
+        "train_count": int(train_count),
+        "holdout_count": int(holdout_count),
+        "code_version": code_version,
+        "task_digest": task_digest,
+    }
+
+
+def release_decision(newest: Mapping[str, Any], state: ReleaseState | str, *, reason: str, decided_by: str,
+                     evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """A new AdapterRelease for ``newest``'s version: everything as it was, plus this decision.
+
+    ``created_at`` stays the adapter's: serving orders servable versions by it, and a decision must not
+    make an older adapter look newer; the decision's own time belongs in the evidence.
+    """
+    return dict(newest) | {"state": ReleaseState(state).value, "reason": reason, "decided_by": decided_by,
+                           "evidence_json": json.dumps(evidence, sort_keys=True, default=str)}

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from adaptloop.chat import assistant_text
 from adaptloop.errors import ContractError, DeserializationError
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas import SerdeContext, contract, serde_for
 from adaptloop.schemas.contract import RejectCode, code_version as current_code_version, now_ms
 from adaptloop.sdk import episode_key, outcome_key, partition_key
 from adaptloop.tasks import TaskSpec, example_catalogue
@@ -459,15 +459,8 @@ def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curate
     """A TrainingRequest (schemas/avro/training_request.v2.avsc) for the state that just fired; ``task_digest``
     is the task as this worker's catalogue defines it (the trainer checks its own against it)."""
     ranges = example_ranges(curated_topic, state)
-    return {
-        "request_id": request_id(tenant, task, ranges),
-        "tenant": tenant,
-        "task": task,
-        "created_at": created_at if created_at is not None else now_ms(),
-        "trigger": trigger or f"count>={int(state['train_count'])}",
-        "examples": ranges,
-        "train_count": int(state["train_count"]),
-        "holdout_count": int(state["holdout_count"]),
-        "code_version": code_version or current_code_version(),
-        "task_digest": task_digest,
-    }
+    return contract.training_request(
+        request_id=request_id(tenant, task, ranges), tenant=tenant, task=task,
+        trigger=trigger or f"count>={int(state['train_count'])}", examples=ranges,
+        train_count=state["train_count"], holdout_count=state["holdout_count"],
+        code_version=code_version or current_code_version(), created_at=created_at, task_digest=task_digest)

@@ -7,7 +7,7 @@ import pytest
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.schemas import SerdeContext, bundled_store, serde_for
 from adaptloop.schemas.contract import (SERVABLE, VERDICT_CODES, WITHDRAWN, RejectCode, ReleaseState, code_version,
-                                        reject_code_of)
+                                        reject_code_of, release_decision, training_request)
 from adaptloop.sdk import build_interaction, build_outcome
 from adaptloop.streams import dedupe, stages
 from adaptloop.streams.stages import SourceRef
@@ -56,6 +56,27 @@ def test_the_code_decides_and_old_records_fall_back_to_their_wording():
     }
     for reason, code in legacy.items():
         assert reject_code_of({"reject_reason": reason}) == code, reason
+
+
+def test_a_release_decision_keeps_the_adapter_and_its_time_and_refuses_an_unknown_state():
+    newest = {"version": "v1", "state": "RELEASED", "created_at": 7, "decided_by": "gate", "reason": "passed",
+              "evidence_json": "{}"}
+    decided = release_decision(newest, ReleaseState.PROMOTED, reason="better", decided_by="canary",
+                               evidence={"n": 3, "b": 1})
+    assert decided == newest | {"state": "PROMOTED", "reason": "better", "decided_by": "canary",
+                                "evidence_json": '{"b": 1, "n": 3}'}
+    assert type(decided["state"]) is str  # records hold plain symbols
+    with pytest.raises(ValueError):
+        release_decision(newest, "PROMOTD", reason="", decided_by="manual", evidence={})
+
+
+def test_a_training_request_fits_its_schema():
+    request = training_request(request_id="r", tenant="acme", task=TASK, trigger="erasure:e",
+                               examples=[{"topic": "t", "partition": 0, "start_offset": 0, "end_offset": 3}],
+                               train_count=2, holdout_count=1, code_version=code_version(), created_at=5)
+    serde = serde_for("training_request")
+    ctx = SerdeContext("training.requests")
+    assert serde.deserialize(serde.serialize(request, ctx), ctx) == request
 
 
 # ---------------------------------------------------------------- must show: wording never changes training data
