@@ -7,6 +7,7 @@ the helpers every producer stamps records with.
     now_ms()                             the clock records carry (milliseconds since the epoch)
     training_request(...)                a TrainingRequest (curation's window, forget's retraining)
     release_decision(newest, state, ...) an AdapterRelease deciding anew about a version (canary, forget)
+    SourceRef, dead_letter(...)          where a record was read; a DeadLetter for one that could not be used
 
 Stages decide by these symbols, never by the prose that travels beside them: ``reject_reason`` is
 a detail for people, ``reject_code`` what the trainer, curation's metrics and the reports act on.
@@ -17,11 +18,15 @@ from __future__ import annotations
 import functools
 import json
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Mapping
 
+from adaptloop.errors import DeserializationError
+
 __all__ = ["SERVABLE", "VERDICT_CODES", "WITHDRAWN", "RejectCode", "ReleaseState", "code_version", "now_ms",
-           "reject_code_of", "release_decision", "training_request"]
+           "reject_code_of", "release_decision", "training_request", "DEAD_LETTER_MAX_BYTES", "DEAD_LETTER_MAX_REASON",
+           "SourceRef", "dead_letter"]
 
 
 class ReleaseState(StrEnum):
@@ -134,3 +139,61 @@ def release_decision(newest: Mapping[str, Any], state: ReleaseState | str, *, re
     """
     return dict(newest) | {"state": ReleaseState(state).value, "reason": reason, "decided_by": decided_by,
                            "evidence_json": json.dumps(evidence, sort_keys=True, default=str)}
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a record was read: topic, partition, offset (the unit of lineage)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> "SourceRef":
+        return cls(str(value["topic"]), int(value["partition"]), int(value["offset"]))
+
+
+#: A dead letter keeps the original key and value while they, with the key counted twice (dead letters were once
+#: produced under it; they are keyed by their source now, and the budget stayed), take at most this many bytes;
+#: its reason at most ``DEAD_LETTER_MAX_REASON`` characters. It
+#: must fit where the record did not always fit: the Faust producer refuses a request over 1 MB, and a record over
+#: ``max_record_bytes`` (1 MB by default) whose dead letter carried it whole ended the worker, and its restart on
+#: the same record, for every partition it owned. What is left out is named in the reason, and the record stays
+#: in its source topic at ``source_offset``.
+DEAD_LETTER_MAX_BYTES = 900_000
+DEAD_LETTER_MAX_REASON = 2_000
+
+
+def dead_letter(ref: SourceRef, key: bytes | None, value: bytes | None, *, stage: str,
+                error: BaseException, failed_at: int | None = None,
+                max_bytes: int = DEAD_LETTER_MAX_BYTES) -> dict[str, Any]:
+    """A DeadLetter record (schemas/avro/dead_letter.v1.avsc): the original bytes (within ``max_bytes``), why, and
+    where from."""
+    reason = error.reason if isinstance(error, DeserializationError) else str(error)
+    if len(reason) > DEAD_LETTER_MAX_REASON:  # a reason may quote the record (a key's repr): its ends say why
+        half = DEAD_LETTER_MAX_REASON // 2
+        reason = f"{reason[:half]}... ({len(reason) - 2 * half} characters left out) ...{reason[-half:]}"
+    key_size, value_size = len(key or b""), len(value or b"")
+    left_out = []
+    if value is not None and 2 * key_size + value_size > max_bytes:
+        value, left_out = None, [f"its value of {value_size} bytes"]
+    if key is not None and 2 * key_size > max_bytes:
+        key, left_out = None, left_out + [f"its key of {key_size} bytes"]
+    if left_out:
+        reason += (f" [{' and '.join(left_out)} left out of this dead letter (over {max_bytes} bytes): the record "
+                   f"stays at {ref.topic}/{ref.partition}@{ref.offset}]")
+    return {
+        "source_topic": ref.topic,
+        "source_partition": ref.partition,
+        "source_offset": ref.offset,
+        "key": key,
+        "value": value,
+        "stage": stage,
+        "error_type": type(error).__name__,
+        "reason": reason,
+        "failed_at": failed_at if failed_at is not None else now_ms(),
+    }

@@ -3,12 +3,11 @@
 The stages import without Faust, so they can be used and tested from any environment.
 """
 
+from adaptloop.schemas.contract import SourceRef, dead_letter
 from adaptloop.streams.stages import (
     Contract,
     Decoder,
-    SourceRef,
     curate,
-    dead_letter,
     score,
     split,
     training_request,

@@ -51,7 +51,7 @@ from adaptloop.erasure import subject_key
 from adaptloop.errors import ContractError, DeliveryError, DeserializationError
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.schemas.contract import reject_code_of
+from adaptloop.schemas.contract import dead_letter, reject_code_of
 from adaptloop.settings import ErasureSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
 from adaptloop.streams.delivery import StagedWrites, after_delivery, event_context, run_batched, send_acknowledged
@@ -193,7 +193,7 @@ class Curation:
                           timeout_s=self.settings.kafka.delivery_timeout_s, before_settle=before_settle)
 
     async def send_dead_letter(self, event: EventT, ref: SourceRef, stage: str, error: Exception) -> None:
-        record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
+        record = dead_letter(ref, event.key, event.value, stage=stage, error=error)
         log.warning("dead letter from %s/%d@%d (%s): %s", ref.topic, ref.partition, ref.offset, stage, record["reason"])
         topic = self.dead_letters.get_topic_name()
         # Keyed by where the record came from, not by its own key: a key can be as large as the producer allows,

@@ -1,6 +1,6 @@
 """Curation stages as pure functions: no Faust, no broker, unit-testable in any venv.
 
-    decode (bytes -> record, or a contract violation)  ->  dead_letter(...) when it fails
+    decode (bytes -> record, or a contract violation)  ->  contract.dead_letter(...) when it fails
     score(interaction, outcome, ...)                     ->  a CuratedExample dict
     split(tenant, task, session_id, holdout_percent)     ->  "TRAIN" | "HOLDOUT" (stable per session)
     window_update(state, example, ...)                   ->  new per-(tenant, task) state, fire or not
@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from adaptloop.chat import assistant_text
-from adaptloop.errors import ContractError, DeserializationError
-from adaptloop.schemas import SerdeContext, contract, serde_for
-from adaptloop.schemas.contract import RejectCode, code_version as current_code_version, now_ms
+from adaptloop.errors import ContractError
+from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import (RejectCode, SourceRef, code_version as current_code_version, now_ms,
+                                        training_request as training_request_record)
 from adaptloop.sdk import episode_key, outcome_key, partition_key
 from adaptloop.tasks import TaskSpec, example_catalogue
 
@@ -51,22 +52,6 @@ REJECT_WORDING = {
 def rejection(code: RejectCode, **detail: Any) -> dict[str, str]:
     """The ``reject_code`` and ``reject_reason`` fields of an example curation does not admit."""
     return {"reject_code": code.value, "reject_reason": REJECT_WORDING[code].format(**detail)}
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    """Where a record was read: topic, partition, offset (the unit of lineage)."""
-
-    topic: str
-    partition: int
-    offset: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
-
-    @classmethod
-    def from_dict(cls, value: Mapping[str, Any]) -> "SourceRef":
-        return cls(str(value["topic"]), int(value["partition"]), int(value["offset"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,48 +161,6 @@ class Decoder:
         if text_key != expected:
             raise ContractError(f"key {key!r} is not {expected!r}, the key of what the record is about")
         return record
-
-
-#: A dead letter keeps the original key and value while they, with the key counted twice (dead letters were once
-#: produced under it; they are keyed by their source now, and the budget stayed), take at most this many bytes;
-#: its reason at most ``DEAD_LETTER_MAX_REASON`` characters. It
-#: must fit where the record did not always fit: the Faust producer refuses a request over 1 MB, and a record over
-#: ``max_record_bytes`` (1 MB by default) whose dead letter carried it whole ended the worker, and its restart on
-#: the same record, for every partition it owned. What is left out is named in the reason, and the record stays
-#: in its source topic at ``source_offset``.
-DEAD_LETTER_MAX_BYTES = 900_000
-DEAD_LETTER_MAX_REASON = 2_000
-
-
-def dead_letter(ref: SourceRef, key: bytes | None, value: bytes | None, *, stage: str,
-                error: BaseException, failed_at: int | None = None,
-                max_bytes: int = DEAD_LETTER_MAX_BYTES) -> dict[str, Any]:
-    """A DeadLetter record (schemas/avro/dead_letter.v1.avsc): the original bytes (within ``max_bytes``), why, and
-    where from."""
-    reason = error.reason if isinstance(error, DeserializationError) else str(error)
-    if len(reason) > DEAD_LETTER_MAX_REASON:  # a reason may quote the record (a key's repr): its ends say why
-        half = DEAD_LETTER_MAX_REASON // 2
-        reason = f"{reason[:half]}... ({len(reason) - 2 * half} characters left out) ...{reason[-half:]}"
-    key_size, value_size = len(key or b""), len(value or b"")
-    left_out = []
-    if value is not None and 2 * key_size + value_size > max_bytes:
-        value, left_out = None, [f"its value of {value_size} bytes"]
-    if key is not None and 2 * key_size > max_bytes:
-        key, left_out = None, left_out + [f"its key of {key_size} bytes"]
-    if left_out:
-        reason += (f" [{' and '.join(left_out)} left out of this dead letter (over {max_bytes} bytes): the record "
-                   f"stays at {ref.topic}/{ref.partition}@{ref.offset}]")
-    return {
-        "source_topic": ref.topic,
-        "source_partition": ref.partition,
-        "source_offset": ref.offset,
-        "key": key,
-        "value": value,
-        "stage": stage,
-        "error_type": type(error).__name__,
-        "reason": reason,
-        "failed_at": failed_at if failed_at is not None else now_ms(),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +402,7 @@ def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curate
     """A TrainingRequest (schemas/avro/training_request.v2.avsc) for the state that just fired; ``task_digest``
     is the task as this worker's catalogue defines it (the trainer checks its own against it)."""
     ranges = example_ranges(curated_topic, state)
-    return contract.training_request(
+    return training_request_record(
         request_id=request_id(tenant, task, ranges), tenant=tenant, task=task,
         trigger=trigger or f"count>={int(state['train_count'])}", examples=ranges,
         train_count=state["train_count"], holdout_count=state["holdout_count"],

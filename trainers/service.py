@@ -43,7 +43,7 @@ from adaptloop.errors import AdaptloopError, ArtifactError, ConfigError, Deseria
 from adaptloop.kafka import DeliveryTracker, Range, consumer_config, read_ranges
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.schemas.contract import code_version, now_ms
+from adaptloop.schemas.contract import SourceRef, code_version, dead_letter, now_ms
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
 from adaptloop.trainers.queue import FairQueue
@@ -371,8 +371,6 @@ class TrainerService:
         self.producer.send_sync(topic, value, key=release["version"])
 
     def dead_letter(self, msg: Message, error: Exception) -> None:
-        from adaptloop.streams.stages import SourceRef, dead_letter
-
         topic = self.settings.topics.name("dead_letters")
         record = dead_letter(SourceRef(msg.topic(), msg.partition(), msg.offset()), msg.key(), msg.value(),
                              stage=STAGE, error=error)

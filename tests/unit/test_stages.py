@@ -9,6 +9,7 @@ import pytest
 
 from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas import contract
 from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import build_interaction, build_outcome, episode_key
 from adaptloop.streams import stages
@@ -116,7 +117,7 @@ def test_dead_letter_keeps_bytes_reason_and_source_and_fits_its_schema():
     value = b"garbage"
     with pytest.raises(DeserializationError) as info:
         Decoder("interaction")(b"k", value, IREF)
-    letter = stages.dead_letter(IREF, b"k", value, stage=stages.STAGE_DECODE, error=info.value, failed_at=5)
+    letter = contract.dead_letter(IREF, b"k", value, stage=stages.STAGE_DECODE, error=info.value, failed_at=5)
     assert letter == {
         "source_topic": IREF.topic, "source_partition": 2, "source_offset": 41, "key": b"k", "value": value,
         "stage": "decode", "error_type": "DeserializationError",
@@ -129,7 +130,7 @@ def test_dead_letter_keeps_bytes_reason_and_source_and_fits_its_schema():
 def test_contract_dead_letter_reason():
     with pytest.raises(ContractError) as info:
         Decoder("interaction")(b"i-1", encode("interaction", interaction(latency_ms=-2.0)), IREF)
-    letter = stages.dead_letter(IREF, b"i-1", b"x", stage="decode", error=info.value)
+    letter = contract.dead_letter(IREF, b"i-1", b"x", stage="decode", error=info.value)
     assert letter["error_type"] == "ContractError" and "negative latency_ms -2.0" in letter["reason"]
 
 
