@@ -39,7 +39,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 from adaptloop.errors import AdaptloopError, ConfigError
 from adaptloop.kafka import admin
 from adaptloop.lineage import decode_all, read_topics
-from adaptloop.schemas.contract import reject_code_of
+from adaptloop.schemas.contract import now_ms, reject_code_of
 from adaptloop.settings import ADMIN_KEY_FILE, StatusSettings, admin_key
 from adaptloop.tasks import load_catalogue
 
@@ -262,7 +262,7 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
     started = time.monotonic()
     names = {which: settings.topics.name(which) for which in DECODED}
     all_topics = list(settings.topics.layout())
-    snapshot: dict[str, Any] = {"at": int(time.time() * 1000), "bootstrap": settings.kafka.bootstrap_servers,
+    snapshot: dict[str, Any] = {"at": now_ms(), "bootstrap": settings.kafka.bootstrap_servers,
                                 "processes": processes(settings.home / STATE_FILE), "problems": []}
     try:
         metadata = admin(settings.kafka).list_topics(timeout=10)
