@@ -24,9 +24,9 @@ from typing import Any, Mapping
 
 from adaptloop.errors import DeserializationError
 
-__all__ = ["SERVABLE", "VERDICT_CODES", "WITHDRAWN", "RejectCode", "ReleaseState", "code_version", "now_ms",
-           "reject_code_of", "release_decision", "training_request", "DEAD_LETTER_MAX_BYTES", "DEAD_LETTER_MAX_REASON",
-           "SourceRef", "dead_letter"]
+__all__ = ["DEAD_LETTER_MAX_BYTES", "DEAD_LETTER_MAX_REASON", "SERVABLE", "VERDICT_CODES", "WITHDRAWN", "RejectCode",
+           "ReleaseState", "SourceRef", "code_version", "dead_letter", "now_ms", "reject_code_of", "release_decision",
+           "training_request"]
 
 
 class ReleaseState(StrEnum):

@@ -33,12 +33,11 @@ from confluent_kafka import Producer
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.errors import AdaptloopError, DeliveryError, FeedbackError, SerializationError
 from adaptloop.kafka import read_ranges
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas import SerdeContext, contract, serde_for
 from adaptloop.sdk import FeedbackClient, Recorder, build_interaction, build_outcome, episode_key, partition_key
 from adaptloop.serving.feedback import InteractionIds
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.stack import free_port, service_env, start_service
-from adaptloop.schemas import contract
 from adaptloop.streams import stages
 from curation_helpers import READY_TIMEOUT_S, TASK, get_json, messages, read_all, wait_until, worker_env
 

@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 
 from adaptloop.errors import ContractError, DeserializationError
-from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.schemas import contract
+from adaptloop.schemas import SerdeContext, contract, serde_for
 from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import build_interaction, build_outcome, episode_key
 from adaptloop.streams import stages
