@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from adaptloop.schemas.contract import now_ms
 from adaptloop.settings import KafkaSettings, Topics
 
 INTERACTION, SESSION, SUBJECT = "INTERACTION", "SESSION", "SUBJECT"
@@ -54,7 +54,7 @@ def build_erasure(*, tenant: str, scope: str, key: str, requested_by: str | None
     if not tenant or not key:
         raise ValueError("an erasure needs a tenant and a key")
     return {"erasure_id": erasure_id or str(uuid.uuid4()), "tenant": tenant, "scope": scope, "key": key,
-            "requested_at": requested_at if requested_at is not None else int(time.time() * 1000),
+            "requested_at": requested_at if requested_at is not None else now_ms(),
             "requested_by": requested_by, "reason": reason}
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from typing import Any, Iterable, Mapping
 
@@ -34,15 +33,12 @@ from confluent_kafka import KafkaException
 from adaptloop.errors import DeliveryError, FeedbackError, SerializationError
 from adaptloop.kafka import DeliveryTracker
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import now_ms
 from adaptloop.settings import KafkaSettings, Topics
 
 OUTCOME_SOURCES = ("VALIDATOR", "HUMAN", "HEURISTIC", "BUSINESS")
 #: Hex digits of an episode key (``episode_key``).
 EPISODE_KEY_HEX = 16
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def episode_key(tenant: str, episode_id: str) -> str:

@@ -6,6 +6,7 @@ in its own ``main()`` (``server.main``, ``gateway.main``, ``canary.main``; the g
 overhead, publish -> first answer).
 """
 
-from adaptloop.serving.registry import SERVABLE, WITHDRAWN, Release, ReleaseReader, newest_servable
+from adaptloop.schemas.contract import SERVABLE, WITHDRAWN
+from adaptloop.serving.registry import Release, ReleaseReader, newest_servable
 
 __all__ = ["SERVABLE", "WITHDRAWN", "Release", "ReleaseReader", "newest_servable"]

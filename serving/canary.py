@@ -47,6 +47,7 @@ from adaptloop.errors import AdaptloopError, BrokerError, ConfigError, Deseriali
 from adaptloop.kafka import DeliveryTracker, consumer_config, partitions_of
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import release_decision
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.settings import CanarySettings, admin_key
 from adaptloop.tasks import load_catalogue
@@ -166,9 +167,7 @@ def decision_record(release: Release, state: str, *, reason: str, decided_by: st
     """A new record for ``release``'s version: its newest record with the decision applied."""
     if release.record is None:
         raise ServingError(f"no record kept for {release.version}")
-    record = dict(release.record)
-    record.update(state=state, reason=reason, decided_by=decided_by, evidence_json=json.dumps(evidence, default=str))
-    return record
+    return release_decision(release.record, state, reason=reason, decided_by=decided_by, evidence=evidence)
 
 
 def decisions_for(releases: Mapping[str, Release], version: str, action: str, *, reason: str, decided_by: str,

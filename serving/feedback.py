@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import math
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptloop.errors import ConfigError
+from adaptloop.schemas import contract
 from adaptloop.sdk import OUTCOME_SOURCES, build_outcome, partition_key
 from adaptloop.settings import shared_secret
 
@@ -240,7 +240,7 @@ def outcome_of(raw: bytes, tenant: str, ids: InteractionIds, *, max_correction_c
     if len(correction or "") + sum(len(json.dumps(c)) for c in calls) > max_correction_chars:
         raise RequestRefused(400, f"invalid feedback: correction: longer than {max_correction_chars} characters",
                               "correction")
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    now = now_ms if now_ms is not None else contract.now_ms()
     if feedback.event_time is not None and feedback.event_time > now + MAX_FUTURE_MS:
         raise RequestRefused(400, "invalid feedback: event_time: in the future", "event_time")
     # An episode id needs no check: it is the caller's tenant's episode by construction (episodes are keyed

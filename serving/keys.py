@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from adaptloop.errors import AuthError, ConfigError
+from adaptloop.schemas.contract import now_ms
 
 PREFIX = "alk_"
 #: How often a gateway looks at its key file for a change (one stat call).
@@ -189,7 +190,7 @@ def add_to_key_file(file: Path, entry: KeyEntry) -> None:
         if any(row["id"] == entry.key_id for row in rows):
             raise ConfigError(f"the key file already has a key with id {entry.key_id}")
         rows.append({"id": entry.key_id, "tenant": entry.tenant, "sha256": entry.sha256,
-                     "created_at": int(time.time() * 1000)})
+                     "created_at": now_ms()})
 
 
 def revoke_in_key_file(file: Path, key_id: str) -> str:

@@ -25,14 +25,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from adaptloop.errors import BrokerError, DeserializationError
 from adaptloop.kafka import consumer_config, ensure_topics, partitions_of
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import SERVABLE
 from adaptloop.settings import KafkaSettings, Topics
 
 log = logging.getLogger(__name__)
 
-#: States in which an adapter may serve traffic; every other state means "not (any more)".
-SERVABLE = frozenset({"RELEASED", "PROMOTED"})
-#: States that take a loaded adapter out of service.
-WITHDRAWN = frozenset({"RETIRED", "ROLLED_BACK", "REJECTED"})
 
 DEFAULT_IDLE_S = 1.5
 DEFAULT_BATCH = 500

@@ -46,6 +46,7 @@ from adaptloop.chat import template_path
 from adaptloop.errors import AdaptloopError, ArtifactError, ServingError, StackError
 from adaptloop.model import ensure_base_model
 from adaptloop.processes import ManagedProcess, mark_ready, pin_to_cpus, stop_group
+from adaptloop.schemas.contract import now_ms
 from adaptloop.serving.registry import Release, ReleaseReader
 from adaptloop.serving.sidecar_report import ReportVersion, StatusPublisher, status_server
 from adaptloop.settings import ServeSettings, bearer_header
@@ -177,7 +178,7 @@ class Sidecar:
                 self.refused[release.version] = f"vLLM unreachable (retried after its restart): {exc}"
             return
         info = {"tenant": release.tenant, "task": release.task, "digest": release.digest, "state": release.state,
-                "loaded_at": int(time.time() * 1000), "load_ms": round((time.monotonic() - started) * 1000, 1)}
+                "loaded_at": now_ms(), "load_ms": round((time.monotonic() - started) * 1000, 1)}
         with self._lock:
             self.refused.pop(release.version, None)
             self.loaded[release.version] = info

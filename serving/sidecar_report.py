@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +22,7 @@ from urllib.parse import parse_qs, urlparse
 from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.kafka import DeliveryTracker
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import now_ms
 from adaptloop.serving.registry import ReleaseReader
 from adaptloop.settings import ServeSettings
 
@@ -94,7 +94,7 @@ class StatusPublisher:
             "base_model": self.settings.model.name, "base_model_digest": self.base_digest, "ready": self.ready(),
             "loaded": [{"version": v, "tenant": i["tenant"], "task": i["task"], "digest": i["digest"] or "",
                         "state": i["state"], "load_ms": float(i["load_ms"])} for v, i in sorted(status["loaded"].items())],
-            "refused": status["refused"], "reported_at": int(time.time() * 1000),
+            "refused": status["refused"], "reported_at": now_ms(),
         }
 
     def changed(self) -> None:

@@ -3,13 +3,11 @@
 The stages import without Faust, so they can be used and tested from any environment.
 """
 
+from adaptloop.schemas.contract import SourceRef, dead_letter
 from adaptloop.streams.stages import (
-    CODE_VERSION,
     Contract,
     Decoder,
-    SourceRef,
     curate,
-    dead_letter,
     score,
     split,
     training_request,
@@ -17,7 +15,6 @@ from adaptloop.streams.stages import (
 )
 
 __all__ = [
-    "CODE_VERSION",
     "Contract",
     "Decoder",
     "SourceRef",

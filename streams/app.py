@@ -51,6 +51,7 @@ from adaptloop.erasure import subject_key
 from adaptloop.errors import ContractError, DeliveryError, DeserializationError
 from adaptloop.processes import mark_ready
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import dead_letter, reject_code_of
 from adaptloop.settings import ErasureSettings, StreamsSettings
 from adaptloop.streams import dedupe, stages
 from adaptloop.streams.delivery import StagedWrites, after_delivery, event_context, run_batched, send_acknowledged
@@ -192,7 +193,7 @@ class Curation:
                           timeout_s=self.settings.kafka.delivery_timeout_s, before_settle=before_settle)
 
     async def send_dead_letter(self, event: EventT, ref: SourceRef, stage: str, error: Exception) -> None:
-        record = stages.dead_letter(ref, event.key, event.value, stage=stage, error=error)
+        record = dead_letter(ref, event.key, event.value, stage=stage, error=error)
         log.warning("dead letter from %s/%d@%d (%s): %s", ref.topic, ref.partition, ref.offset, stage, record["reason"])
         topic = self.dead_letters.get_topic_name()
         # Keyed by where the record came from, not by its own key: a key can be as large as the producer allows,
@@ -344,7 +345,7 @@ class Curation:
                 self.metrics.record(stages.STAGE_JOIN, ADMITTED, tenant_task=tenant_task)
             else:
                 self.metrics.record(stages.STAGE_JOIN, REJECTED, tenant_task=tenant_task,
-                                    reason=_reason(example["reject_reason"]))
+                                    reason=reject_code_of(example) or "unknown")
 
         after_delivery(emitted)
 
@@ -453,7 +454,7 @@ class Curation:
             example.update(seen["decision"])
             if not example["admitted"]:
                 self.metrics.record(stages.STAGE_DEDUPE, REJECTED, tenant_task=tenant_task,
-                                    reason=_reason(example["reject_reason"]))
+                                    reason=reject_code_of(example) or "unknown")
         value = self.curated_serde.serialize(example, SerdeContext(self.curated.get_topic_name()))
         await self._send(self.curated, tenant_task, value)
         if example["admitted"]:
@@ -558,16 +559,6 @@ class Curation:
             if position is not None and highwater is not None:
                 self.metrics.set_lag(tp.topic, tp.partition, max(0, int(highwater) - int(position)))
         self.metrics.set_state(self.sweeper.sizes(), self.sweeper.evicted)
-
-
-def _reason(text: str | None) -> str:
-    """The metric reason of a rejection: its first words (``near duplicate of X`` -> near_duplicate)."""
-    text = text or "unknown"
-    for code in ("past the", "exact duplicate", "near duplicate", "correction rejected", "rejects the response",
-                 "not a success", "outcome tenant"):
-        if code in text:
-            return code.replace("past the", "after_horizon")
-    return text
 
 
 def create_app(settings: StreamsSettings, *, erasures: ErasureFeed | None = None,

@@ -25,6 +25,9 @@ from typing import Any, Iterable, Mapping
 
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
+from adaptloop.schemas.contract import RejectCode
+from adaptloop.streams.stages import rejection
+
 DEFAULT_NUM_PERM = 64
 #: datasketch 2 permutation scheme, named: stored signatures must be rebuilt with the one that made them.
 SCHEME = "affine32"
@@ -151,13 +154,11 @@ def dedupe_decision(example: Mapping[str, Any], *, exact_of: str | None,
     holdout score.
     """
     if exact_of is not None and exact_of != example["example_id"]:
-        return {"admitted": False, "near_duplicate_of": exact_of,
-                "reject_reason": f"exact duplicate of {exact_of}"}
+        return {"admitted": False, "near_duplicate_of": exact_of, **rejection(RejectCode.EXACT_DUPLICATE, of=exact_of)}
     near = [n for n in near_of if n != example["example_id"]]
     if near:
-        return {"admitted": False, "near_duplicate_of": near[0],
-                "reject_reason": f"near duplicate of {near[0]}"}
-    return {"admitted": True, "near_duplicate_of": None, "reject_reason": None}
+        return {"admitted": False, "near_duplicate_of": near[0], **rejection(RejectCode.NEAR_DUPLICATE, of=near[0])}
+    return {"admitted": True, "near_duplicate_of": None, "reject_code": None, "reject_reason": None}
 
 
 def canonical(value: Any) -> str:

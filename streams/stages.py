@@ -1,6 +1,6 @@
 """Curation stages as pure functions: no Faust, no broker, unit-testable in any venv.
 
-    decode (bytes -> record, or a contract violation)  ->  dead_letter(...) when it fails
+    decode (bytes -> record, or a contract violation)  ->  contract.dead_letter(...) when it fails
     score(interaction, outcome, ...)                     ->  a CuratedExample dict
     split(tenant, task, session_id, holdout_percent)     ->  "TRAIN" | "HOLDOUT" (stable per session)
     window_update(state, example, ...)                   ->  new per-(tenant, task) state, fire or not
@@ -15,19 +15,16 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Iterable, Mapping
 
 from adaptloop.chat import assistant_text
-from adaptloop.errors import ContractError, DeserializationError
+from adaptloop.errors import ContractError
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import (RejectCode, SourceRef, code_version as current_code_version, now_ms,
+                                        training_request as training_request_record)
 from adaptloop.sdk import episode_key, outcome_key, partition_key
 from adaptloop.tasks import TaskSpec, example_catalogue
-
-#: Which code made a record: written into every example's and request's lineage.
-CODE_VERSION = f"adaptloop=={metadata.version('adaptloop')}"
 
 #: Stage names as they appear in dead letters.
 STAGE_DECODE = "decode"
@@ -39,25 +36,22 @@ STAGE_WINDOW = "window"
 TRAIN, HOLDOUT = "TRAIN", "HOLDOUT"
 SUCCESS, CORRECTION, FAILURE = "SUCCESS", "CORRECTION", "FAILURE"
 
+#: The words a person reads for each reject code (``reject_reason``); every stage decides by the code.
+REJECT_WORDING = {
+    RejectCode.FOREIGN_TENANT: "outcome tenant {outcome_tenant!r} is not the interaction's {tenant!r}",
+    RejectCode.CORRECTION_INVALID: "correction rejected by {scorer}: {why}",
+    RejectCode.RESPONSE_INVALID: "outcome says success but {scorer} rejects the response: {why}",
+    RejectCode.NOT_A_SUCCESS: "outcome is not a success and carries no correction",
+    RejectCode.AFTER_HORIZON: "outcome {outcome_id} came {delay_h:.1f} h after the interaction (event time), "
+                              "past the {horizon_h:g} h horizon",
+    RejectCode.EXACT_DUPLICATE: "exact duplicate of {of}",
+    RejectCode.NEAR_DUPLICATE: "near duplicate of {of}",
+}
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
-
-@dataclass(frozen=True)
-class SourceRef:
-    """Where a record was read: topic, partition, offset (the unit of lineage)."""
-
-    topic: str
-    partition: int
-    offset: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
-
-    @classmethod
-    def from_dict(cls, value: Mapping[str, Any]) -> "SourceRef":
-        return cls(str(value["topic"]), int(value["partition"]), int(value["offset"]))
+def rejection(code: RejectCode, **detail: Any) -> dict[str, str]:
+    """The ``reject_code`` and ``reject_reason`` fields of an example curation does not admit."""
+    return {"reject_code": code.value, "reject_reason": REJECT_WORDING[code].format(**detail)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,48 +163,6 @@ class Decoder:
         return record
 
 
-#: A dead letter keeps the original key and value while they, with the key counted twice (dead letters were once
-#: produced under it; they are keyed by their source now, and the budget stayed), take at most this many bytes;
-#: its reason at most ``DEAD_LETTER_MAX_REASON`` characters. It
-#: must fit where the record did not always fit: the Faust producer refuses a request over 1 MB, and a record over
-#: ``max_record_bytes`` (1 MB by default) whose dead letter carried it whole ended the worker, and its restart on
-#: the same record, for every partition it owned. What is left out is named in the reason, and the record stays
-#: in its source topic at ``source_offset``.
-DEAD_LETTER_MAX_BYTES = 900_000
-DEAD_LETTER_MAX_REASON = 2_000
-
-
-def dead_letter(ref: SourceRef, key: bytes | None, value: bytes | None, *, stage: str,
-                error: BaseException, failed_at: int | None = None,
-                max_bytes: int = DEAD_LETTER_MAX_BYTES) -> dict[str, Any]:
-    """A DeadLetter record (schemas/avro/dead_letter.v1.avsc): the original bytes (within ``max_bytes``), why, and
-    where from."""
-    reason = error.reason if isinstance(error, DeserializationError) else str(error)
-    if len(reason) > DEAD_LETTER_MAX_REASON:  # a reason may quote the record (a key's repr): its ends say why
-        half = DEAD_LETTER_MAX_REASON // 2
-        reason = f"{reason[:half]}... ({len(reason) - 2 * half} characters left out) ...{reason[-half:]}"
-    key_size, value_size = len(key or b""), len(value or b"")
-    left_out = []
-    if value is not None and 2 * key_size + value_size > max_bytes:
-        value, left_out = None, [f"its value of {value_size} bytes"]
-    if key is not None and 2 * key_size > max_bytes:
-        key, left_out = None, left_out + [f"its key of {key_size} bytes"]
-    if left_out:
-        reason += (f" [{' and '.join(left_out)} left out of this dead letter (over {max_bytes} bytes): the record "
-                   f"stays at {ref.topic}/{ref.partition}@{ref.offset}]")
-    return {
-        "source_topic": ref.topic,
-        "source_partition": ref.partition,
-        "source_offset": ref.offset,
-        "key": key,
-        "value": value,
-        "stage": stage,
-        "error_type": type(error).__name__,
-        "reason": reason,
-        "failed_at": failed_at if failed_at is not None else now_ms(),
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # join + score + split
 
@@ -223,8 +175,8 @@ def split(tenant: str, task: str, session_id: str, holdout_percent: int) -> str:
 
 def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interaction_ref: SourceRef,
           outcome_ref: SourceRef, spec: TaskSpec, holdout_percent: int,
-          code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
-    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v3.avsc).
+          code_version: str | None = None, curated_at: int | None = None) -> dict[str, Any]:
+    """Join one interaction with its outcome into a CuratedExample (schemas/avro/curated_example.v4.avsc).
 
     SUCCESS     the outcome says success and the task's validator accepts the response;
     CORRECTION  the outcome carries a correction the validator accepts (it becomes the completion,
@@ -238,10 +190,11 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
     """
     response, response_calls = interaction["response"], list(interaction.get("tool_calls") or [])
     correction, correction_calls = outcome["correction"], list(outcome.get("correction_tool_calls") or [])
-    kind, completion, calls, rejected, rejected_calls, reject_reason = FAILURE, response or "", response_calls, None, [], None
+    kind, completion, calls, rejected, rejected_calls = FAILURE, response or "", response_calls, None, []
+    refused: dict[str, str | None] = {"reject_code": None, "reject_reason": None}
     value: float = outcome["score"] if outcome["score"] is not None else 0.0
     if outcome["tenant"] != interaction["tenant"]:
-        reject_reason = f"outcome tenant {outcome['tenant']!r} is not the interaction's {interaction['tenant']!r}"
+        refused = rejection(RejectCode.FOREIGN_TENANT, outcome_tenant=outcome["tenant"], tenant=interaction["tenant"])
     else:
         answered = response is not None or bool(response_calls)
         response_verdict = spec.judge(assistant_text(response, response_calls)) if answered else None
@@ -254,12 +207,12 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
                 kind, value = CORRECTION, verdict.score
                 completion, calls, rejected, rejected_calls = correction or "", correction_calls, response, response_calls
             else:
-                reject_reason = f"correction rejected by {spec.scorer}: {verdict.reason}"
+                refused = rejection(RejectCode.CORRECTION_INVALID, scorer=spec.scorer, why=verdict.reason)
         elif outcome["success"] is True:
             why = "no response text" if response_verdict is None else response_verdict.reason
-            reject_reason = f"outcome says success but {spec.scorer} rejects the response: {why}"
+            refused = rejection(RejectCode.RESPONSE_INVALID, scorer=spec.scorer, why=why)
         else:
-            reject_reason = "outcome is not a success and carries no correction"
+            refused = rejection(RejectCode.NOT_A_SUCCESS)
     return {
         "example_id": interaction["interaction_id"],
         "tenant": interaction["tenant"],
@@ -268,7 +221,7 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
         "split": split(interaction["tenant"], interaction["task"], interaction["session_id"], holdout_percent),
         "kind": kind,
         "admitted": kind != FAILURE,
-        "reject_reason": reject_reason,
+        **refused,
         "episode_id": interaction.get("episode_id") or "",
         "turn": int(interaction.get("turn") or 0),
         "scope": "CALL",
@@ -288,7 +241,7 @@ def score(interaction: Mapping[str, Any], outcome: Mapping[str, Any], *, interac
             "interaction": interaction_ref.as_dict(),
             "outcomes": [outcome_ref.as_dict()],
             "outcome_ids": [outcome["outcome_id"]],
-            "code_version": code_version,
+            "code_version": code_version or current_code_version(),
             "winning_outcome_id": outcome["outcome_id"],
         },
     }
@@ -342,7 +295,7 @@ def resolve(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, An
 def curate(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, Any], SourceRef]], *,
            interaction_ref: SourceRef, spec: TaskSpec, holdout_percent: int, horizon_ms: int,
            redactions: Mapping[str, int] | None = None, subjects: Iterable[str] = (),
-           code_version: str = CODE_VERSION, curated_at: int | None = None) -> dict[str, Any]:
+           code_version: str | None = None, curated_at: int | None = None) -> dict[str, Any]:
     """One interaction with every outcome it got: the strongest eligible outcome decides (``score``);
     the others stay in the lineage after it (``outcome_ids``/``outcomes``, winner first, late ones last).
 
@@ -360,8 +313,8 @@ def curate(interaction: Mapping[str, Any], outcomes: list[tuple[Mapping[str, Any
     if not eligible:
         delay_h = (winner["event_time"] - interaction["event_time"]) / 3_600_000
         example.update(kind=FAILURE, admitted=False, completion=interaction["response"] or "", rejected=None,
-                       reject_reason=f"outcome {winner['outcome_id']} came {delay_h:.1f} h after the interaction "
-                                     f"(event time), past the {horizon_ms / 3_600_000:g} h horizon")
+                       **rejection(RejectCode.AFTER_HORIZON, outcome_id=winner["outcome_id"], delay_h=delay_h,
+                                   horizon_h=horizon_ms / 3_600_000))
     example["redactions"] = [{"rule": rule, "count": int(n)} for rule, n in sorted((redactions or {}).items())]
     example["subjects"] = sorted(set(subjects))
     return example
@@ -444,20 +397,13 @@ def request_id(tenant: str, task: str, ranges: list[Mapping[str, Any]]) -> str:
 
 
 def training_request(tenant: str, task: str, state: Mapping[str, Any], *, curated_topic: str,
-                     trigger: str | None = None, code_version: str = CODE_VERSION,
+                     trigger: str | None = None, code_version: str | None = None,
                      created_at: int | None = None, task_digest: str | None = None) -> dict[str, Any]:
     """A TrainingRequest (schemas/avro/training_request.v2.avsc) for the state that just fired; ``task_digest``
     is the task as this worker's catalogue defines it (the trainer checks its own against it)."""
     ranges = example_ranges(curated_topic, state)
-    return {
-        "request_id": request_id(tenant, task, ranges),
-        "tenant": tenant,
-        "task": task,
-        "created_at": created_at if created_at is not None else now_ms(),
-        "trigger": trigger or f"count>={int(state['train_count'])}",
-        "examples": ranges,
-        "train_count": int(state["train_count"]),
-        "holdout_count": int(state["holdout_count"]),
-        "code_version": code_version,
-        "task_digest": task_digest,
-    }
+    return training_request_record(
+        request_id=request_id(tenant, task, ranges), tenant=tenant, task=task,
+        trigger=trigger or f"count>={int(state['train_count'])}", examples=ranges,
+        train_count=state["train_count"], holdout_count=state["holdout_count"],
+        code_version=code_version or current_code_version(), created_at=created_at, task_digest=task_digest)

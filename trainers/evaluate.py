@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from adaptloop.schemas.contract import SERVABLE
 from adaptloop.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
 BASE = "base"
-LIVE_STATES = ("RELEASED", "PROMOTED")
 DEFAULT_EVAL_BATCH = 16
 
 
@@ -241,7 +241,7 @@ def newest_live_adapter(releases: Sequence[Mapping[str, Any]], tenant: str, task
     for position, record in enumerate(releases):
         if record["tenant"] == tenant and record["task"] == task:
             latest[record["version"]] = (position, record)
-    live = [(pos, r) for pos, r in latest.values() if r["state"] in LIVE_STATES and r.get("artifact_uri")]
+    live = [(pos, r) for pos, r in latest.values() if r["state"] in SERVABLE and r.get("artifact_uri")]
     if not live:
         return Incumbent()
     # Newest by the position of each version's latest record: a later RELEASED candidate (it passed
@@ -256,7 +256,7 @@ def live_releases(releases: Sequence[Mapping[str, Any]], tenant: str) -> list[Ma
     for position, record in enumerate(releases):
         if record["tenant"] == tenant:
             latest[record["version"]] = (position, record)
-    return [r for _, r in sorted(latest.values(), key=lambda item: item[0]) if r["state"] in LIVE_STATES]
+    return [r for _, r in sorted(latest.values(), key=lambda item: item[0]) if r["state"] in SERVABLE]
 
 
 def cli(argv: list[str] | None = None) -> int:

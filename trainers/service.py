@@ -44,6 +44,7 @@ from adaptloop.kafka import DeliveryTracker, Range, consumer_config
 from adaptloop.processes import mark_ready
 from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import SourceRef, code_version, dead_letter, now_ms
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
 from adaptloop.trainers.queue import FairQueue
@@ -55,19 +56,6 @@ STAGE = "trainer"
 DECIDED_BY = "gate"
 #: A training job can take many minutes between polls; librdkafka's default (5 min) would evict us.
 MAX_POLL_INTERVAL_MS = 2 * 60 * 60 * 1000
-
-
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"adaptloop {version('adaptloop')}"
-    except PackageNotFoundError:
-        return "adaptloop (not installed)"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str, erasures: Any = None) -> Snapshot:
@@ -381,8 +369,6 @@ class TrainerService:
         self.producer.send_sync(topic, value, key=release["version"])
 
     def dead_letter(self, msg: Message, error: Exception) -> None:
-        from adaptloop.streams.stages import SourceRef, dead_letter
-
         topic = self.settings.topics.name("dead_letters")
         record = dead_letter(SourceRef(msg.topic(), msg.partition(), msg.offset()), msg.key(), msg.value(),
                              stage=STAGE, error=error)
@@ -477,7 +463,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
             msg = messages.pop(offset)
             if len(queue):
                 log.info("request %s of %s/%s next; waiting: %s", request["request_id"][:12], request["tenant"],
-                         request["task"], queue.waiting(int(time.time() * 1000)))
+                         request["task"], queue.waiting(now_ms()))
             state["busy"] = True
             try:
                 service.handle(msg)

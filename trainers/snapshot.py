@@ -12,14 +12,17 @@ rewrites a snapshot that holds an erased example into a new one without it (``er
 digest, ``rewritten_from`` in its manifest) and leaves at the old folder only ``rewritten.json``
 (the erasure ids, the new digest, no content); ``read_snapshot`` follows it.
 
-Which examples carry which signal (curated_example.v2):
+Which examples carry which signal:
 
 * desirable: admitted SUCCESS and CORRECTION examples (the completion is right);
 * pair: a CORRECTION whose ``rejected`` (the agent's original answer) is present and differs;
-* undesirable: a FAILURE (never admitted) whose ``reject_reason`` is a verdict on the answer
-  ("outcome is not a success ...", "outcome says success but <validator> rejects ..."), with
-  an answer; FAILUREs that are contract problems (a foreign tenant, a correction the validator
-  refused) or near-duplicates say nothing about the answer and are left out.
+* undesirable: a FAILURE (never admitted) whose reject code is a verdict on the answer
+  (``contract.VERDICT_CODES``: NOT_A_SUCCESS, RESPONSE_INVALID), with an answer; FAILUREs that are
+  contract problems (a foreign tenant, a correction the validator refused) or near-duplicates say
+  nothing about the answer and are left out.
+
+A row keeps the reject code, not curation's ``reject_reason`` prose: rewording a reason changes
+neither a snapshot's rows nor its digest.
 
 Only desirable examples enter the holdout: evaluation needs a correct reference answer.
 """
@@ -31,6 +34,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from adaptloop.schemas.contract import VERDICT_CODES, reject_code_of
+
 SNAPSHOT_FORMAT = "adaptloop.snapshot/1"
 MANIFEST = "manifest.json"
 #: What an erasure leaves at a rewritten snapshot's folder: where its content went, none of the content.
@@ -40,8 +45,6 @@ REWRITTEN_FORMAT = "adaptloop.snapshot-rewritten/1"
 MAX_REWRITES = 64
 TRAIN_FILE, HOLDOUT_FILE = "train.parquet", "holdout.parquet"
 DESIRABLE, UNDESIRABLE = "desirable", "undesirable"
-#: Prefixes of the FAILURE reasons (streams/stages.py) that are a verdict on the answer itself.
-VERDICT_REASONS = ("outcome is not a success", "outcome says success but", "verdict:")
 
 
 def canonical_json(value: Any) -> str:
@@ -68,7 +71,7 @@ def _row(record: Mapping[str, Any], partition: int, offset: int) -> dict:
     return {
         "example_id": record["example_id"], "tenant": record["tenant"], "task": record["task"],
         "session_id": record.get("session_id", ""), "split": record["split"], "kind": record["kind"],
-        "admitted": bool(record["admitted"]), "reject_reason": record.get("reject_reason"),
+        "admitted": bool(record["admitted"]), "reject_code": reject_code_of(record),
         "prompt_messages": [_message(m) for m in record["prompt_messages"]],
         "completion": record["completion"], "rejected": record.get("rejected"),
         "completion_tool_calls": [_call(c) for c in record.get("completion_tool_calls") or ()],
@@ -88,7 +91,7 @@ def signal_of(record: Mapping[str, Any]) -> str | None:
         return DESIRABLE
     if (not record["admitted"] and record["kind"] == "FAILURE" and not record.get("near_duplicate_of")
             and turn_text(record).strip()
-            and (record.get("reject_reason") or "").startswith(VERDICT_REASONS)):
+            and reject_code_of(record) in VERDICT_CODES):
         return UNDESIRABLE
     return None
 

@@ -43,6 +43,7 @@ from adaptloop.ops.stack import LocalStack, StackPorts, free_port
 from adaptloop.ops.tool_loop import TENANT as TOOL_TENANT
 from adaptloop.ops.tool_loop import ToolLoop
 from adaptloop.records import read_topic
+from adaptloop.schemas.contract import SERVABLE, now_ms
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
 
@@ -111,10 +112,6 @@ class DemoResult:
 
 def _say(message: str, started: float = time.monotonic()) -> None:
     print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Agent:
@@ -264,7 +261,7 @@ class PairLoop:
             _say(f"{self.name}: gate {release['state']} {release['version']}: candidate "
                  f"{evaluation['candidate_score']:.0%} vs {evaluation['incumbent']} {evaluation['incumbent_score']:.0%} "
                  f"on {evaluation['holdout_count']} curated holdout examples")
-            if release["state"] in ("RELEASED", "PROMOTED"):
+            if release["state"] in SERVABLE:
                 await self.wait_until_served(release["version"])
                 self.served = release["version"]
                 _say(f"{self.name}: the gateway now serves {release['version']}")

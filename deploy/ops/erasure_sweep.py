@@ -36,7 +36,8 @@ from typing import Any, Mapping, Protocol
 from adaptloop.artifacts import artifact_path, delete_tree
 from adaptloop.erasure import ErasureSet
 from adaptloop.errors import ArtifactError
-from adaptloop.ops.lineage import LIVE_STATES, LineageRecords, decisions_by_version
+from adaptloop.ops.lineage import LineageRecords, decisions_by_version
+from adaptloop.schemas.contract import SERVABLE, now_ms
 from adaptloop.settings import TrainerSettings
 
 
@@ -227,13 +228,13 @@ def sweep_adapters(artifact_dir: Path, after: Mapping[str, Mapping[str, Any]], l
     """Delete what the trainer wrote for each ``learned`` version that ``after`` (version -> its newest record,
     this forget's decisions included) says is not live; a live (flagged) one is kept and said so."""
     artifact_dir = Path(artifact_dir).resolve()
-    live = [p for r in after.values() if r["state"] in LIVE_STATES and r.get("artifact_uri")
+    live = [p for r in after.values() if r["state"] in SERVABLE and r.get("artifact_uri")
             for p in [_local(r["artifact_uri"])] if p]
     for version in learned:
         release = after[version]
         entry: dict[str, Any] = {"version": version, "deleted": [], "kept": []}
         sweep.adapters.append(entry)
-        if release["state"] in LIVE_STATES:
+        if release["state"] in SERVABLE:
             entry["kept"].append({"path": release.get("artifact_uri"), "why": (
                 f"{release['state']} and flagged: it serves until its retrained successor replaces it; "
                 "run this forget again then to delete it")})
@@ -263,7 +264,7 @@ def sweep_store(store: ArtifactStore, plan: PublishedErasure, records: LineageRe
                 at_ms: int | None = None) -> Sweep:
     """After forget published ``plan``: rewrite the tenant's snapshots that any of its erasures matches, and
     delete the artifacts of every version that learned from the erased examples and is not live now."""
-    at_ms = int(time.time() * 1000) if at_ms is None else at_ms
+    at_ms = now_ms() if at_ms is None else at_ms
     tenant = plan.erasure["tenant"]
     erasures = ErasureSet.of([p.record for p in records.erasures if p.record["tenant"] == tenant] + [plan.erasure])
     sweep = Sweep()

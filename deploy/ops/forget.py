@@ -50,7 +50,6 @@ import ipaddress
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -61,18 +60,16 @@ from adaptloop.erasure import INTERACTION, SESSION, SUBJECT, ErasureSet, build_e
 from adaptloop.errors import ConfigError
 from adaptloop.kafka import DeliveryTracker, ensure_topics
 from adaptloop.ops.erasure_sweep import ArtifactStore, Sweep, sweep_store
-from adaptloop.ops.lineage import LIVE_STATES, LineageRecords, decisions_by_version, learned_from, ranges_contain
+from adaptloop.ops.lineage import LineageRecords, decisions_by_version, learned_from, ranges_contain
 from adaptloop.records import Positioned
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import (SERVABLE, ReleaseState, code_version, now_ms, release_decision,
+                                        training_request)
 from adaptloop.settings import ErasureSettings, KafkaSettings, StreamsSettings, Topics, TrainerSettings
 from adaptloop.streams.pii import PLACEHOLDER, Redactor
 
 DECIDED_BY = "erasure"
 FLAG_REASON = "flagged: retrain without erased data"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def erasure_id_for(tenant: str, scope: str, key: str) -> str:
@@ -171,15 +168,6 @@ def normalize_subject(value: str, *, phone_region: str = "US", pii_patterns: Map
         "pass --raw to key it exactly as written")
 
 
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"adaptloop=={version('adaptloop')}"
-    except PackageNotFoundError:
-        return "adaptloop (not installed)"
-
-
 @dataclass
 class AdapterAction:
     """What forget does about one adapter version that learned from erased examples."""
@@ -225,16 +213,6 @@ def infer_tenant(records: LineageRecords, scope: str, key: str) -> str:
     return tenants[0]
 
 
-def decision_record(latest: Mapping[str, Any], *, state: str, reason: str, evidence: Mapping[str, Any]) -> dict:
-    """A new release record for the same version: everything as it was, plus this decision.
-
-    ``created_at`` stays the adapter's: serving orders servable versions by it, and a flag must not
-    make an older adapter look newer; the decision's own time is in the evidence.
-    """
-    return dict(latest) | {"state": state, "reason": reason, "decided_by": DECIDED_BY,
-                           "evidence_json": json.dumps(evidence, sort_keys=True)}
-
-
 def retrain_request(old: Mapping[str, Any] | None, release: Mapping[str, Any], erasure_id: str,
                     erased: list[Positioned], *, created_at: int, code: str) -> dict:
     """The same ranges again, under a new id; counts less the erased examples they held."""
@@ -245,11 +223,10 @@ def retrain_request(old: Mapping[str, Any] | None, release: Mapping[str, Any], e
     erased_holdout = len({p.record["example_id"] for p in inside if p.record["split"] == "HOLDOUT"})
     old_train = old["train_count"] if old else len(lineage["train_example_ids"])
     old_holdout = old["holdout_count"] if old else release["evaluation"]["holdout_count"]
-    return {"request_id": retrain_request_id(lineage["request_id"], erasure_id),
-            "tenant": release["tenant"], "task": release["task"], "created_at": created_at,
-            "trigger": f"erasure:{erasure_id}", "examples": ranges,
-            "train_count": max(0, old_train - erased_train), "holdout_count": max(0, old_holdout - erased_holdout),
-            "code_version": code}
+    return training_request(request_id=retrain_request_id(lineage["request_id"], erasure_id),
+                            tenant=release["tenant"], task=release["task"], trigger=f"erasure:{erasure_id}",
+                            examples=ranges, train_count=max(0, old_train - erased_train),
+                            holdout_count=max(0, old_holdout - erased_holdout), code_version=code, created_at=created_at)
 
 
 def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: bool,
@@ -274,22 +251,22 @@ def plan_forget(erasure: Mapping[str, Any], records: LineageRecords, *, retire: 
         if done:
             action.action = "none (already decided)"
             continue
-        if latest["state"] not in LIVE_STATES:
+        if latest["state"] not in SERVABLE:
             action.action = "none (not live)"
             continue
         evidence = {"erasure_id": erasure_id, "scope": erasure["scope"], "key": erasure["key"],
                     "tenant": erasure["tenant"], "matched_example_ids": learned, "previous_state": latest["state"],
                     "decided_at": decided_at, "action": action.action}
         if retire:
-            action.decision = decision_record(latest, state="RETIRED", evidence=evidence,
-                                              reason=f"retired: learned from erased data (erasure {erasure_id})")
+            action.decision = release_decision(latest, ReleaseState.RETIRED, decided_by=DECIDED_BY, evidence=evidence,
+                                               reason=f"retired: learned from erased data (erasure {erasure_id})")
             continue
         old = requests.get(first["lineage"]["request_id"])
         request = retrain_request(old, first, erasure_id, matched, created_at=decided_at, code=code)
         evidence["retrain_request_id"] = request["request_id"]
-        action.decision = decision_record(latest, state=latest["state"], evidence=evidence,
-                                          reason=f"{FLAG_REASON} (erasure {erasure_id}, "
-                                                 f"retrain request {request['request_id'][:12]})")
+        action.decision = release_decision(latest, latest["state"], decided_by=DECIDED_BY, evidence=evidence,
+                                           reason=f"{FLAG_REASON} (erasure {erasure_id}, "
+                                                  f"retrain request {request['request_id'][:12]})")
         if request["request_id"] in requests:
             plan.requests_already_published.append(request["request_id"])
         else:

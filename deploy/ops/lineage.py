@@ -26,10 +26,9 @@ from typing import Any, Iterable, Mapping
 
 from adaptloop.kafka import read_topics
 from adaptloop.records import Positioned, decode_all
+from adaptloop.schemas.contract import reject_code_of
 from adaptloop.settings import KafkaSettings, Topics
 
-#: States in which an adapter can serve (or is about to serve) traffic; mirrors serving.registry.SERVABLE.
-LIVE_STATES = frozenset({"RELEASED", "PROMOTED"})
 DEFAULT_IDLE_S = 1.0
 
 
@@ -147,7 +146,8 @@ def learned_from(release: Mapping[str, Any], example: Positioned) -> str | None:
 def example_summary(p: Positioned) -> dict[str, Any]:
     r = p.record
     return {"example_id": r["example_id"], "tenant": r["tenant"], "task": r["task"], "session_id": r["session_id"],
-            "split": r["split"], "kind": r["kind"], "admitted": r["admitted"], "reject_reason": r.get("reject_reason"),
+            "split": r["split"], "kind": r["kind"], "admitted": r["admitted"],
+            "reject_code": reject_code_of(r), "reject_reason": r.get("reject_reason"),
             "position": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
             "interaction": dict(r["lineage"]["interaction"])}
 
@@ -238,8 +238,8 @@ def render_interaction(view: Mapping[str, Any]) -> str:
         lines.append("  no curated example (not curated yet, erased, or unknown)")
     for e in view["examples"]:
         pos, src = e["position"], e["interaction"]
-        lines.append(f"  example   {e['tenant']}/{e['task']} {e['split']} {e['kind']} "
-                     f"{'admitted' if e['admitted'] else 'rejected: ' + str(e['reject_reason'])} "
+        verdict = "admitted" if e["admitted"] else f"rejected: {e['reject_code']} ({e['reject_reason']})"
+        lines.append(f"  example   {e['tenant']}/{e['task']} {e['split']} {e['kind']} {verdict} "
                      f"at {pos['topic']}[{pos['partition']}]@{pos['offset']} "
                      f"(from {src['topic']}[{src['partition']}]@{src['offset']})")
     for r in view["requests"]:

@@ -31,10 +31,10 @@ from typing import Any, Mapping
 
 import httpx
 
-from adaptloop.errors import StackError
+from adaptloop.errors import AdaptloopError, StackError
 from adaptloop.ops.report_data import ms
+from adaptloop.schemas.contract import SERVABLE
 
-SERVED_STATES = ("RELEASED", "PROMOTED")
 #: Stage -> (from, to) timestamp names, in loop order.
 STAGES: dict[str, tuple[str, str]] = {
     "curation": ("outcome_recorded", "curated"),
@@ -141,7 +141,7 @@ def latencies(kafka, topics, *, sidecar_url: str | None, trainer_log: Path | Non
     out, seen = [], set()
     for release in releases:
         version = release["version"]
-        if release["state"] not in SERVED_STATES or version in seen:
+        if release["state"] not in SERVABLE or version in seen:
             continue
         seen.add(version)
         request = requests.get(release["lineage"]["request_id"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from adaptloop.errors import AdaptloopError, DeserializationError
+from adaptloop.schemas.contract import reject_code_of
 
 #: Curated kinds that mean "the served answer was right".
 SUCCESS_KINDS = ("SUCCESS",)
@@ -153,13 +154,6 @@ def loss_curves(releases: Iterable[Mapping[str, Any]], pair: Pair) -> dict[str, 
     return curves
 
 
-def reason_label(reason: str | None, width: int = 60) -> str:
-    """A short bucket for a reject reason: numbers and quoted values removed, so equal causes group."""
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason or "unknown")
-    text = re.sub(r"\d+(\.\d+)?", "N", text)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def attribute_dead_letter(record: Mapping[str, Any], decoders: Mapping[str, Any]) -> Pair | None:
     """(tenant, task) of a dead letter when its original bytes still decode as an interaction
     (or a tenant-only outcome: task ``?``); None when they do not."""
@@ -187,7 +181,7 @@ def funnel(records: Records, pair: Pair, dead_letter_pairs: Sequence[Pair | None
         "admitted TRAIN": sum(1 for e in examples if e["admitted"] and e["split"] == "TRAIN"),
         "admitted HOLDOUT": sum(1 for e in examples if e["admitted"] and e["split"] == "HOLDOUT"),
     }
-    rejected = Counter(reason_label(e.get("reject_reason")) for e in examples if not e["admitted"])
+    rejected = Counter(reject_code_of(e) or "unknown" for e in examples if not e["admitted"])
     for reason, count in rejected.most_common():
         out[f"rejected: {reason}"] = count
     out["dead letters"] = sum(1 for p in dead_letter_pairs if p is not None and p[0] == pair[0] and p[1] in (pair[1], "?"))

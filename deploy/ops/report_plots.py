@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from adaptloop.ops.report_data import ROLLING_WINDOW, Pair, Verdict, rolling_success
+from adaptloop.schemas.contract import SERVABLE, ReleaseState
 
-GOOD_STATES = ("RELEASED", "PROMOTED")
-BAD_STATES = ("REJECTED", "ROLLED_BACK")
+#: Drawn red: the gate or the canary refused the adapter (a retired one did its time and is drawn grey).
+BAD_STATES = (ReleaseState.REJECTED, ReleaseState.ROLLED_BACK)
 #: A pause in traffic longer than this breaks the rolling line.
 GAP_MS = 30_000
 
@@ -40,7 +41,7 @@ def _minutes(at_ms: int, origin_ms: int) -> float:
 
 
 def _state_colour(state: str) -> str:
-    return "tab:green" if state in GOOD_STATES else "tab:red" if state in BAD_STATES else "tab:gray"
+    return "tab:green" if state in SERVABLE else "tab:red" if state in BAD_STATES else "tab:gray"
 
 
 def plot_success(path: Path, pair: Pair, points: Sequence[Verdict], marks: Sequence[Mapping[str, Any]],

@@ -39,6 +39,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 from adaptloop.errors import AdaptloopError, ConfigError
 from adaptloop.kafka import admin, read_topics
 from adaptloop.records import decode_all
+from adaptloop.schemas.contract import now_ms, reject_code_of
 from adaptloop.settings import ADMIN_KEY_FILE, StatusSettings, admin_key
 from adaptloop.tasks import load_catalogue
 
@@ -162,8 +163,8 @@ def stage_counts(records: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, di
         if r["admitted"]:
             e["curated_admitted_train" if r["split"] == "TRAIN" else "curated_admitted_holdout"] += 1
         else:
-            reason = r.get("reject_reason") or "unknown"
-            e["curated_rejected"][reason] = e["curated_rejected"].get(reason, 0) + 1
+            code = reject_code_of(r) or "unknown"
+            e["curated_rejected"][code] = e["curated_rejected"].get(code, 0) + 1
     for r in {r["request_id"]: r for r in records.get("training_requests", [])}.values():
         entry(_key(r))["training_requests"] += 1
     for r in {r["version"]: r for r in records.get("releases", [])}.values():
@@ -261,7 +262,7 @@ def collect(settings: StatusSettings) -> dict[str, Any]:
     started = time.monotonic()
     names = {which: settings.topics.name(which) for which in DECODED}
     all_topics = list(settings.topics.layout())
-    snapshot: dict[str, Any] = {"at": int(time.time() * 1000), "bootstrap": settings.kafka.bootstrap_servers,
+    snapshot: dict[str, Any] = {"at": now_ms(), "bootstrap": settings.kafka.bootstrap_servers,
                                 "processes": processes(settings.home / STATE_FILE), "problems": []}
     try:
         metadata = admin(settings.kafka).list_topics(timeout=10)

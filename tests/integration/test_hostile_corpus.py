@@ -34,7 +34,7 @@ from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.errors import AdaptloopError, DeliveryError, FeedbackError, SerializationError
 from adaptloop.kafka import read_ranges
 from adaptloop.ops.stack import free_port, service_env, start_service
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas import SerdeContext, contract, serde_for
 from adaptloop.sdk import FeedbackClient, Recorder, build_interaction, build_outcome, episode_key, partition_key
 from adaptloop.serving.feedback import InteractionIds
 from adaptloop.serving.keys import dev_keys, plain_setting
@@ -578,12 +578,12 @@ def test_raw_kafka_bytes_are_dead_letters(kafka, stack):
         if where in offsets:
             layer = "kafka"
             kind, _, key, value, reason = corpus[offsets.pop(where)]
-            assert letter["stage"] == stages.STAGE_DECODE and len(letter["reason"]) < 2 * stages.DEAD_LETTER_MAX_REASON
+            assert letter["stage"] == stages.STAGE_DECODE and len(letter["reason"]) < 2 * contract.DEAD_LETTER_MAX_REASON
             # The dead letter keeps the record's bytes while they fit (with the key once more: it is produced
             # under it), else names what it left out: it must fit where the record did not.
             key_size, value_size = len(key or b""), len(value or b"")
-            kept_value = value if 2 * key_size + value_size <= stages.DEAD_LETTER_MAX_BYTES else None
-            kept_key = key if 2 * key_size <= stages.DEAD_LETTER_MAX_BYTES else None
+            kept_value = value if 2 * key_size + value_size <= contract.DEAD_LETTER_MAX_BYTES else None
+            kept_key = key if 2 * key_size <= contract.DEAD_LETTER_MAX_BYTES else None
             assert (letter["key"], letter["value"]) == (kept_key, kept_value), kind
             assert ("left out of this dead letter" in letter["reason"]) == ((kept_key, kept_value) != (key, value)), kind
         elif letter["key"] is not None and letter["key"].decode(errors="replace") in SDK_DEAD:

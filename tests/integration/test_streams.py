@@ -17,6 +17,7 @@ from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.kafka import consumer_config, partitions_of, read_ranges
 from adaptloop.ops.stack import free_port, service_env, start_service
 from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import Recorder, build_interaction
 from adaptloop.settings import KafkaSettings, Topics
 from adaptloop.streams import stages
@@ -126,7 +127,7 @@ def test_worker_curates_joins_dead_letters_and_requests_training(kafka, topics, 
         assert example["split"] == stages.split(TENANT, TASK, session, HOLDOUT_PERCENT)
         assert example["lineage"]["interaction"]["topic"] == topics.name("interactions")
         assert example["lineage"]["outcomes"][0]["topic"] == topics.name("outcomes")
-        assert example["lineage"]["code_version"] == stages.CODE_VERSION
+        assert example["lineage"]["code_version"] == code_version()
         if kind == stages.CORRECTION:
             assert example["rejected"] == "Sure! The order is for a lamp."
     splits_by_session: dict[str, set[str]] = {}

@@ -44,7 +44,8 @@ def test_decision_rejects_the_later_duplicate_whatever_its_split():
     assert dedupe.dedupe_decision(e, exact_of=None, near_of=[])["admitted"]
     assert dedupe.dedupe_decision(e, exact_of="new", near_of=["new"])["admitted"]  # itself, replayed
     exact = dedupe.dedupe_decision(e, exact_of="old", near_of=[])
-    assert (exact["admitted"], exact["near_duplicate_of"], exact["reject_reason"]) == (False, "old", "exact duplicate of old")
+    assert (exact["admitted"], exact["near_duplicate_of"], exact["reject_code"], exact["reject_reason"]) == \
+        (False, "old", "EXACT_DUPLICATE", "exact duplicate of old")
     near = dedupe.dedupe_decision(e, exact_of=None, near_of=["h1"])
     assert (near["admitted"], near["near_duplicate_of"]) == (False, "h1")
 

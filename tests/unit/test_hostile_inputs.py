@@ -16,7 +16,7 @@ from adaptloop.sdk import Recorder
 from adaptloop.serving.episodes import BadEpisode, BadRequest, check_request, episode_of
 from adaptloop.serving.feedback import MAX_JSON_DEPTH, InteractionIds, RequestRefused, outcome_of, parse_json
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.streams import stages
+from adaptloop.schemas import contract
 
 TOOL = {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {}}}}
 
@@ -105,13 +105,13 @@ def test_the_recorder_refuses_fields_with_our_errors_before_sending():
 
 
 def test_a_dead_letter_fits_where_its_record_did_not():
-    ref = stages.SourceRef("t", 0, 7)
-    small = stages.dead_letter(ref, b"k", b"v", stage="decode", error=ContractError("bad"))
+    ref = contract.SourceRef("t", 0, 7)
+    small = contract.dead_letter(ref, b"k", b"v", stage="decode", error=ContractError("bad"))
     assert (small["key"], small["value"], small["reason"]) == (b"k", b"v", "bad")
-    big = stages.dead_letter(ref, b"k", b"v" * 1_000_001, stage="decode", error=ContractError("too big"))
+    big = contract.dead_letter(ref, b"k", b"v" * 1_000_001, stage="decode", error=ContractError("too big"))
     assert big["value"] is None and big["key"] == b"k" and "value of 1000001 bytes left out" in big["reason"]
     assert "t/0@7" in big["reason"]
     huge_key = b"k" * 500_000
-    quoted = stages.dead_letter(ref, huge_key, b"v", stage="decode", error=ContractError(f"key {huge_key!r} is wrong"))
-    assert quoted["key"] is None and quoted["value"] is None and len(quoted["reason"]) < 2 * stages.DEAD_LETTER_MAX_REASON
+    quoted = contract.dead_letter(ref, huge_key, b"v", stage="decode", error=ContractError(f"key {huge_key!r} is wrong"))
+    assert quoted["key"] is None and quoted["value"] is None and len(quoted["reason"]) < 2 * contract.DEAD_LETTER_MAX_REASON
     assert quoted["reason"].startswith("key b'kkk") and "is wrong" in quoted["reason"]

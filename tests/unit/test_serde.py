@@ -10,6 +10,7 @@ from fastavro.utils import generate_many
 
 from adaptloop.errors import DeserializationError, SerializationError
 from adaptloop.schemas import RECORDS, AvroDeserializer, AvroSerializer, SchemaStore, SerdeContext, bundled_store, serde_for
+from adaptloop.schemas.contract import reject_code_of
 from adaptloop.sdk import build_interaction, build_outcome
 
 CTX = SerdeContext("agent.interactions", partition=2, offset=41)
@@ -102,6 +103,51 @@ def test_adapter_release_v3_canary_share_read_by_v2_readers_and_v2_records_by_v3
     assert AvroDeserializer("adapter_release")(old_bytes) == record | {"canary_share": None}
     # A writer that leaves the field out writes its default.
     assert AvroDeserializer("adapter_release")(AvroSerializer("adapter_release")(record))["canary_share"] is None
+
+
+def curated_record(**overrides) -> dict:
+    """A rejected CuratedExample as curated_example.v3 knows it (no reject_code)."""
+    return {"example_id": "i1", "tenant": "acme", "task": "extract", "session_id": "s1", "split": "TRAIN",
+            "kind": "FAILURE", "admitted": False, "reject_reason": "outcome is not a success and carries no correction",
+            "episode_id": "", "turn": 0, "scope": "CALL", "prompt_messages": [], "tools_json": None, "completion": "x",
+            "completion_tool_calls": [], "rejected": None, "rejected_tool_calls": [], "score": 0.0, "scorer": "v@1",
+            "curated_at": 1, "served_by": None, "event_time": 1, "outcome_source": "VALIDATOR",
+            "lineage": {"interaction": {"topic": "t", "partition": 0, "offset": 0}, "outcomes": [], "outcome_ids": [],
+                        "code_version": "c", "winning_outcome_id": None},
+            "redactions": [], "subjects": [], "near_duplicate_of": None, "content_hash": ""} | overrides
+
+
+def test_curated_example_v4_reject_code_read_by_v3_readers_and_v3_records_by_v4():
+    store = bundled_store()
+    v3, v4 = store.versions["curated_example"][2:4]
+    assert (v3.version, v4.version) == (3, 4)
+    record = curated_record()
+
+    new_bytes = AvroSerializer("curated_example")(record | {"reject_code": "NOT_A_SUCCESS"})
+    assert AvroDeserializer("curated_example")(new_bytes)["reject_code"] == "NOT_A_SUCCESS"
+    # A v3 reader (a trainer or worker not yet upgraded) that knows v4's fingerprint reads the fields it knows.
+    old_reader = AvroDeserializer("curated_example", store)
+    old_reader.reader = v3
+    assert old_reader(new_bytes) == record
+
+    # Records written before v4 (every example already on the topic) carry no code: the contract's
+    # fallback reads the code their wording stood for.
+    old_bytes = AvroSerializer("curated_example", _store_of(v3))(record)
+    decoded = AvroDeserializer("curated_example")(old_bytes)
+    assert decoded == record | {"reject_code": None}
+    assert reject_code_of(decoded) == "NOT_A_SUCCESS"
+
+
+def test_a_reject_code_unknown_to_the_reader_reads_as_other():
+    v4 = bundled_store().latest("curated_example")
+    v5 = json.loads(json.dumps(v4.raw))
+    code_field = next(f for f in v5["fields"] if f["name"] == "reject_code")
+    code_field["type"][1]["symbols"].append("SOME_FUTURE_CODE")
+    newer = SchemaStore({"curated_example.v4.avsc": json.dumps(v4.raw), "curated_example.v5.avsc": json.dumps(v5)})
+    data = AvroSerializer("curated_example", newer)(curated_record(reject_code="SOME_FUTURE_CODE"))
+    v4_reader = AvroDeserializer("curated_example", newer)
+    v4_reader.reader = newer.versions["curated_example"][0]
+    assert v4_reader(data)["reject_code"] == "OTHER"
 
 
 @pytest.mark.parametrize("data, reason", [

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from adaptloop.errors import ContractError, DeserializationError
-from adaptloop.schemas import SerdeContext, serde_for
+from adaptloop.schemas import SerdeContext, contract, serde_for
+from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import build_interaction, build_outcome, episode_key
 from adaptloop.streams import stages
 from adaptloop.streams.stages import Contract, Decoder, SourceRef
@@ -115,7 +116,7 @@ def test_dead_letter_keeps_bytes_reason_and_source_and_fits_its_schema():
     value = b"garbage"
     with pytest.raises(DeserializationError) as info:
         Decoder("interaction")(b"k", value, IREF)
-    letter = stages.dead_letter(IREF, b"k", value, stage=stages.STAGE_DECODE, error=info.value, failed_at=5)
+    letter = contract.dead_letter(IREF, b"k", value, stage=stages.STAGE_DECODE, error=info.value, failed_at=5)
     assert letter == {
         "source_topic": IREF.topic, "source_partition": 2, "source_offset": 41, "key": b"k", "value": value,
         "stage": "decode", "error_type": "DeserializationError",
@@ -128,7 +129,7 @@ def test_dead_letter_keeps_bytes_reason_and_source_and_fits_its_schema():
 def test_contract_dead_letter_reason():
     with pytest.raises(ContractError) as info:
         Decoder("interaction")(b"i-1", encode("interaction", interaction(latency_ms=-2.0)), IREF)
-    letter = stages.dead_letter(IREF, b"i-1", b"x", stage="decode", error=info.value)
+    letter = contract.dead_letter(IREF, b"i-1", b"x", stage="decode", error=info.value)
     assert letter["error_type"] == "ContractError" and "negative latency_ms -2.0" in letter["reason"]
 
 
@@ -143,7 +144,7 @@ def test_success_when_the_outcome_says_so_and_the_validator_accepts():
     assert example["scorer"] == SPEC.scorer and example["score"] == 1.0
     assert example["lineage"] == {"interaction": IREF.as_dict(), "outcomes": [OREF.as_dict()],
                                   "outcome_ids": [example["lineage"]["outcome_ids"][0]],
-                                  "code_version": stages.CODE_VERSION,
+                                  "code_version": code_version(),
                                   "winning_outcome_id": example["lineage"]["outcome_ids"][0]}
     assert example["served_by"] is None and example["outcome_source"] == "VALIDATOR"
     assert example["event_time"] > 0
@@ -162,16 +163,17 @@ def test_correction_wins_when_success_is_claimed_for_an_invalid_response():
     assert example["kind"] == "CORRECTION"
 
 
-@pytest.mark.parametrize("i, o, reason", [
-    (interaction(response="no idea"), outcome(success=False), "not a success and carries no correction"),
-    (interaction(response="no idea"), outcome(success=True), "rejects the response: not JSON"),
-    (interaction(response=None), outcome(success=True), "no response text"),
-    (interaction(response="no idea"), outcome(success=False, correction="{\"bad\": 1}"), "correction rejected"),
-    (interaction(), outcome(success=True, tenant="evil"), "outcome tenant 'evil'"),
+@pytest.mark.parametrize("i, o, code, reason", [
+    (interaction(response="no idea"), outcome(success=False), "NOT_A_SUCCESS", "not a success and carries no correction"),
+    (interaction(response="no idea"), outcome(success=True), "RESPONSE_INVALID", "rejects the response: not JSON"),
+    (interaction(response=None), outcome(success=True), "RESPONSE_INVALID", "no response text"),
+    (interaction(response="no idea"), outcome(success=False, correction="{\"bad\": 1}"), "CORRECTION_INVALID",
+     "correction rejected"),
+    (interaction(), outcome(success=True, tenant="evil"), "FOREIGN_TENANT", "outcome tenant 'evil'"),
 ])
-def test_failures_are_kept_but_not_admitted(i, o, reason):
+def test_failures_are_kept_but_not_admitted(i, o, code, reason):
     example = scored(i, o)
-    assert (example["kind"], example["admitted"]) == ("FAILURE", False)
+    assert (example["kind"], example["admitted"], example["reject_code"]) == ("FAILURE", False, code)
     assert reason in example["reject_reason"]
     encode("curated_example", example)
 
@@ -305,6 +307,7 @@ def test_outcome_after_the_horizon_is_rejected_with_reason_but_an_eligible_one_s
     late = (_o("HUMAN", 1_000 + day + 3_600_000, success=False, correction=CASE.answer), SourceRef("o", 1, 9))
     ex = stages.curate(i, [late], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)
     assert (ex["kind"], ex["admitted"]) == ("FAILURE", False)
+    assert ex["reject_code"] == "AFTER_HORIZON"
     assert "25.0 h after the interaction" in ex["reject_reason"] and "24 h horizon" in ex["reject_reason"]
     ok = (_o("VALIDATOR", 5_000, success=True), SourceRef("o", 1, 3))
     ex = stages.curate(i, [late, ok], interaction_ref=IREF, spec=SPEC, holdout_percent=0, horizon_ms=day)

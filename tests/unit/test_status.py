@@ -58,12 +58,12 @@ def test_stage_counts_per_tenant_and_task():
                 {"interaction_id": "late", "tenant": "acme"}]
     curated = [
         {"example_id": "i0", "tenant": "acme", "task": "order-extract", "admitted": False, "split": "TRAIN",
-         "reject_reason": "pending"},
+         "reject_reason": "outcome is not a success and carries no correction", "reject_code": "NOT_A_SUCCESS"},
         # A re-emission of i0 supersedes its first record.
         {"example_id": "i0", "tenant": "acme", "task": "order-extract", "admitted": True, "split": "TRAIN"},
         {"example_id": "i1", "tenant": "acme", "task": "order-extract", "admitted": True, "split": "HOLDOUT"},
         {"example_id": "i2", "tenant": "acme", "task": "order-extract", "admitted": False, "split": "TRAIN",
-         "reject_reason": "near-duplicate"},
+         "reject_reason": "near duplicate of i0", "reject_code": "NEAR_DUPLICATE"},
     ]
     requests = [{"request_id": "r", "tenant": "acme", "task": "order-extract"}] * 2
     releases = [{"version": "v1", "tenant": "acme", "task": "order-extract", "state": "RELEASED"},
@@ -75,7 +75,7 @@ def test_stage_counts_per_tenant_and_task():
     acme = stages["acme/order-extract"]
     assert (acme["interactions"], acme["outcomes"], acme["training_requests"]) == (4, 2, 1)
     assert (acme["curated_admitted_train"], acme["curated_admitted_holdout"]) == (1, 1)
-    assert acme["curated_rejected"] == {"near-duplicate": 1}
+    assert acme["curated_rejected"] == {"NEAR_DUPLICATE": 1}
     assert acme["releases"] == {"PROMOTED": 1, "REJECTED": 1}
     assert stages["acme/?"]["outcomes"] == 1 and stages["globex/triage"]["interactions"] == 1
 
