@@ -61,15 +61,6 @@ def assistant(text: str, tool_calls: Sequence[Mapping[str, Any]] = ()) -> list[d
     return [{"role": "assistant", "content": text} | ({"tool_calls": [dict(c) for c in tool_calls]} if tool_calls else {})]
 
 
-def task_system_prompt(system_prompt: str, task: str) -> str:
-    """The explicit system prompt, else the task's in this process's catalogue (empty when neither is given)."""
-    if system_prompt or not task:
-        return system_prompt
-    from adaptloop.tasks import load_catalogue
-
-    return load_catalogue().get(task).system_prompt
-
-
 def seed_everything(seed: int) -> None:
     import random
 

@@ -107,6 +107,14 @@ class RecipeConfig:
         if self.epochs <= 0 or self.batch_size < self.min_batch_size or self.max_length < 16:
             raise ConfigError(f"{self.method} needs epochs > 0, batch_size >= {self.min_batch_size} and max_length >= 16")
 
+    def resolved_system_prompt(self) -> str:
+        """``system_prompt``, else the prompt of ``task`` in this process's catalogue (empty when neither is given)."""
+        if self.system_prompt or not self.task:
+            return self.system_prompt
+        from adaptloop.tasks import load_catalogue
+
+        return load_catalogue().get(self.task).system_prompt
+
     def public(self) -> dict[str, Any]:
         """The config without the examples: what lineage records (``config_json``)."""
         values = dataclasses.asdict(self)

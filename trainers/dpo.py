@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.trainers.common import (RecipeResult, common_args, count_tokens, load_base, lora_config,
                                        progress_callback, prompt_text, recipe_cli, resolve_model_path, seed_everything,
-                                       task_system_prompt, train_and_save)
+                                       train_and_save)
 from adaptloop.trainers.config import RecipeConfig
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def main(cfg: DPORecipeConfig, callbacks: Sequence[Any] = (),
         raise TrainingError(f"{same} DPO pairs have chosen == rejected: nothing to prefer")
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
-    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
+    system_prompt = cfg.resolved_system_prompt()
     rows = [to_pair(e, system_prompt, tokenizer) for e in examples]
     # Chosen and rejected, each through the policy and the reference (the adapter disabled).
     tokens_per_epoch = 2 * count_tokens(tokenizer, [r["prompt"] + r["chosen"] for r in rows]

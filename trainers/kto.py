@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from adaptloop.errors import TrainingError
 from adaptloop.trainers.common import (RecipeResult, common_args, count_tokens, load_base, lora_config,
                                        progress_callback, prompt_text, recipe_cli, resolve_model_path, seed_everything,
-                                       task_system_prompt, train_and_save)
+                                       train_and_save)
 from adaptloop.trainers.config import RecipeConfig
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def main(cfg: KTORecipeConfig, callbacks: Sequence[Any] = (),
         weights = (cfg.desirable_weight, cfg.undesirable_weight)
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
-    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
+    system_prompt = cfg.resolved_system_prompt()
     rows = [to_unpaired(e, system_prompt, tokenizer) for e in examples]
     # KTO runs each row and a mismatched (KL) row through the policy and the reference: ~4 passes.
     tokens_per_epoch = 4 * count_tokens(tokenizer, [r["prompt"] + r["completion"] for r in rows], cfg.max_length)

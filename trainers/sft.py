@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.trainers.common import (RecipeResult, assistant, chat_prompt, common_args, load_base, lora_config,
                                        progress_callback, recipe_cli, resolve_model_path, seed_everything,
-                                       task_system_prompt, train_and_save)
+                                       train_and_save)
 from adaptloop.trainers.config import DEFAULT_TARGET_MODULES, RecipeConfig
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,6 @@ class SFTRecipeConfig(RecipeConfig):
     method: ClassVar[str] = METHOD
 
     train_file: str = field(default="", metadata={"help": "JSONL of examples, used when `examples` is empty."})
-
-    def resolved_system_prompt(self) -> str:
-        return task_system_prompt(self.system_prompt, self.task)
 
 
 def to_prompt_completion(example: Mapping[str, Any], system_prompt: str) -> dict[str, list[dict[str, Any]]]:

@@ -82,3 +82,11 @@ def test_the_bundled_yamls_are_what_the_command_line_and_the_service_read(method
     assert (cli.task, cli.epochs, cli.output_dir) == ("order-extract", 2, f"/tmp/adaptloop-{method}")
     assert cli.generate_examples > 0
     cli.validate()
+
+
+def test_the_system_prompt_is_the_given_one_else_the_tasks():
+    from adaptloop.tasks import load_catalogue
+
+    assert DPORecipeConfig(task="order-extract").resolved_system_prompt() == load_catalogue().get("order-extract").system_prompt
+    assert DPORecipeConfig(task="order-extract", system_prompt="Mine.").resolved_system_prompt() == "Mine."
+    assert DPORecipeConfig().resolved_system_prompt() == ""
