@@ -1,7 +1,7 @@
 """Settings: one pydantic-settings object per process kind, built once in ``main()`` and passed down.
 
 Every field reads from the environment with the prefix shown (``ADAPTLOOP_KAFKA_BOOTSTRAP_SERVERS``,
-``ADAPTLOOP_TRAINER_LORA_RANK`` ...). Unknown ``ADAPTLOOP_*`` keys in an explicit dict are refused.
+``ADAPTLOOP_TRAINER_TORCH_THREADS`` ...). Unknown ``ADAPTLOOP_*`` keys in an explicit dict are refused.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -266,19 +266,15 @@ class TrainerSettings(BaseSettings):
     artifact_dir: Path = DEFAULT_HOME / "artifacts"
     group_id: str = "adaptloop-trainer"
     ray_address: str | None = Field(None, description="Ray cluster address; unset means a local ray.init() (RAY_ADDRESS is honoured too).")
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    learning_rate: float = 2e-3
-    kto_learning_rate: float = Field(1e-3, description=(
-        "KTO's own: at 2e-3 its loss saturated within 8 steps on 32 verdicts and, on one data order, the "
-        "candidate answered nothing right (0/12; 0.75 on another order)."))
-    epochs: int = Field(1, description="Passes over the training examples (64 order-extract examples: 1 pass, ~0% -> ~95% holdout).")
-    batch_size: int = 4
+    recipes_dir: Path | None = Field(None, description=(
+        "Folder of <method>.yaml recipe files (trainers/config.py says how a run's config is built); unset: the "
+        "bundled trainers/recipes/."))
+    recipe: dict[str, Any] = Field(default_factory=dict, description=(
+        "Recipe fields this deployment sets for every recipe that has them, under each task's own (JSON: "
+        "ADAPTLOOP_TRAINER_RECIPE='{\"epochs\": 2}')."))
     torch_threads: int = Field(1, description=(
         "Cores for training (torch threads) and for the gate's evaluations (that many side by side, one thread "
         "each); 2 threads on 2 busy cores thrash (7x slower)."))
-    max_length: int = Field(1024, description="Tokens per training example after the chat template (an episode's turns with their tools run to several hundred); longer ones are truncated.")
-    seed: int = 1234
     gate_margin: float = Field(0.05, description="A candidate must beat the incumbent's holdout success by this much.")
     max_new_tokens: int = 96
     # -- issue 4: snapshots, methods, resumable jobs, the gate's regression suite, release checks --
@@ -289,8 +285,6 @@ class TrainerSettings(BaseSettings):
     min_train_examples: int = Field(8, ge=1, description="Fewer usable TRAIN examples: REJECTED without training.")
     checkpoint_steps: int = Field(4, ge=0, description="Checkpoint every N optimizer steps (a killed job resumes); 0: never.")
     max_lora_rank: int = Field(16, description="vLLM's --max-lora-rank (ServeSettings.max_lora_rank): a bigger rank is refused.")
-    target_modules: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                                            description="Base-model modules that get a LoRA pair; each must exist in the base.")
     regression_tolerance: float = Field(0.05, ge=0, description="A candidate may score this much below an earlier "
                                          "release on that release's holdout; lower is a regression.")
     regression_scope: Literal["tenant", "task"] = Field("task", description=(

@@ -1,4 +1,5 @@
-"""Helpers the recipes share as plain functions (no recipe inherits from another).
+"""Helpers the recipes share as plain functions (no recipe inherits another's code; their configs share
+``adaptloop.trainers.config.RecipeConfig``).
 
 Loading the base model, the LoRA config vLLM accepts, resuming from the newest checkpoint,
 counting tokens, the progress callback, and saving the adapter atomically. Each recipe
@@ -17,10 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
-
-#: Every linear layer of a Llama block: the adapter learns a new output format quickly this way.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_LORA_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -62,15 +59,6 @@ def prompt_text(tokenizer: Any, example: Mapping[str, Any], system_prompt: str) 
 
 def assistant(text: str, tool_calls: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": text} | ({"tool_calls": [dict(c) for c in tool_calls]} if tool_calls else {})]
-
-
-def task_system_prompt(system_prompt: str, task: str) -> str:
-    """The explicit system prompt, else the task's in this process's catalogue (empty when neither is given)."""
-    if system_prompt or not task:
-        return system_prompt
-    from adaptloop.tasks import load_catalogue
-
-    return load_catalogue().get(task).system_prompt
 
 
 def seed_everything(seed: int) -> None:
@@ -236,42 +224,6 @@ def train_and_save(trainer, tokenizer, *, method: str, output_dir: str, work_dir
         resumed_from_step=resumed_from, loss_curve=curve, peak_rss_mb=peak_rss_mb())
 
 
-def read_yaml_config(cls, path: str | None, overrides: Sequence[str]):
-    """A recipe config from a YAML file plus ``KEY=VALUE`` overrides (values parsed as YAML)."""
-    import yaml
-
-    values: dict[str, Any] = {}
-    if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        values[key] = yaml.safe_load(raw)
-    return cls.from_mapping(values)
-
-
-def config_from_mapping(cls, values: Mapping[str, Any]):
-    """``cls(**values)``, refusing unknown keys with the known ones listed (a typo must not pass silently)."""
-    import dataclasses
-
-    from adaptloop.errors import ConfigError
-
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
-
-
-def public_config(cfg) -> dict[str, Any]:
-    """A recipe config without its examples: what lineage records (``config_json``)."""
-    import dataclasses
-
-    values = dataclasses.asdict(cfg)
-    values.pop("examples", None)
-    return values
-
-
 def recipe_cli(doc: str, config_class, main: Callable, argv: Sequence[str] | None) -> int:
     """``python -m adaptloop.trainers.<recipe> --config X.yaml --set key=value``: train and print the summary."""
     import argparse
@@ -283,7 +235,7 @@ def recipe_cli(doc: str, config_class, main: Callable, argv: Sequence[str] | Non
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one field (YAML value).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = read_yaml_config(config_class, args.config, args.set)
+    cfg = config_class.from_yaml(args.config, args.set)
     result = main(cfg, progress=lambda m: log.info("step %s/%s loss=%s tokens/s=%.0f", m["step"], m["max_steps"],
                                                    m.get("loss", "-"), m.get("tokens_per_s", 0.0)))
     print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "loss_curve"}, indent=2))

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from adaptloop.errors import ConfigError, TrainingError
-from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, common_args,
-                                       config_from_mapping, count_tokens, load_base, lora_config, progress_callback,
-                                       prompt_text, public_config, recipe_cli, resolve_model_path, seed_everything,
-                                       task_system_prompt, train_and_save)
+from adaptloop.trainers.common import (RecipeResult, common_args, count_tokens, load_base, lora_config,
+                                       progress_callback, prompt_text, recipe_cli, resolve_model_path, seed_everything,
+                                       train_and_save)
+from adaptloop.trainers.config import RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,50 +32,19 @@ METHOD = "dpo"
 
 
 @dataclass
-class DPORecipeConfig:
-    """Everything one DPO run needs. Examples: {prompt_messages, chosen, rejected, tools_json?}, each answer as the
-    model writes the turn (text, then its ``<tool_call>`` blocks: ``adaptloop.chat.assistant_text``)."""
+class DPORecipeConfig(RecipeConfig):
+    """One DPO run. Examples: {prompt_messages, chosen, rejected, tools_json?}, each answer as the model writes the
+    turn (text, then its ``<tool_call>`` blocks: ``adaptloop.chat.assistant_text``)."""
 
-    model_path: str = field(default="", metadata={"help": "HF model folder of the base model; empty means the bundled SmolLM2-135M-Instruct."})
-    output_dir: str = field(default="/tmp/adaptloop-dpo", metadata={"help": "Where the PEFT adapter folder is written (replaced if it exists)."})
-    examples: list[dict] = field(default_factory=list, metadata={
-        "help": "Pairs {prompt_messages, chosen, rejected}; passed in-process by the service."})
-    generate_examples: int = field(default=0, metadata={"help": "Without examples: this many generated order-extract pairs."})
-    generate_seed: int = field(default=7, metadata={"help": "Seed of the generated cases."})
-    system_prompt: str = field(default="", metadata={"help": "Prepended as the system message when an example's prompt has none."})
-    task: str = field(default="", metadata={"help": "Built-in task whose system prompt is used when system_prompt is empty."})
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (vLLM's --max-lora-rank must be at least this)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-                                      metadata={"help": "Module names that get a LoRA pair."})
+    method: ClassVar[str] = METHOD
+
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the base."})
     sft_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL term on chosen answers (0: pure DPO)."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (linear decay after warmup)."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the learning rate."})
-    epochs: float = field(default=1, metadata={"help": "Passes over the pairs."})
-    batch_size: int = field(default=4, metadata={"help": "Pairs per optimizer step."})
-    max_length: int = field(default=256, metadata={"help": "Tokens per prompt + answer after the chat template."})
-    seed: int = field(default=1234, metadata={"help": "Seed of Python, numpy, torch and the data order."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast: for GPUs and CPUs with native bf16; very slow on AVX2."})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads; 0 means torch's default."})
-    logging_steps: int = field(default=2, metadata={"help": "Report loss every this many steps."})
-    work_dir: str = field(default="", metadata={"help": "Checkpoints (default output_dir + '.work'); found ones are resumed."})
-    save_steps: int = field(default=4, metadata={"help": "Checkpoint every this many steps (0: never)."})
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "DPORecipeConfig":
-        return config_from_mapping(cls, values)
 
     def validate(self) -> None:
-        if not 1 <= self.lora_rank <= MAX_LORA_RANK:
-            raise ConfigError(f"lora_rank must be in 1..{MAX_LORA_RANK}, got {self.lora_rank}")
-        if self.epochs <= 0 or self.batch_size < 1 or self.max_length < 16 or self.sft_weight < 0:
-            raise ConfigError("DPO needs epochs > 0, batch_size >= 1, max_length >= 16 and sft_weight >= 0")
-
-    def public(self) -> dict[str, Any]:
-        """The config without the examples: what lineage records (``config_json``)."""
-        return public_config(self)
+        super().validate()
+        if self.sft_weight < 0:
+            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
 
 def to_pair(example: Mapping[str, Any], system_prompt: str, tokenizer: Any) -> dict[str, str]:
@@ -107,7 +76,7 @@ def main(cfg: DPORecipeConfig, callbacks: Sequence[Any] = (),
         raise TrainingError(f"{same} DPO pairs have chosen == rejected: nothing to prefer")
     seed_everything(cfg.seed)
     model, tokenizer = load_base(resolve_model_path(cfg.model_path), cfg.threads)
-    system_prompt = task_system_prompt(cfg.system_prompt, cfg.task)
+    system_prompt = cfg.resolved_system_prompt()
     rows = [to_pair(e, system_prompt, tokenizer) for e in examples]
     # Chosen and rejected, each through the policy and the reference (the adapter disabled).
     tokens_per_epoch = 2 * count_tokens(tokenizer, [r["prompt"] + r["chosen"] for r in rows]

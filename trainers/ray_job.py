@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adaptloop.errors import TrainingError
+from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import TaskSpec
 from adaptloop.trainers.common import RecipeResult
@@ -84,29 +84,26 @@ def recipe_class(method: str):
     return module, getattr(module, class_name)
 
 
-def recipe_config(settings: TrainerSettings, method: str, *, model_path: str, output_dir: Path, work_dir: Path,
-                  examples: list[dict], system_prompt: str, spec: TaskSpec | None = None):
-    """The recipe config of ``method`` for one request: the trainer settings, and the task's own training
-    settings (``spec``: its catalogue entry's epochs, batch size and learning rate) over them."""
+def recipe_config(settings: TrainerSettings, method: str, *, spec: TaskSpec | None = None, **run: Any):
+    """The recipe config of ``method`` for one request, in the layers ``adaptloop.trainers.config`` lists: ``spec``
+    is the task's catalogue entry, ``run`` the request's model path, folders, examples and system prompt."""
+    from adaptloop.trainers.config import RECIPES_DIR, RUN_FIELDS, field_names, read_yaml
+
     _, config_class = recipe_class(method)
-    return config_class(
-        model_path=str(model_path),
-        output_dir=str(output_dir),
-        work_dir=str(work_dir),
-        save_steps=settings.checkpoint_steps,
-        examples=examples,
-        system_prompt=system_prompt,
-        lora_rank=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
-        target_modules=list(settings.target_modules),
-        learning_rate=(spec and spec.learning_rate) or (
-            settings.kto_learning_rate if method == "kto" else settings.learning_rate),
-        epochs=(spec and spec.epochs) or settings.epochs,
-        batch_size=(spec and spec.batch_size) or settings.batch_size,
-        max_length=settings.max_length,
-        seed=settings.seed,
-        threads=settings.torch_threads,
-    )
+    own = field_names(config_class)
+    everyone = set().union(*(field_names(recipe_class(m)[1]) for m in RECIPES))
+    unknown = sorted(set(settings.recipe) - everyone)
+    if unknown:
+        raise ConfigError(f"unknown recipe fields {unknown} in ADAPTLOOP_TRAINER_RECIPE; known: {sorted(everyone)}")
+    path = Path(settings.recipes_dir or RECIPES_DIR) / f"{method}.yaml"
+    values = {k: v for k, v in read_yaml(path).items() if k not in RUN_FIELDS}
+    values |= {k: v for k, v in settings.recipe.items() if k in own}
+    if spec is not None:
+        values |= {k: v for k, v in (("epochs", spec.epochs), ("batch_size", spec.batch_size),
+                                     ("learning_rate", spec.learning_rate)) if v}
+    values |= {"threads": settings.torch_threads, "save_steps": settings.checkpoint_steps}
+    values |= {k: str(v) if isinstance(v, Path) else v for k, v in run.items()}
+    return config_class.from_mapping(values)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

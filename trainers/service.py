@@ -156,16 +156,18 @@ class TrainerService:
         log.info("request %s: %s/%s snapshot %s at %s: %d train, %d holdout, %s; method %s (%s)", short, tenant, task,
                  snapshot.digest[:19], snapshot.uri, len(snapshot.train), len(snapshot.holdout),
                  snapshot.manifest["counts"], plan.method, plan.reason)
-        problem = self.plan_problem(plan, snapshot, spec.min_examples or self.settings.min_train_examples)
+        problem = self.plan_problem(plan, snapshot, spec)
         if problem:
             return self.reject(request, problem, snapshot, plan=plan)
         return self.train_and_gate(request, spec, snapshot, plan, releases, erasures)
 
-    def plan_problem(self, plan: Plan, snapshot: Snapshot, minimum: int) -> str | None:
-        """Why this plan cannot give an adapter (``minimum``: the task's fewest TRAIN examples), or None."""
+    def plan_problem(self, plan: Plan, snapshot: Snapshot, spec: TaskSpec) -> str | None:
+        """Why this plan cannot give ``spec``'s task an adapter, or None."""
         from adaptloop.trainers.kto import class_weights
+        from adaptloop.trainers.ray_job import recipe_config
         from adaptloop.trainers.release import ReleaseCheckError, check_plan
 
+        minimum = spec.min_examples or self.settings.min_train_examples
         if len(plan.examples) < minimum:
             return (f"too few training examples: {len(plan.examples)} usable TRAIN examples for "
                     f"{snapshot.manifest['tenant']}/{snapshot.manifest['task']} in the named ranges, need {minimum} "
@@ -178,8 +180,9 @@ class TrainerService:
                 return str(exc)
         if not snapshot.holdout:
             return "no HOLDOUT examples with a right answer in the named ranges: cannot evaluate"
+        recipe = recipe_config(self.settings, plan.method, spec=spec)
         try:
-            check_plan(rank=self.settings.lora_rank, target_modules=self.settings.target_modules,
+            check_plan(rank=recipe.lora_rank, target_modules=recipe.target_modules,
                        max_lora_rank=self.settings.max_lora_rank, base_dir=self.base_model)
         except ReleaseCheckError as exc:
             return str(exc)
@@ -235,7 +238,7 @@ class TrainerService:
                                            base_dir=self.base_model)
         except ReleaseCheckError as exc:
             return self.reject(request, str(exc), snapshot, plan=plan, version=version, artifact=(adapter_dir, digest),
-                               training=training)
+                               training=training, lora_rank=cfg.lora_rank)
         suite_sources, skipped = self.regression_holdouts(releases, tenant, task, snapshot, erasures)
         candidate, current, *suite_scores = ev.evaluate_many(self.base_model, [
             ev.EvalJob(spec, snapshot.holdout, version, adapter_dir),
@@ -260,7 +263,7 @@ class TrainerService:
         release = self.release_record(
             request, state="RELEASED" if decision.passed else "REJECTED", reason=reason, version=version,
             artifact_uri=str(adapter_dir), digest=digest, snapshot=snapshot, method=plan.method,
-            config=cfg.public(), lora_rank=int(adapter_config.get("r", self.settings.lora_rank)),
+            config=cfg.public(), lora_rank=int(adapter_config.get("r", cfg.lora_rank)),
             evaluation={"metric": f"{'episode_success' if candidate.unit == 'episode' else 'success_rate'}:{spec.scorer}",
                         "holdout_count": candidate.count,
                         "candidate_score": candidate.score, "incumbent": incumbent.version,
@@ -305,14 +308,15 @@ class TrainerService:
 
     def reject(self, request: Mapping[str, Any], reason: str, snapshot: Snapshot | None, *, plan: Plan | None = None,
                version: str | None = None, artifact: tuple[Path, str] | None = None,
-               training: dict | None = None) -> dict:
-        """A REJECTED release: the request could not give an adapter (or gave one vLLM would refuse)."""
+               training: dict | None = None, lora_rank: int = 0) -> dict:
+        """A REJECTED release: the request could not give an adapter (``lora_rank`` 0), or gave one vLLM would
+        refuse (of ``lora_rank``)."""
         tenant, task, request_id = request["tenant"], request["task"], request["request_id"]
         release = self.release_record(
             request, state="REJECTED", reason=reason,
             version=version or f"{tenant}--{task}--rejected-{request_id[:12]}",
             artifact_uri=str(artifact[0]) if artifact else None, digest=artifact[1] if artifact else None,
-            snapshot=snapshot, method=plan.method if plan else "none", config={}, lora_rank=self.settings.lora_rank,
+            snapshot=snapshot, method=plan.method if plan else "none", config={}, lora_rank=lora_rank,
             evaluation={"metric": "none", "holdout_count": len(snapshot.holdout) if snapshot else 0,
                         "candidate_score": 0.0, "incumbent": "none", "incumbent_score": 0.0,
                         "margin": self.settings.gate_margin},
@@ -426,6 +430,8 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         if state["busy"]:
             raise _Stopping()
 
+    for method in ray_job.RECIPES:  # a broken recipe file or setting stops the start, not a request later
+        ray_job.recipe_config(settings, method)
     service = TrainerService(settings, catalogue=catalogue)
     topic = settings.topics.name("training_requests")
     consumer = Consumer(consumer_config(settings.kafka, settings.group_id,

@@ -22,13 +22,13 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from adaptloop.errors import ConfigError, TrainingError
-from adaptloop.trainers.common import (DEFAULT_TARGET_MODULES, MAX_LORA_RANK, RecipeResult, assistant, chat_prompt,
-                                       common_args, load_base, lora_config, progress_callback,
-                                       read_yaml_config, recipe_cli, resolve_model_path, task_system_prompt, seed_everything, train_and_save,
-                                       config_from_mapping, public_config)
+from adaptloop.trainers.common import (RecipeResult, assistant, chat_prompt, common_args, load_base, lora_config,
+                                       progress_callback, recipe_cli, resolve_model_path, seed_everything,
+                                       train_and_save)
+from adaptloop.trainers.config import DEFAULT_TARGET_MODULES, RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,55 +39,13 @@ __all__ = ["SFTRecipeConfig", "SFTResult", "main", "chat_prompt", "to_prompt_com
 
 
 @dataclass
-class SFTRecipeConfig:
-    """Everything one SFT run needs; every field has a default except where the data comes from."""
+class SFTRecipeConfig(RecipeConfig):
+    """One SFT run. Examples: {prompt_messages: [{role, content, tool_calls?}], completion, completion_tool_calls?,
+    tools_json?}, the prompt being the trajectory so far and the completion the turn the agent should take."""
 
-    model_path: str = field(default="", metadata={"help": "HF model folder of the base model; empty means the bundled SmolLM2-135M-Instruct."})
-    output_dir: str = field(default="/tmp/adaptloop-sft", metadata={"help": "Where the PEFT adapter folder is written (replaced if it exists)."})
-    examples: list[dict] = field(default_factory=list, metadata={
-        "help": "Training examples {prompt_messages: [{role, content}], completion}; the service passes them in-process."})
+    method: ClassVar[str] = METHOD
+
     train_file: str = field(default="", metadata={"help": "JSONL of examples, used when `examples` is empty."})
-    generate_examples: int = field(default=0, metadata={
-        "help": "Without examples or train_file: this many generated order-extract cases (demo and smoke runs)."})
-    generate_seed: int = field(default=7, metadata={"help": "Seed of the generated cases."})
-    task: str = field(default="", metadata={"help": "Built-in task whose system prompt is used when system_prompt is empty."})
-    system_prompt: str = field(default="", metadata={
-        "help": "Prepended as the system message when an example's prompt has none (the TaskSpec's prompt)."})
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (vLLM's --max-lora-rank must be at least this)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-                                      metadata={"help": "Module names that get a LoRA pair."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (linear decay after warmup)."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the learning rate."})
-    epochs: float = field(default=1, metadata={"help": "Passes over the training examples."})
-    batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step."})
-    max_length: int = field(default=192, metadata={"help": "Tokens per example after the chat template; longer ones are truncated."})
-    seed: int = field(default=1234, metadata={"help": "Seed of Python, numpy, torch and the data order."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast: for GPUs and CPUs with native bf16; very slow on AVX2."})
-    threads: int = field(default=1, metadata={
-        "help": "torch intra-op threads; 0 means torch's default (all cores). On a busy 2-core machine 2 threads thrash."})
-    logging_steps: int = field(default=2, metadata={"help": "Report loss every this many steps."})
-    work_dir: str = field(default="", metadata={
-        "help": "Checkpoints go here (default: output_dir + '.work'); a run finding one there resumes from it."})
-    save_steps: int = field(default=4, metadata={"help": "Checkpoint every this many steps (0: never)."})
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "SFTRecipeConfig":
-        return config_from_mapping(cls, values)
-
-    def validate(self) -> None:
-        if not 1 <= self.lora_rank <= MAX_LORA_RANK:
-            raise ConfigError(f"lora_rank must be in 1..{MAX_LORA_RANK}, got {self.lora_rank}")
-        if self.epochs <= 0 or self.batch_size < 1 or self.max_length < 16:
-            raise ConfigError("epochs, batch_size and max_length must be positive (max_length >= 16)")
-
-    def resolved_system_prompt(self) -> str:
-        return task_system_prompt(self.system_prompt, self.task)
-
-    def public(self) -> dict[str, Any]:
-        """The config without the examples: what lineage records (``config_json``)."""
-        return public_config(self)
 
 
 def to_prompt_completion(example: Mapping[str, Any], system_prompt: str) -> dict[str, list[dict[str, Any]]]:
@@ -183,10 +141,6 @@ def main(cfg: SFTRecipeConfig, callbacks: Sequence[Any] = (),
                          callbacks=[progress_callback(progress, tokens_per_epoch / steps_per_epoch), *callbacks])
     return train_and_save(trainer, tokenizer, method=METHOD, output_dir=cfg.output_dir, work_dir=work,
                           train_examples=len(rows), tokens_per_epoch=tokens_per_epoch, epochs=cfg.epochs)
-
-
-def read_config(path: str | None, overrides: Sequence[str]) -> SFTRecipeConfig:
-    return read_yaml_config(SFTRecipeConfig, path, overrides)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -471,8 +471,8 @@ def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_t
     variants = {
         "missing base": (settings.model_copy(update={"model": ModelSettings(path=tmp_path / "no-model")}),
                          "base model unavailable: base model path"),
-        "rank": (settings.model_copy(update={"lora_rank": 32}), "rank 32 > max_lora_rank 16"),
-        "targets": (settings.model_copy(update={"target_modules": ("q_proj", "qkv_proj")}),
+        "rank": (settings.model_copy(update={"recipe": {"lora_rank": 32}}), "rank 32 > max_lora_rank 16"),
+        "targets": (settings.model_copy(update={"recipe": {"target_modules": ["q_proj", "qkv_proj"]}}),
                     "target modules ['qkv_proj'] do not exist in the base model"),
     }
     for name, (variant, reason) in variants.items():

@@ -241,7 +241,7 @@ def stack(tmp_path_factory):
                            # tests/integration/test_serving.py's.
                            "ADAPTLOOP_GATEWAY_CANARY_SHARE": "1.0",
                            "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(HOLDOUT_PERCENT),
-                           "ADAPTLOOP_TRAINER_EPOCHS": "2",
+                           "ADAPTLOOP_TRAINER_RECIPE": '{"epochs": 2}',
                        })
     with local.start(progress=print):
         yield local

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from adaptloop.errors import ServingError
-from adaptloop.serving.canary import (Outcomes, RequestStats, Tally, Thresholds, canary_and_incumbent, decide,
-                                      decisions_for, msprt_log_lambda)
+from adaptloop.serving.canary import Outcomes, canary_and_incumbent, decisions_for
+from adaptloop.serving.canary_decision import RequestStats, Tally, Thresholds, decide, msprt_log_lambda
 from adaptloop.serving.routing import Router, take_canary
 from adaptloop.serving.registry import Release
 from adaptloop.settings import Replica

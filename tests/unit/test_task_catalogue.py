@@ -65,8 +65,9 @@ def test_references_settings_and_scorer_names(specs):
     from adaptloop.trainers.ray_job import recipe_config
 
     def training(spec):
-        cfg = recipe_config(TrainerSettings(epochs=1, batch_size=4, learning_rate=0.002), "sft", model_path="m",
-                            output_dir=Path("o"), work_dir=Path("w"), examples=[], system_prompt="", spec=spec)
+        settings = TrainerSettings(recipe={"epochs": 1, "batch_size": 4, "learning_rate": 0.002})
+        cfg = recipe_config(settings, "sft", model_path="m", output_dir=Path("o"), work_dir=Path("w"), examples=[],
+                            system_prompt="", spec=spec)
         return cfg.epochs, cfg.batch_size, cfg.learning_rate
     assert training(intent) == (3, 1, 0.001) and training(specs["ticket"]) == (1, 4, 0.002)  # its own, else the trainer's
 
