@@ -10,9 +10,8 @@ from adaptloop.streams.stages import (
     curate,
     score,
     split,
-    training_request,
-    window_update,
 )
+from adaptloop.streams.windows import training_request, window_update
 
 __all__ = [
     "Contract",

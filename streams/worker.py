@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     use_uvloop()  # here, not at import: `adaptloop --help` must work without faust
 
-    from adaptloop.streams.app import create_app, ensure_internal_topics
+    from adaptloop.streams.app import create_app
     from adaptloop.streams.erasures import ErasureFeed
+    from adaptloop.streams.internal_topics import ensure_internal_topics
 
     settings = StreamsSettings()
     try:

@@ -102,12 +102,12 @@ class _NoIndex:
 
 def hops_main() -> int:
     """A curation worker whose stages move every record as curation does but redact and compare nothing."""
-    from adaptloop.streams import app, pii
+    from adaptloop.streams import curation, dedupe, pii
     from adaptloop.streams.worker import main as curation_worker
 
-    app.redact_record = lambda record, redactor, paths: pii.Redaction("")
-    app.dedupe.signature = lambda example: []
-    app.Curation._index = lambda self, tenant_task: _NoIndex()
+    curation.redact_record = lambda record, redactor, paths: pii.Redaction("")
+    dedupe.signature = lambda example: []
+    curation.Curation._index = lambda self, tenant_task: _NoIndex()
     return curation_worker(["--loglevel", "warning"])
 
 

@@ -26,7 +26,7 @@ from adaptloop.ops.stack import start_service
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import Recorder, build_interaction, build_outcome
 from adaptloop.settings import SUBJECT_SECRET_FILE, ErasureSettings, Topics
-from adaptloop.streams import stages
+from adaptloop.streams import stages, windows
 from adaptloop.tasks import example_catalogue
 from curation_helpers import (READY_TIMEOUT_S, TASK, dataset_of, get_json, get_text, messages, read_all,
                               wait_until, worker_env)
@@ -341,7 +341,7 @@ def test_windows_by_count_and_by_age_with_tenant_isolation(kafka, module_topics,
         assert {e["tenant"] for e in dataset.values()} == {request["tenant"]}
         assert {e["session_id"] for e in dataset.values()} == set(sent[request["tenant"]])
         assert sum(e["split"] == "TRAIN" for e in dataset.values()) == request["train_count"]
-        assert request["request_id"] == stages.request_id(request["tenant"], TASK, request["examples"])
+        assert request["request_id"] == windows.request_id(request["tenant"], TASK, request["examples"])
 
 
 # ------------------------------------------------------------------ erasures

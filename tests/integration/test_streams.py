@@ -20,7 +20,7 @@ from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import Recorder, build_interaction
 from adaptloop.settings import KafkaSettings, Topics
-from adaptloop.streams import stages
+from adaptloop.streams import stages, windows
 from adaptloop.tasks import example_catalogue
 from curation_helpers import read_all, wait_until
 
@@ -155,7 +155,7 @@ def test_worker_curates_joins_dead_letters_and_requests_training(kafka, topics, 
                  if partition == span["partition"] and span["start_offset"] <= offset < span["end_offset"]]
         assert sum(e["admitted"] and e["split"] == "TRAIN" for e in named) == request["train_count"]
         assert sum(e["admitted"] and e["split"] == "HOLDOUT" for e in named) == request["holdout_count"]
-        assert request["request_id"] == stages.request_id(TENANT, TASK, request["examples"])
+        assert request["request_id"] == windows.request_id(TENANT, TASK, request["examples"])
 
     assert worker.alive(), worker.tail()
 

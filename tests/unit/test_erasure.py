@@ -16,7 +16,7 @@ SECRET = "erasure-test-subject-secret-0123"
 
 def curated_keys(text: str, *, phone_region: str = "US", pii_patterns: dict[str, str] | None = None) -> list[str]:
     """The subject keys curation gives the example of an interaction whose user wrote ``text``
-    (streams.app: redact the record, then ``subject_key`` of every subject the redactor found)."""
+    (streams.curation: redact the record, then ``subject_key`` of every subject the redactor found)."""
     record = {"tenant": TENANT, "request_messages": [{"role": "user", "content": text}], "response": "ok"}
     found = redact_record(record, Redactor(custom=pii_patterns, phone_region=phone_region), INTERACTION_TEXT)
     return sorted({subject_key(TENANT, value, SECRET) for value in found.subjects})

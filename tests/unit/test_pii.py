@@ -486,7 +486,7 @@ def test_no_valid_phone_number_is_shorter_than_the_digit_prefilter():
     import phonenumbers
     from phonenumbers import PhoneMetadata
 
-    from adaptloop.streams.pii import MIN_PHONE_DIGITS
+    from adaptloop.streams.pii_detectors import MIN_PHONE_DIGITS
 
     shortest = min(length for region in phonenumbers.SUPPORTED_REGIONS
                    for length in PhoneMetadata.metadata_for_region(region).general_desc.possible_length if length > 0)
@@ -531,7 +531,7 @@ EVERY_SECRET_SHAPE = [
 
 
 def test_every_key_name_holds_one_of_its_prefilter_words():
-    from adaptloop.streams.pii import _KEY_KINDS, _KEY_WORDS
+    from adaptloop.streams.pii_detectors import _KEY_KINDS, _KEY_WORDS
 
     names = ["secret", "token"] + [f"{kind}{joint}key" for kind, joints in _KEY_KINDS.items() for joint in joints]
     assert [name for name in names if not any(word in name for word in _KEY_WORDS)] == []
@@ -539,7 +539,7 @@ def test_every_key_name_holds_one_of_its_prefilter_words():
 
 @pytest.mark.parametrize("text", EVERY_SECRET_SHAPE)
 def test_every_secret_shape_is_found_past_the_word_prefilter(redactor, text):
-    from adaptloop.streams.pii import _KEY_BEGIN, _SECRET_RES
+    from adaptloop.streams.pii_detectors import _KEY_BEGIN, _SECRET_RES
 
     assert any(pattern.search(text) for _, pattern in _SECRET_RES) or _KEY_BEGIN.search(text), "not a secret shape"
     assert redactor.redact(text).counts.get("secret") == 1, text

@@ -1,5 +1,5 @@
 """One record that breaks a stage, whatever it raises, becomes a dead letter and the stream goes on; a broker
-failure still ends the worker (``adaptloop.streams.app.Curation.guarded``)."""
+failure still ends the worker (``adaptloop.streams.curation.Curation.guarded``)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from adaptloop.errors import ContractError, DeserializationError
 from adaptloop.schemas import SerdeContext, contract, serde_for
 from adaptloop.schemas.contract import code_version
 from adaptloop.sdk import build_interaction, build_outcome, episode_key
-from adaptloop.streams import stages
+from adaptloop.streams import stages, windows
 from adaptloop.streams.stages import Contract, Decoder, SourceRef
 from adaptloop.demo_tasks import OrderGenerator
 from adaptloop.tasks import example_catalogue
@@ -205,9 +205,9 @@ def test_window_fires_at_each_multiple_of_admitted_train_examples():
     state, fired = None, []
     stream = [example(), example(split="HOLDOUT"), example(admitted=False), example(), example(), example()]
     for offset, item in enumerate(stream):
-        state, fire = stages.window_update(state, item, partition=1, offset=offset, window_size=2, now=100 + offset)
+        state, fire = windows.window_update(state, item, partition=1, offset=offset, window_size=2, now=100 + offset)
         if fire:
-            state = stages.window_fired(state, {"request_id": f"r{offset}"})
+            state = windows.window_fired(state, {"request_id": f"r{offset}"})
         fired.append(fire)
     assert fired == [False, False, False, True, False, True]
     assert state == {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}, "since_fire": 0, "opened_at": None,
@@ -215,24 +215,24 @@ def test_window_fires_at_each_multiple_of_admitted_train_examples():
 
 
 def test_window_ignores_replayed_offsets():
-    state, fire = stages.window_update(None, example(), partition=0, offset=7, window_size=1)
+    state, fire = windows.window_update(None, example(), partition=0, offset=7, window_size=1)
     assert fire and state["train_count"] == 1
-    state = stages.window_fired(state, {"request_id": "r"})
+    state = windows.window_fired(state, {"request_id": "r"})
     for offset in (7, 3):  # a replay after a crash: the table already counted these
-        again, fire = stages.window_update(state, example(), partition=0, offset=offset, window_size=1)
+        again, fire = windows.window_update(state, example(), partition=0, offset=offset, window_size=1)
         assert (again, fire) == (state, False)
-    other, fire = stages.window_update(state, example(), partition=1, offset=0, window_size=1)
+    other, fire = windows.window_update(state, example(), partition=1, offset=0, window_size=1)
     assert fire and other["train_count"] == 2 and other["newest"] == {"0": 7, "1": 0}
 
 
 def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
-    state = stages.new_window_state() | {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
-    request = stages.training_request("acme", TASK, state, curated_topic="examples.curated", created_at=9)
+    state = windows.new_window_state() | {"train_count": 4, "holdout_count": 1, "newest": {"1": 5}}
+    request = windows.training_request("acme", TASK, state, curated_topic="examples.curated", created_at=9)
     assert request["examples"] == [{"topic": "examples.curated", "partition": 1, "start_offset": 0, "end_offset": 6}]
     assert (request["train_count"], request["holdout_count"], request["trigger"]) == (4, 1, "count>=4")
-    again = stages.training_request("acme", TASK, dict(state), curated_topic="examples.curated", created_at=10)
+    again = windows.training_request("acme", TASK, dict(state), curated_topic="examples.curated", created_at=10)
     assert again["request_id"] == request["request_id"]
-    other = stages.training_request("acme", TASK, state | {"newest": {"1": 6}}, curated_topic="examples.curated")
+    other = windows.training_request("acme", TASK, state | {"newest": {"1": 6}}, curated_topic="examples.curated")
     assert other["request_id"] != request["request_id"]
     encode("training_request", request)
 
@@ -240,14 +240,14 @@ def test_training_request_names_the_cumulative_range_with_a_deterministic_id():
 def test_window_fires_by_age_only_with_enough_examples():
     state = None
     for offset in range(2):
-        state, fire = stages.window_update(state, example(), partition=0, offset=offset, window_size=10, now=1_000)
+        state, fire = windows.window_update(state, example(), partition=0, offset=offset, window_size=10, now=1_000)
         assert not fire
-    assert not stages.window_due_by_age(state, now=1_500, max_age_ms=1_000, min_examples=2)  # too young
-    assert not stages.window_due_by_age(state, now=5_000, max_age_ms=1_000, min_examples=3)  # too few
-    assert stages.window_due_by_age(state, now=5_000, max_age_ms=1_000, min_examples=2)
-    request = stages.training_request("acme", TASK, state, curated_topic="c", trigger="age>=1s")
-    fired = stages.window_fired(state, request)
-    assert not stages.window_due_by_age(fired, now=99_000, max_age_ms=1_000, min_examples=1)
+    assert not windows.window_due_by_age(state, now=1_500, max_age_ms=1_000, min_examples=2)  # too young
+    assert not windows.window_due_by_age(state, now=5_000, max_age_ms=1_000, min_examples=3)  # too few
+    assert windows.window_due_by_age(state, now=5_000, max_age_ms=1_000, min_examples=2)
+    request = windows.training_request("acme", TASK, state, curated_topic="c", trigger="age>=1s")
+    fired = windows.window_fired(state, request)
+    assert not windows.window_due_by_age(fired, now=99_000, max_age_ms=1_000, min_examples=1)
     assert fired["pending"]["request_id"] == request["request_id"] and request["trigger"] == "age>=1s"
 
 
