@@ -14,7 +14,8 @@ For each record of the training-requests topic:
 6. check the adapter folder against vLLM's rules, evaluate candidate and incumbent on the holdout
    and the candidate on the regression suite (holdouts of the tenant's earlier live releases), and
    gate (``adaptloop.trainers.gate``, a paired test on the holdout): RELEASED ("better", or "undecided"
-   with a small ``canary_share`` of its own) or REJECTED, with the evidence;
+   with a small ``canary_share`` of its own) or REJECTED, with the evidence (steps 5 and 6:
+   ``adaptloop.trainers.train_and_gate``; the record: ``adaptloop.trainers.release_record``);
 7. publish the AdapterRelease keyed by its version, wait for the broker's acknowledgement, and
    only then commit the request's offset (at-least-once; step 2 makes the replay harmless).
 
@@ -29,11 +30,9 @@ release with the reason, so the decision is on record and the service goes on wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,16 +43,17 @@ from adaptloop.kafka import DeliveryTracker, Range, consumer_config
 from adaptloop.processes import mark_ready
 from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.schemas.contract import SourceRef, code_version, dead_letter, now_ms
+from adaptloop.schemas.contract import SourceRef, dead_letter, now_ms
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
 from adaptloop.trainers.queue import FairQueue
-from adaptloop.trainers.snapshot import Plan, Snapshot, build_snapshot, canonical_json, choose_method, write_snapshot
+from adaptloop.trainers.release_record import build_release
+from adaptloop.trainers.snapshot import Plan, Snapshot, build_snapshot, choose_method, write_snapshot
+from adaptloop.trainers.train_and_gate import TrainAndGate
 
 log = logging.getLogger("adaptloop.trainer")
 
 STAGE = "trainer"
-DECIDED_BY = "gate"
 #: A training job can take many minutes between polls; librdkafka's default (5 min) would evict us.
 MAX_POLL_INTERVAL_MS = 2 * 60 * 60 * 1000
 
@@ -64,7 +64,7 @@ def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str, eras
                           erasures=erasures)
 
 
-class TrainerService:
+class TrainerService(TrainAndGate):
     """What one ``adaptloop trainer`` process holds: settings, serdes, a producer, the base model path."""
 
     def __init__(self, settings: TrainerSettings, *, catalogue: Catalogue | None = None) -> None:
@@ -188,124 +188,6 @@ class TrainerService:
             return str(exc)
         return None
 
-    def incumbent(self, releases: list[dict], tenant: str, task: str):
-        """The adapter to beat, or the base; (incumbent, note) -- the note says why an adapter was passed over."""
-        from adaptloop.artifacts import verify_digest
-        from adaptloop.trainers import evaluate as ev
-
-        incumbent = ev.newest_live_adapter(releases, tenant, task)
-        if incumbent.artifact_uri is None:
-            return incumbent, ""
-        if incumbent.base_model_digest and incumbent.base_model_digest != self.base_digest:
-            return ev.Incumbent(), (f"incumbent {incumbent.version} was trained on base {incumbent.base_model_digest}, "
-                                    f"this trainer's base is {self.base_digest}: compared with the base instead")
-        try:
-            verify_digest(Path(incumbent.artifact_uri), incumbent.digest or "")
-        except ArtifactError as exc:
-            raise TrainingError(f"cannot compare with incumbent {incumbent.version}: {exc}") from exc
-        return incumbent, ""
-
-    def train_and_gate(self, request: Mapping[str, Any], spec: TaskSpec, snapshot: Snapshot, plan: Plan,
-                       releases: list[dict], erasures: Any) -> dict:
-        from adaptloop.artifacts import adapter_version, artifact_digest
-        from adaptloop.trainers import evaluate as ev
-        from adaptloop.trainers import ray_job
-        from adaptloop.trainers.gate import decide, regression_result, wilson_interval
-        from adaptloop.trainers.release import ReleaseCheckError, check_adapter
-        from adaptloop.trainers.vllm_eval import target as vllm_target
-
-        request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
-        started = time.monotonic()
-        try:
-            incumbent, note = self.incumbent(releases, tenant, task)
-        except TrainingError as exc:
-            return self.reject(request, str(exc), snapshot, plan=plan)
-        request_dir = Path(self.settings.artifact_dir).resolve() / request_id
-        request_dir.mkdir(parents=True, exist_ok=True)
-        cfg = ray_job.recipe_config(self.settings, plan.method, model_path=str(self.base_model),
-                                    output_dir=request_dir / "adapter", work_dir=request_dir / "checkpoints",
-                                    examples=plan.examples, system_prompt=spec.system_prompt, spec=spec)
-        ray_job.start_ray(self.settings)
-        result = ray_job.train(self.settings, request_id, plan.method, cfg)
-        training = dataclasses.asdict(result) | {"plan": plan.reason, "signal": plan.counts}
-        training.pop("adapter_dir")
-
-        adapter_dir = Path(result.adapter_dir)
-        digest = artifact_digest(adapter_dir)
-        version = adapter_version(tenant, task, digest)
-        try:
-            adapter_config = check_adapter(adapter_dir, max_lora_rank=self.settings.max_lora_rank,
-                                           base_dir=self.base_model)
-        except ReleaseCheckError as exc:
-            return self.reject(request, str(exc), snapshot, plan=plan, version=version, artifact=(adapter_dir, digest),
-                               training=training, lora_rank=cfg.lora_rank)
-        suite_sources, skipped = self.regression_holdouts(releases, tenant, task, snapshot, erasures)
-        candidate, current, *suite_scores = ev.evaluate_many(self.base_model, [
-            ev.EvalJob(spec, snapshot.holdout, version, adapter_dir),
-            ev.EvalJob(spec, snapshot.holdout, incumbent.version, incumbent.artifact_uri),
-            *(ev.EvalJob(source_spec, holdout, f"suite:{release['version']}", adapter_dir)
-              for release, source_spec, holdout in suite_sources),
-        ], max_new_tokens=spec.max_new_tokens or self.settings.max_new_tokens, threads=self.settings.torch_threads,
-            vllm=vllm_target(self.settings), tag=request_id)
-        suite = [regression_result(task=release["task"], source_version=release["version"], holdout_count=scored.count,
-                                   candidate_score=scored.score, bar=float(release["evaluation"]["candidate_score"]),
-                                   tolerance=self.settings.regression_tolerance)
-                 for (release, _, _), scored in zip(suite_sources, suite_scores)]
-        margin = spec.gate_margin if spec.gate_margin is not None else self.settings.gate_margin
-        decision = decide(candidate=dataclasses.asdict(candidate), incumbent=dataclasses.asdict(current),
-                          margin=margin, suite=suite, tolerance=self.settings.regression_tolerance,
-                          confidence=self.settings.gate_confidence, canary_share=self.settings.canary_share)
-        reason = (f"{decision.reason}; {plan.method} ({plan.reason}), {result.steps} steps in "
-                  f"{result.train_seconds:.0f}s, final loss {result.final_loss:.4f}")
-        ci, incumbent_ci = wilson_interval(candidate.passed, candidate.count), wilson_interval(current.passed, current.count)
-        evidence = decision.evidence | {"suite_skipped": skipped, "incumbent_note": note} if note or skipped else decision.evidence
-        evidence = evidence | {"engine": candidate.engine} | ({"engine_fallback": candidate.fallback} if candidate.fallback else {})
-        release = self.release_record(
-            request, state="RELEASED" if decision.passed else "REJECTED", reason=reason, version=version,
-            artifact_uri=str(adapter_dir), digest=digest, snapshot=snapshot, method=plan.method,
-            config=cfg.public(), lora_rank=int(adapter_config.get("r", cfg.lora_rank)),
-            evaluation={"metric": f"{'episode_success' if candidate.unit == 'episode' else 'success_rate'}:{spec.scorer}",
-                        "holdout_count": candidate.count,
-                        "candidate_score": candidate.score, "incumbent": incumbent.version,
-                        "incumbent_score": current.score, "margin": margin, "ci_low": ci[0], "ci_high": ci[1],
-                        "incumbent_ci_low": incumbent_ci[0], "incumbent_ci_high": incumbent_ci[1],
-                        "metrics": {"mean_validator_score": candidate.mean_score,
-                                    "incumbent_mean_validator_score": current.mean_score}},
-            regression=[s.record() for s in suite], evidence=evidence, training=training,
-            parent_version=None if incumbent.version == ev.BASE else incumbent.version,
-            canary_share=decision.canary_share)
-        self.publish(release)
-        log.info("request %s: %s %s in %.0fs: %s", request_id[:12], release["state"], version,
-                 time.monotonic() - started, reason)
-        return release
-
-    def regression_holdouts(self, releases: list[dict], tenant: str, task: str, snapshot: Snapshot, erasures: Any):
-        """The regression suite's sources: (release, its task, its holdout) for the tenant's newest earlier live
-        releases (this task only, or any task with ``regression_scope=tenant``); the candidate's bar on each is
-        the score that release recorded on its holdout. Also the releases skipped, with why."""
-        from adaptloop.trainers import evaluate as ev
-        from adaptloop.trainers.snapshot import read_snapshot
-
-        sources, skipped, seen = [], [], {snapshot.uri}
-        for release in reversed(ev.live_releases(releases, tenant)):
-            if len(sources) >= self.settings.regression_max_suites:
-                break
-            uri = release["lineage"].get("dataset_uri") or ""
-            if not uri or uri in seen or (self.settings.regression_scope == "task" and release["task"] != task):
-                continue
-            seen.add(uri)
-            try:
-                spec = self.catalogue.get(release["task"])
-                holdout = [h for h in read_snapshot(uri, splits=("holdout",)).holdout if erasures.match(h) is None]
-            except (ConfigError, OSError, ValueError, KeyError) as exc:
-                # On record, not fatal: an unknown task or an unreadable store must not block every release.
-                skipped.append({"source_version": release["version"], "reason": f"{type(exc).__name__}: {exc}"})
-                log.warning("regression suite: skipping %s: %s", release["version"], exc)
-                continue
-            if holdout:
-                sources.append((release, spec, holdout))
-        return sources, skipped
-
     def reject(self, request: Mapping[str, Any], reason: str, snapshot: Snapshot | None, *, plan: Plan | None = None,
                version: str | None = None, artifact: tuple[Path, str] | None = None,
                training: dict | None = None, lora_rank: int = 0) -> dict:
@@ -330,42 +212,9 @@ class TrainerService:
         log.warning("request %s: REJECTED: %s", request_id[:12], reason)
         return release
 
-    def release_record(self, request: Mapping[str, Any], *, state: str, reason: str, version: str,
-                       artifact_uri: str | None, digest: str | None, snapshot: Snapshot | None, method: str,
-                       config: Mapping[str, Any], lora_rank: int, evaluation: dict, regression: list[dict],
-                       evidence: dict, training: dict, parent_version: str | None,
-                       canary_share: float | None = None) -> dict:
-        return {
-            "version": version,
-            "tenant": request["tenant"],
-            "task": request["task"],
-            "state": state,
-            "reason": reason,
-            "base_model": self.settings.model.name,
-            "artifact_uri": artifact_uri,
-            "digest": digest,
-            "lora_rank": lora_rank,
-            "method": method,
-            "evaluation": evaluation,
-            "lineage": {
-                "request_id": request["request_id"],
-                "dataset_digest": snapshot.digest if snapshot else "",
-                "examples": [{"topic": r["topic"], "partition": r["partition"], "start_offset": r["start_offset"],
-                              "end_offset": r["end_offset"]} for r in request["examples"]],
-                "train_example_ids": snapshot.train_ids if snapshot else [],
-                "code_version": code_version(),
-                "config_json": canonical_json(config),
-                "dataset_uri": snapshot.uri if snapshot else "",
-                "parent_version": parent_version,
-            },
-            "created_at": now_ms(),
-            "regression": regression,
-            "decided_by": DECIDED_BY,
-            "evidence_json": canonical_json(evidence),
-            "training_json": canonical_json(training),
-            "base_model_digest": self.base_digest,
-            "canary_share": canary_share,
-        }
+    def release_record(self, request: Mapping[str, Any], **fields: Any) -> dict:
+        """A release of ``request`` by this trainer (see ``release_record.build_release`` for the fields)."""
+        return build_release(request, base_model=self.settings.model.name, base_model_digest=self.base_digest, **fields)
 
     def publish(self, release: dict) -> None:
         topic = self.settings.topics.name("releases")
