@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from adaptloop.errors import AdaptloopError, ConfigError, DeliveryError, FeedbackError, SerializationError
     from adaptloop.sdk import FeedbackClient, Recorder
     from adaptloop.settings import KafkaSettings, Topics
-    from adaptloop.tasks import Catalogue, Verdict, load_catalogue, validator
+    from adaptloop.tasks import Catalogue, load_catalogue
     from adaptloop.tasks import TaskSpec as Task
+    from adaptloop.validators import Verdict, validator
 
 #: Public name -> (module, name in it).
 _PUBLIC = {
@@ -40,8 +41,8 @@ _PUBLIC = {
     "KafkaSettings": ("adaptloop.settings", "KafkaSettings"),
     "Topics": ("adaptloop.settings", "Topics"),
     "Task": ("adaptloop.tasks", "TaskSpec"),
-    "Verdict": ("adaptloop.tasks", "Verdict"),
-    "validator": ("adaptloop.tasks", "validator"),
+    "Verdict": ("adaptloop.validators", "Verdict"),
+    "validator": ("adaptloop.validators", "validator"),
     "Catalogue": ("adaptloop.tasks", "Catalogue"),
     "load_catalogue": ("adaptloop.tasks", "load_catalogue"),
     "AdaptloopError": ("adaptloop.errors", "AdaptloopError"),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from adaptloop.errors import ConfigError
-from adaptloop.tasks import Verdict
+from adaptloop.validators import Verdict
 
 ORDER_FIELDS = ("customer", "product", "quantity", "city", "deadline")
 

@@ -2,24 +2,27 @@
 
 Every field reads from the environment with the prefix shown (``ADAPTLOOP_KAFKA_BOOTSTRAP_SERVERS``,
 ``ADAPTLOOP_TRAINER_TORCH_THREADS`` ...). Unknown ``ADAPTLOOP_*`` keys in an explicit dict are refused.
+What every process shares (the cluster, the topics, the base model) is in ``adaptloop.shared_settings``, the
+shared secrets in ``adaptloop.credentials``; both are importable from here too.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, Field, SecretStr
+from pydantic_settings import BaseSettings
 
-from adaptloop.errors import ConfigError
+from adaptloop.credentials import ADMIN_KEY_FILE, SUBJECT_SECRET_FILE, Secret, admin_key, bearer_header, shared_secret
 from adaptloop.processes import parse_cpu_list
+from adaptloop.shared_settings import (DEFAULT_BOOTSTRAP, DEFAULT_HOME, KafkaSettings, ModelSettings, Topics,
+                                       settings_config)
 
-DEFAULT_HOME = Path(os.environ.get("ADAPTLOOP_HOME") or Path.home() / ".cache" / "adaptloop")
-DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
+__all__ = ["ADMIN_KEY_FILE", "DEFAULT_BOOTSTRAP", "DEFAULT_HOME", "SUBJECT_SECRET_FILE", "CanarySettings", "CpuList",
+           "ErasureSettings", "GatewaySettings", "KafkaSettings", "ModelSettings", "Replica", "Secret", "ServeSettings",
+           "StatusSettings", "StreamsSettings", "Topics", "TrainerSettings", "admin_key", "bearer_header",
+           "shared_secret"]
 
 
 def _cpu_list(value: str) -> str:
@@ -31,173 +34,11 @@ def _cpu_list(value: str) -> str:
 CpuList = Annotated[str, AfterValidator(_cpu_list)]
 
 
-def _long_secret(value: SecretStr | None) -> SecretStr | None:
-    if value is not None and len(value.get_secret_value()) < 16:
-        raise ValueError("a key shorter than 16 characters is too easy to guess (empty: set one, or leave it unset)")
-    return value
-
-
-#: A shared secret a process is given: refused when short (an empty Secret in a manifest must not mean "no key").
-Secret = Annotated[SecretStr | None, AfterValidator(_long_secret)]
-
-
-#: Where a deployment's admin credential lives when no process is given one (``adaptloop up`` writes it there).
-ADMIN_KEY_FILE = "gateway-admin-key"
-#: Where a deployment's subject-key secret lives when no process is given one.
-SUBJECT_SECRET_FILE = "subject-key-secret"
-
-
-def shared_secret(path: Path, what: str) -> str:
-    """The secret in ``path``, created (0600, 32 random bytes as hex) if there is none yet: one file that every
-    process of a deployment reads the same secret from."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        # Written whole, then linked into place: a process starting beside this one never reads it half-written,
-        # and whichever links first wins (``link`` refuses an existing name).
-        fd, draft = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-            os.link(draft, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(draft)
-    secret = path.read_text().strip()
-    if not secret:
-        raise ConfigError(f"the {what} file {path} is empty")
-    return secret
-
-
-def admin_key(explicit: SecretStr | None, file: Path | None) -> str:
-    """The gateway's admin credential: given, else read from ``file`` (default $ADAPTLOOP_HOME/gateway-admin-key),
-    created there if missing."""
-    if explicit is not None:  # at least 16 characters: the settings' ``Secret`` type checks it
-        return explicit.get_secret_value()
-    return shared_secret(file or DEFAULT_HOME / ADMIN_KEY_FILE, "admin key")
-
-
-def bearer_header(key: SecretStr | None) -> dict[str, str]:
-    """The header a vLLM started with an API key wants on its /v1 calls (load, unload, completions)."""
-    return {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
-
-
-def _config(prefix: str) -> SettingsConfigDict:
-    return SettingsConfigDict(env_prefix=prefix, extra="forbid", frozen=True)
-
-
-class Topics(BaseSettings):
-    """Topic names; ``prefix`` isolates one deployment (or one test) from another on a shared broker."""
-
-    model_config = _config("ADAPTLOOP_TOPICS_")
-
-    prefix: str = ""
-    interactions: str = "agent.interactions"
-    outcomes: str = "agent.outcomes"
-    dead_letters: str = "agent.dlq"
-    curated: str = "examples.curated"
-    training_requests: str = "training.requests"
-    releases: str = "adapters.releases"
-    erasures: str = "agent.erasures"
-    serving_status: str = "serving.status"
-    partitions: int = Field(4, description="Partitions of the keyed event topics.")
-    raw_retention_ms: int = Field(
-        30 * 24 * 3_600_000, ge=-1,
-        description="How long the raw inputs (interactions, outcomes, dead letters) stay on their topics; -1 forever. "
-                    "Erasure cannot rewrite these immutable logs: erased content stays there until it expires.")
-
-    def name(self, which: str) -> str:
-        return self.prefix + getattr(self, which)
-
-    def layout(self) -> dict[str, tuple[int, dict[str, str]]]:
-        """Every topic with its partition count and config; created explicitly (brokers' defaults differ: Kafka
-        deletes after 7 days, Tansu keeps everything)."""
-        raw = {"retention.ms": str(self.raw_retention_ms)}
-        forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
-        return {
-            self.name("interactions"): (self.partitions, raw),
-            self.name("outcomes"): (self.partitions, raw),
-            self.name("dead_letters"): (1, raw),
-            self.name("curated"): (self.partitions, {}),
-            # One partition: requests and releases are few and their order matters. Every request and every
-            # release decision is lineage (compaction would keep only a version's last state): kept forever.
-            self.name("training_requests"): (1, forever),
-            self.name("releases"): (1, forever),
-            # Erasures are few, read whole by every consumer, and must outlive everything they erase.
-            self.name("erasures"): (1, forever),
-            # One record per sidecar change/heartbeat, keyed by replica; read whole, newest per key wins.
-            self.name("serving_status"): (1, {"cleanup.policy": "compact"}),
-        }
-
-
-class KafkaSettings(BaseSettings):
-    """How to reach the Kafka-protocol cluster. Unset ``bootstrap_servers`` means the embedded Tansu."""
-
-    model_config = _config("ADAPTLOOP_KAFKA_")
-
-    bootstrap_servers: str = DEFAULT_BOOTSTRAP
-    embedded: bool = Field(True, description="Start Tansu on loopback; false when bootstrap_servers is a real cluster.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_ca_location: Path | None = None
-    schema_registry_url: str | None = Field(None, description="Confluent wire format through this registry; else single-object encoding.")
-    idempotent_producer: bool | None = Field(
-        None, description="Default: off on the embedded Tansu (it loses acked records on a crash with idempotence), on for real Kafka.")
-    request_timeout_s: float = 30.0
-    delivery_timeout_s: float = Field(30.0, description="A produced record not acknowledged by then is an error for the caller.")
-    replication_factor: int = Field(1, ge=1, description="Replicas of every topic adaptloop creates (3 on a production cluster).")
-    min_insync_replicas: int | None = Field(
-        None, ge=1, description="Replicas that must have a record before it is acknowledged (2 with 3 replicas); unset: the broker's.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _external_cluster(cls, values: dict) -> dict:
-        # Naming any other cluster means "use it, start no broker", unless embedded is set explicitly.
-        if "embedded" not in values:
-            values["embedded"] = values.get("bootstrap_servers", DEFAULT_BOOTSTRAP) == DEFAULT_BOOTSTRAP
-        return values
-
-    @model_validator(mode="after")
-    def _sasl_complete(self) -> "KafkaSettings":
-        if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
-            raise ConfigError("SASL needs sasl_mechanism, sasl_username and sasl_password")
-        return self
-
-    @property
-    def idempotence(self) -> bool:
-        return (not self.embedded) if self.idempotent_producer is None else self.idempotent_producer
-
-    def client_config(self) -> dict[str, str | int | float | bool]:
-        """librdkafka settings shared by producers, consumers and the admin client."""
-        config: dict[str, str | int | float | bool] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.security_protocol,
-        }
-        if self.sasl_mechanism:
-            config["sasl.mechanism"] = self.sasl_mechanism
-            config["sasl.username"] = self.sasl_username or ""
-            config["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
-        if self.ssl_ca_location:
-            config["ssl.ca.location"] = str(self.ssl_ca_location)
-        return config
-
-
-class ModelSettings(BaseSettings):
-    """The base model every adapter is trained on and served with."""
-
-    model_config = _config("ADAPTLOOP_MODEL_")
-
-    path: Path | None = Field(None, description="Any HF model folder; unset means the bundled SmolLM2-135M-Instruct.")
-    name: str = Field("smollm2-135m-instruct", description="The name vLLM serves the base under.")
-
-
 class ErasureSettings(BaseSettings):
     """How data subjects are keyed: curation writes the keys into examples, ``adaptloop forget`` computes them.
     Every curation worker and every forget of a deployment must read the same secret."""
 
-    model_config = _config("ADAPTLOOP_ERASURE_")
+    model_config = settings_config("ADAPTLOOP_ERASURE_")
 
     subject_secret: Secret = Field(None, description="The deployment's secret for subject keys (HMAC-SHA256 of tenant "
                                    "and identifier): without it a key cannot be computed from public values. "
@@ -214,7 +55,7 @@ class ErasureSettings(BaseSettings):
 class StreamsSettings(BaseSettings):
     """The Faust curation workers (``adaptloop streams``)."""
 
-    model_config = _config("ADAPTLOOP_STREAMS_")
+    model_config = settings_config("ADAPTLOOP_STREAMS_")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: Topics = Field(default_factory=Topics)
@@ -257,7 +98,7 @@ class StreamsSettings(BaseSettings):
 class TrainerSettings(BaseSettings):
     """The trainer service (``adaptloop trainer``): consumes requests, runs Ray jobs, publishes releases."""
 
-    model_config = _config("ADAPTLOOP_TRAINER_")
+    model_config = settings_config("ADAPTLOOP_TRAINER_")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: Topics = Field(default_factory=Topics)
@@ -323,7 +164,7 @@ class TrainerSettings(BaseSettings):
 class ServeSettings(BaseSettings):
     """A vLLM server with its registry sidecar (``adaptloop serve``)."""
 
-    model_config = _config("ADAPTLOOP_SERVE_")
+    model_config = settings_config("ADAPTLOOP_SERVE_")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: Topics = Field(default_factory=Topics)
@@ -364,7 +205,7 @@ class ServeSettings(BaseSettings):
 class Replica(BaseSettings):
     """One vLLM server and its registry sidecar, as the gateway reaches them."""
 
-    model_config = _config("ADAPTLOOP_REPLICA_")
+    model_config = settings_config("ADAPTLOOP_REPLICA_")
 
     vllm_url: str
     sidecar_url: str
@@ -373,7 +214,7 @@ class Replica(BaseSettings):
 class GatewaySettings(BaseSettings):
     """The OpenAI-compatible gateway (``adaptloop gateway``)."""
 
-    model_config = _config("ADAPTLOOP_GATEWAY_")
+    model_config = settings_config("ADAPTLOOP_GATEWAY_")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: Topics = Field(default_factory=Topics)
@@ -435,7 +276,7 @@ class GatewaySettings(BaseSettings):
 class CanarySettings(BaseSettings):
     """The canary controller (``adaptloop canary``): outcomes per version decide promote or roll back."""
 
-    model_config = _config("ADAPTLOOP_CANARY_")
+    model_config = settings_config("ADAPTLOOP_CANARY_")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: Topics = Field(default_factory=Topics)
@@ -458,7 +299,7 @@ class CanarySettings(BaseSettings):
 class StatusSettings(BaseSettings):
     """``adaptloop status``: where to look. Defaults are the local stack's (``adaptloop up``)."""
 
-    model_config = _config("ADAPTLOOP_STATUS_")
+    model_config = settings_config("ADAPTLOOP_STATUS_")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: Topics = Field(default_factory=Topics)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from adaptloop.chat import TOOL_CALL_BLOCK, assistant_text
-from adaptloop.tasks import Verdict, turn_by_turn
+from adaptloop.validators import Verdict, turn_by_turn
 
 TOOLS = [
     {"type": "function", "function": {"name": "lookup_order", "description": "Find an order by id.",

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from adaptloop.chat import assistant_text, split_tool_calls, tools_of
-from adaptloop.tasks import TaskSpec, Verdict
+from adaptloop.tasks import TaskSpec
 from adaptloop.trainers.common import chat_prompt
+from adaptloop.validators import Verdict
 
 #: ``complete(prompts, tools)``: one greedy generation per chat prompt, each with its tool definitions.
 Complete = Callable[[Sequence[list[dict[str, Any]]], Sequence[list | None]], list[str]]

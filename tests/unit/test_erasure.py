@@ -6,7 +6,7 @@ import pytest
 
 from adaptloop.erasure import ErasureSet, build_erasure, legacy_subject_key, subject_key
 from adaptloop.ops.forget import main as forget_main
-from adaptloop.ops.forget import normalize_subject
+from adaptloop.ops.subjects import normalize_subject
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.streams.pii import INTERACTION_TEXT, Redactor, redact_record
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from adaptloop.ops.status import (dead_letter_counts, erasure_counts, group_lag, partition_ends, pid_alive, processes,
-                                  release_rows, render, routing_rows, stage_counts, topic_rows, traffic_shares,
-                                  trainer_queue)
+                                  release_rows, routing_rows, stage_counts, topic_rows, traffic_shares, trainer_queue)
+from adaptloop.ops.status_view import render
 
 
 @dataclass
