@@ -193,7 +193,7 @@ class ServeSettings(BaseSettings):
     omp_wait_policy: str = Field("PASSIVE", description=(
         "OMP_WAIT_POLICY for vLLM's OpenMP threads (CPU builds). PASSIVE: idle threads sleep instead of "
         "spinning after each step, which otherwise takes the cores a gateway and broker beside it need "
-        "(measured by serving.bench_gateway). Empty: OpenMP's own default."))
+        "(measured by serving.bench.gateway). Empty: OpenMP's own default."))
     vllm_args: list[str] = Field(default_factory=list, description=(
         "Extra vLLM flags as JSON, e.g. [\"--tensor-parallel-size\", \"2\", \"--gpu-memory-utilization\", \"0.85\"]."))
     status_interval_s: float = Field(10.0, description="Heartbeat period of the status record (also sent on every change).")
@@ -261,7 +261,7 @@ class GatewaySettings(BaseSettings):
     cpus: CpuList = Field("", description=(
         "CPUs the gateway runs on, e.g. '1' or '2-3' (taskset's list format); empty: any. On a host it "
         "shares with a model server, give each its own (ADAPTLOOP_SERVE_CPUS): calls then never wait "
-        "for a core vLLM holds (serving.bench_gateway --gateway-cpus)."))
+        "for a core vLLM holds (serving.bench.gateway --gateway-cpus)."))
 
     def replica_list(self) -> list[Replica]:
         return list(self.replicas) or [Replica(vllm_url=self.vllm_url, sidecar_url=self.sidecar_url)]

@@ -190,7 +190,7 @@ class CompletionCall:
         data["id"] = self.interaction_id
         data["model"] = self.body["model"]
         # What the model server took and what the whole handler took (from the request's arrival in the
-        # endpoint to the answer), so that callers (and serving.bench_gateway) can see our own share.
+        # endpoint to the answer), so that callers (and serving.bench.gateway) can see our own share.
         self.headers["server-timing"] = (f"upstream;dur={upstream_ms:.3f}, "
                                          f"gateway;dur={(time.perf_counter() - self.started) * 1000:.3f}")
         return JSONResponse(data, headers=self.headers)

@@ -122,7 +122,7 @@ class Gateway:
 
     async def start(self) -> None:
         # aiohttp, not httpx: its C parser costs ~1 ms less CPU per proxied call (profiled with py-spy
-        # under serving.bench_gateway), and this client is on every call's path.
+        # under serving.bench.gateway), and this client is on every call's path.
         self.client = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s, connect=5.0),
             connector=aiohttp.TCPConnector(limit=256), auto_decompress=False,
@@ -345,7 +345,7 @@ async def _serve(server: uvicorn.Server, gateway: Gateway, timeout_s: float) -> 
         await asyncio.sleep(0.1)
     # Everything built so far (modules, the app, the registry's state) lives as long as the process: out
     # of the collector's sight, a full collection no longer walks it, which took 65 ms once per few
-    # minutes under serving.bench_gateway, a pause every call then in flight waited through.
+    # minutes under serving.bench.gateway, a pause every call then in flight waited through.
     gc.freeze()
     mark_ready()
     log.info("gateway ready on http://%s:%d", server.config.host, server.config.port)

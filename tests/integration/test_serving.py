@@ -38,7 +38,7 @@ from adaptloop.processes import ManagedProcess
 from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
 from adaptloop.sdk import message_record, partition_key
-from adaptloop.serving.bench_gateway import server_timing
+from adaptloop.serving.bench.gateway import server_timing
 from adaptloop.serving.keys import dev_keys, plain_setting
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, ModelSettings, Topics
 from adaptloop.tasks import example_catalogue
@@ -193,7 +193,7 @@ def serving(kafka, tmp_path_factory) -> Serving:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory) -> Path:
     """A real LoRA (r=8 on q_proj/v_proj) of the base model, lora_B perturbed so outputs differ."""
-    from adaptloop.serving.bench_gateway import make_adapter
+    from adaptloop.serving.bench.gateway import make_adapter
 
     return make_adapter(tmp_path_factory.mktemp("adapter") / "lora")
 
@@ -236,7 +236,7 @@ def test_alias_without_release_uses_base_and_is_recorded(serving):
     assert record["prompt_tokens"] == body["usage"]["prompt_tokens"] > 0
     assert record["completion_tokens"] == body["usage"]["completion_tokens"] > 0
     assert record["latency_ms"] > 0
-    # The gateway says what the model server took and what it took in all (serving.bench_gateway reads it).
+    # The gateway says what the model server took and what it took in all (serving.bench.gateway reads it).
     timing = server_timing(response.headers["server-timing"])
     assert 0 < timing["upstream"] <= timing["gateway"], timing
 

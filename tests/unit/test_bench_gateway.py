@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adaptloop.serving.bench_gateway import server_timing
+from adaptloop.serving.bench.gateway import server_timing
 
 
 def test_server_timing_reads_every_metric_with_a_duration():
@@ -14,7 +14,7 @@ def test_server_timing_reads_every_metric_with_a_duration():
 def test_the_p99_difference_interval_brackets_a_known_shift_and_notices_none():
     import random
 
-    from adaptloop.serving.bench_gateway import difference_interval
+    from adaptloop.serving.bench.gateway import difference_interval
 
     rng = random.Random(1)
     direct = [70 + rng.expovariate(0.2) for _ in range(600)]

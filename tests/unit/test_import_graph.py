@@ -14,7 +14,7 @@ The folders, bottom to top:
     schemas    adaptloop.schemas: the contract
     kernel     the rest of deploy/'s top level: settings, kafka, the SDK, the task catalogue, ...
     streams, trainers, serving   the stages
-    bench      the benchmarks (``bench`` subpackages, and serving's ``bench*`` modules until they move):
+    bench      the benchmarks (each folder's ``bench`` subpackage):
                operator tools that start whole stacks
     ops        adaptloop.ops: the operator tools behind ``adaptloop`` (``adaptloop.cli`` names them as
                strings and imports them on demand, so the dispatcher adds no edge)
@@ -57,7 +57,7 @@ def folder_of(module: str) -> str:
     if module == "adaptloop.errors":
         return "errors"
     if len(parts) > 1 and parts[1] in ("schemas", *STAGES):
-        if any(p == "bench" or p.startswith("bench_") for p in parts[2:]):
+        if "bench" in parts[2:]:
             return "bench"
         return parts[1]
     if len(parts) > 1 and parts[1] == "ops":

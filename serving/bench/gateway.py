@@ -1,7 +1,7 @@
 """Benchmark the gateway: its overhead against calling vLLM directly, and publish -> first answer by a new adapter.
 
-    python -m adaptloop.serving.bench_gateway                          # 500 calls per path, JSON on stdout
-    python -m adaptloop.serving.bench_gateway --requests 500 --json bench-gateway.json
+    python -m adaptloop.serving.bench.gateway                          # 500 calls per path, JSON on stdout
+    python -m adaptloop.serving.bench.gateway --requests 500 --json bench-gateway.json
 
 Starts everything for real on loopback (Tansu with memory storage, ``adaptloop serve`` = vLLM +
 sidecar, ``adaptloop gateway`` with a generated key) and always stops it. Both paths send the same
@@ -242,7 +242,7 @@ def publish_to_first_answer(http: httpx.Client, kafka: KafkaSettings, topics: To
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptloop.serving.bench_gateway", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.serving.bench.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500, help="calls per path (default 500)")
     parser.add_argument("--swaps", type=int, default=3, help="publish -> first answer samples (default 3)")
     parser.add_argument("--adapter", type=Path, help="a peft LoRA folder (default: a random one made here)")

@@ -1,8 +1,8 @@
 """Measure what ``adaptloop serve`` costs here: vLLM start-up, completion latency, adapter load.
 
-    python -m adaptloop.serving.bench                                  # as `adaptloop serve` runs vLLM
-    python -m adaptloop.serving.bench --adapter /path/to/peft-folder   # + runtime load and first use
-    python -m adaptloop.serving.bench --env VLLM_ENABLE_V1_MULTIPROCESSING=0   # compare a variant
+    python -m adaptloop.serving.bench.startup                                  # as `adaptloop serve` runs vLLM
+    python -m adaptloop.serving.bench.startup --adapter /path/to/peft-folder   # + runtime load and first use
+    python -m adaptloop.serving.bench.startup --env VLLM_ENABLE_V1_MULTIPROCESSING=0   # compare a variant
 
 Starts vLLM with exactly the flags of ``server.vllm_command`` (plus ``--env``), on a free port,
 and always stops it. Prints one JSON line.
@@ -29,7 +29,7 @@ PROMPT = [{"role": "user", "content": "Name three colours."}]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptloop.serving.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adaptloop.serving.bench.startup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5, help="12-token chat completions to time (default 5)")
     parser.add_argument("--adapter", type=Path, help="a peft LoRA folder to load at run time and use once")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for vLLM")
