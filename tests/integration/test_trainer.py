@@ -489,7 +489,7 @@ def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_t
         assert rejected["state"] == "REJECTED" and reason in rejected["reason"] and rejected["artifact_uri"] is None
     assert service.catalogue.disagreement(TASK, TASKS[TASK].digest) is None
     # ... and the service itself still trains the same request.
-    assert service.plan_problem(*_plan(service, good), service.settings.min_train_examples) is None
+    assert service.plan_problem(*_plan(service, good), TASKS[TASK]) is None
 
 
 def _plan(service, request):
