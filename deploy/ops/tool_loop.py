@@ -67,21 +67,23 @@ class ToolLoop:
         self.held = [self.held_world.case() for _ in range(self.held_out_episodes)]
         self.window = example_catalogue().get(self.task).window_size or 36
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self, *, turns: bool = True) -> dict[str, Any]:
         """What the gateway serves now, on the held-out episodes, without feedback: episode success (the agent
-        on its own: a wrong turn ends the episode), and turn success (each turn judged on a right history:
-        the episode replayed with every wrong turn replaced by the right one)."""
+        on its own: a wrong turn ends the episode), and with ``turns`` turn success (each turn judged on a right
+        history: the episode replayed with every wrong turn replaced by the right one)."""
         def run(case, takeover: bool):
             return run_episode(self.client, case, self.held_world, model=self.model,
                                episode_id=f"eval-{uuid.uuid4().hex}", takeover=takeover)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             alone = list(pool.map(lambda case: run(case, False), self.held))
-            replayed = list(pool.map(lambda case: run(case, True), self.held))
-        turns = [v for _, log in replayed for v in log.verdicts]
-        return {"episodes": len(alone), "success": sum(v.ok for v, _ in alone) / len(alone),
-                "turns": len(turns), "turn_success": sum(v.ok for v in turns) / len(turns),
-                "failures": [v.reason for v, _ in alone if not v.ok][:5]}
+            replayed = list(pool.map(lambda case: run(case, True), self.held)) if turns else []
+        measured = {"episodes": len(alone), "success": sum(v.ok for v, _ in alone) / len(alone),
+                    "failures": [v.reason for v, _ in alone if not v.ok][:5]}
+        if turns:
+            verdicts = [v for _, log in replayed for v in log.verdicts]
+            measured |= {"turns": len(verdicts), "turn_success": sum(v.ok for v in verdicts) / len(verdicts)}
+        return measured
 
     def _requests(self) -> list[dict]:
         return [q for q in read_topic(self.stack.kafka, self.stack.topics, "training_requests", "training_request")

@@ -36,30 +36,28 @@ def trained(tmp_path_factory):
     """The stack; the base's held-out episode success; one cycle of the loop until the adapter serves; after."""
     with tool_stack(tmp_path_factory.mktemp("tool-task") / "stack").start(progress=print) as stack:
         loop = ToolLoop(stack, tenant=TENANT, task=TASK, held_out_episodes=HELD_OUT_EPISODES)
-        before = loop.measure()
+        before = loop.measure(turns=False)  # turn by turn too: adaptloop tool-bench (CI time is the bound here)
         print(f"\nbase on {HELD_OUT_EPISODES} held-out episodes: {before['success']:.0%} episode success, "
-              f"{before['turn_success']:.0%} of {before['turns']} turns right, e.g. {before['failures'][:2]}")
+              f"e.g. {before['failures'][:2]}")
         cycle = loop.cycle()
         print(f"{cycle['episodes']} reviewed episodes in {cycle['traffic_s']:.0f}s -> {cycle['request']}; "
               f"{cycle['decision']} {cycle['version']}: {cycle['reason'][:300]}")
         assert cycle["decision"] == "RELEASED", cycle["reason"]
-        after = loop.measure()
+        after = loop.measure(turns=False)
         print(f"released adapter on the same held-out episodes: {after['success']:.0%} episode success "
-              f"(base {before['success']:.0%}), {after['turn_success']:.0%} of {after['turns']} turns right "
-              f"(base {before['turn_success']:.0%}), e.g. {after['failures'][:2]}")
+              f"(base {before['success']:.0%}), e.g. {after['failures'][:2]}")
         yield {"stack": stack, "key": loop.key, "before": before, "after": after, "cycle": cycle}
 
 
 def test_a_tool_using_agent_learns_its_episodes_through_the_loop(trained):
     """Whole held-out episodes (every turn right, the agent on its own, new customers, orders and wording) go from
-    the base's rate to far above it after one cycle; so do held-out turns, each on a right history. The issue's
-    target is 90% of episodes; one cycle of this 135M model reached 75-80% offline (see the closing note)."""
+    the base's rate to far above it after one cycle. The issue's target is 90% of episodes; one cycle of this
+    135M model's training reached 80-85% of 20 held-out episodes offline (adaptloop tool-offline, two seeds)."""
     before, after, gate = trained["before"], trained["after"], trained["cycle"]["gate"]
     # The gate judged whole held-out episodes, the candidate replayed as the agent in the task's environment.
     assert gate["metric"].startswith("episode_success:python:support-agent@"), gate
-    assert before["success"] <= 0.1 and before["turn_success"] <= 0.4, before
-    assert after["success"] >= before["success"] + 0.4, (before, after)
-    assert after["turn_success"] >= before["turn_success"] + 0.4, (before, after)
+    assert before["success"] <= 0.1, before
+    assert after["success"] >= before["success"] + 0.5, (before, after)
 
 
 def test_a_langgraph_agent_runs_its_own_loop_through_the_gateway_and_the_episode_is_curated(trained):
