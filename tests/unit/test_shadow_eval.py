@@ -56,22 +56,3 @@ def test_no_server_there_means_transformers_with_the_reason():
     [result] = evaluate_many(None, [EvalJob(ORDER, [], "candidate", "/nowhere")], vllm=nobody, tag="unit")
     assert result.engine == "transformers" and "GET /v1/models: ConnectError" in result.fallback
     assert json.dumps(result.__dict__)  # the evidence takes it as it is
-
-
-def test_the_base_as_a_zero_lora_keeps_lora_a_and_zeroes_lora_b(tmp_path):
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from adaptloop.trainers.vllm_eval import zero_lora
-
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    a_key, b_key = ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
-    save_file({a_key: torch.ones(4, 8), b_key: torch.ones(8, 4)}, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text('{"r": 4}')
-    zero = zero_lora(adapter, tmp_path / ".zero")
-    weights = load_file(str(zero / "adapter_model.safetensors"))
-    assert torch.equal(weights[a_key], torch.ones(4, 8)) and not weights[b_key].any()
-    assert (zero / "adapter_config.json").read_text() == '{"r": 4}'
-    assert load_file(str(adapter / "adapter_model.safetensors"))[b_key].all(), "the adapter itself is untouched"
