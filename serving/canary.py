@@ -7,7 +7,7 @@
 A RELEASED version (the trainer's gate found it better, or could not decide) is a canary: the gateway
 sends it ``ADAPTLOOP_GATEWAY_CANARY_SHARE`` of its alias's traffic, or the smaller share its release
 carries (``canary_share``: an undecided gate's, set by its uncertainty); the incumbent (the alias's
-PROMOTED version, else the base model) gets the rest. The controller compares both sides' outcomes from the
+PROMOTED version, or an earlier canary still undecided when this one came, else the base model) gets the rest. The controller compares both sides' outcomes from the
 curated stream (``served_by`` names the version that answered, null = base; a SUCCESS is a success,
 CORRECTION and FAILURE are not), counted from the canary's ``created_at`` on so that both sides are
 measured over the same period, each example once (at-least-once upstream).
@@ -96,13 +96,20 @@ class ReleaseWriter:
 # --- the controller -------------------------------------------------------------------------------
 
 def canary_and_incumbent(releases: Mapping[str, Release], tenant: str, task: str) -> tuple[Release | None, Release | None]:
-    """(newest RELEASED newer than the incumbent, newest PROMOTED) of an alias; the gateway routes the same way."""
+    """(canary, incumbent) of an alias, None for the base; the gateway routes the same way.
+
+    The canary is the newest RELEASED version newer than the newest PROMOTED one. The incumbent is the newest
+    servable version older than the canary: the PROMOTED one, or an earlier canary not decided yet when this one
+    came. That earlier canary is what the gate compared this one with and what served the alias until now, so it
+    keeps the traffic the new canary does not take (and is judged again if the new one is rolled back)."""
     mine = [r for r in releases.values() if (r.tenant, r.task) == (tenant, task)]
     key = lambda r: (r.created_at, r.offset)  # noqa: E731
-    incumbent = max((r for r in mine if r.state == "PROMOTED"), key=key, default=None)
-    canary = max((r for r in mine if r.state == "RELEASED" and (incumbent is None or key(r) > key(incumbent))),
-                 key=key, default=None)
-    return canary, incumbent
+    promoted = max((r for r in mine if r.state == "PROMOTED"), key=key, default=None)
+    newer = [r for r in mine if r.state == "RELEASED" and (promoted is None or key(r) > key(promoted))]
+    canary = max(newer, key=key, default=None)
+    if canary is None:
+        return None, promoted
+    return canary, max((r for r in newer if key(r) < key(canary)), key=key, default=promoted)
 
 
 class Outcomes:

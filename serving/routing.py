@@ -1,9 +1,9 @@
 """Which version and replica a call goes to.
 
-An alias goes to its incumbent (newest PROMOTED version loaded on some replica, else the
-base model), except for a share of its calls, which go to its canary (the newest RELEASED
-version newer than the incumbent, loaded on some replica; the canary controller promotes or rolls
-it back): the release's own ``canary_share`` where it carries one (the gate's smaller share for a
+An alias goes to its incumbent (newest PROMOTED version loaded on some replica, or an earlier
+canary still undecided when the current one came, else the base model: ``canary_and_incumbent``),
+except for a share of its calls, which go to its canary (the newest RELEASED version newer than the
+PROMOTED one, loaded on some replica; the canary controller promotes or rolls it back): the release's own ``canary_share`` where it carries one (the gate's smaller share for a
 candidate it could not decide), never more than the gateway's ``canary_share``. The share is exact
 per gateway (a deterministic stride, not a coin), so a measured share is the configured one. Among several replicas, a call goes only to replicas whose sidecar reports
 the version loaded, round robin; a replica whose sidecar stops answering gets no calls while a
@@ -57,7 +57,7 @@ def take_canary(count: int, share: float) -> bool:
 
 
 class Router:
-    """Alias -> a share to the newest RELEASED version, the rest to the incumbent (PROMOTED, else base).
+    """Alias -> a share to the newest RELEASED version, the rest to the incumbent (see ``canary_and_incumbent``).
 
     The share is the release's own ``canary_share`` if it has one, capped by ``canary_share`` (the gateway's
     setting, which is also the share of a release without one; 0 sends no call to any canary).

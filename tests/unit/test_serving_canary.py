@@ -85,6 +85,20 @@ def test_canary_is_the_newest_released_after_the_incumbent():
     assert canary_and_incumbent({"v0": releases["v0"]}, "acme", "extract")[0].version == "v0"
 
 
+def test_an_undecided_canary_keeps_the_rest_of_the_traffic_when_a_newer_one_comes():
+    """The gate compared v3 with v2, which served the alias until v3 came: the rest stays on v2, not on v1."""
+    releases = {r.version: r for r in [release("v1", "PROMOTED", 10), release("v2", "RELEASED", 20),
+                                        release("v3", "RELEASED", 30), release("v0", "RELEASED", 5)]}
+    canary, incumbent = canary_and_incumbent(releases, "acme", "extract")
+    assert (canary.version, incumbent.version) == ("v3", "v2")
+    without_promotion = {v: r for v, r in releases.items() if v != "v1"}
+    assert [r.version for r in canary_and_incumbent(without_promotion, "acme", "extract")] == ["v3", "v2"]
+    rolled_back = {v: r for v, r in releases.items() if v != "v3"}  # v2 is the canary again, against v1
+    assert [r.version for r in canary_and_incumbent(rolled_back, "acme", "extract")] == ["v2", "v1"]
+    only = {"v3": releases["v3"]}
+    assert canary_and_incumbent(only, "acme", "extract") == (releases["v3"], None)
+
+
 def test_promotion_retires_the_other_live_versions_rollback_touches_only_the_canary():
     releases = {r.version: r for r in [release("v1", "PROMOTED", 10), release("v0", "RETIRED", 5),
                                         release("v2", "RELEASED", 20), release("y", "PROMOTED", 1, tenant="other")]}
