@@ -82,6 +82,7 @@ class TrainerService(TrainAndGate):
         self.base_model: Path | None = None
         self.base_digest: str | None = None
         self.base_error = ""
+        self.tails: dict[str, Any] = {}
         self.resolve_base_model(ensure_base_model, base_model_digest)
 
     def resolve_base_model(self, ensure, digest) -> bool:
@@ -98,14 +99,32 @@ class TrainerService(TrainAndGate):
 
     # -- reading ---------------------------------------------------------------------------------
 
+    def follow(self) -> None:
+        """Follow the releases and erasures topics from now on (a long-lived trainer): each request then reads
+        them in about ``settle_s`` rather than a fresh read's join and idle wait (``adaptloop.tail``)."""
+        from adaptloop.tail import TopicTail
+
+        topics = self.settings.topics
+        self.tails = {"releases": TopicTail(self.settings.kafka, topics.name("releases"), "adapter_release").start(),
+                      "erasures": TopicTail(self.settings.kafka, topics.name("erasures"), "erasure").start()}
+
+    def close(self) -> None:
+        for tail in self.tails.values():
+            tail.close()
+        self.tails = {}
+
     def releases(self) -> list[dict]:
         """Every record of the releases topic, in order (it keeps every decision)."""
+        if "releases" in self.tails:
+            return [p.record for p in self.tails["releases"].records()]
         topic = self.settings.topics.name("releases")
         return [p.record for p in read_decoded(self.settings.kafka, topic, "adapter_release", idle_s=1.0)]
 
     def erasures(self):
         from adaptloop.erasure import ErasureSet
 
+        if "erasures" in self.tails:
+            return ErasureSet.of(p.record for p in self.tails["erasures"].records())
         return ErasureSet.read(self.settings.kafka, self.settings.topics)
 
     def snapshot(self, request: Mapping[str, Any], erasures: Any) -> Snapshot:
@@ -296,6 +315,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         messages.clear()
 
     try:
+        service.follow()
         ray_job.start_ray(settings)
         # After ray.init, which installs its own SIGTERM handler (it would exit without cleaning up).
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -336,6 +356,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         log.info("stopped during a request; it was not committed and will be replayed")
     finally:
         consumer.close()
+        service.close()
         ray_job.stop_ray()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -34,7 +34,7 @@ from typing import Any
 from adaptloop.errors import AdaptloopError
 from adaptloop.kafka import count_messages
 from adaptloop.model import ensure_base_model
-from adaptloop.ops.demo_pairs import Agent, DemoConfig, Measurement, PairLoop, say
+from adaptloop.ops.demo_pairs import Agent, DemoConfig, Measurement, PairLoop, follow, say
 from adaptloop.ops.stack import LocalStack, StackPorts, free_port
 from adaptloop.ops.tool_loop import TENANT as TOOL_TENANT
 from adaptloop.ops.tool_loop import ToolLoop
@@ -101,12 +101,15 @@ async def _loop(config: DemoConfig, stack: LocalStack, kafka: KafkaSettings, top
     agent = Agent(ports.gateway_url, config.concurrency,
                   tenant_headers={tenant: {"authorization": f"Bearer {key}"} for tenant, key in stack.dev_keys.items()})
     tool = ToolLoop(stack, held_out_episodes=config.eval_cases) if config.tool_cycles else None
+    tails = follow(kafka, topics)
     try:
-        loops = [PairLoop(config, agent, kafka, topics, tenant, task) for tenant, task in config.pairs]
+        loops = [PairLoop(config, agent, kafka, topics, tenant, task, tails) for tenant, task in config.pairs]
         tool_measurements = await asyncio.gather(*(loop.run() for loop in loops),
                                                  *([asyncio.to_thread(_tool_cycles, tool, config.tool_cycles)] if tool else []))
     finally:
         await agent.close()
+        for tail in tails.values():
+            tail.close()
     return DemoResult(measurements=[m for loop in loops for m in loop.measurements]
                       + (tool_measurements[-1] if tool else []),
                       releases=[r for loop in loops for r in loop.decisions] + (tool.decisions if tool else []))

@@ -15,7 +15,7 @@ import httpx
 from adaptloop.artifacts import alias
 from adaptloop.demo_tasks import case_generator
 from adaptloop.errors import StackError
-from adaptloop.records import read_topic
+from adaptloop.tail import TopicTail
 from adaptloop.schemas.contract import SERVABLE, now_ms
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.tasks import example_catalogue
@@ -108,14 +108,22 @@ class Agent:
         await self.client.aclose()
 
 
+def follow(kafka: KafkaSettings, topics: Topics) -> dict[str, TopicTail]:
+    """The topics the pair loops watch, each followed once for all of them (a decision is seen within ~0.2 s;
+    reading a topic afresh per look cost a consumer join and an idle wait each time). Close each when done."""
+    return {name: TopicTail(kafka, topics.name(name), stem, settle_s=0.2).start()
+            for name, stem in (("training_requests", "training_request"), ("releases", "adapter_release"))}
+
+
 class PairLoop:
     """One (tenant, task): traffic -> wait for its training request -> its decision -> hot-load, per cycle."""
 
     def __init__(self, config: DemoConfig, agent: Agent, kafka: KafkaSettings,
-                 topics: Topics, tenant: str, task: str) -> None:
+                 topics: Topics, tenant: str, task: str, tails: dict[str, TopicTail]) -> None:
         from adaptloop.streams.stages import split  # the streams' own (pure) split: the demo predicts it
 
         self.config, self.agent, self.kafka, self.topics = config, agent, kafka, topics
+        self.tails = tails  # "training_requests" and "releases", followed for every pair (``follow``)
         self.tenant, self.task = tenant, task
         self.spec = example_catalogue().get(task)
         self.cases = case_generator(task, config.traffic_seed + sum(map(ord, tenant + task)))
@@ -166,9 +174,9 @@ class PairLoop:
         deadline = time.monotonic() + timeout_s
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            requests = await asyncio.to_thread(read_topic, self.kafka, self.topics, "training_requests", "training_request")
-            mine = [r for r in requests if (r["tenant"], r["task"]) == (self.tenant, self.task)
-                    and r["train_count"] >= train_target]
+            requests = await asyncio.to_thread(self.tails["training_requests"].records)
+            mine = [r.record for r in requests if (r.record["tenant"], r.record["task"]) == (self.tenant, self.task)
+                    and r.record["train_count"] >= train_target]
             if mine:
                 return mine[0]
             if time.monotonic() - quiet_since > TOP_UP_AFTER_S:
@@ -182,11 +190,11 @@ class PairLoop:
     async def wait_for_decision(self, request: dict, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            releases = await asyncio.to_thread(read_topic, self.kafka, self.topics, "releases", "adapter_release")
-            for release in releases:
+            releases = await asyncio.to_thread(self.tails["releases"].records)
+            for release in (p.record for p in releases):
                 if release["lineage"]["request_id"] == request["request_id"]:
                     return release
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.2)
         raise StackError(f"no decision on {self.name}'s request {request['request_id'][:12]} within {timeout_s:.0f}s")
 
     async def wait_until_served(self, version: str, timeout_s: float = 180) -> None:
@@ -197,7 +205,7 @@ class PairLoop:
                                                  "demo-probe")
             if adapter == version:
                 return
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.2)
         raise StackError(f"the gateway did not route {self.name} to {version} within {timeout_s:.0f}s")
 
     async def run(self) -> None:
