@@ -115,7 +115,11 @@ class TrainerSettings(BaseSettings):
         "ADAPTLOOP_TRAINER_RECIPE='{\"epochs\": 2}')."))
     torch_threads: int = Field(1, description=(
         "Cores for training (torch threads) and for the gate's evaluations (that many side by side, one thread "
-        "each); 2 threads on 2 busy cores thrash (7x slower)."))
+        "each). More threads than idle cores slow training down, the more so with OMP_WAIT_POLICY=ACTIVE."))
+    omp_wait_policy: str = Field("PASSIVE", description=(
+        "OMP_WAIT_POLICY of the trainer and its Ray workers: PASSIVE threads sleep between parallel regions "
+        "instead of spinning on cores that vLLM, the streams or another training need (two 2-thread trainings "
+        "side by side: 33 tokens/s each spinning, 82 sleeping). Empty: OpenMP's own default."))
     gate_margin: float = Field(0.05, description="A candidate must beat the incumbent's holdout success by this much.")
     max_new_tokens: int = 96
     # -- issue 4: snapshots, methods, resumable jobs, the gate's regression suite, release checks --

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -371,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = TrainerSettings()
+    if settings.omp_wait_policy:  # before torch or Ray start: OpenMP reads it once, Ray's workers inherit it
+        os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy)
     try:
         catalogue = load_catalogue()
     except ConfigError as exc:

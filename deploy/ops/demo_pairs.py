@@ -112,7 +112,8 @@ def follow(kafka: KafkaSettings, topics: Topics) -> dict[str, TopicTail]:
     """The topics the pair loops watch, each followed once for all of them (a decision is seen within ~0.2 s;
     reading a topic afresh per look cost a consumer join and an idle wait each time). Close each when done."""
     return {name: TopicTail(kafka, topics.name(name), stem, settle_s=0.2).start()
-            for name, stem in (("training_requests", "training_request"), ("releases", "adapter_release"))}
+            for name, stem in (("training_requests", "training_request"), ("releases", "adapter_release"),
+                               ("curated", "curated_example"))}
 
 
 class PairLoop:
@@ -123,13 +124,14 @@ class PairLoop:
         from adaptloop.streams.stages import split  # the streams' own (pure) split: the demo predicts it
 
         self.config, self.agent, self.kafka, self.topics = config, agent, kafka, topics
-        self.tails = tails  # "training_requests" and "releases", followed for every pair (``follow``)
+        self.tails = tails  # the topics ``follow`` follows for every pair
         self.tenant, self.task = tenant, task
         self.spec = example_catalogue().get(task)
         self.cases = case_generator(task, config.traffic_seed + sum(map(ord, tenant + task)))
         self.split = split
         self.predicted_train = 0
         self.sessions = 0
+        self.reviewed = 0  # outcomes sent
         self.served = "base"
         self.measurements: list[Measurement] = []
         self.decisions: list[dict] = []
@@ -150,6 +152,7 @@ class PairLoop:
         await self.agent.feedback(self.tenant, interaction_id=iid, source="HUMAN", success=verdict.ok,
                                   score=verdict.score, correction=None if verdict.ok else case.answer,
                                   labeler="demo-reviewer", reason=verdict.reason[:4000])
+        self.reviewed += 1
         return verdict.ok, adapter
 
     async def traffic(self, train_target: int) -> list[tuple[bool, str]]:
@@ -179,13 +182,27 @@ class PairLoop:
                     and r.record["train_count"] >= train_target]
             if mine:
                 return mine[0]
-            if time.monotonic() - quiet_since > TOP_UP_AFTER_S:
+            curated, admitted = self.admitted_train(await asyncio.to_thread(self.tails["curated"].records))
+            if curated >= self.reviewed and admitted < train_target:
+                # Every outcome is curated and some were not admitted (near-duplicates, say): no request will come.
+                say(f"{self.name}: every outcome curated, {admitted} of {train_target} TRAIN examples admitted "
+                    f"(the rest were not: near-duplicates?): more calls")
+                self.predicted_train = admitted
+                await self.traffic(train_target)
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > TOP_UP_AFTER_S:
                 say(f"{self.name}: no training request at {train_target} TRAIN examples yet "
                      f"(some were not admitted?): {TOP_UP_CALLS} more calls")
                 await self.traffic(self.predicted_train + TOP_UP_CALLS)
                 quiet_since = time.monotonic()
-            await asyncio.sleep(2)
+            await asyncio.sleep(0.5)
         raise StackError(f"no training request for {self.name} at {train_target} TRAIN examples within {timeout_s:.0f}s")
+
+    def admitted_train(self, curated: list) -> tuple[int, int]:
+        """(this pair's examples curated, of them admitted to TRAIN): each example once, as its last record says."""
+        last = {p.record["example_id"]: p.record for p in curated
+                if (p.record["tenant"], p.record["task"]) == (self.tenant, self.task)}
+        return len(last), sum(bool(r["admitted"]) and r["split"] == "TRAIN" for r in last.values())
 
     async def wait_for_decision(self, request: dict, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -198,12 +215,14 @@ class PairLoop:
         raise StackError(f"no decision on {self.name}'s request {request['request_id'][:12]} within {timeout_s:.0f}s")
 
     async def wait_until_served(self, version: str, timeout_s: float = 180) -> None:
-        probe = self.cases.case()
+        """Until the gateway routes the alias to ``version`` (as its canary, at whatever share, or its incumbent):
+        its ``/v1/models`` says so without a model call."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            _, adapter, _ = await self.agent.ask(self.tenant, self.task, probe.sentence, f"probe-{uuid.uuid4()}",
-                                                 "demo-probe")
-            if adapter == version:
+            response = await self.agent.client.get("/v1/models", headers=self.agent.tenant_headers.get(self.tenant, {}))
+            if response.status_code == 200 and any(
+                    entry["id"] == self.name and version in (entry.get("canary"), entry.get("incumbent"))
+                    for entry in response.json().get("data", [])):
                 return
             await asyncio.sleep(0.2)
         raise StackError(f"the gateway did not route {self.name} to {version} within {timeout_s:.0f}s")
