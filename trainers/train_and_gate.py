@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,11 +44,8 @@ class TrainAndGate:
 
     def train_and_gate(self, request: Mapping[str, Any], spec: TaskSpec, snapshot: Snapshot, plan: Plan,
                        releases: list[dict], erasures: Any) -> dict:
-        from adaptloop.artifacts import adapter_version, artifact_digest
         from adaptloop.trainers import evaluate as ev
         from adaptloop.trainers import ray_job
-        from adaptloop.trainers.gate import decide, regression_result, wilson_interval
-        from adaptloop.trainers.release import ReleaseCheckError, check_adapter
         from adaptloop.trainers.vllm_eval import target as vllm_target
 
         request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
@@ -62,7 +60,34 @@ class TrainAndGate:
                                     output_dir=request_dir / "adapter", work_dir=request_dir / "checkpoints",
                                     examples=plan.examples, system_prompt=spec.system_prompt, spec=spec)
         ray_job.start_ray(self.settings)
-        result = ray_job.train(self.settings, request_id, plan.method, cfg)
+        max_new_tokens = spec.max_new_tokens or self.settings.max_new_tokens
+        # The incumbent's answers do not depend on the candidate: they are worked out while it trains, on a core
+        # the training leaves (torch_threads of the machine's) or on the vLLM server. The tag keeps its shadows
+        # apart from the candidate's (each evaluation unloads its own tag's leftovers).
+        with ThreadPoolExecutor(1, thread_name_prefix="incumbent-eval") as beside:
+            incumbent_eval = beside.submit(
+                ev.evaluate_many, self.base_model, [ev.EvalJob(spec, snapshot.holdout, incumbent.version,
+                                                               incumbent.artifact_uri)],
+                max_new_tokens=max_new_tokens, threads=1, vllm=vllm_target(self.settings), tag=f"incumbent-{request_id}")
+            try:
+                result = ray_job.train(self.settings, request_id, plan.method, cfg)
+            except BaseException:
+                incumbent_eval.cancel()
+                raise
+            return self._gate(request, spec, snapshot, plan, releases, erasures, incumbent, note, cfg, result,
+                              incumbent_eval, max_new_tokens, started)
+
+    def _gate(self, request, spec, snapshot, plan, releases, erasures, incumbent, note, cfg, result, incumbent_eval,
+              max_new_tokens, started) -> dict:
+        """Check the trained adapter, evaluate it (and the regression suite), take the incumbent's evaluation
+        that ran beside the training, decide and publish."""
+        from adaptloop.artifacts import adapter_version, artifact_digest
+        from adaptloop.trainers import evaluate as ev
+        from adaptloop.trainers.gate import decide, regression_result, wilson_interval
+        from adaptloop.trainers.release import ReleaseCheckError, check_adapter
+        from adaptloop.trainers.vllm_eval import target as vllm_target
+
+        request_id, tenant, task = request["request_id"], request["tenant"], request["task"]
         training = dataclasses.asdict(result) | {"plan": plan.reason, "signal": plan.counts}
         training.pop("adapter_dir")
 
@@ -76,13 +101,13 @@ class TrainAndGate:
             return self.reject(request, str(exc), snapshot, plan=plan, version=version, artifact=(adapter_dir, digest),
                                training=training, lora_rank=cfg.lora_rank)
         suite_sources, skipped = self.regression_holdouts(releases, tenant, task, snapshot, erasures)
-        candidate, current, *suite_scores = ev.evaluate_many(self.base_model, [
+        candidate, *suite_scores = ev.evaluate_many(self.base_model, [
             ev.EvalJob(spec, snapshot.holdout, version, adapter_dir),
-            ev.EvalJob(spec, snapshot.holdout, incumbent.version, incumbent.artifact_uri),
             *(ev.EvalJob(source_spec, holdout, f"suite:{release['version']}", adapter_dir)
               for release, source_spec, holdout in suite_sources),
-        ], max_new_tokens=spec.max_new_tokens or self.settings.max_new_tokens, threads=self.settings.torch_threads,
-            vllm=vllm_target(self.settings), tag=request_id)
+        ], max_new_tokens=max_new_tokens, threads=self.settings.torch_threads, vllm=vllm_target(self.settings),
+            tag=request_id)
+        [current] = incumbent_eval.result()
         suite = [regression_result(task=release["task"], source_version=release["version"], holdout_count=scored.count,
                                    candidate_score=scored.score, bar=float(release["evaluation"]["candidate_score"]),
                                    tolerance=self.settings.regression_tolerance)

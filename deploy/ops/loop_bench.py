@@ -10,6 +10,7 @@ embedded stack; the demo measures the latency of every release it caused.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from adaptloop.errors import AdaptloopError
 from adaptloop.ops.demo import DemoConfig, run_demo
+from adaptloop.processes import cpu_name
 from adaptloop.settings import DEFAULT_HOME
 
 
@@ -45,7 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, seconds in entry["stages"].items():
             print(f"  {name:16s} {seconds:8.2f}s  {entry['share'][name]:6.1%}")
         print(f"  slowest stage: {entry['slowest']}")
-    payload = {"window_size": args.window_size, "pair": args.pair, "wall_s": round(time.monotonic() - started, 1),
+    pure = {r["version"]: json.loads(r.get("training_json") or "{}").get("train_seconds") for r in result.releases}
+    for entry in result.loop_latency:
+        # Beyond the training stage (the whole Ray job), and beyond the training loop itself (steps only).
+        entry["beyond_training_share"] = round(1 - entry["stages"].get("training", 0.0) / entry["total_s"], 3)
+        if pure.get(entry["version"]):
+            entry["train_loop_s"] = round(pure[entry["version"]], 1)
+            entry["beyond_train_loop_share"] = round(1 - pure[entry["version"]] / entry["total_s"], 3)
+        print(f"  beyond the training stage: {entry['beyond_training_share']:.0%}"
+              + (f"; beyond the training loop ({entry['train_loop_s']}s of steps): {entry['beyond_train_loop_share']:.0%}"
+                 if "train_loop_s" in entry else ""))
+    payload = {"command": "adaptloop loop-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "machine": cpu_name(), "date": dt.date.today().isoformat(),
+               "window_size": args.window_size, "pair": args.pair, "wall_s": round(time.monotonic() - started, 1),
                "latencies": result.loop_latency, "timings_s": result.timings_s,
                "note": "wall-clock differences on a shared 2-core machine: noisy"}
     args.json.write_text(json.dumps(payload, indent=2))

@@ -12,10 +12,11 @@ adapter serving traffic at the gateway, by stage, with the slowest stage named.
     trained               trainer log "request <id>: ray job finished"    -> stage "training"
     released              release created_at (after both evaluations)     -> stage "evaluation"
     loaded                the sidecar's loaded_at at GET /adapters        -> stage "sidecar load"
-    routed                event_time of the first interaction it served   -> stage "gateway routing"
+    routed                when the gateway took the first call it routed there (the interaction's
+                          event_time, stamped as it is recorded, less its latency_ms) -> stage "gateway routing"
 
-"gateway routing" ends at the first request the adapter answered, so it includes how soon traffic
-came: the demo probes as soon as it sees the release (it polls the registry every second).
+"gateway routing" ends at the first call the gateway sent to the adapter, so it includes how soon traffic
+came: the demo's next calls follow as soon as the gateway's /v1/models lists the version.
 The trainer's three inner stages come from its log (the only place they are timed today); when
 the log is not readable here (a remote trainer) they are one stage, "trainer". Every figure is a
 difference of wall-clock timestamps taken on this machine; on a shared 2-core machine they are
@@ -130,7 +131,8 @@ def latencies(kafka, topics, *, sidecar_url: str | None, trainer_log: Path | Non
     for _, _, r in read("interactions", "interaction"):
         version = (r.get("adapter") or {}).get("version")
         if version:
-            first_served[version] = min(first_served.get(version, 1 << 62), ms(r["event_time"]))
+            routed = ms(r["event_time"]) - int(r.get("latency_ms") or 0)
+            first_served[version] = min(first_served.get(version, 1 << 62), routed)
     loaded: dict[str, dict] = {}
     if sidecar_url:
         try:
