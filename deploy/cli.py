@@ -37,7 +37,7 @@ COMMANDS = {
     "tool-bench": ("adaptloop.ops.tool_loop:main", "The tool-using task through the loop: episode success by cycle (JSON)."),
     "tool-offline": ("adaptloop.ops.tool_offline:main", "The tool task's training recipe alone: held-out episodes (JSON)."),
     "streams": ("adaptloop.streams.worker:main", "Run a Faust curation worker."),
-    "trainer": ("adaptloop.trainers.service:main", "Run the training service."),
+    "trainer": ("adaptloop.trainers.service_loop:main", "Run the training service."),
     "serve": ("adaptloop.serving.server:main", "Run vLLM with the registry sidecar."),
     "gateway": ("adaptloop.serving.gateway:main", "Run the OpenAI-compatible gateway."),
     "canary": ("adaptloop.serving.canary:main", "Run the canary controller."),

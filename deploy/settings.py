@@ -116,6 +116,9 @@ class TrainerSettings(BaseSettings):
     torch_threads: int = Field(1, description=(
         "Cores for training (torch threads) and for the gate's evaluations (that many side by side, one thread "
         "each). More threads than idle cores slow training down, the more so with OMP_WAIT_POLICY=ACTIVE."))
+    parallel_jobs: int = Field(1, ge=1, description=(
+        "Training requests in work at once, never two of one (tenant, task). Each is a Ray job of torch_threads "
+        "cores beside its own evaluations: set it to what the cluster holds (cores / torch_threads)."))
     omp_wait_policy: str = Field("PASSIVE", description=(
         "OMP_WAIT_POLICY of the trainer and its Ray workers: PASSIVE threads sleep between parallel regions "
         "instead of spinning on cores that vLLM, the streams or another training need (two 2-thread trainings "

@@ -11,14 +11,14 @@ already answers a replayed request with the release it published (``TrainerServi
 
     queue = FairQueue()
     queue.add(offset, request)               # every request polled, as soon as it is polled
-    offset, request = queue.next()           # the one to train now (None when empty)
+    offset, request = queue.next(busy)       # the one to train now, none of an alias in ``busy`` (None: nothing)
     commit = queue.done(offset)              # the offset to commit now, or None (an earlier one is pending)
     queue.waiting(now_ms)                    # [(tenant, task, request id, waited ms)] in serving order
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 
 class FairQueue:
@@ -57,10 +57,13 @@ class FairQueue:
             order.append(offset)
         return order
 
-    def next(self) -> tuple[int, Mapping[str, Any]] | None:
-        if not self._waiting:
+    def next(self, busy: Collection[tuple[str, str]] = ()) -> tuple[int, Mapping[str, Any]] | None:
+        """The request to train now, or None; none of a (tenant, task) in ``busy`` (one in training already: the
+        next of an alias is gated against what the one before it releases)."""
+        ready = {o: r for o, r in self._waiting.items() if (r["tenant"], r["task"]) not in busy}
+        if not ready:
             return None
-        offset = self._first(self._waiting, self._served_at)
+        offset = self._first(ready, self._served_at)
         request = self._waiting.pop(offset)
         self._working.add(offset)
         self._served_at[request["tenant"]] = self._turn

@@ -23,31 +23,25 @@ A request that cannot give an adapter (no examples, too few, single-class KTO da
 unknown task, a missing base model, a plan or an adapter vLLM would refuse) yields a REJECTED
 release with the reason, so the decision is on record and the service goes on with the next.
 
-    HF_HUB_OFFLINE=1 adaptloop trainer               # settings from ADAPTLOOP_TRAINER_* variables
-    HF_HUB_OFFLINE=1 adaptloop trainer --max-requests 1
+The consumer loop around it (``adaptloop trainer``: the fair queue, jobs at once, commits, stopping) is
+``adaptloop.trainers.service_loop``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message
 
 from adaptloop.errors import AdaptloopError, ArtifactError, ConfigError, DeserializationError, TrainingError
-from adaptloop.kafka import DeliveryTracker, Range, consumer_config
-from adaptloop.processes import mark_ready
+from adaptloop.kafka import DeliveryTracker, Range
 from adaptloop.records import read_decoded
 from adaptloop.schemas import SerdeContext, serde_for
-from adaptloop.schemas.contract import SourceRef, dead_letter, now_ms
+from adaptloop.schemas.contract import SourceRef, dead_letter
 from adaptloop.settings import TrainerSettings
 from adaptloop.tasks import Catalogue, TaskSpec, load_catalogue
-from adaptloop.trainers.queue import FairQueue
 from adaptloop.trainers.release_record import build_release
 from adaptloop.trainers.snapshot import Plan, Snapshot, build_snapshot, choose_method, write_snapshot
 from adaptloop.trainers.train_and_gate import TrainAndGate
@@ -55,8 +49,6 @@ from adaptloop.trainers.train_and_gate import TrainAndGate
 log = logging.getLogger("adaptloop.trainer")
 
 STAGE = "trainer"
-#: A training job can take many minutes between polls; librdkafka's default (5 min) would evict us.
-MAX_POLL_INTERVAL_MS = 2 * 60 * 60 * 1000
 
 
 def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str, erasures: Any = None) -> Snapshot:
@@ -270,118 +262,3 @@ class ContractViolation(AdaptloopError):
 def process_request(settings: TrainerSettings, request: Mapping[str, Any]) -> dict:
     """Process one decoded TrainingRequest in this process (tests, notebooks); see ``TrainerService.process``."""
     return TrainerService(settings).process(request)
-
-
-def queued_request(service: "TrainerService", msg: Message) -> Mapping[str, Any]:
-    """What the fair queue needs of a polled request (an undecodable one queues as its own tenant, and is
-    dead-lettered when its turn comes)."""
-    try:
-        return service.requests_serde.deserialize(msg.value(), SerdeContext(msg.topic(), msg.partition(), msg.offset()))
-    except DeserializationError:
-        return {"tenant": "", "task": "", "request_id": f"undecodable@{msg.offset()}", "created_at": 0}
-
-
-class _Stopping(BaseException):
-    """SIGTERM arrived while a request was being worked on (a BaseException, so that no ``except
-    Exception`` on the way -- Ray's, ours -- turns a stop into a failed request)."""
-
-
-def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: float = 1.0,
-        catalogue: Catalogue | None = None) -> int:
-    """Consume training requests until SIGTERM/SIGINT (or ``max_requests`` handled); return how many."""
-    from adaptloop.trainers import ray_job
-
-    state = {"stop": False, "busy": False}
-
-    def on_signal(signum, frame):
-        log.info("signal %d: stopping", signum)
-        state["stop"] = True
-        if state["busy"]:
-            raise _Stopping()
-
-    for method in ray_job.RECIPES:  # a broken recipe file or setting stops the start, not a request later
-        ray_job.recipe_config(settings, method)
-    service = TrainerService(settings, catalogue=catalogue)
-    topic = settings.topics.name("training_requests")
-    consumer = Consumer(consumer_config(settings.kafka, settings.group_id,
-                                        **{"max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
-    handled = 0
-    previous: dict = {}
-    # The requests topic has one partition (Topics.layout): offsets order it. Requests are served fairly
-    # across tenants (trainers.queue), read ahead of the one in training.
-    queue, messages = FairQueue(), {}
-
-    def on_revoke(consumer: Consumer, partitions: list) -> None:
-        queue.clear()
-        messages.clear()
-
-    try:
-        service.follow()
-        ray_job.start_ray(settings)
-        # After ray.init, which installs its own SIGTERM handler (it would exit without cleaning up).
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        consumer.subscribe([topic], on_revoke=on_revoke)
-        mark_ready()
-        log.info("trainer ready: group %s on %s, artifacts in %s, base model %s", settings.group_id, topic,
-                 settings.artifact_dir, service.base_model)
-        while not state["stop"] and (max_requests is None or handled < max_requests):
-            # Read what is there (waiting for more only when nothing is queued), then serve the fair queue's next.
-            for msg in consumer.consume(100, timeout=0 if len(queue) else poll_s):
-                if msg.error():
-                    log.warning("consumer: %s", msg.error())
-                    continue
-                queue.add(msg.offset(), queued_request(service, msg))
-                messages[msg.offset()] = msg
-            picked = queue.next()
-            if picked is None:
-                continue
-            offset, request = picked
-            msg = messages.pop(offset)
-            if len(queue):
-                log.info("request %s of %s/%s next; waiting: %s", request["request_id"][:12], request["tenant"],
-                         request["task"], queue.waiting(now_ms()))
-            state["busy"] = True
-            try:
-                service.handle(msg)
-            except TrainingError as exc:
-                # The Ray job failed: put the failure on record rather than retry it forever.
-                request = service.requests_serde.deserialize(msg.value(), SerdeContext(topic, msg.partition(), msg.offset()))
-                service.reject(request, f"training failed: {exc}", None)
-            finally:
-                state["busy"] = False
-            position = queue.done(offset)
-            if position is not None:  # the oldest request not done yet: a restart reads from there
-                consumer.commit(offsets=[TopicPartition(topic, msg.partition(), position)], asynchronous=False)
-            handled += 1
-    except _Stopping:
-        log.info("stopped during a request; it was not committed and will be replayed")
-    finally:
-        consumer.close()
-        service.close()
-        ray_job.stop_ray()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("trainer stopped after %d requests", handled)
-    return handled
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adaptloop trainer", description="Run the training service.")
-    parser.add_argument("--max-requests", type=int, default=None, help="exit after handling this many requests")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = TrainerSettings()
-    if settings.omp_wait_policy:  # before torch or Ray start: OpenMP reads it once, Ray's workers inherit it
-        os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy)
-    try:
-        catalogue = load_catalogue()
-    except ConfigError as exc:
-        print(f"adaptloop trainer: {exc}", file=sys.stderr)
-        return 2
-    run(settings, max_requests=args.max_requests, catalogue=catalogue)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -83,6 +83,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "ADAPTLOOP_STREAMS_WINDOW_SIZE": str(config.window_size),
         "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(config.holdout_percent),
         "ADAPTLOOP_TRAINER_RECIPE": json.dumps({"epochs": config.trainer_epochs}),
+        "ADAPTLOOP_TRAINER_PARALLEL_JOBS": str(config.parallel_jobs),
         # The demo's tasks are the example catalogue's, whatever catalogue this shell names.
         FILE_ENV: str(EXAMPLE_CATALOGUE),
     })

@@ -40,6 +40,7 @@ class DemoConfig:
     traffic_seed: int = 11
     eval_seed: int = 99_999
     trainer_epochs: int = 1         # passes over the (cumulative) dataset per training request
+    parallel_jobs: int = 2          # training requests in work at once (one per pair here; 1-thread jobs, 2 cores)
     release_timeout_s: float = 600.0
     report_dir: Path | None = None  # default: <home>/report
     free_ports: bool = False       # pick unused loopback ports (tests); else the documented defaults

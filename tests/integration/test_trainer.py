@@ -419,7 +419,8 @@ def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_
 
 
 def test_bad_input_is_rejected_on_record_and_the_service_goes_on(kafka, module_topics, settings, service, tmp_path):
-    from adaptloop.trainers.service import TrainerService, run
+    from adaptloop.trainers.service import TrainerService
+    from adaptloop.trainers.service_loop import run
 
     topics, tenant = module_topics, "bad-co"
     curated_topic, requests_topic = topics.name("curated"), topics.name("training_requests")
@@ -504,7 +505,7 @@ def test_the_trainer_serves_tenants_in_turn_and_status_shows_the_queue(kafka, to
     second, not fourth (each is decided at once here: no examples, REJECTED), and status lists the queue in
     that order with each request's wait."""
     from adaptloop.ops.status import trainer_queue
-    from adaptloop.trainers.service import run
+    from adaptloop.trainers.service_loop import run
 
     empty = [{"topic": topics.name("curated"), "partition": 0, "start_offset": 0, "end_offset": 0}]
     requests = [training_request(tenant, empty) for tenant in ("busy-co", "busy-co", "busy-co", "quiet-co")]

@@ -45,3 +45,16 @@ def test_waiting_shows_how_long_each_request_has_waited_in_serving_order():
     assert queue.waiting(now_ms=6000) == [
         {"tenant": "globex", "task": "t", "request_id": "globex-3", "waited_s": 3.0},
         {"tenant": "acme", "task": "t", "request_id": "acme-4", "waited_s": 2.0}]
+
+
+def test_two_at_once_never_take_two_requests_of_one_alias():
+    """With two jobs in work, the second is another alias's request: the next of an alias waits for its gate."""
+    queue = FairQueue()
+    for offset, (tenant, n) in enumerate([("acme", 1), ("acme", 2), ("globex", 3)]):
+        queue.add(offset, request(tenant, n))
+    first = queue.next()
+    busy = {("acme", "t")}
+    second = queue.next(busy)
+    assert (first[1]["request_id"], second[1]["request_id"]) == ("acme-1", "globex-3")
+    assert queue.next(busy | {("globex", "t")}) is None and len(queue) == 1
+    assert queue.done(0) == 1 and queue.next({("globex", "t")})[1]["request_id"] == "acme-2"
