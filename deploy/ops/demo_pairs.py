@@ -24,8 +24,9 @@ from adaptloop.tasks import example_catalogue
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("acme", "order-extract"), ("globex", "ticket-triage"))
 #: Top-up calls when a window has not fired (an example was dropped, e.g. as a near-duplicate).
 TOP_UP_CALLS = 4
-#: No new training request this long after the last outcome: top up.
-TOP_UP_AFTER_S = 25.0
+#: No new training request this long after the last outcome: top up (curation takes well under a second per
+#: example here; a top-up too many only counts towards the next window).
+TOP_UP_AFTER_S = 10.0
 
 
 @dataclass
@@ -113,8 +114,7 @@ def follow(kafka: KafkaSettings, topics: Topics) -> dict[str, TopicTail]:
     """The topics the pair loops watch, each followed once for all of them (a decision is seen within ~0.2 s;
     reading a topic afresh per look cost a consumer join and an idle wait each time). Close each when done."""
     return {name: TopicTail(kafka, topics.name(name), stem, settle_s=0.2).start()
-            for name, stem in (("training_requests", "training_request"), ("releases", "adapter_release"),
-                               ("curated", "curated_example"))}
+            for name, stem in (("training_requests", "training_request"), ("releases", "adapter_release"))}
 
 
 class PairLoop:
@@ -132,7 +132,6 @@ class PairLoop:
         self.split = split
         self.predicted_train = 0
         self.sessions = 0
-        self.reviewed = 0  # outcomes sent
         self.served = "base"
         self.measurements: list[Measurement] = []
         self.decisions: list[dict] = []
@@ -153,7 +152,6 @@ class PairLoop:
         await self.agent.feedback(self.tenant, interaction_id=iid, source="HUMAN", success=verdict.ok,
                                   score=verdict.score, correction=None if verdict.ok else case.answer,
                                   labeler="demo-reviewer", reason=verdict.reason[:4000])
-        self.reviewed += 1
         return verdict.ok, adapter
 
     async def traffic(self, train_target: int) -> list[tuple[bool, str]]:
@@ -183,27 +181,13 @@ class PairLoop:
                     and r.record["train_count"] >= train_target]
             if mine:
                 return mine[0]
-            curated, admitted = self.admitted_train(await asyncio.to_thread(self.tails["curated"].records))
-            if curated >= self.reviewed and admitted < train_target:
-                # Every outcome is curated and some were not admitted (near-duplicates, say): no request will come.
-                say(f"{self.name}: every outcome curated, {admitted} of {train_target} TRAIN examples admitted "
-                    f"(the rest were not: near-duplicates?): more calls")
-                self.predicted_train = admitted
-                await self.traffic(train_target)
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > TOP_UP_AFTER_S:
+            if time.monotonic() - quiet_since > TOP_UP_AFTER_S:
                 say(f"{self.name}: no training request at {train_target} TRAIN examples yet "
                      f"(some were not admitted?): {TOP_UP_CALLS} more calls")
                 await self.traffic(self.predicted_train + TOP_UP_CALLS)
                 quiet_since = time.monotonic()
             await asyncio.sleep(0.5)
         raise StackError(f"no training request for {self.name} at {train_target} TRAIN examples within {timeout_s:.0f}s")
-
-    def admitted_train(self, curated: list) -> tuple[int, int]:
-        """(this pair's examples curated, of them admitted to TRAIN): each example once, as its last record says."""
-        last = {p.record["example_id"]: p.record for p in curated
-                if (p.record["tenant"], p.record["task"]) == (self.tenant, self.task)}
-        return len(last), sum(bool(r["admitted"]) and r["split"] == "TRAIN" for r in last.values())
 
     async def wait_for_decision(self, request: dict, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
