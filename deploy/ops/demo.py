@@ -104,7 +104,7 @@ async def _loop(config: DemoConfig, stack: LocalStack, kafka: KafkaSettings, top
     tool = ToolLoop(stack, held_out_episodes=config.eval_cases) if config.tool_cycles else None
     tails = follow(kafka, topics)
     try:
-        loops = [PairLoop(config, agent, kafka, topics, tenant, task, tails) for tenant, task in config.pairs]
+        loops = [PairLoop(config, agent, tails, tenant, task) for tenant, task in config.pairs]
         tool_measurements = await asyncio.gather(*(loop.run() for loop in loops),
                                                  *([asyncio.to_thread(_tool_cycles, tool, config.tool_cycles)] if tool else []))
     finally:

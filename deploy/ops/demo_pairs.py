@@ -120,11 +120,10 @@ def follow(kafka: KafkaSettings, topics: Topics) -> dict[str, TopicTail]:
 class PairLoop:
     """One (tenant, task): traffic -> wait for its training request -> its decision -> hot-load, per cycle."""
 
-    def __init__(self, config: DemoConfig, agent: Agent, kafka: KafkaSettings,
-                 topics: Topics, tenant: str, task: str, tails: dict[str, TopicTail]) -> None:
+    def __init__(self, config: DemoConfig, agent: Agent, tails: dict[str, TopicTail], tenant: str, task: str) -> None:
         from adaptloop.streams.stages import split  # the streams' own (pure) split: the demo predicts it
 
-        self.config, self.agent, self.kafka, self.topics = config, agent, kafka, topics
+        self.config, self.agent = config, agent
         self.tails = tails  # the topics ``follow`` follows for every pair
         self.tenant, self.task = tenant, task
         self.spec = example_catalogue().get(task)
