@@ -79,7 +79,7 @@ class TopicTail:
                     raise BrokerError(f"following {self.topic}: not current within {timeout_s}s")
                 if not self._thread.is_alive() and self._error is None:
                     raise BrokerError(f"following {self.topic}: the tail is not running")
-                self._changed.wait(min(POLL_S, max(0.0, deadline - now)) or POLL_S)
+                self._changed.wait(POLL_S)
 
     def _run(self) -> None:
         try:

@@ -81,7 +81,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
     from adaptloop.trainers import ray_job
 
     state = {"stop": False}
-    parallel = max(1, settings.parallel_jobs)
+    parallel = settings.parallel_jobs  # >= 1 (the setting's bound)
     working: dict[int, _Job] = {}  # offset -> its job
     finished = threading.Event()
 
@@ -127,8 +127,9 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         log.info("trainer ready: group %s on %s, %d job(s) at once, artifacts in %s, base model %s",
                  settings.group_id, topic, parallel, settings.artifact_dir, service.base_model)
         while not state["stop"] and (max_requests is None or handled < max_requests):
-            room = parallel - len(working) if max_requests is None else min(
-                parallel - len(working), max_requests - handled - len(working))
+            room = parallel - len(working)
+            if max_requests is not None:
+                room = min(room, max_requests - handled - len(working))
             if working and (room <= 0 or not len(queue)):
                 finished.wait(poll_s)
                 finished.clear()
