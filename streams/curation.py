@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 import faust
 from aiokafka.errors import KafkaError
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from adaptloop.erasure import subject_key
 from adaptloop.errors import ContractError, DeliveryError, DeserializationError
@@ -111,6 +111,10 @@ class Curation(DedupeAgent, WindowAgent):
         self._in_flight: set[str] = set()
         # request id -> set once its send is over; a task that finds a request in flight waits for this.
         self._requests_in_flight: dict[str, asyncio.Event] = {}
+        # The window agent's next curated offset per partition, and the hole it last asked to read again
+        # (offset, when): it counts in offset order (``WindowAgent._in_offset_order``).
+        self._window_next: dict[TP, int] = {}
+        self._window_sought: dict[TP, tuple[int, float]] = {}
         # partition -> {interaction id: due ms}; rebuilt from the join table after a rebalance.
         self._due: dict[int, dict[str, int]] | None = None
         # "tenant/task" -> near-duplicate index; rebuilt lazily from the seen table after a rebalance.
@@ -354,6 +358,7 @@ class Curation(DedupeAgent, WindowAgent):
         """Partitions moved: in-memory indexes may describe partitions this worker no longer (or newly) owns."""
         self._due = None
         self._indexes.clear()
+        self._window_next.clear()
         self.episodes.on_rebalance()
 
     # ------------------------------------------------------------------ metrics

@@ -94,13 +94,19 @@ class Consumer(aiokafka_driver.Consumer):
         log.info("%s[%d]: offsets %d..%d arrived out of order; not counted as processed",
                  tp.topic, tp.partition, offset_from, offset_to)
 
-    def _next_needed(self, tp: TP) -> int | None:
+    def next_needed(self, tp: TP) -> int | None:
         """The first offset of ``tp`` no agent has acknowledged yet (None: unknown)."""
         committed = self._committed_offset.get(tp)
         return committed if committed is not None else self._first_offsets.get(tp)
 
+    def read_again_from(self, tp: TP, offset: int) -> None:
+        """Seek ``tp`` back to ``offset`` soon (in a task of its own: an agent calls this mid-batch)."""
+        task = asyncio.get_running_loop().create_task(self._read_again(tp, offset))
+        self._rereads.add(task)
+        task.add_done_callback(self._rereads.discard)
+
     def _new_offset(self, tp: TP) -> int | None:
-        needed, acked = self._next_needed(tp), self._acked.get(tp)
+        needed, acked = self.next_needed(tp), self._acked.get(tp)
         if needed is not None and acked and min(acked) > needed:
             return None  # a hole at the head: nothing past it is committed (_find_skipped_records reads it)
         return super()._new_offset(tp)
@@ -114,7 +120,7 @@ class Consumer(aiokafka_driver.Consumer):
 
     def _skipped(self, tp: TP) -> int | None:
         """The offset of ``tp`` that was handed to the stream but neither acknowledged nor being processed."""
-        needed, position = self._next_needed(tp), self._position(tp)
+        needed, position = self.next_needed(tp), self._position(tp)
         if needed is None or position is None or position <= needed or needed in self._acked_index[tp]:
             return None
         if any(m.tp == tp and m.offset == needed for m in list(self._unacked_messages)):
@@ -143,9 +149,7 @@ class Consumer(aiokafka_driver.Consumer):
                 log.warning("%s[%d]: offset %d was handed to the stream %.0fs ago and never processed (a record "
                             "skipped around a rebalance): reading again from it", tp.topic, tp.partition,
                             skipped, now - since[1])
-                task = asyncio.get_running_loop().create_task(self._read_again(tp, skipped))
-                self._rereads.add(task)
-                task.add_done_callback(self._rereads.discard)
+                self.read_again_from(tp, skipped)
 
     async def _read_again(self, tp: TP, offset: int) -> None:
         try:

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Any
 
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from adaptloop.schemas import SerdeContext
 from adaptloop.streams import stages
@@ -18,6 +19,9 @@ from adaptloop.streams.state import stamped
 from adaptloop.streams.windows import training_request, window_fired, window_update
 
 log = logging.getLogger(__name__)
+
+#: How long a hole in a partition's records may wait for the re-read asked for it before it is asked again.
+HOLE_RESEEK_S = 5.0
 
 
 class WindowAgent:
@@ -35,6 +39,8 @@ class WindowAgent:
     async def on_curated(self, event: EventT) -> None:
         """One curated example: count it for its (tenant, task) and fire a training request when due."""
         ref = SourceRef(event.message.topic, event.message.partition, event.message.offset)
+        if not self._in_offset_order(ref):
+            return
         example = self.curated_serde.deserialize(event.value, SerdeContext(ref.topic, ref.partition, ref.offset))
         key = stages.curated_key(example["tenant"], example["task"])
         counted_key = f"{key}/{example['example_id']}"
@@ -56,6 +62,31 @@ class WindowAgent:
             await self._fire(key, example["tenant"], example["task"], state, trigger=f"count>={self.window_size(example['task'])}")
         else:
             self.staged_windows.stage(key, state, event)
+
+    def _in_offset_order(self, ref: SourceRef) -> bool:
+        """Whether ``ref`` is the partition's next record (or a replay of an earlier one).
+
+        A window's request names the curated records up to its newest offset, so it may only count in
+        offset order. Around a rebalance Faust's stream can skip records (see ``streams.faust_app``); the
+        consumer re-reads them later, which would count them after newer ones, outside the windows that
+        already named them. So a record past a hole is left alone (the commit stays at the hole) and the
+        partition is read again from the hole at once; the records after it come again.
+        """
+        tp = TP(ref.topic, ref.partition)
+        expected = self._window_next.get(tp)
+        if expected is None:
+            expected = self.app.consumer.next_needed(tp)
+        if expected is not None and ref.offset > expected:
+            sought = self._window_sought.get(tp)
+            now = time.monotonic()
+            if sought is None or sought[0] != expected or now - sought[1] >= HOLE_RESEEK_S:
+                log.warning("%s[%d]: offset %d came before %d (records the stream skipped); reading again from %d",
+                            ref.topic, ref.partition, ref.offset, expected, expected)
+                self._window_sought[tp] = (expected, now)
+                self.app.consumer.read_again_from(tp, expected)
+            return False
+        self._window_next[tp] = ref.offset + 1
+        return True
 
     async def _fire(self, key: str, tenant: str, task: str, state: dict[str, Any], *, trigger: str) -> None:
         """Decide the request, make the decision durable (table + flush), then send it."""
