@@ -119,6 +119,9 @@ class TrainerSettings(BaseSettings):
     parallel_jobs: int = Field(1, ge=1, description=(
         "Training requests in work at once, never two of one (tenant, task). Each is a Ray job of torch_threads "
         "cores beside its own evaluations: set it to what the cluster holds (cores / torch_threads)."))
+    job_timeout_s: float = Field(4 * 3600.0, gt=0, description=(
+        "A training job still running after this long is stopped (its actor replaced) and the request rejected "
+        "as failed."))
     omp_wait_policy: str = Field("PASSIVE", description=(
         "OMP_WAIT_POLICY of the trainer and its Ray workers: PASSIVE threads sleep between parallel regions "
         "instead of spinning on cores that vLLM, the streams or another training need (two 2-thread trainings "
@@ -140,7 +143,7 @@ class TrainerSettings(BaseSettings):
         "adapter, so an adapter never answers another task), or of any task of the tenant (for one adapter "
         "meant to answer all of a tenant's tasks)."))
     regression_max_suites: int = Field(4, ge=0, description="Newest earlier live releases whose holdouts form the suite.")
-    use_gpu: bool = Field(False, description="Ray Train workers ask for a GPU (ScalingConfig.use_gpu).")
+    use_gpu: bool = Field(False, description="Each training actor asks Ray for a GPU.")
     # -- issue 26: a paired gate --
     gate_confidence: float = Field(0.95, gt=0.5, lt=1.0, description=(
         "Confidence of the gate's exact sign test on the holdout pairs where candidate and incumbent differ "

@@ -1,13 +1,15 @@
-"""Ray wraps the recipe: one Ray Train ``TorchTrainer`` run per training request.
+"""Ray runs the recipe: each training request is one call on a warm Ray actor (``TrainingWorker``).
 
 Local Ray by default (``ray.init()`` on this machine); ``TrainerSettings.ray_address`` or the
-``RAY_ADDRESS`` environment variable selects a cluster. The worker writes the adapter straight
-into ``<artifact_dir>/<request_id>/adapter`` and its checkpoints into
-``<artifact_dir>/<request_id>/checkpoints`` (every ``checkpoint_steps``), so on a cluster
-``artifact_dir`` must be storage that the workers and the trainer service share. A job that was
-killed (the service, the worker or the node) resumes from the newest checkpoint when the request
-is replayed: it was not committed, so the service sees it again. Ray Train's own run state goes
-to ``<artifact_dir>/ray/<request_id>``. Progress (step, loss, tokens/s) goes to the service log.
+``RAY_ADDRESS`` environment variable selects a cluster. ``TrainerSettings.parallel_jobs`` actors are
+started with the service (one CPU each, and a GPU each with ``use_gpu``) and kept between requests.
+The actor writes the adapter straight into ``<artifact_dir>/<request_id>/adapter`` and its checkpoints
+into ``<artifact_dir>/<request_id>/checkpoints`` (every ``checkpoint_steps``), so on a cluster
+``artifact_dir`` must be storage that the actors and the trainer service share. A job that was
+killed (the service, the actor or the node) resumes from the newest checkpoint when the request
+is replayed: it was not committed, so the service sees it again. A job that outlives
+``job_timeout_s`` is stopped with its actor (a new one takes its place). Progress (step, loss,
+tokens/s) goes to the service log.
 
 The whole trainer service can also run as a Ray Job on a cluster (it then trains there)::
 
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import gc
 import logging
 import os
+import queue
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,8 +64,12 @@ def start_ray(settings: TrainerSettings) -> dict[str, Any]:
 
 
 def stop_ray() -> None:
+    """Shut Ray down (its actors with it)."""
+    global _workers
     import ray
 
+    with _workers_lock:
+        _workers = None
     if ray.is_initialized():
         ray.shutdown()
 
@@ -106,58 +114,91 @@ def recipe_config(settings: TrainerSettings, method: str, *, spec: TaskSpec | No
     return config_class.from_mapping(values)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs inside the Ray Train worker: the recipe, with its progress reported to Ray and the log."""
-    import ray.train
+class TrainingWorker:
+    """A Ray actor that runs recipes, one request at a time, and stays up between requests.
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker_log = logging.getLogger("adaptloop.trainers.worker")
-    module, config_class = recipe_class(config["method"])
-    cfg = config_class(**config["recipe"])
-    request_id = config["request_id"]
+    A Ray Train ``TorchTrainer`` run per request started a controller and a worker group, imported torch,
+    transformers and trl, and set up a process group for one worker: about 20 s of every job on 2 cores,
+    against 20-50 s of training steps (the loop's latency; issue 26). A warm actor pays that once, when the
+    service starts; checkpoints, resumption and the adapter folder are the recipe's own (the artifact dir)."""
 
-    def progress(metrics: dict) -> None:
-        if "loss" in metrics:
-            worker_log.info("request %s %s step %s/%s loss %.4f tokens/s %.0f lr %.2e", request_id[:12],
-                            config["method"], metrics["step"], metrics["max_steps"], metrics["loss"],
-                            metrics.get("tokens_per_s", 0.0), metrics.get("learning_rate", 0.0))
+    def __init__(self) -> None:
+        import importlib
 
-    result = module.main(cfg, progress=progress)
-    summary = dataclasses.asdict(result)
-    worker_log.info("request %s trained: %s", request_id[:12], {k: v for k, v in summary.items() if k != "loss_curve"})
-    # Ray Train keeps the metrics of reports that carry a checkpoint: the adapter folder is it
-    # (Ray copies it under storage_path; the service uses the folder in the artifact dir).
-    ray.train.report({"result_json": json.dumps(summary)},
-                     checkpoint=ray.train.Checkpoint.from_directory(result.adapter_dir))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for method in RECIPES:
+            recipe_class(method)
+        # The recipes import these when they run: here once, before the first request waits for them.
+        for name in ("torch", "transformers", "peft", "datasets", "trl"):
+            importlib.import_module(name)
+        from trl import DPOTrainer, KTOTrainer, SFTTrainer  # noqa: F401  (trl imports each on first use)
+
+    def run(self, method: str, recipe: dict[str, Any], request_id: str) -> dict[str, Any]:
+        worker_log = logging.getLogger("adaptloop.trainers.worker")
+        module, config_class = recipe_class(method)
+
+        def progress(metrics: dict) -> None:
+            if "loss" in metrics:
+                worker_log.info("request %s %s step %s/%s loss %.4f tokens/s %.0f lr %.2e", request_id[:12], method,
+                                metrics["step"], metrics["max_steps"], metrics["loss"],
+                                metrics.get("tokens_per_s", 0.0), metrics.get("learning_rate", 0.0))
+
+        try:
+            summary = dataclasses.asdict(module.main(config_class(**recipe), progress=progress))
+        finally:
+            gc.collect()  # the model, optimizer and datasets of this request, before the next one
+        worker_log.info("request %s trained: %s", request_id[:12], {k: v for k, v in summary.items() if k != "loss_curve"})
+        return summary
+
+
+_workers: queue.Queue | None = None
+_workers_lock = threading.Lock()
+
+
+def _new_worker(settings: TrainerSettings) -> Any:
+    import ray
+
+    return ray.remote(TrainingWorker).options(num_cpus=1, num_gpus=1 if settings.use_gpu else 0).remote()
+
+
+def warm_workers(settings: TrainerSettings) -> queue.Queue:
+    """The actors that train (``settings.parallel_jobs`` of them), started on first use; they start in the
+    background, so calling this when the service starts has them ready when the first request comes."""
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            _workers = queue.Queue()
+            for _ in range(settings.parallel_jobs):
+                _workers.put(_new_worker(settings))
+        return _workers
 
 
 def train(settings: TrainerSettings, request_id: str, method: str, cfg: Any) -> RecipeResult:
-    """Run the ``method`` recipe with ``cfg`` as a one-worker Ray Train job named ``request_id``."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """Run the ``method`` recipe with ``cfg`` for ``request_id`` on a warm Ray actor."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
-    # Ray Train V2 reroutes print() in workers to a logger even inside a redirect_stdout, so the
-    # bytecode that `datasets` disassembles (through dill) to fingerprint functions floods the log.
-    # The driver's RAY_TRAIN_* variables are propagated to the workers.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    recipe = dataclasses.asdict(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"recipe": recipe, "request_id": request_id, "method": method},
-        # One worker with one CPU: torch threads come from the recipe (TrainerSettings.torch_threads).
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=settings.use_gpu),
-        run_config=RunConfig(storage_path=str(Path(settings.artifact_dir).resolve() / "ray"), name=request_id),
-    )
-    started = time.monotonic()
-    log.info("request %s: ray train job, %s on %d examples", request_id[:12], method, len(cfg.examples))
+    workers = warm_workers(settings)
     try:
-        result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker failures in several types (TrainingFailedError, RayTaskError ...)
-        raise TrainingError(f"ray train job {request_id} failed: {exc}") from exc
-    metrics = dict(result.metrics or {})
-    if "result_json" not in metrics:
-        raise TrainingError(f"ray train job {request_id} reported no result: {metrics}")
-    summary = RecipeResult(**json.loads(metrics["result_json"]))
+        worker = workers.get(timeout=settings.job_timeout_s)
+    except queue.Empty:
+        raise TrainingError(f"request {request_id}: no free training actor within {settings.job_timeout_s:.0f}s") from None
+    started = time.monotonic()
+    log.info("request %s: ray job, %s on %d examples", request_id[:12], method, len(cfg.examples))
+    try:
+        summary = RecipeResult(**ray.get(worker.run.remote(method, dataclasses.asdict(cfg), request_id),
+                                         timeout=settings.job_timeout_s))
+    except GetTimeoutError:
+        ray.kill(worker)
+        worker = _new_worker(settings)
+        raise TrainingError(f"ray job {request_id} did not finish within {settings.job_timeout_s:.0f}s") from None
+    except RayActorError as exc:  # the actor's process died (killed, out of memory): a new one for the next job
+        worker = _new_worker(settings)
+        raise TrainingError(f"ray job {request_id} failed: its actor died: {exc}") from exc
+    except Exception as exc:  # the recipe raised (RayTaskError wraps it); the actor is fine
+        raise TrainingError(f"ray job {request_id} failed: {exc}") from exc
+    finally:
+        workers.put(worker)
     log.info("request %s: ray job finished in %.1fs (train %.1fs, %s steps%s, loss %.4f, %.0f tokens/s)",
              request_id[:12], time.monotonic() - started, summary.train_seconds, summary.steps,
              f", resumed from step {summary.resumed_from_step}" if summary.resumed_from_step else "",

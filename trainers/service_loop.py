@@ -120,6 +120,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
     try:
         service.follow()
         ray_job.start_ray(settings)
+        ray_job.warm_workers(settings)  # they import torch, transformers and trl while the consumer subscribes
         # After ray.init, which installs its own SIGTERM handler (it would exit without cleaning up).
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         consumer.subscribe([topic], on_revoke=on_revoke)

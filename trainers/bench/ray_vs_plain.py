@@ -4,8 +4,8 @@ Same data (generated order-extract cases), same model, same recipe settings, sam
 
 * ``plain``: trl's ``SFTTrainer`` with a peft LoRA config in a fresh Python process (our SFT recipe is
   exactly that, ``adaptloop.trainers.sft.main``, started as ``python -m adaptloop.trainers.sft``);
-* ``ray``: the same recipe inside a Ray Train ``TorchTrainer`` worker (``adaptloop.trainers.ray_job``),
-  the path every training request takes, local Ray started here.
+* ``ray``: the same recipe on the trainer's Ray actor (``adaptloop.trainers.ray_job``), the path every
+  training request takes, local Ray started here (its wall time includes the actor's start).
 
 Prints tokens/s in the training loop, peak resident memory of the training process, wall time,
 and ``ratio = ray tokens/s / plain tokens/s`` (target >= 0.95); and the floor: the machine's matmul rate,
@@ -114,7 +114,7 @@ def run_plain(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any
 
 
 def run_ray(args: argparse.Namespace, model: str, work: Path) -> dict[str, Any]:
-    """The same recipe through our Ray Train job (local Ray, one worker), as the trainer service runs it."""
+    """The same recipe through our Ray job (local Ray, one actor), as the trainer service runs it."""
     import dataclasses
 
     from adaptloop.settings import TrainerSettings
