@@ -18,7 +18,7 @@ import json
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,28 +90,40 @@ class ToolLoop:
                 if (q["tenant"], q["task"]) == (self.tenant, self.task)]
 
     def cycle(self) -> dict[str, Any]:
-        """Reviewed episodes until a new training request fires; its decision; the release routed."""
+        """Reviewed episodes until a new training request fires; its decision; the release routed.
+
+        ``concurrency`` episodes stay in flight (a new one starts as soon as one ends, not batch by batch: an
+        episode's turns vary, and a batch would wait for its longest)."""
         started = time.monotonic()
         seen = len(self._requests())
         feedback = FeedbackClient(self.stack.ports.gateway_url, self.key)
-        train_turns, first, last_batch = 0, self.episodes, 0.0
-        while len(self._requests()) <= seen:
-            if time.monotonic() - started > self.timeout_s:
-                raise StackError(f"no training request for {self.model} within {self.timeout_s:.0f}s")
-            if train_turns >= self.window and time.monotonic() - last_batch < TOP_UP_AFTER_S:
-                time.sleep(2)  # enough turns sent: curation (its grace, dedupe) is on its way to the window
-                continue
-            batch = []
-            for _ in range(self.concurrency):
-                self.episodes += 1
-                episode = f"{self.task}-e{self.episodes}"
-                case = self.world.case()
-                train_turns += (split(self.tenant, self.task, episode, HOLDOUT_PERCENT) == "TRAIN") * len(case.expected_turns())
-                batch.append((case, episode))
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                list(pool.map(lambda item: run_episode(self.client, item[0], self.world, model=self.model,
-                                                       episode_id=item[1], feedback=feedback), batch))
-            last_batch = time.monotonic()
+        train_turns, first, last_done = 0, self.episodes, 0.0
+
+        def run(case, episode: str) -> None:
+            run_episode(self.client, case, self.world, model=self.model, episode_id=episode, feedback=feedback)
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            running: set[Future] = set()
+            while len(self._requests()) <= seen:
+                if time.monotonic() - started > self.timeout_s:
+                    raise StackError(f"no training request for {self.model} within {self.timeout_s:.0f}s")
+                # Enough turns sent: curation (its grace, dedupe) is on its way to the window; top up if it stays quiet.
+                topping_up = train_turns >= self.window and not running and time.monotonic() - last_done >= TOP_UP_AFTER_S
+                while len(running) < self.concurrency and (topping_up or train_turns < self.window):
+                    self.episodes += 1
+                    episode = f"{self.task}-e{self.episodes}"
+                    case = self.world.case()
+                    train_turns += (split(self.tenant, self.task, episode, HOLDOUT_PERCENT) == "TRAIN") * len(case.expected_turns())
+                    running.add(pool.submit(run, case, episode))
+                if running:
+                    done, running = wait(running, timeout=2, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                    last_done = time.monotonic() if done else last_done
+                else:
+                    time.sleep(2)
+            for future in running:
+                future.result()
         request = self._requests()[seen]
         traffic_s = time.monotonic() - started
         release = self._decision(request)
