@@ -849,16 +849,6 @@ def test_both_engines_give_the_same_verdicts_on_the_same_holdout(server, model_p
         assert mine.failures == theirs.failures  # the first failing answers, text and reason, alike
     assert not shadows_in(server), "the shadows were unloaded"
 
-    # The base by its served name, batched beside the adapter: our vLLM plugin keeps its rows off the last slot.
-    fill_lora_slots(server, adapter)
-    started = time.monotonic()
-    named = evaluate_many(model_path, jobs, max_new_tokens=max_new_tokens, vllm=server.target(),
-                          tag="test-named-base")
-    print(f"  base by its served name beside the adapter: {named[0].passed} passed "
-          f"({time.monotonic() - started:.1f}s)")
-    assert named[0].verdicts == local[0].verdicts and named[0].failures == local[0].failures
-
-
 MIXED_PROMPTS = ["Name three colours.", "What is 12 times 7?", "Write a haiku about rain.",
                  "Order #4411 for Ana Li: 3 lamps, ship to Oslo.", "Say hello in French.", "List two planets."]
 
