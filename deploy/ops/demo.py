@@ -36,8 +36,7 @@ from adaptloop.kafka import count_messages
 from adaptloop.model import ensure_base_model
 from adaptloop.ops.demo_pairs import Agent, DemoConfig, Measurement, PairLoop, follow, say
 from adaptloop.ops.stack import LocalStack, StackPorts, free_port
-from adaptloop.ops.tool_loop import TENANT as TOOL_TENANT
-from adaptloop.ops.tool_loop import ToolLoop
+from adaptloop.ops.tool_loop import OUTCOME_GRACE_S, TENANT as TOOL_TENANT, ToolLoop
 from adaptloop.schemas.contract import now_ms
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV
@@ -82,6 +81,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
         "ADAPTLOOP_TRAINER_METHOD": "sft",
         "ADAPTLOOP_STREAMS_WINDOW_SIZE": str(config.window_size),
         "ADAPTLOOP_STREAMS_HOLDOUT_PERCENT": str(config.holdout_percent),
+        # The demo's reviewer gives each call its one verdict at once: no later outcome is worth waiting for
+        # (the default grace, 60 s, held every success back that long: a window fired a minute after its traffic).
+        "ADAPTLOOP_STREAMS_OUTCOME_GRACE_S": str(OUTCOME_GRACE_S),
         "ADAPTLOOP_TRAINER_RECIPE": json.dumps({"epochs": config.trainer_epochs}),
         "ADAPTLOOP_TRAINER_PARALLEL_JOBS": str(config.parallel_jobs),
         # The demo's tasks are the example catalogue's, whatever catalogue this shell names.
