@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     last = runs[-1]
     print(f"plain trl SFTTrainer: {last['plain']['tokens_per_s']:.0f} tokens/s, peak {last['plain']['peak_rss_mb']:.0f} MB, "
           f"wall {last['plain']['wall_s']:.0f}s")
-    print(f"ray TorchTrainer job: {last['ray']['tokens_per_s']:.0f} tokens/s, peak {last['ray']['peak_rss_mb']:.0f} MB, "
+    print(f"ray job (actor): {last['ray']['tokens_per_s']:.0f} tokens/s, peak {last['ray']['peak_rss_mb']:.0f} MB, "
           f"wall {last['ray']['wall_s']:.0f}s (ray start {last['ray']['ray_start_s']:.0f}s)")
     print(f"floor: matmul {report['matmul_gflops']} GFLOP/s / 4N FLOPs per token = {floor:.0f} tokens/s; "
           f"plain at {report['floor_ratio']['plain']:.0%} of it, ray at {report['floor_ratio']['ray']:.0%}")
