@@ -127,8 +127,22 @@ def wait_for_broker(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
     raise BrokerError(f"broker at {settings.bootstrap_servers} not ready after {timeout_s}s: {last}")
 
 
-def partitions_of(settings: KafkaSettings, topic: str, timeout_s: float = 10.0) -> list[int]:
-    metadata = admin(settings).list_topics(topic, timeout=timeout_s)
+#: A metadata request that times out is asked again: on two cores busy with training and generation a broker
+#: answered one after more than 10 s (CI), and a reader that gives up on the first one fails a whole cycle.
+TRANSIENT_METADATA_ERRORS = (KafkaError._TIMED_OUT, KafkaError._TRANSPORT)
+
+
+def partitions_of(settings: KafkaSettings, topic: str, timeout_s: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            metadata = admin(settings).list_topics(topic, timeout=max(min(timeout_s / 3, deadline - time.monotonic()), 0.5))
+            break
+        except KafkaException as exc:
+            if exc.args[0].code() not in TRANSIENT_METADATA_ERRORS or time.monotonic() >= deadline:
+                raise BrokerError(f"no metadata for {topic} from {settings.bootstrap_servers} "
+                                  f"within {timeout_s:.0f}s: {exc}") from exc
+            log.warning("metadata for %s: %s; asking again", topic, exc)
     if topic not in metadata.topics or metadata.topics[topic].error is not None:
         raise BrokerError(f"topic {topic} does not exist")
     return sorted(metadata.topics[topic].partitions)

@@ -28,11 +28,11 @@ import httpx
 from adaptloop.errors import StackError
 from adaptloop.ops.stack import LocalStack, StackPorts, free_port
 from adaptloop.processes import cpu_name
-from adaptloop.records import read_topic
 from adaptloop.sdk import FeedbackClient
 from adaptloop.settings import DEFAULT_HOME, KafkaSettings, Topics
 from adaptloop.streams.stages import split
 from adaptloop.support_task import SupportWorld, run_episode
+from adaptloop.tail import TopicTail
 from adaptloop.tasks import EXAMPLE_CATALOGUE, FILE_ENV, example_catalogue
 
 TENANT, TASK = "initech", "support-agent"
@@ -85,26 +85,45 @@ class ToolLoop:
             measured |= {"turns": len(verdicts), "turn_success": sum(v.ok for v in verdicts) / len(verdicts)}
         return measured
 
-    def _requests(self) -> list[dict]:
-        return [q for q in read_topic(self.stack.kafka, self.stack.topics, "training_requests", "training_request")
-                if (q["tenant"], q["task"]) == (self.tenant, self.task)]
+    def _tail(self, which: str, stem: str) -> TopicTail:
+        """A cycle polls a topic every few seconds for minutes: one consumer, not one fresh read per look."""
+        return TopicTail(self.stack.kafka, self.stack.topics.name(which), stem, settle_s=0.2).start()
+
+    def _requests(self, tail: TopicTail) -> list[dict]:
+        return [p.record for p in tail.records() if (p.record["tenant"], p.record["task"]) == (self.tenant, self.task)]
 
     def cycle(self) -> dict[str, Any]:
         """Reviewed episodes until a new training request fires; its decision; the release routed.
 
         ``concurrency`` episodes stay in flight (a new one starts as soon as one ends, not batch by batch: an
         episode's turns vary, and a batch would wait for its longest)."""
-        started = time.monotonic()
-        seen = len(self._requests())
+        started, first = time.monotonic(), self.episodes
+        with self._tail("training_requests", "training_request") as requests, \
+                self._tail("releases", "adapter_release") as releases:
+            request = self._episodes_until_a_request(requests, started)
+            traffic_s = time.monotonic() - started
+            release = self._decision(releases, request)
+        self.decisions.append(release)
+        if release["state"] == "RELEASED":
+            self._wait_routed(release["version"])
+        return {"episodes": self.episodes - first, "traffic_s": round(traffic_s, 1),
+                "request": {"train_count": request["train_count"], "holdout_count": request["holdout_count"]},
+                "decision": release["state"], "version": release["version"], "reason": release["reason"],
+                "gate": {k: release["evaluation"][k] for k in ("metric", "holdout_count", "candidate_score",
+                                                                "incumbent_score")},
+                "cycle_s": round(time.monotonic() - started, 1)}
+
+    def _episodes_until_a_request(self, requests: TopicTail, started: float) -> dict:
+        seen = len(self._requests(requests))
         feedback = FeedbackClient(self.stack.ports.gateway_url, self.key)
-        train_turns, first, last_done = 0, self.episodes, 0.0
+        train_turns, last_done = 0, 0.0
 
         def run(case, episode: str) -> None:
             run_episode(self.client, case, self.world, model=self.model, episode_id=episode, feedback=feedback)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             running: set[Future] = set()
-            while len(self._requests()) <= seen:
+            while len(self._requests(requests)) <= seen:
                 if time.monotonic() - started > self.timeout_s:
                     raise StackError(f"no training request for {self.model} within {self.timeout_s:.0f}s")
                 # Enough turns sent: curation (its grace, dedupe) is on its way to the window; top up if it stays quiet.
@@ -124,25 +143,14 @@ class ToolLoop:
                     time.sleep(2)
             for future in running:
                 future.result()
-        request = self._requests()[seen]
-        traffic_s = time.monotonic() - started
-        release = self._decision(request)
-        self.decisions.append(release)
-        if release["state"] == "RELEASED":
-            self._wait_routed(release["version"])
-        return {"episodes": self.episodes - first, "traffic_s": round(traffic_s, 1),
-                "request": {"train_count": request["train_count"], "holdout_count": request["holdout_count"]},
-                "decision": release["state"], "version": release["version"], "reason": release["reason"],
-                "gate": {k: release["evaluation"][k] for k in ("metric", "holdout_count", "candidate_score",
-                                                                "incumbent_score")},
-                "cycle_s": round(time.monotonic() - started, 1)}
+        return self._requests(requests)[seen]
 
-    def _decision(self, request: dict) -> dict:
+    def _decision(self, releases: TopicTail, request: dict) -> dict:
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            for release in read_topic(self.stack.kafka, self.stack.topics, "releases", "adapter_release"):
-                if release["lineage"]["request_id"] == request["request_id"]:
-                    return release
+            for release in releases.records():
+                if release.record["lineage"]["request_id"] == request["request_id"]:
+                    return release.record
             time.sleep(3)
         raise StackError(f"no decision on {request['request_id'][:12]} within {self.timeout_s:.0f}s")
 
