@@ -110,11 +110,18 @@ def completer(model_path: str | Path, *, adapter_dir: str | Path | None = None, 
     the model wrote it, ``<tool_call>`` blocks included."""
     import torch
 
-    from adaptloop.chat import render
-
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load(model_path, adapter_dir)
+    return completer_of(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def completer_of(model: Any, tokenizer: Any, *, max_new_tokens: int = 96, batch_size: int = DEFAULT_EVAL_BATCH):
+    """``complete(prompts, tools)`` by a model already loaded (in eval mode) and its tokenizer (left padding, a pad
+    token): see ``completer``."""
+    import torch
+
+    from adaptloop.chat import render
 
     def complete(prompts: Sequence[list[dict[str, Any]]], tools: Sequence[list | None] | None = None) -> list[str]:
         tools = list(tools) if tools is not None else [None] * len(prompts)
@@ -126,7 +133,7 @@ def completer(model_path: str | Path, *, adapter_dir: str | Path | None = None, 
             chunk = order[start:start + batch_size]
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.inference_mode():
-                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for i, row in zip(chunk, new_tokens):
@@ -189,10 +196,14 @@ def evaluate(spec: TaskSpec, model_path: str | Path | None, holdout: Sequence[Ma
 
 def evaluate_many(model_path: str | Path, jobs: Sequence[EvalJob], *, max_new_tokens: int = 96,
                   batch_size: int = DEFAULT_EVAL_BATCH, threads: int = 1, vllm: Any = None,
-                  tag: str = "eval") -> list[EvalResult]:
+                  tag: str = "eval", loaded: Any = None) -> list[EvalResult]:
     """The result of each job, in order. With ``vllm`` (a ``trainers.vllm_eval.VLLMTarget``) the answers come
     from that server, adapters shadow-loaded under names of ``tag`` (``vllm_eval.evaluate_jobs``); if it cannot,
-    every job runs here with transformers instead, the reason in each result's ``fallback``.
+    every job runs with transformers instead, the reason in each result's ``fallback``.
+
+    ``loaded``: ``complete(prompts, tools)`` of the model every job names, already in memory elsewhere (the
+    candidate, on the actor that trained it: ``ray_job.TrainingRun.completer``); transformers then answers there
+    instead of loading the model here.
 
     With transformers, on ``threads`` cores: with 2 or more, that many jobs run side by side on one torch
     thread each.
@@ -215,11 +226,11 @@ def evaluate_many(model_path: str | Path, jobs: Sequence[EvalJob], *, max_new_to
 
     def run(job: EvalJob, job_threads: int) -> EvalResult:
         result = evaluate(job.spec, model_path, job.holdout, adapter_dir=job.adapter_dir, name=job.name,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, threads=job_threads)
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, threads=job_threads, complete=loaded)
         return dataclasses.replace(result, fallback=fallback) if fallback else result
 
     workers = min(max(1, threads), len(jobs))
-    if workers <= 1:
+    if workers <= 1 or loaded is not None:
         return [run(job, threads) for job in jobs]
     previous = torch.get_num_threads()
     # Process-wide: with one intra-op thread, each generation's kernels run on the thread that calls them.

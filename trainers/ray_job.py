@@ -31,8 +31,9 @@ import shlex
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from adaptloop.errors import ConfigError, TrainingError
 from adaptloop.settings import TrainerSettings
@@ -133,9 +134,23 @@ class TrainingWorker:
             importlib.import_module(name)
         from trl import DPOTrainer, KTOTrainer, SFTTrainer  # noqa: F401  (trl imports each on first use)
 
-    def run(self, method: str, recipe: dict[str, Any], request_id: str) -> dict[str, Any]:
+        self._held: tuple[Any, Any] | None = None  # (model, tokenizer) of the last run, for its evaluation
+
+    def run(self, method: str, recipe: dict[str, Any], request_id: str, hold: bool = False) -> dict[str, Any]:
+        """Train; with ``hold``, keep the trained model in memory for ``complete`` until ``drop``."""
+        from transformers import TrainerCallback
+
         worker_log = logging.getLogger("adaptloop.trainers.worker")
         module, config_class = recipe_class(method)
+        self.drop()
+
+        class KeepModel(TrainerCallback):
+            model = None
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                self.model = model
+
+        keeper = KeepModel()
 
         def progress(metrics: dict) -> None:
             if "loss" in metrics:
@@ -144,11 +159,43 @@ class TrainingWorker:
                                 metrics.get("tokens_per_s", 0.0), metrics.get("learning_rate", 0.0))
 
         try:
-            summary = dataclasses.asdict(module.main(config_class(**recipe), progress=progress))
+            summary = dataclasses.asdict(module.main(config_class(**recipe), callbacks=[keeper] if hold else (),
+                                                     progress=progress))
+            if keeper.model is not None:
+                self._held = self._for_generation(keeper.model, recipe["model_path"])
         finally:
-            gc.collect()  # the model, optimizer and datasets of this request, before the next one
+            keeper.model = None
+            gc.collect()  # the optimizer and datasets of this request (and its model unless held)
         worker_log.info("request %s trained: %s", request_id[:12], {k: v for k, v in summary.items() if k != "loss_curve"})
         return summary
+
+    @staticmethod
+    def _for_generation(model: Any, model_path: str) -> tuple[Any, Any]:
+        """The trained model with its adapter merged in place (as ``evaluate`` merges a loaded one), and the base's
+        tokenizer as ``evaluate`` loads it."""
+        from transformers import AutoTokenizer
+
+        model.eval()
+        if hasattr(model, "merge_adapter"):
+            model.merge_adapter()
+        tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+
+    def complete(self, prompts: list, tools: list | None, max_new_tokens: int) -> list[str]:
+        """Greedy completions by the model the last ``run`` held (``evaluate.completer_of``)."""
+        from adaptloop.trainers.evaluate import completer_of
+
+        if self._held is None:
+            raise TrainingError("this actor holds no trained model")
+        model, tokenizer = self._held
+        return completer_of(model, tokenizer, max_new_tokens=max_new_tokens)(prompts, tools)
+
+    def drop(self) -> None:
+        if self._held is not None:
+            self._held = None
+            gc.collect()
 
 
 _workers: queue.Queue | None = None
@@ -173,37 +220,71 @@ def warm_workers(settings: TrainerSettings) -> queue.Queue:
         return _workers
 
 
-def train(settings: TrainerSettings, request_id: str, method: str, cfg: Any) -> RecipeResult:
-    """Run the ``method`` recipe with ``cfg`` for ``request_id`` on a warm Ray actor."""
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+class TrainingRun:
+    """A warm actor checked out for one request (``training_run``): ``train`` on it, then ``completer`` generates
+    with the model it trained, still in its memory: the gate evaluates the candidate without loading it again
+    (base, adapter and merge: 2 s of the loop's evaluation stage on 2 cores)."""
 
+    def __init__(self, settings: TrainerSettings, request_id: str, worker: Any) -> None:
+        self.settings, self.request_id, self.worker = settings, request_id, worker
+
+    def _get(self, call: Any, what: str) -> Any:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return ray.get(call, timeout=self.settings.job_timeout_s)
+        except GetTimeoutError:
+            ray.kill(self.worker)
+            self.worker = _new_worker(self.settings)
+            raise TrainingError(f"{what} {self.request_id} did not finish within {self.settings.job_timeout_s:.0f}s") from None
+        except RayActorError as exc:  # the actor's process died (killed, out of memory): a new one for the next job
+            self.worker = _new_worker(self.settings)
+            raise TrainingError(f"{what} {self.request_id} failed: its actor died: {exc}") from exc
+        except Exception as exc:  # the recipe raised (RayTaskError wraps it); the actor is fine
+            raise TrainingError(f"{what} {self.request_id} failed: {exc}") from exc
+
+    def train(self, method: str, cfg: Any, *, hold: bool = False) -> RecipeResult:
+        """Run the ``method`` recipe with ``cfg``; with ``hold`` the actor keeps the trained model for ``completer``."""
+        started = time.monotonic()
+        log.info("request %s: ray job, %s on %d examples", self.request_id[:12], method, len(cfg.examples))
+        summary = RecipeResult(**self._get(self.worker.run.remote(method, dataclasses.asdict(cfg), self.request_id,
+                                                                  hold), "ray job"))
+        log.info("request %s: ray job finished in %.1fs (train %.1fs, %s steps%s, loss %.4f, %.0f tokens/s)",
+                 self.request_id[:12], time.monotonic() - started, summary.train_seconds, summary.steps,
+                 f", resumed from step {summary.resumed_from_step}" if summary.resumed_from_step else "",
+                 summary.final_loss, summary.tokens_per_s)
+        return summary
+
+    def completer(self, max_new_tokens: int):
+        """``complete(prompts, tools)`` by the held model (``evaluate.evaluate_many``'s ``loaded``)."""
+        def complete(prompts, tools=None) -> list[str]:
+            return self._get(self.worker.complete.remote([list(p) for p in prompts],
+                                                         list(tools) if tools is not None else None, max_new_tokens),
+                             "evaluation on the training actor of")
+        return complete
+
+
+@contextmanager
+def training_run(settings: TrainerSettings, request_id: str) -> Iterator[TrainingRun]:
+    """A warm actor for ``request_id`` until the block ends; then it lets go of the model and goes back."""
     workers = warm_workers(settings)
     try:
         worker = workers.get(timeout=settings.job_timeout_s)
     except queue.Empty:
         raise TrainingError(f"request {request_id}: no free training actor within {settings.job_timeout_s:.0f}s") from None
-    started = time.monotonic()
-    log.info("request %s: ray job, %s on %d examples", request_id[:12], method, len(cfg.examples))
+    run = TrainingRun(settings, request_id, worker)
     try:
-        summary = RecipeResult(**ray.get(worker.run.remote(method, dataclasses.asdict(cfg), request_id),
-                                         timeout=settings.job_timeout_s))
-    except GetTimeoutError:
-        ray.kill(worker)
-        worker = _new_worker(settings)
-        raise TrainingError(f"ray job {request_id} did not finish within {settings.job_timeout_s:.0f}s") from None
-    except RayActorError as exc:  # the actor's process died (killed, out of memory): a new one for the next job
-        worker = _new_worker(settings)
-        raise TrainingError(f"ray job {request_id} failed: its actor died: {exc}") from exc
-    except Exception as exc:  # the recipe raised (RayTaskError wraps it); the actor is fine
-        raise TrainingError(f"ray job {request_id} failed: {exc}") from exc
+        yield run
     finally:
-        workers.put(worker)
-    log.info("request %s: ray job finished in %.1fs (train %.1fs, %s steps%s, loss %.4f, %.0f tokens/s)",
-             request_id[:12], time.monotonic() - started, summary.train_seconds, summary.steps,
-             f", resumed from step {summary.resumed_from_step}" if summary.resumed_from_step else "",
-             summary.final_loss, summary.tokens_per_s)
-    return summary
+        run.worker.drop.remote()  # an actor runs its calls in order: dropped before its next job starts
+        workers.put(run.worker)
+
+
+def train(settings: TrainerSettings, request_id: str, method: str, cfg: Any) -> RecipeResult:
+    """Run the ``method`` recipe with ``cfg`` for ``request_id`` on a warm Ray actor."""
+    with training_run(settings, request_id) as run:
+        return run.train(method, cfg)
 
 
 def submit(address: str, trainer_args: list[str], *, wait_s: float = 0.0) -> str:

@@ -75,6 +75,17 @@ class _Stopping(BaseException):
     way -- Ray's, ours -- turns a stop into a failed request)."""
 
 
+def import_gate_libraries() -> None:
+    """What the gate's evaluations import (torch, transformers, peft; 4 s on 2 cores), once at start: a first
+    request's incumbent evaluation imported them in its thread while the request's training was being set up."""
+    import importlib
+
+    for name in ("torch", "transformers", "peft", "adaptloop.trainers.evaluate", "adaptloop.trainers.vllm_eval",
+                 "adaptloop.trainers.gate", "adaptloop.trainers.release", "adaptloop.trainers.replay"):
+        importlib.import_module(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (resolved lazily on first use)
+
+
 def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: float = 1.0,
         catalogue: Catalogue | None = None) -> int:
     """Consume training requests until SIGTERM/SIGINT (or ``max_requests`` handled); return how many."""
@@ -121,6 +132,7 @@ def run(settings: TrainerSettings, *, max_requests: int | None = None, poll_s: f
         service.follow()
         ray_job.start_ray(settings)
         ray_job.warm_workers(settings)  # they import torch, transformers and trl while the consumer subscribes
+        import_gate_libraries()
         # After ray.init, which installs its own SIGTERM handler (it would exit without cleaning up).
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         consumer.subscribe([topic], on_revoke=on_revoke)

@@ -69,18 +69,21 @@ class TrainAndGate:
                 ev.evaluate_many, self.base_model, [ev.EvalJob(spec, snapshot.holdout, incumbent.version,
                                                                incumbent.artifact_uri)],
                 max_new_tokens=max_new_tokens, threads=1, vllm=vllm_target(self.settings), tag=f"incumbent-{request_id}")
-            try:
-                result = ray_job.train(self.settings, request_id, plan.method, cfg)
-            except BaseException:
-                incumbent_eval.cancel()
-                raise
-            return self._gate(request, spec, snapshot, plan, releases, erasures, incumbent, note, cfg, result,
-                              incumbent_eval, max_new_tokens, started)
+            # The actor keeps the candidate in memory until the gate is done with it: no second load to evaluate it.
+            with ray_job.training_run(self.settings, request_id) as run:
+                try:
+                    result = run.train(plan.method, cfg, hold=True)
+                except BaseException:
+                    incumbent_eval.cancel()
+                    raise
+                return self._gate(request, spec, snapshot, plan, releases, erasures, incumbent, note, cfg, result,
+                                  incumbent_eval, max_new_tokens, started, run.completer(max_new_tokens))
 
     def _gate(self, request, spec, snapshot, plan, releases, erasures, incumbent, note, cfg, result, incumbent_eval,
-              max_new_tokens, started) -> dict:
-        """Check the trained adapter, evaluate it (and the regression suite), take the incumbent's evaluation
-        that ran beside the training, decide and publish."""
+              max_new_tokens, started, trained_complete) -> dict:
+        """Check the trained adapter, evaluate it (and the regression suite: ``trained_complete`` answers as the
+        candidate, on its actor, unless vLLM does), take the incumbent's evaluation that ran beside the training,
+        decide and publish."""
         from adaptloop.artifacts import adapter_version, artifact_digest
         from adaptloop.trainers import evaluate as ev
         from adaptloop.trainers.gate import decide, regression_result, wilson_interval
@@ -106,7 +109,7 @@ class TrainAndGate:
             *(ev.EvalJob(source_spec, holdout, f"suite:{release['version']}", adapter_dir)
               for release, source_spec, holdout in suite_sources),
         ], max_new_tokens=max_new_tokens, threads=self.settings.torch_threads, vllm=vllm_target(self.settings),
-            tag=request_id)
+            tag=request_id, loaded=trained_complete)
         [current] = incumbent_eval.result()
         suite = [regression_result(task=release["task"], source_version=release["version"], holdout_count=scored.count,
                                    candidate_score=scored.score, bar=float(release["evaluation"]["candidate_score"]),

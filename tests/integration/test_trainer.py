@@ -360,6 +360,32 @@ def test_evaluations_side_by_side_answer_as_they_do_one_at_a_time():
     assert len({json.dumps(r.failures) for r in alone}) == 3  # three different holdouts: a mix-up would show
 
 
+def test_the_candidate_held_by_its_actor_answers_as_the_saved_adapter_does(settings, tmp_path):
+    """The gate evaluates the candidate on the actor that trained it, without loading it again: its answers are
+    the released adapter's, loaded from its folder as a server or a later evaluation would."""
+    from adaptloop.model import ensure_base_model
+    from adaptloop.trainers import evaluate as ev
+    from adaptloop.trainers import ray_job
+    from adaptloop.trainers.sft import SFTRecipeConfig
+
+    model = ensure_base_model(DEFAULT_HOME)
+    cfg = SFTRecipeConfig.from_mapping({"model_path": str(model), "output_dir": str(tmp_path / "adapter"),
+                                        "work_dir": str(tmp_path / "checkpoints"), "task": TASK,
+                                        "generate_examples": 8, "generate_seed": 5, "epochs": 1, "batch_size": 4,
+                                        "threads": TORCH_THREADS, "save_steps": 0, "seed": 1234})
+    prompts = [[{"role": "system", "content": TASKS[TASK].system_prompt}, {"role": "user", "content": c.sentence}]
+               for c in OrderGenerator(seed=77).cases(5)]
+    ray_job.start_ray(settings)
+    with ray_job.training_run(settings, f"req-held-{uuid.uuid4().hex[:8]}") as run:
+        result = run.train("sft", cfg, hold=True)
+        held = run.completer(MAX_NEW_TOKENS)(prompts)
+    saved = ev.completer(model, adapter_dir=result.adapter_dir, max_new_tokens=MAX_NEW_TOKENS, threads=TORCH_THREADS)
+    assert held == saved(prompts)
+    base = ev.completer(model, max_new_tokens=MAX_NEW_TOKENS, threads=TORCH_THREADS)(prompts)
+    assert held != base  # trained: the comparison could tell the candidate from the base
+    print(f"\nheld candidate == saved adapter on {len(prompts)} prompts, e.g. {held[0]!r} (base: {base[0]!r})")
+
+
 def test_killed_trainer_resumes_from_its_checkpoint_and_a_replay_gives_the_same_release(
         kafka, module_topics, settings, service, tmp_path):
     from adaptloop.model import ensure_base_model
