@@ -86,7 +86,7 @@ USER_MODULE = textwrap.dedent("""\
         "name": "find_flight", "description": "The cheapest flight between two cities.",
         "parameters": {"type": "object", "properties": {"origin": {"type": "string"}, "destination": {"type": "string"}},
                        "required": ["origin", "destination"]}}}]
-    TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+    TOOL_CALL = re.compile(r"<tool_call>\\s*(.*?)\\s*</tool_call>", re.DOTALL)
     FACT = re.compile(r"[A-Z]{2}[0-9]{3}|[0-9]+ EUR")
 
 
