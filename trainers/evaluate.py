@@ -84,14 +84,22 @@ class EvalJob:
 _LOAD_LOCK = threading.Lock()
 
 
+def eval_tokenizer(model_path: str | Path):
+    """The base's tokenizer as generation needs it: left padding (a batch's answers start together), a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _load(model_path: str | Path, adapter_dir: str | Path | None):
     with _LOAD_LOCK:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path), padding_side="left")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = eval_tokenizer(model_path)
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
         if adapter_dir is not None:
             from peft import PeftModel

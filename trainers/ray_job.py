@@ -173,15 +173,12 @@ class TrainingWorker:
     def _for_generation(model: Any, model_path: str) -> tuple[Any, Any]:
         """The trained model with its adapter merged in place (as ``evaluate`` merges a loaded one), and the base's
         tokenizer as ``evaluate`` loads it."""
-        from transformers import AutoTokenizer
+        from adaptloop.trainers.evaluate import eval_tokenizer
 
         model.eval()
         if hasattr(model, "merge_adapter"):
             model.merge_adapter()
-        tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
+        return model, eval_tokenizer(model_path)
 
     def complete(self, prompts: list, tools: list | None, max_new_tokens: int) -> list[str]:
         """Greedy completions by the model the last ``run`` held (``evaluate.completer_of``)."""
