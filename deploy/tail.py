@@ -33,11 +33,21 @@ POLL_S = 0.1
 MISSING_TOPIC_RETRY_S = 2.0
 
 
+#: How long nothing new must come after a ``records`` call's two empty polls. The polls already show the tail is
+#: current; every caller waited only this long (a second, for each of the trainer's two tails, was 2 of the 3 s
+#: a request took from pickup to snapshot).
+SETTLE_S = 0.2
+#: An assignment's first fetch takes a broker round trip or more; polls that come back empty before then say
+#: nothing about the topic, so they count only this long after the assignment (with only the settle wait, a
+#: first call returned [] for a topic of three records: ``tests/integration/test_tail.py``).
+FIRST_FETCH_S = 1.0
+
+
 class TopicTail:
     """``topic`` decoded as ``stem`` records, followed until ``close``; a record that does not decode raises
     from ``records`` (a reader that acts on every record must not act on a subset silently)."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str, stem: str, *, settle_s: float = 1.0) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str, stem: str, *, settle_s: float = SETTLE_S) -> None:
         self.kafka, self.topic, self.stem, self.settle_s = kafka, topic, stem, settle_s
         self._records: list[Positioned] = []
         self._empty_polls: list[float] = []  # the times of the last two polls that returned nothing
@@ -109,6 +119,7 @@ class TopicTail:
                                             **{"fetch.wait.max.ms": 100}))
         try:
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
+            fetching_from = time.monotonic() + FIRST_FETCH_S
             while not self._stop.is_set():
                 try:
                     messages = consumer.consume(500, timeout=POLL_S)
@@ -124,7 +135,7 @@ class TopicTail:
                         self._records.extend(decoded)
                         self._last_record = time.monotonic()
                         self._changed.notify_all()
-                elif not messages:
+                elif not messages and time.monotonic() >= fetching_from:
                     self._note_empty_poll()
         finally:
             consumer.close()

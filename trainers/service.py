@@ -49,8 +49,6 @@ from adaptloop.trainers.train_and_gate import TrainAndGate
 log = logging.getLogger("adaptloop.trainer")
 
 STAGE = "trainer"
-#: How long a tail of releases or erasures must stay quiet after a request asks it (``adaptloop.tail``).
-TAIL_SETTLE_S = 0.2
 
 
 def build_dataset(records: list[Mapping[str, Any]], tenant: str, task: str, erasures: Any = None) -> Snapshot:
@@ -100,12 +98,8 @@ class TrainerService(TrainAndGate):
         from adaptloop.tail import TopicTail
 
         topics = self.settings.topics
-        # Two empty polls after the call are the check that the tail is current; a second of settling on top of
-        # them, for each of the two topics, was 2 of the 3 s a request took from pickup to snapshot.
-        self.tails = {"releases": TopicTail(self.settings.kafka, topics.name("releases"), "adapter_release",
-                                            settle_s=TAIL_SETTLE_S).start(),
-                      "erasures": TopicTail(self.settings.kafka, topics.name("erasures"), "erasure",
-                                            settle_s=TAIL_SETTLE_S).start()}
+        self.tails = {"releases": TopicTail(self.settings.kafka, topics.name("releases"), "adapter_release").start(),
+                      "erasures": TopicTail(self.settings.kafka, topics.name("erasures"), "erasure").start()}
 
     def close(self) -> None:
         for tail in self.tails.values():

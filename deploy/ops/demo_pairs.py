@@ -113,7 +113,7 @@ class Agent:
 def follow(kafka: KafkaSettings, topics: Topics) -> dict[str, TopicTail]:
     """The topics the pair loops watch, each followed once for all of them (a decision is seen within ~0.2 s;
     reading a topic afresh per look cost a consumer join and an idle wait each time). Close each when done."""
-    return {name: TopicTail(kafka, topics.name(name), stem, settle_s=0.2).start()
+    return {name: TopicTail(kafka, topics.name(name), stem).start()
             for name, stem in (("training_requests", "training_request"), ("releases", "adapter_release"))}
 
 

@@ -87,7 +87,7 @@ class ToolLoop:
 
     def _tail(self, which: str, stem: str) -> TopicTail:
         """A cycle polls a topic every few seconds for minutes: one consumer, not one fresh read per look."""
-        return TopicTail(self.stack.kafka, self.stack.topics.name(which), stem, settle_s=0.2).start()
+        return TopicTail(self.stack.kafka, self.stack.topics.name(which), stem).start()
 
     def _requests(self, tail: TopicTail) -> list[dict]:
         return [p.record for p in tail.records() if (p.record["tenant"], p.record["task"]) == (self.tenant, self.task)]
